@@ -1,0 +1,149 @@
+"""The in-memory adapter model: frozen dataclasses for a target and its A/B blocks (spec sections 4-5).
+
+Tensors are held as torch tensors but this module never imports torch: a header-only adapter (factors
+left as None) serves `inspect` without paying for the import.
+
+Every delta is defined on the target's *matrix view* M (out, in):
+  linear          M = W                       W is (out, in)
+  fan_in_fan_out  M = W^T                     W is (in, out), GPT-2 Conv1D
+  embedding       M = W^T                     W is (num_embeddings, dim), PEFT lora_embedding_A/B
+  conv            M = W.reshape(out, -1)      W is (out, in/groups, *kernel)
+and a block adds  M[rows, cols] += scale * B @ A  with A (rank, cols) and B (rows, rank).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from . import spec
+
+
+def scale_of(alpha: float, rank: int, scale_rule: str) -> float:
+    """The one place the scale rule lives: alpha / r, or alpha / sqrt(r) for rsLoRA (spec rule M005)."""
+    if scale_rule == "rslora":
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+def alpha_for_scale(scale: float, rank: int, scale_rule: str) -> float:
+    """Inverse of scale_of: the alpha that gives `scale` at `rank` under `scale_rule`."""
+    if scale_rule == "rslora":
+        return scale * math.sqrt(rank)
+    return scale * rank
+
+
+def matrix_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(out, in) of the matrix view of a base tensor of `shape` under `layout`."""
+    if layout == "linear":
+        return shape[0], shape[1]
+    if layout in ("fan_in_fan_out", "embedding"):
+        return shape[1], shape[0]
+    if layout == "conv":
+        return shape[0], math.prod(shape[1:])
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One low-rank pair on a rectangle of the matrix view: M[rows, cols] += scale * B @ A."""
+
+    rank: int
+    alpha: float
+    scale_rule: str
+    rows: tuple[int, int]  # [start, stop) in the matrix view's out dimension
+    cols: tuple[int, int]  # [start, stop) in the matrix view's in dimension
+    A: Any = None  # torch.Tensor (rank, cols[1] - cols[0]), or None when header-only
+    B: Any = None  # torch.Tensor (rows[1] - rows[0], rank), or None when header-only
+
+    @property
+    def scale(self) -> float:
+        return scale_of(self.alpha, self.rank, self.scale_rule)
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+    @property
+    def n_cols(self) -> int:
+        return self.cols[1] - self.cols[0]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything an adapter changes in one base tensor, named by the base tensor's full key."""
+
+    key: str
+    layout: str
+    shape: tuple[int, ...]
+    kind: str = "lora"  # "lora": sum of blocks; "full": delta_scale * delta (whole tensor, layout "full")
+    blocks: tuple[Block, ...] = ()
+    delta: Any = None  # torch.Tensor of `shape` for kind "full"
+    delta_scale: float = 1.0
+    dtype: str | None = None  # base fingerprint: the base tensor's safetensors dtype name
+    sha256: str | None = None  # base fingerprint: sha256 of the base tensor's little-endian bytes
+    info: Mapping[str, Any] = field(default_factory=dict)  # free-form, never changes the delta
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return matrix_shape(self.layout, self.shape)
+
+    @property
+    def rank(self) -> int:
+        """Total rank of the target (sum over blocks); 0 for a full target."""
+        return sum(b.rank for b in self.blocks)
+
+    @property
+    def is_whole(self) -> bool:
+        """True when the target is one block over the whole matrix view (PEFT's usual case)."""
+        out, inp = self.matrix_shape
+        return len(self.blocks) == 1 and self.blocks[0].rows == (0, out) and self.blocks[0].cols == (0, inp)
+
+    def with_blocks(self, blocks) -> "Target":
+        return replace(self, blocks=tuple(blocks))
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A set of targets keyed by base tensor key, plus opaque user metadata (str -> str)."""
+
+    targets: Mapping[str, Target]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)  # stored as loratool.info (JSON)
+
+    def __post_init__(self):
+        # Keep a deterministic order (by key) so writers and reports are reproducible.
+        object.__setattr__(self, "targets", dict(sorted(dict(self.targets).items())))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __iter__(self):
+        return iter(self.targets.values())
+
+    def replace_targets(self, targets) -> "Adapter":
+        return replace(self, targets={t.key: t for t in targets})
+
+    @property
+    def n_params(self) -> int:
+        n = 0
+        for t in self.targets.values():
+            if t.kind == "full":
+                n += math.prod(t.shape)
+            for b in t.blocks:
+                n += b.rank * (b.n_rows + b.n_cols)
+        return n
+
+
+def whole_target(key: str, layout: str, shape, A, B, alpha: float, scale_rule: str = "standard",
+                 **kw) -> Target:
+    """A target with one block over the whole matrix view: the PEFT/kohya case."""
+    shape = tuple(int(s) for s in shape)
+    out, inp = matrix_shape(layout, shape)
+    rank = int(A.shape[0])
+    block = Block(rank=rank, alpha=float(alpha), scale_rule=scale_rule, rows=(0, out), cols=(0, inp), A=A, B=B)
+    return Target(key=key, layout=layout, shape=shape, blocks=(block,), **kw)
+
+
+__all__ = ["Adapter", "Block", "Target", "scale_of", "alpha_for_scale", "matrix_shape", "whole_target", "spec"]

@@ -1,0 +1,114 @@
+"""`loratool inspect`: summarise an adapter from its header alone (no torch) unless --stats is given."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=False, dir_okay=True))
+@click.option("--json", "json_", is_flag=True, help="Print one JSON document instead of tables.")
+@click.option("--stats", is_flag=True, help="Read the factors and add ||ΔW||_F, 90%/99% energy ranks and "
+              "non-finite counts per target (computed from the factors, never out x in).")
+def inspect(path, json_, stats):
+    """Summarise an adapter: format, targets, rank histogram, alpha and scale, dtypes, size.
+
+    By default only the header is read, so it is instant on any file size.
+
+    Example:
+
+        loratool inspect adapter.safetensors
+
+        loratool inspect adapter.safetensors --stats --json
+    """
+    from ..api import summary
+    from ..io.detect import detect
+
+    dialect = detect(path)
+    if dialect == "loratool":
+        from ..io.native import attach, report_error
+        from ..validation import validate_header
+
+        rep = validate_header(path)
+        if rep.errors:
+            raise report_error(rep)
+        adapter, header = rep.adapter, rep.header
+        doc = {"path": str(path), "dialect": dialect, "format": header.metadata.get("loratool.format"),
+               "spec_version": header.metadata.get("loratool.spec_version")}
+        if stats:
+            import os
+
+            from ..container import read_tensor
+
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                tensors = {n: read_tensor(fd, header.data_start, i) for n, i in header.tensors.items()}
+            finally:
+                os.close(fd)
+            adapter = attach(adapter, tensors)
+    else:
+        from ..io.detect import load_adapter
+
+        adapter, header = load_adapter(path, dialect=dialect), None
+        doc = {"path": str(path), "dialect": dialect, "format": None, "spec_version": None}
+    doc.update(summary(adapter, header))
+    if stats:
+        from ..api import target_stats
+
+        st = target_stats(adapter)
+        for row in doc["per_target"]:
+            row["stats"] = st[row["target"]]
+    if json_:
+        from .render import emit_json
+
+        emit_json(doc)
+        return
+    _render(doc, stats)
+
+
+def _render(doc, stats):
+    from .render import escape, fmt_bytes, fmt_num, out, table
+
+    lines = [
+        ("path", doc["path"]),
+        ("dialect", doc["dialect"] + (f" (spec {doc['spec_version']})" if doc.get("spec_version") else "")),
+        ("targets", doc["targets"]),
+        ("parameters", f"{doc['parameters']:,}"),
+        ("ranks", ", ".join(f"{k}: {v}" for k, v in doc["rank_histogram"].items()) or "-"),
+        ("alphas", ", ".join(f"{k} ({v})" for k, v in doc["alphas"].items()) or "-"),
+        ("scales", ", ".join(f"{k} ({v})" for k, v in doc["scales"].items()) or "-"),
+        ("layouts", ", ".join(f"{k}: {v}" for k, v in doc["layouts"].items())),
+    ]
+    if "dtypes" in doc:
+        lines.append(("dtypes", ", ".join(f"{k}: {v}" for k, v in doc["dtypes"].items())))
+        lines.append(("size", fmt_bytes(doc["bytes"])))
+    fp = doc["fingerprint"]
+    lines.append(("base fingerprint", f"dtype on {fp['dtypes']} targets, sha256 on {fp['sha256']} targets"
+                  if fp["dtypes"] or fp["sha256"] else "none"))
+    for k, v in lines:
+        out.print(f"{k + ':':<18}{escape(str(v))}")
+    cols = ["target", "kind", "layout", "shape", "rank", "alpha", "scale", "blocks"]
+    if stats:
+        cols += ["‖ΔW‖_F", "r90", "r99", "non-finite"]
+    rows = []
+    for r in doc["per_target"]:
+        b = r["blocks"]
+        alpha = ",".join(fmt_num(x["alpha"]) for x in b) if b else "-"
+        scale = ",".join(fmt_num(x["scale"]) for x in b) if b else fmt_num(r.get("scale"))
+        idx = "whole" if len(b) == 1 and b[0]["rows"] == [0, _out(r)] else \
+            " ".join(f"[{x['rows'][0]}:{x['rows'][1]}]" for x in b) or "-"
+        row = [r["target"], r["kind"], r["layout"], "x".join(map(str, r["shape"])), r["rank"], alpha, scale, idx]
+        if stats:
+            s = r["stats"]
+            row += [fmt_num(s["norm"]), fmt_num(s["rank90"]), fmt_num(s["rank99"]), s["nonfinite"]]
+        rows.append(row)
+    out.print()
+    out.print(table(None, cols, rows, justify={"rank": "right", "r90": "right", "r99": "right"}))
+
+
+def _out(row) -> int:
+    from ..adapter import matrix_shape
+
+    if row["kind"] == "full":
+        return -1
+    return matrix_shape(row["layout"], tuple(row["shape"]))[0]

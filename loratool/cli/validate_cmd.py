@@ -1,0 +1,50 @@
+"""`loratool validate`: every rule of the spec, optionally against a base model."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=False, dir_okay=True))
+@click.option("--base", type=click.Path(exists=False, dir_okay=True),
+              help="Base model (.safetensors, sharded Hugging Face folder, or .pt/.pth/.bin) to check targets against.")
+@click.option("--strict", is_flag=True, help="Fail on warnings too.")
+@click.option("--json", "json_", is_flag=True, help="Print the findings as one JSON document.")
+def validate(path, base, strict, json_):
+    """Check an adapter against every rule of the spec (and a base, with --base).
+
+    Exit status 0 when valid, 1 when any error is found (or any warning, with --strict).
+
+    Example:
+
+        loratool validate adapter.safetensors --base model/ --strict
+    """
+    from ..api import validate_file
+    from ..io.detect import detect
+
+    dialect = detect(path)
+    if dialect != "loratool":
+        from ..errors import SpecError
+
+        raise SpecError(f"{path}: is a {dialect} adapter; `validate` checks loratool files, so run "
+                        f"`loratool convert {path} -o adapter.safetensors --to loratool` first")
+    rep = validate_file(path, base=base)
+    failed = bool(rep.errors) or (strict and bool(rep.warnings))
+    if json_:
+        from .render import emit_json
+
+        emit_json({"path": str(path), "valid": not failed, "errors": len(rep.errors),
+                   "warnings": len(rep.warnings), "findings": [f.as_dict() for f in rep.findings]})
+    else:
+        from .render import err, out, table
+
+        if rep.findings:
+            out.print(table(None, ["rule", "severity", "target", "message"],
+                            [(f.rule, f.severity, f.target or "-", f.message) for f in rep.findings]))
+        n = len(rep.adapter) if rep.adapter is not None else 0
+        verdict = "invalid" if failed else "valid"
+        err.print(f"{path}: {verdict}: {len(rep.errors)} errors, {len(rep.warnings)} warnings, {n} targets")
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,60 @@
+"""One exception tree. The CLI prints `error: <message>` and exits with the class's exit code.
+
+Exit codes (also in README.md): 0 ok, 1 `validate` found errors, 2 command-line usage,
+3 input breaks the spec or its dialect, 4 adapter does not fit its base, 5 numeric problem,
+6 file-system problem, 7 recognised but unsupported input.
+"""
+
+from __future__ import annotations
+
+
+class LoraToolError(Exception):
+    """Base class: a user-facing problem with a one-sentence message."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, findings: list | None = None):
+        super().__init__(message)
+        self.findings = list(findings or [])
+
+
+class SpecError(LoraToolError):
+    """A file breaks the loratool spec or the rules of the dialect it was read as."""
+
+    exit_code = 3
+
+
+class MismatchError(LoraToolError):
+    """An adapter does not fit its base: a missing target, a shape or layout that disagrees."""
+
+    exit_code = 4
+
+
+class NumericError(LoraToolError):
+    """A numeric problem: a non-finite result, a rank larger than the matrix, an overflow on cast."""
+
+    exit_code = 5
+
+
+class FileError(LoraToolError):
+    """A file-system problem: missing input, refused overwrite, output that is an input."""
+
+    exit_code = 6
+
+
+class UnsupportedError(LoraToolError):
+    """An input loratool recognises but cannot process exactly (the message says why)."""
+
+    exit_code = 7
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "validate found at least one error (or a warning under --strict)",
+    2: "command-line usage error",
+    SpecError.exit_code: "input breaks the spec or the rules of its dialect",
+    MismatchError.exit_code: "adapter does not fit its base",
+    NumericError.exit_code: "numeric problem (non-finite result, overflow, impossible rank)",
+    FileError.exit_code: "file-system problem (missing input, refused overwrite, output is an input)",
+    UnsupportedError.exit_code: "recognised but unsupported input",
+}

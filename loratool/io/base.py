@@ -1,0 +1,206 @@
+"""Lazy readers for base models: a torch .pt/.pth/.bin state dict, a .safetensors file, or a Hugging Face
+folder (sharded `model.safetensors.index.json`, single `model.safetensors`, or `pytorch_model.bin`).
+
+Shapes and dtypes come from headers; tensors are read one at a time with pread, so a model never sits
+in memory whole. torch files load with `weights_only=True` and nothing else, ever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..container import Header, TensorInfo, escape, pread_exact, read_header, read_tensor, tensor_bytes
+from ..errors import FileError, SpecError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class BaseModel:
+    """Read-only access to the tensors of a base model, by full key."""
+
+    path: Path
+    files: list[Path]  # every file this base reads (for the output-is-not-an-input guard)
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def info(self, key: str) -> tuple[tuple[int, ...], str] | None:
+        """(shape, safetensors dtype name), or None when the key is not in the base."""
+        raise NotImplementedError
+
+    def read(self, key: str):
+        """The tensor, as a torch.Tensor the caller owns."""
+        raise NotImplementedError
+
+    def sha256(self, key: str) -> str:
+        return hashlib.sha256(tensor_bytes(self.read(key))).hexdigest()
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsBase(BaseModel):
+    """One .safetensors file, read with pread; the header is checked like an adapter's container."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.files = [self.path]
+        self.header: Header = read_header(self.path)
+        errs = self.header.errors
+        if errs:
+            raise SpecError(f"{self.path}: {errs[0].message} (rule {errs[0].rule})", errs)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def keys(self):
+        return list(self.header.tensors)
+
+    def tensor_info(self, key: str) -> TensorInfo | None:
+        return self.header.tensors.get(key)
+
+    def info(self, key):
+        t = self.header.tensors.get(key)
+        return None if t is None else (t.shape, t.dtype)
+
+    def read(self, key):
+        return read_tensor(self._fd, self.header.data_start, self.header.tensors[key])
+
+    def raw(self, key) -> bytearray:
+        t = self.header.tensors[key]
+        return pread_exact(self._fd, t.nbytes, self.header.data_start + t.begin)
+
+    def sha256(self, key):
+        return hashlib.sha256(self.raw(key)).hexdigest()
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class ShardedBase(BaseModel):
+    """A Hugging Face folder with `model.safetensors.index.json` and its shards."""
+
+    def __init__(self, folder):
+        self.path = Path(folder)
+        index_path = self.path / INDEX_NAME
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except OSError as e:
+            raise FileError(f"{index_path}: cannot read: {e.strerror or e}") from None
+        except (ValueError, KeyError, TypeError):
+            raise SpecError(f"{index_path}: not a JSON object with a \"weight_map\" of key -> shard file name") \
+                from None
+        shard_names = sorted(set(weight_map.values()))
+        for name in shard_names:
+            # A shard is a plain file name inside the folder: no separators, no "..", nothing absolute.
+            if not name or name != os.path.basename(name) or name in (".", "..") or "\\" in name:
+                raise SpecError(f"{index_path}: shard \"{escape(name)}\" is not a file name inside the folder")
+            if not (self.path / name).is_file():
+                raise FileError(f"{index_path}: shard \"{escape(name)}\" is missing from {self.path}")
+        self.index = index
+        self.shards = {name: SafetensorsBase(self.path / name) for name in shard_names}
+        self.files = [index_path] + [s.path for s in self.shards.values()]
+        self._where = {}
+        for key, name in weight_map.items():
+            if self.shards[name].info(key) is None:
+                raise SpecError(f"{index_path}: \"{escape(key)}\" is mapped to {escape(name)}, which lacks it")
+            self._where[key] = self.shards[name]
+
+    def keys(self):
+        return list(self._where)
+
+    def shard_of(self, key: str) -> SafetensorsBase:
+        return self._where[key]
+
+    def info(self, key):
+        s = self._where.get(key)
+        return None if s is None else s.info(key)
+
+    def read(self, key):
+        return self._where[key].read(key)
+
+    def sha256(self, key):
+        return self._where[key].sha256(key)
+
+    def close(self):
+        for s in self.shards.values():
+            s.close()
+
+
+class TorchBase(BaseModel):
+    """A torch state dict file, loaded with weights_only=True (memory-mapped when the file allows)."""
+
+    def __init__(self, path):
+        import torch
+
+        self.path = Path(path)
+        self.files = [self.path]
+        try:
+            try:
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                # Legacy (non-zip) files cannot be memory-mapped; the load stays weights_only.
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(self.path, map_location="cpu", weights_only=True)
+        except OSError as e:
+            raise FileError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SpecError(f"{self.path}: not a weights-only torch state dict ({escape(first[:200])})") from None
+        if not isinstance(obj, dict) or not obj:
+            raise SpecError(f"{self.path}: holds a {type(obj).__name__}, not a dict of tensors")
+        bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise SpecError(f"{self.path}: entry {escape(repr(bad[0]))} is not a tensor; expected a flat state dict")
+        self._sd = obj
+
+    def keys(self):
+        return list(self._sd)
+
+    def info(self, key):
+        from ..container import dtype_name
+
+        t = self._sd.get(key)
+        return None if t is None else (tuple(t.shape), dtype_name(t.dtype))
+
+    def read(self, key):
+        return self._sd[key]
+
+
+def open_base(path) -> BaseModel:
+    """Open a base model by its path, choosing the reader from the file name or folder contents.
+
+    Raises:
+        FileError: the path does not exist or a shard is missing.
+        SpecError: the file or folder is not a base model loratool can read.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / INDEX_NAME).is_file():
+            return ShardedBase(p)
+        if (p / "model.safetensors").is_file():
+            return SafetensorsBase(p / "model.safetensors")
+        if (p / "pytorch_model.bin").is_file():
+            return TorchBase(p / "pytorch_model.bin")
+        raise SpecError(f"{p}: folder has neither {INDEX_NAME}, model.safetensors nor pytorch_model.bin")
+    if p.suffix == ".safetensors":
+        return SafetensorsBase(p)
+    if p.suffix in TORCH_SUFFIXES:
+        return TorchBase(p)
+    raise SpecError(f"{p}: unknown base format; use .safetensors, .pt, .pth, .bin or a Hugging Face folder")

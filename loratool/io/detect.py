@@ -1,0 +1,68 @@
+"""Dialect detection and the one entry point every command uses to read an adapter.
+
+`detect` looks only at file names and headers (no torch). `load_adapter` dispatches to the dialect's
+module, each of which exposes `load(path, **options) -> Adapter`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .. import spec
+from ..container import read_header
+from ..errors import FileError, SpecError
+
+# dialect name -> module implementing load(path, **options)
+DIALECTS = {
+    "loratool": "loratool.io.native",
+}
+
+
+def detect(path) -> str:
+    """Name the dialect of `path` from its name and header.
+
+    Raises:
+        FileError: the path does not exist.
+        SpecError: nothing about the file says which dialect it is.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            return "peft"
+        raise SpecError(f"{p}: folder has no adapter_config.json; pass the adapter file itself")
+    if p.suffix == ".safetensors":
+        hdr = read_header(p)
+        if hdr.metadata.get(spec.KEY_FORMAT) is not None:
+            return "loratool"
+        names = hdr.tensors.keys()
+        if any(".lora_down." in n or ".lora_up." in n or n.endswith(".alpha") for n in names):
+            return "kohya"
+        if any(".lora_A." in n or ".lora_B." in n or ".lora_embedding_A" in n for n in names):
+            return "peft"
+        return "loratool"  # let the native reader say precisely what is missing (rule M001)
+    if p.suffix in (".pt", ".pth", ".bin"):
+        return "loralib"
+    raise SpecError(f"{p}: unknown adapter file type; expected .safetensors, .pt/.pth/.bin or a PEFT folder")
+
+
+def load_adapter(path, *, dialect: str | None = None, **options):
+    """Read an adapter of any supported dialect into the in-memory model.
+
+    Args:
+        path: a file or a PEFT folder.
+        dialect: force a dialect instead of detecting it.
+        options: dialect-specific options (for example `base` for kohya names, `alpha` for loralib).
+    Raises:
+        SpecError, FileError, UnsupportedError: as the dialect's reader says.
+    """
+    name = dialect or detect(path)
+    module = DIALECTS.get(name)
+    if module is None:
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"{path}: looks like a {name} adapter, which this version of loratool cannot read yet")
+    mod = importlib.import_module(module)
+    return mod.load(path, **options)

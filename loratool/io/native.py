@@ -1,0 +1,146 @@
+"""The native loratool format (spec/FORMAT.md): a strict safetensors file with loratool metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+
+from .. import spec
+from ..adapter import Adapter, Target
+from ..container import read_tensor, write_file
+from ..errors import NumericError, SpecError
+from ..validation import Report, check_values, validate_header
+
+
+def canonical_json(obj) -> str:
+    """The canonical string encoding of a metadata value (spec section 4.1)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _num(x: float):
+    # Integral floats are written as integers so that alpha 16 reads as 16, not 16.0, in every language.
+    return int(x) if float(x).is_integer() and abs(x) < 2**53 else float(x)
+
+
+def target_entry(t: Target) -> dict:
+    """The JSON object of one target in loratool.targets."""
+    e: dict = {"kind": t.kind, "shape": list(t.shape)}
+    if t.kind == "full":
+        e["scale"] = _num(t.delta_scale)
+    else:
+        e["layout"] = t.layout
+        out, inp = t.matrix_shape
+        e["blocks"] = [{"rank": b.rank, "alpha": _num(b.alpha), "scale_rule": b.scale_rule,
+                        "rows": list(b.rows), "cols": list(b.cols)} for b in t.blocks]
+    if t.dtype is not None:
+        e["dtype"] = t.dtype
+    if t.sha256 is not None:
+        e["sha256"] = t.sha256
+    if t.info:
+        e["info"] = dict(t.info)
+    return e
+
+
+def metadata_of(adapter: Adapter) -> dict[str, str]:
+    """All __metadata__ strings of an adapter: user keys, then the loratool keys (which win)."""
+    meta = {k: v for k, v in adapter.metadata.items() if not k.startswith(spec.RESERVED_PREFIX)}
+    meta[spec.KEY_FORMAT] = spec.FORMAT_MARKER
+    meta[spec.KEY_VERSION] = spec.SPEC_VERSION_STR
+    meta[spec.KEY_TARGETS] = canonical_json({t.key: target_entry(t) for t in adapter})
+    if adapter.info:
+        meta[spec.KEY_INFO] = canonical_json(dict(adapter.info))
+    return meta
+
+
+def tensors_of(adapter: Adapter) -> dict:
+    """name -> tensor, by the naming grammar of spec section 3."""
+    out = {}
+    for t in adapter:
+        if t.kind == "full":
+            out[spec.delta_name(t.key)] = t.delta
+            continue
+        for i, b in enumerate(t.blocks):
+            out[spec.factor_name(t.key, i, "A")] = b.A
+            out[spec.factor_name(t.key, i, "B")] = b.B
+    return out
+
+
+def _check_finite(adapter: Adapter, tensors: dict, where: str) -> None:
+    bad = [f for f in check_values(tensors, adapter) if f.rule == "T006"]
+    if bad:
+        raise NumericError(f"{where}: target \"{bad[0].target}\": {bad[0].message}; refusing to write non-finite "
+                           "factors", bad)
+
+
+def save(adapter: Adapter, path) -> int:
+    """Write `adapter` to `path` atomically in the native format. Returns the bytes written.
+
+    Raises:
+        NumericError: a factor or delta is not finite (nothing is written).
+    """
+    tensors = tensors_of(adapter)
+    for n, x in tensors.items():
+        if x is None:
+            raise SpecError(f"{path}: tensor \"{n}\" was never loaded; load the adapter with its tensors first")
+        if not x.is_floating_point():
+            raise SpecError(f"{path}: tensor \"{n}\" is {x.dtype}; factors must be floating point")
+        tensors[n] = x.detach().to("cpu").contiguous()
+    for t in adapter:
+        for b in t.blocks:
+            if not math.isfinite(b.alpha):
+                raise NumericError(f"{path}: target \"{t.key}\": alpha {b.alpha} is not finite")
+    _check_finite(adapter, tensors, str(path))
+    return write_file(path, tensors, metadata_of(adapter))
+
+
+def report_error(rep: Report) -> SpecError:
+    """One SpecError naming the first error and how many there are in all."""
+    errs = rep.errors
+    first = errs[0]
+    where = f"target \"{first.target}\": " if first.target and first.target not in first.message else ""
+    more = f" (and {len(errs) - 1} more; run `loratool validate {rep.path}`)" if len(errs) > 1 else ""
+    return SpecError(f"{rep.path}: {where}{first.message} (rule {first.rule}){more}", errs)
+
+
+def load(path, *, check: bool = True) -> Adapter:
+    """Read a native adapter with its tensors.
+
+    Raises:
+        SpecError: the file breaks any error rule of the spec (container, metadata, names, shapes, values).
+        FileError: the file cannot be read.
+    """
+    rep = validate_header(path)
+    if rep.errors:
+        raise report_error(rep)
+    hdr, adapter = rep.header, rep.adapter
+    tensors = {}
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        for name, info in hdr.tensors.items():
+            tensors[name] = read_tensor(fd, hdr.data_start, info)
+    finally:
+        os.close(fd)
+    if check:
+        bad = [f for f in check_values(tensors, adapter) if f.severity == "error"]
+        if bad:
+            rep.findings = bad
+            raise report_error(rep)
+    return attach(adapter, tensors)
+
+
+def attach(adapter: Adapter, tensors: dict) -> Adapter:
+    """Fill a header-only adapter's factors from name -> tensor."""
+    targets = []
+    for t in adapter:
+        if t.kind == "full":
+            targets.append(replace(t, delta=tensors[spec.delta_name(t.key)]))
+            continue
+        blocks = [replace(b, A=tensors[spec.factor_name(t.key, i, "A")], B=tensors[spec.factor_name(t.key, i, "B")])
+                  for i, b in enumerate(t.blocks)]
+        targets.append(t.with_blocks(blocks))
+    return adapter.replace_targets(targets)
+
+
+__all__ = ["load", "save", "attach", "metadata_of", "tensors_of", "target_entry", "canonical_json"]

@@ -1,0 +1,108 @@
+"""Constants that mirror spec/FORMAT.md: format marker, version, metadata keys, names and rule ids.
+
+This module imports nothing heavy (no torch, no numpy): `inspect` and `--help` read it on every call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FORMAT_MARKER = "loratool.adapter"
+SPEC_VERSION = (1, 0)
+SPEC_VERSION_STR = f"{SPEC_VERSION[0]}.{SPEC_VERSION[1]}"
+
+# __metadata__ keys owned by the spec (rule M001-M004). Every other key is opaque user metadata.
+KEY_FORMAT = "loratool.format"
+KEY_VERSION = "loratool.spec_version"
+KEY_TARGETS = "loratool.targets"
+KEY_INFO = "loratool.info"
+RESERVED_PREFIX = "loratool."
+KNOWN_KEYS = (KEY_FORMAT, KEY_VERSION, KEY_TARGETS, KEY_INFO)
+
+# safetensors container limits (rule C002): the reference implementation refuses headers over 100 MB.
+MAX_HEADER_BYTES = 100_000_000
+
+# dtype name -> bytes per element. Factor dtypes (rule C007) are the float ones below.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+FACTOR_DTYPES = ("F16", "BF16", "F32", "F64")
+
+LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv")
+SCALE_RULES = ("standard", "rslora")
+KINDS = ("lora", "full")
+
+# Tensor naming grammar (spec section 3). The target key is everything before the last suffix, so a
+# base key may itself contain ".lora." without ambiguity.
+FACTOR_NAME = re.compile(r"^(?P<target>.+)\.lora\.(?P<block>0|[1-9][0-9]{0,5})\.(?P<factor>A|B)$", re.S)
+DELTA_NAME = re.compile(r"^(?P<target>.+)\.delta$", re.S)
+
+
+def factor_name(target: str, block: int, factor: str) -> str:
+    """Tensor name of factor "A" or "B" of block `block` of `target` (spec section 3)."""
+    return f"{target}.lora.{block}.{factor}"
+
+
+def delta_name(target: str) -> str:
+    """Tensor name of the whole-tensor delta of a `full` target (spec section 3)."""
+    return f"{target}.delta"
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    severity: str  # "error" or "warning"
+    summary: str
+
+
+_RULES = [
+    # Container: the safetensors file itself.
+    Rule("C001", "error", "file is at least 8 bytes and its header length fits inside the file"),
+    Rule("C002", "error", "header length is at most 100,000,000 bytes"),
+    Rule("C003", "error", "header is UTF-8 JSON whose top level is an object"),
+    Rule("C004", "error", "header starts with '{' and is padded only by trailing spaces"),
+    Rule("C005", "error", "no key appears twice in any JSON object of the header"),
+    Rule("C006", "error", "each tensor entry has exactly dtype (string), shape (list of ints >= 0) and data_offsets (2 ints)"),
+    Rule("C007", "error", "factor and delta tensors are F16, BF16, F32 or F64"),
+    Rule("C008", "error", "data_offsets span exactly the bytes of dtype x shape"),
+    Rule("C009", "error", "tensor byte ranges are disjoint, leave no gap, and cover the data section to end of file"),
+    Rule("C010", "error", "no tensor has zero elements"),
+    Rule("C011", "error", "__metadata__ is an object whose values are strings"),
+    Rule("C012", "error", "tensor names are non-empty printable text with no surrounding whitespace"),
+    # Metadata.
+    Rule("M001", "error", "__metadata__ has loratool.format = \"loratool.adapter\""),
+    Rule("M002", "error", "loratool.spec_version is MAJOR.MINOR with a major version this reader knows (1)"),
+    Rule("M003", "error", "loratool.targets is a JSON object (no NaN/Infinity, no duplicate keys) of target entries"),
+    Rule("M004", "error", "each target entry has the required fields with the right types"),
+    Rule("M005", "error", "kind, layout and scale_rule take one of their defined values"),
+    Rule("M006", "error", "alpha is present and a finite number (never defaulted)"),
+    Rule("M007", "error", "rank is a positive integer"),
+    Rule("M008", "error", "block rows/cols are [start, stop) ranges with 0 <= start < stop <= the matrix view's size"),
+    Rule("M009", "error", "shape fits the layout (2 dims for linear, fan_in_fan_out and embedding; 3 or more for conv)"),
+    Rule("M010", "error", "a full target has no blocks and a finite scale; a lora target has at least one block"),
+    Rule("M011", "error", "base fingerprint fields are well formed (dtype a safetensors dtype, sha256 64 hex digits)"),
+    # Tensors against the metadata.
+    Rule("T001", "error", "every tensor name follows the naming grammar"),
+    Rule("T002", "error", "every tensor belongs to a target and block declared in loratool.targets"),
+    Rule("T003", "error", "every declared block has both factors; every full target has its delta"),
+    Rule("T004", "error", "A has shape (rank, cols) and B has shape (rows, rank)"),
+    Rule("T005", "error", "a full delta has the target's shape"),
+    Rule("T006", "error", "factor and delta values are finite"),
+    # Base compatibility (validate --base, merge).
+    Rule("B001", "error", "every target exists in the base"),
+    Rule("B002", "error", "every target's shape equals the base tensor's shape"),
+    Rule("B003", "error", "the base tensor is floating point (integer and quantized tensors cannot be merged)"),
+    Rule("B004", "error", "the base tensor matches the target's sha256 fingerprint when one is recorded"),
+    # Warnings: legal but suspicious.
+    Rule("W001", "warning", "unknown field or loratool.* metadata key (ignored by this reader)"),
+    Rule("W002", "warning", "spec minor version is newer than this reader's"),
+    Rule("W003", "warning", "a factor is all zeros, so the block's delta is zero"),
+    Rule("W004", "warning", "A and B of a block have different dtypes"),
+    Rule("W005", "warning", "the base tensor's dtype differs from the target's recorded dtype"),
+]
+
+RULES = {r.id: r for r in _RULES}

@@ -1,0 +1,339 @@
+"""Every rule of spec/FORMAT.md, as findings. Never raises on the first problem: it reports them all.
+
+`parse_adapter_header` turns a checked container header into a header-only Adapter (factors None) and
+findings; `check_values` and `check_base` add the rules that need tensor data or a base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from . import spec
+from .adapter import Adapter, Block, Target, matrix_shape
+from .container import Finding, Header, escape, read_header, strict_json, _Duplicate
+
+_TARGET_FIELDS = {"kind", "layout", "shape", "blocks", "scale", "dtype", "sha256", "info"}
+_BLOCK_FIELDS = {"rank", "alpha", "scale_rule", "rows", "cols"}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _is_num(v) -> bool:
+    return type(v) in (int, float)
+
+
+@dataclass
+class Report:
+    """What validation found; `adapter` is header-only (factors None) when the metadata could be parsed."""
+
+    path: str
+    findings: list[Finding] = field(default_factory=list)
+    adapter: Adapter | None = None
+    header: Header | None = None
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+
+def _range(v, size: int, what: str, key: str, add) -> tuple[int, int] | None:
+    if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)):
+        add(Finding("M004", f"target \"{key}\": {what} must be [start, stop] integers", key))
+        return None
+    a, b = v
+    if not 0 <= a < b <= size:
+        add(Finding("M008", f"target \"{key}\": {what} [{a}, {b}) is not inside [0, {size})", key))
+        return None
+    return a, b
+
+
+def _parse_block(key: str, i: int, raw, out: int, inp: int, add) -> Block | None:
+    if not isinstance(raw, dict):
+        add(Finding("M004", f"target \"{key}\": block {i} is not an object", key))
+        return None
+    for extra in sorted(set(raw) - _BLOCK_FIELDS):
+        add(Finding("W001", f"target \"{key}\": block {i} has unknown field \"{escape(extra)}\"", key))
+    ok = True
+    rank = raw.get("rank")
+    if not _is_int(rank) or rank <= 0:
+        add(Finding("M007", f"target \"{key}\": block {i} rank {rank!r} is not a positive integer", key))
+        ok = False
+    alpha = raw.get("alpha")
+    if not _is_num(alpha) or not math.isfinite(alpha):
+        shown = "missing" if alpha is None else repr(alpha)
+        add(Finding("M006", f"target \"{key}\": block {i} alpha is {shown}; alpha must be a finite number", key))
+        ok = False
+    rule = raw.get("scale_rule")
+    if rule not in spec.SCALE_RULES:
+        add(Finding("M005", f"target \"{key}\": block {i} scale_rule {rule!r} is not one of "
+                            f"{', '.join(spec.SCALE_RULES)}", key))
+        ok = False
+    if "rows" not in raw:
+        add(Finding("M004", f"target \"{key}\": block {i} has no rows", key))
+        return None
+    rows = _range(raw["rows"], out, f"block {i} rows", key, add)
+    cols = _range(raw["cols"], inp, f"block {i} cols", key, add) if "cols" in raw else (0, inp)
+    if not ok or rows is None or cols is None:
+        return None
+    return Block(rank=rank, alpha=float(alpha), scale_rule=rule, rows=rows, cols=cols)
+
+
+def _parse_target(key: str, raw, add) -> Target | None:
+    if not isinstance(raw, dict):
+        add(Finding("M004", f"target \"{key}\" is not an object", key))
+        return None
+    for extra in sorted(set(raw) - _TARGET_FIELDS):
+        add(Finding("W001", f"target \"{key}\" has unknown field \"{escape(extra)}\"", key))
+    kind = raw.get("kind")
+    if kind not in spec.KINDS:
+        add(Finding("M005", f"target \"{key}\": kind {kind!r} is not one of {', '.join(spec.KINDS)}", key))
+        return None
+    shape = raw.get("shape")
+    if not (isinstance(shape, list) and shape and all(_is_int(d) and d > 0 for d in shape)):
+        add(Finding("M004", f"target \"{key}\": shape {shape!r} must be a non-empty list of positive integers", key))
+        return None
+    shape = tuple(shape)
+    dtype, sha = raw.get("dtype"), raw.get("sha256")
+    if dtype is not None and dtype not in spec.DTYPE_SIZES:
+        add(Finding("M011", f"target \"{key}\": fingerprint dtype {dtype!r} is not a safetensors dtype", key))
+        dtype = None
+    if sha is not None and not (isinstance(sha, str) and _HEX64.match(sha)):
+        add(Finding("M011", f"target \"{key}\": sha256 must be 64 lowercase hex digits", key))
+        sha = None
+    info = raw.get("info", {})
+    if not isinstance(info, dict):
+        add(Finding("M004", f"target \"{key}\": info must be an object", key))
+        info = {}
+    common = dict(key=key, shape=shape, dtype=dtype, sha256=sha, info=info)
+
+    if kind == "full":
+        if "blocks" in raw or "layout" in raw:
+            add(Finding("M010", f"target \"{key}\": a full target has neither blocks nor layout", key))
+            return None
+        scale = raw.get("scale")
+        if not _is_num(scale) or not math.isfinite(scale):
+            add(Finding("M010", f"target \"{key}\": full target scale {scale!r} must be a finite number", key))
+            return None
+        return Target(kind="full", layout="full", delta_scale=float(scale), **common)
+
+    layout = raw.get("layout")
+    if layout not in spec.LAYOUTS:
+        add(Finding("M005", f"target \"{key}\": layout {layout!r} is not one of {', '.join(spec.LAYOUTS)}", key))
+        return None
+    if (layout == "conv") != (len(shape) >= 3) or (layout != "conv" and len(shape) != 2):
+        add(Finding("M009", f"target \"{key}\": shape {list(shape)} does not fit layout {layout}", key))
+        return None
+    if "scale" in raw:
+        add(Finding("M010", f"target \"{key}\": scale belongs to full targets; a lora block's scale comes from "
+                            "alpha and rank", key))
+    blocks_raw = raw.get("blocks")
+    if not isinstance(blocks_raw, list) or not blocks_raw:
+        add(Finding("M010", f"target \"{key}\": a lora target needs a non-empty list of blocks", key))
+        return None
+    out, inp = matrix_shape(layout, shape)
+    blocks = [_parse_block(key, i, b, out, inp, add) for i, b in enumerate(blocks_raw)]
+    if any(b is None for b in blocks):
+        return None
+    return Target(kind="lora", layout=layout, blocks=tuple(blocks), **common)
+
+
+def parse_adapter_header(hdr: Header) -> tuple[Adapter | None, list[Finding]]:
+    """Check metadata rules M*, and tensor naming and shape rules T001-T005, against a parsed header."""
+    findings: list[Finding] = []
+    add = findings.append
+    meta = hdr.metadata
+    if meta.get(spec.KEY_FORMAT) != spec.FORMAT_MARKER:
+        got = meta.get(spec.KEY_FORMAT)
+        shown = "missing" if got is None else f"\"{escape(got)}\""
+        add(Finding("M001", f"{spec.KEY_FORMAT} is {shown}, not \"{spec.FORMAT_MARKER}\": this is not a loratool "
+                            "adapter (convert it with `loratool convert`)"))
+        return None, findings
+    version = meta.get(spec.KEY_VERSION, "")
+    m = re.fullmatch(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)", version)
+    if not m or int(m.group(1)) != spec.SPEC_VERSION[0]:
+        add(Finding("M002", f"{spec.KEY_VERSION} \"{escape(version)}\" is not a {spec.SPEC_VERSION[0]}.x version "
+                            "this reader knows"))
+        return None, findings
+    if int(m.group(2)) > spec.SPEC_VERSION[1]:
+        add(Finding("W002", f"spec version {version} is newer than this reader's {spec.SPEC_VERSION_STR}; "
+                            "unknown fields are ignored"))
+    for k in sorted(meta):
+        if k.startswith(spec.RESERVED_PREFIX) and k not in spec.KNOWN_KEYS:
+            add(Finding("W001", f"unknown metadata key \"{escape(k)}\" is ignored"))
+    info = {}
+    if spec.KEY_INFO in meta:
+        try:
+            info = strict_json(meta[spec.KEY_INFO])
+        except (ValueError, _Duplicate):
+            info = None
+        if not isinstance(info, dict):
+            add(Finding("M003", f"{spec.KEY_INFO} is not a JSON object"))
+            info = {}
+    try:
+        raw_targets = strict_json(meta.get(spec.KEY_TARGETS, ""))
+    except _Duplicate as e:
+        add(Finding("M003", f"{spec.KEY_TARGETS} repeats the key \"{escape(str(e.args[0]))}\""))
+        return None, findings
+    except ValueError as e:
+        add(Finding("M003", f"{spec.KEY_TARGETS} is missing or not strict JSON ({escape(str(e))})"))
+        return None, findings
+    if not isinstance(raw_targets, dict):
+        add(Finding("M003", f"{spec.KEY_TARGETS} is not a JSON object"))
+        return None, findings
+
+    targets = {}
+    for key, raw in raw_targets.items():
+        if not key or not key.isprintable() or key != key.strip():
+            add(Finding("C012", f"target name \"{escape(key)}\" is empty, has control characters or surrounding "
+                                "whitespace", escape(key)))
+            continue
+        t = _parse_target(key, raw, add)
+        if t is not None:
+            targets[key] = t
+
+    findings += _check_tensor_names(hdr, raw_targets, targets)
+    user_meta = {k: v for k, v in meta.items() if not k.startswith(spec.RESERVED_PREFIX)}
+    return Adapter(targets=targets, metadata=user_meta, info=info), findings
+
+
+def _check_tensor_names(hdr: Header, raw_targets: dict, targets: dict[str, Target]) -> list[Finding]:
+    findings = []
+    add = findings.append
+    seen = set()
+    for name, info in hdr.tensors.items():
+        shown = escape(name)
+        m = spec.FACTOR_NAME.match(name)
+        d = spec.DELTA_NAME.match(name)
+        if not m and not d:
+            add(Finding("T001", f"tensor \"{shown}\" does not follow the naming grammar "
+                                "<target>.lora.<block>.A|B or <target>.delta", shown))
+            continue
+        key = (m or d).group("target")
+        if key not in raw_targets:
+            add(Finding("T002", f"tensor \"{shown}\" belongs to target \"{escape(key)}\", which "
+                                f"{spec.KEY_TARGETS} does not declare", escape(key)))
+            continue
+        t = targets.get(key)
+        if t is None:  # the target's own metadata is broken; already reported
+            continue
+        if info.dtype not in spec.FACTOR_DTYPES:
+            add(Finding("C007", f"tensor \"{shown}\" is {info.dtype}; factors and deltas must be "
+                                f"{', '.join(spec.FACTOR_DTYPES)}", escape(key)))
+        if info.numel == 0:
+            add(Finding("C010", f"tensor \"{shown}\" has zero elements", escape(key)))
+        if d:
+            if t.kind != "full":
+                add(Finding("T002", f"tensor \"{shown}\" is a delta but target \"{escape(key)}\" is a lora target",
+                            escape(key)))
+            elif info.shape != t.shape:
+                add(Finding("T005", f"delta \"{shown}\" has shape {list(info.shape)}, target shape is "
+                                    f"{list(t.shape)}", escape(key)))
+            seen.add(name)
+            continue
+        i, factor = int(m.group("block")), m.group("factor")
+        if t.kind != "lora" or i >= len(t.blocks):
+            add(Finding("T002", f"tensor \"{shown}\" names block {i}, which target \"{escape(key)}\" does not "
+                                "declare", escape(key)))
+            continue
+        b = t.blocks[i]
+        want = (b.rank, b.n_cols) if factor == "A" else (b.n_rows, b.rank)
+        if info.shape != want:
+            add(Finding("T004", f"target \"{escape(key)}\": {factor} of block {i} has shape {list(info.shape)}, "
+                                f"expected {list(want)} (rank {b.rank})", escape(key)))
+        seen.add(name)
+    for t in targets.values():
+        names = [spec.delta_name(t.key)] if t.kind == "full" else [
+            spec.factor_name(t.key, i, f) for i in range(len(t.blocks)) for f in "AB"]
+        for n in names:
+            if n not in hdr.tensors:
+                add(Finding("T003", f"target \"{escape(t.key)}\" declares tensor \"{escape(n)}\" but the file lacks "
+                                    "it", escape(t.key)))
+        if t.kind == "lora":
+            for i in range(len(t.blocks)):
+                a, b = (hdr.tensors.get(spec.factor_name(t.key, i, f)) for f in "AB")
+                if a and b and a.dtype != b.dtype:
+                    add(Finding("W004", f"target \"{escape(t.key)}\": block {i} A is {a.dtype}, B is {b.dtype}",
+                                escape(t.key)))
+    return findings
+
+
+def check_values(tensors, adapter: Adapter) -> list[Finding]:
+    """Rules T006 and W003 on loaded tensors (name -> torch.Tensor)."""
+    import torch
+
+    findings = []
+    for t in adapter:
+        names = [spec.delta_name(t.key)] if t.kind == "full" else [
+            spec.factor_name(t.key, i, f) for i in range(len(t.blocks)) for f in "AB"]
+        for n in names:
+            x = tensors.get(n)
+            if x is None:
+                continue
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                findings.append(Finding("T006", f"tensor \"{escape(n)}\" has {bad} non-finite values",
+                                        escape(t.key)))
+            elif t.kind == "lora" and not bool(x.any()):
+                findings.append(Finding("W003", f"tensor \"{escape(n)}\" is all zeros, so its block adds nothing",
+                                        escape(t.key)))
+    return findings
+
+
+def check_base(adapter: Adapter, base) -> list[Finding]:
+    """Rules B001-B004 and W005 against a base (any object with `.info(key)` -> (shape, dtype) or None,
+    and `.sha256(key)` -> hex digest)."""
+    findings = []
+    for t in adapter:
+        k = escape(t.key)
+        got = base.info(t.key)
+        if got is None:
+            findings.append(Finding("B001", f"target \"{k}\" is not a tensor of the base", k))
+            continue
+        shape, dtype = got
+        if tuple(shape) != t.shape:
+            findings.append(Finding("B002", f"target \"{k}\" has shape {list(t.shape)}, base tensor is "
+                                            f"{list(shape)}", k))
+            continue
+        if dtype not in ("F16", "BF16", "F32", "F64"):
+            findings.append(Finding("B003", f"target \"{k}\": base tensor is {dtype}; only floating-point tensors "
+                                            "can take a delta", k))
+            continue
+        if t.dtype is not None and t.dtype != dtype:
+            findings.append(Finding("W005", f"target \"{k}\": base tensor is {dtype}, adapter was made for "
+                                            f"{t.dtype}", k))
+        if t.sha256 is not None and base.sha256(t.key) != t.sha256:
+            findings.append(Finding("B004", f"target \"{k}\": base tensor content differs from the adapter's "
+                                            "sha256 fingerprint (wrong base?)", k))
+    return findings
+
+
+def validate_header(path) -> Report:
+    """Container and metadata rules only: reads the header, never tensor data, never imports torch."""
+    from .errors import SpecError
+
+    rep = Report(path=str(path))
+    try:
+        hdr = read_header(path)
+    except SpecError as e:
+        rep.findings = e.findings
+        return rep
+    rep.header = hdr
+    rep.findings = list(hdr.findings)
+    adapter, more = parse_adapter_header(hdr)
+    rep.findings += more
+    rep.adapter = adapter
+    return rep
+
+
+def findings_json(findings: list[Finding]) -> str:
+    return json.dumps([f.as_dict() for f in findings])
