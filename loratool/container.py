@@ -135,14 +135,14 @@ def parse_header(path: str, raw: bytes, size: int) -> Header:
     if not text.startswith("{"):
         raise _fatal(path, "C004", "header does not start with '{' (leading whitespace or garbage)")
     body = text.rstrip(" ")
-    if not body.endswith("}"):
-        raise _fatal(path, "C004", "header is padded with something other than trailing spaces")
     try:
         obj = strict_json(body)
     except _Duplicate as e:
         raise _fatal(path, "C005", f"header repeats the key \"{escape(str(e.args[0]))}\"") from None
     except ValueError as e:
         raise _fatal(path, "C003", f"header is not valid JSON ({escape(str(e))})") from None
+    if not body.endswith("}"):
+        raise _fatal(path, "C004", "header is padded with something other than trailing spaces")
     if not isinstance(obj, dict):
         raise _fatal(path, "C003", "header's top level is not a JSON object")
 
