@@ -1,0 +1,87 @@
+"""`loratool rescale`: change an adapter's strength exactly, or its rank optimally, in factored form."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=False, dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output adapter (.safetensors, loratool format).")
+@click.option("--scale", type=float, help="Multiply the whole delta by S (every alpha and full-target scale).")
+@click.option("--alpha", type=float, help="Set every block's alpha to A (the same as --scale A/old_alpha); "
+              "refused when blocks have different alphas.")
+@click.option("--rank", type=click.IntRange(min=1), help="Truncate each block group to at most R singular values.")
+@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Keep the fewest singular values per block group that retain fraction F of ||ΔW||_F^2.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "json_", is_flag=True, help="Print one JSON document (the per-target report).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet):
+    """Rescale an adapter: strength exactly (--scale, --alpha) or rank optimally (--rank, --energy).
+
+    Give exactly one of the four options.
+
+    --scale S and --alpha A give ΔW' = S·ΔW exactly, for rsLoRA and per-block alphas too: they change only
+    alphas (and full-target scales), never a factor.
+
+    --rank R and --energy F give the Eckart-Young truncation of each target's delta, computed from the
+    factors (QR of B and Aᵀ, SVD of the small core), never forming the out x in matrix. The strength is kept:
+    a truncated block keeps the scale of the blocks it replaces (alpha = scale·r_new, or scale·√r_new for
+    rsLoRA). Blocks whose rectangles overlap are truncated together; disjoint blocks (a fused qkv adapted
+    on some slices) are truncated one by one, so R applies per block group. Full targets are kept. The
+    retained energy of each target is printed and recorded in the target's info (energy_retained,
+    rank_before).
+
+    Example:
+
+        loratool rescale adapter.safetensors -o half.safetensors --scale 0.5
+
+        loratool rescale adapter.safetensors -o r16.safetensors --rank 16
+
+        loratool rescale adapter.safetensors -o e99.safetensors --energy 0.99 --json
+    """
+    given = [n for n, v in (("--scale", scale), ("--alpha", alpha), ("--rank", rank), ("--energy", energy))
+             if v is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --scale, --alpha, --rank, --energy"
+                               + (f" (got {', '.join(given)})" if given else ""))
+    from ..fsutil import check_output
+    from ..io.detect import load_adapter
+    from ..io.native import save
+    from ..ops.rescale import rescale as run
+    from .render import Progress
+
+    check_output(output, [path], overwrite)
+    adapter = load_adapter(path)
+    with Progress("rescale", total=len(adapter), enabled=not (quiet or json_)) as progress:
+        res = run(adapter, scale=scale, alpha=alpha, rank=rank, energy=energy, progress=progress)
+    nbytes = save(res.adapter, output)
+    op = given[0].lstrip("-")
+    if json_:
+        from .render import emit_json
+
+        emit_json({"input": str(path), "output": str(output), "operation": op,
+                   "value": {"scale": scale, "alpha": alpha, "rank": rank, "energy": energy}[op],
+                   "strength_factor": res.scale, "bytes": nbytes, "parameters_before": adapter.n_params,
+                   "parameters_after": res.adapter.n_params, "targets": res.rows})
+        return
+    _render(res, op, adapter, output, nbytes, quiet)
+
+
+def _render(res, op, before, output, nbytes, quiet):
+    from .render import err, fmt_bytes, fmt_num, out, table
+
+    if op in ("rank", "energy"):
+        rows = [(r["target"], r["kind"], fmt_num(r["rank_before"]), fmt_num(r["rank_after"]),
+                 f"{r['blocks_before']} -> {r['blocks_after']}", f"{r['energy_retained']:.6f}",
+                 f"{r['relative_error']:.3g}") for r in res.rows]
+        out.print(table(None, ["target", "kind", "rank before", "rank after", "blocks", "energy retained",
+                               "rel. error"], rows,
+                        justify={"rank before": "right", "rank after": "right", "energy retained": "right",
+                                 "rel. error": "right"}))
+    if not quiet:
+        what = f"strength x{res.scale:g}" if res.scale is not None else \
+            f"{before.n_params:,} -> {res.adapter.n_params:,} parameters"
+        err.print(f"wrote {output} ({fmt_bytes(nbytes)}): {len(res.adapter)} targets, {what}")
