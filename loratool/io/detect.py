@@ -16,6 +16,9 @@ from ..errors import FileError, SpecError
 # dialect name -> module implementing load(path, **options)
 DIALECTS = {
     "loratool": "loratool.io.native",
+    "peft": "loratool.io.peft",
+    "kohya": "loratool.io.kohya",
+    "loralib": "loratool.io.loralib",
 }
 
 
