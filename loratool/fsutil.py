@@ -11,6 +11,12 @@ from pathlib import Path
 from .errors import FileError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _resolved(p) -> Path:
     return Path(os.path.realpath(os.fspath(p)))
 
@@ -59,6 +65,7 @@ def atomic_file(path):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -76,6 +83,7 @@ def atomic_dir(path, overwrite: bool = False):
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
         for child in tmp.iterdir():
             if child.is_file():

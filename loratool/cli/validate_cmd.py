@@ -23,12 +23,14 @@ def validate(path, base, strict, json_):
         loratool validate adapter.safetensors --base model/ --strict
     """
     from ..api import validate_file
+    from ..errors import SpecError
     from ..io.detect import detect
 
-    dialect = detect(path)
+    try:
+        dialect = detect(path)
+    except SpecError:
+        dialect = "loratool"  # a header too broken to sniff: validate reports exactly which rules it breaks
     if dialect != "loratool":
-        from ..errors import SpecError
-
         raise SpecError(f"{path}: is a {dialect} adapter; `validate` checks loratool files, so run "
                         f"`loratool convert {path} -o adapter.safetensors --to loratool` first")
     rep = validate_file(path, base=base)
