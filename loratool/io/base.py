@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from ..container import Header, TensorInfo, escape, pread_exact, read_header, read_tensor, tensor_bytes
+from ..container import (Header, TensorInfo, escape, pread_exact, read_header, read_tensor, tensor_bytes,
+                         torch_dtype)
 from ..errors import FileError, SpecError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -38,6 +39,15 @@ class BaseModel:
 
     def sha256(self, key: str) -> str:
         return hashlib.sha256(tensor_bytes(self.read(key))).hexdigest()
+
+    def read_into(self, key: str, out, start: int = 0):
+        """Copy elements [start, start + out.numel()) of the flattened tensor into `out` (1-D, same dtype).
+
+        Lets a caller stream a tensor in pieces into buffers it reuses (no allocation per read).
+        """
+        flat = self.read(key).reshape(-1)
+        out.copy_(flat[start:start + out.numel()])
+        return out
 
     def close(self) -> None:
         pass
@@ -80,6 +90,26 @@ class SafetensorsBase(BaseModel):
 
     def sha256(self, key):
         return hashlib.sha256(self.raw(key)).hexdigest()
+
+    def read_into(self, key, out, start: int = 0):
+        """pread elements [start, start + out.numel()) straight into `out` (1-D, contiguous, same dtype)."""
+        import torch
+
+        t = self.header.tensors[key]
+        size = out.element_size()
+        n = out.numel()
+        if out.dtype != torch_dtype(t.dtype) or not out.is_contiguous():
+            raise ValueError(f"read_into: out must be a contiguous {t.dtype} tensor, not {out.dtype}")
+        if start < 0 or start + n > t.numel:
+            raise ValueError(f"read_into: elements [{start}, {start + n}) outside tensor of {t.numel}")
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        pos, want, offset = 0, n * size, self.header.data_start + t.begin + start * size
+        while pos < want:
+            got = os.preadv(self._fd, [view[pos:]], offset + pos)
+            if got <= 0:
+                raise FileError(f"{self.path}: file ended {want - pos} bytes early while reading \"{escape(key)}\"")
+            pos += got
+        return out
 
     def close(self):
         if self._fd is not None:
@@ -131,6 +161,9 @@ class ShardedBase(BaseModel):
 
     def read(self, key):
         return self._where[key].read(key)
+
+    def read_into(self, key, out, start: int = 0):
+        return self._where[key].read_into(key, out, start)
 
     def sha256(self, key):
         return self._where[key].sha256(key)
