@@ -1,0 +1,278 @@
+"""kohya-ss/sd-scripts LoRA files (`networks/lora.py`): one `.safetensors` of per-module tensors
+
+    <name>.lora_down.weight   (r, in) or conv (r, in, kh, kw)
+    <name>.lora_up.weight     (out, r) or conv (out, r, 1, 1)
+    <name>.alpha              0-d: scale = alpha / r; missing, or 0, means alpha = r (LoRAModule.__init__
+                              and create_network_from_weights), which loratool records in the target's info
+    <name>.lora_down.<i>.weight / .lora_up.<i>.weight   split_dims (lora_flux.py): pair i covers the i-th
+                              consecutive slice of output rows, sharing one alpha; read as row blocks
+
+where <name> is a prefix (`lora_unet`, `lora_te`, `lora_te1`, `lora_te2`, `lora_te3`, ...) joined by "_" to
+the module's path with every "." written as "_". The underscores cannot be undone without the model, so
+target keys are resolved against a base (`base=`): the one base key `<module>.weight` whose underscored
+module path equals the name after its prefix, or ends with "_" + it. Without a base the target key is
+`<name>.weight` and info["kohya_unmapped"] is set, which is enough to inspect or to write kohya again.
+
+Merge math (LoRAInfModule.merge_to): linear W += s up @ down; conv 1x1 the same on squeezed factors;
+conv k x k W += s conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3), which equals
+(up[:, :, 0, 0] @ down.reshape(r, -1)).reshape(out, in, kh, kw): the "conv" layout on W.reshape(out, -1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from ..adapter import Adapter, Block, Target, alpha_for_scale
+from ..container import escape, write_file
+from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
+from ._common import BaseKeys, check_unknown, read_safetensors
+
+PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
+NAME = re.compile(r"^(?P<name>[^.]+)\.(?:(?P<f>lora_down|lora_up)(?:\.(?P<i>0|[1-9][0-9]{0,4}))?\.weight"
+                  r"|(?P<alpha>alpha))$", re.S)
+# Keys of other networks that share kohya's naming: recognised and refused with the reason.
+REFUSED = {
+    "dora_scale": "is a DoRA magnitude (LyCORIS); DoRA merge is not supported yet",
+    "dora_layer.weight": "is a DoRA magnitude; DoRA merge is not supported yet",
+    "lora_mid.weight": "is a LyCORIS Tucker (CP) core; its delta is not up @ down",
+    "hada_w1_a": "is a LyCORIS LoHa factor (Hadamard product), not LoRA",
+    "lokr_w1": "is a LyCORIS LoKr factor (Kronecker product), not LoRA",
+    "lokr_w1_a": "is a LyCORIS LoKr factor (Kronecker product), not LoRA",
+    "oft_blocks": "is an OFT/BOFT block (multiplicative), not LoRA",
+    "diff": "is a LyCORIS full-weight difference, not LoRA",
+    "w_norm": "is a LyCORIS norm delta, not LoRA",
+    "b_norm": "is a LyCORIS norm delta, not LoRA",
+    "diff_b": "is a LyCORIS bias difference, not LoRA",
+    "a1.weight": "is a GLoRA factor, not LoRA",
+}
+ALPHA_MISSING = "missing; alpha = rank (scale 1), as sd-scripts does"
+ALPHA_ZERO = "0; alpha = rank (scale 1), as sd-scripts does"
+
+
+def strip_prefix(name: str) -> str:
+    for p in PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    return name
+
+
+def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+    """Read a kohya/sd-scripts LoRA `.safetensors` with its tensors.
+
+    Args:
+        path: the file.
+        base: base model (path or io.base.BaseModel) to map underscore names to dotted keys and check shapes.
+        allow_unknown: record keys that are not kohya LoRA tensors in info["unknown_keys"] instead of failing.
+    Raises:
+        SpecError, UnsupportedError, MismatchError, FileError: with the file, name and fix in the message.
+    """
+    path = Path(path)
+    tensors, meta = read_safetensors(path)
+    bk = BaseKeys(base) if base is not None else None
+    try:
+        return _build(path, tensors, meta, bk, allow_unknown)
+    finally:
+        if bk is not None:
+            bk.close()
+
+
+def _build(path, tensors, meta, bk, allow_unknown) -> Adapter:
+    modules: dict[str, dict] = {}
+    unknown = []
+    for key, x in tensors.items():
+        m = NAME.match(key)
+        if m is None:
+            name, _, rest = key.partition(".")
+            for suffix, why in REFUSED.items():
+                if rest == suffix or rest.startswith(suffix + ".") or rest.startswith(suffix.split(".")[0] + "_"):
+                    raise UnsupportedError(f"{path}: \"{escape(key)}\" {why}; loratool reads plain LoRA "
+                                           "(lora_down/lora_up/alpha) only")
+            unknown.append(key)
+            continue
+        d = modules.setdefault(m["name"], {"down": {}, "up": {}, "alpha": None})
+        if m["alpha"]:
+            d["alpha"] = (key, x)
+        else:
+            d["down" if m["f"] == "lora_down" else "up"][-1 if m["i"] is None else int(m["i"])] = (key, x)
+    info: dict = {"dialect": "kohya"}
+    targets: dict[str, Target] = {}
+    for name, d in sorted(modules.items()):
+        t = _target(path, name, d, bk)
+        if t.key in targets:
+            raise SpecError(f"{path}: two kohya names map to base key \"{escape(t.key)}\"")
+        targets[t.key] = t
+    if bk is None and targets:
+        info["kohya_unmapped"] = True
+        info["note"] = "target keys are kohya names; pass --base to map them to the base's dotted keys"
+    missing = sorted(t.key for t in targets.values() if t.info.get("alpha") in (ALPHA_MISSING, ALPHA_ZERO))
+    if missing:
+        info["alpha_defaulted"] = f"{len(missing)} module(s) without a usable alpha: alpha = rank, as sd-scripts does"
+    check_unknown(path, "kohya", unknown, allow_unknown, info)
+    return Adapter(targets=targets, metadata=dict(meta), info=info)
+
+
+def _target(path, name, d, bk) -> Target:
+    import torch
+
+    shown = escape(name)
+    downs, ups = d["down"], d["up"]
+    if not downs or set(downs) != set(ups):
+        have = "lora_down" if downs else "lora_up"
+        raise SpecError(f"{path}: module \"{shown}\" has {have} without its matching "
+                        f"{'lora_up' if downs else 'lora_down'}; every kohya module needs both")
+    split = -1 not in downs
+    if not split and len(downs) > 1:
+        raise SpecError(f"{path}: module \"{shown}\" mixes lora_down.weight with numbered split_dims factors")
+    order = sorted(downs)
+    if split and order != list(range(len(order))):
+        raise SpecError(f"{path}: module \"{shown}\": split_dims factors are numbered {order}, not 0..{len(order) - 1}")
+    pairs = [(downs[i][1], ups[i][1]) for i in order]
+    for down, up in pairs:
+        if not (down.is_floating_point() and up.is_floating_point()):
+            raise SpecError(f"{path}: module \"{shown}\": factors are {down.dtype}/{up.dtype}, not floating point")
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or \
+                any(k != 1 for k in up.shape[2:]):
+            raise SpecError(f"{path}: module \"{shown}\": lora_down {list(down.shape)} and lora_up {list(up.shape)} "
+                            "are not a LoRA pair (2-D, or conv with a 1x1 lora_up)")
+    r = int(pairs[0][0].shape[0])
+    if split and (any(p[0].ndim != 2 or p[0].shape != pairs[0][0].shape for p in pairs)):
+        raise SpecError(f"{path}: module \"{shown}\": split_dims pairs must be 2-D with equal lora_down shapes")
+    tinfo: dict = {"kohya_name": name}
+    if d["alpha"] is None:
+        alpha = float(r)
+        tinfo["alpha"] = ALPHA_MISSING
+    else:
+        akey, a = d["alpha"]
+        if a.numel() != 1 or a.dtype.is_complex or a.dtype == torch.bool:
+            raise SpecError(f"{path}: \"{escape(akey)}\" has shape {list(a.shape)}; alpha is one number")
+        alpha = float(a.reshape(()).double())
+        if not math.isfinite(alpha):
+            raise SpecError(f"{path}: \"{escape(akey)}\" is {alpha}; alpha must be finite")
+        if alpha == 0.0:
+            alpha = float(r)
+            tinfo["alpha"] = ALPHA_ZERO
+    down0 = pairs[0][0]
+    out = sum(int(p[1].shape[0]) for p in pairs)
+    conv = down0.ndim == 4
+    shape = (out, *(int(s) for s in down0.shape[1:]))
+    key = name + ".weight"
+    if bk is not None:
+        key = bk.resolve_underscored(strip_prefix(name), f"{path}: module \"{shown}\"")
+        have = bk.shape(key)
+        if conv and down0.shape[2:] == (1, 1) and have == shape[:2]:
+            conv, shape = False, shape[:2]  # sd-scripts merges 1x1 conv factors into a Linear weight squeezed
+        if have != shape:
+            raise MismatchError(f"{path}: module \"{shown}\": factors imply weight {list(shape)} but base "
+                                f"\"{escape(key)}\" is {list(have)}")
+    layout = "conv" if conv else "linear"
+    inp = math.prod(shape[1:])
+    blocks, row = [], 0
+    for down, up in pairs:
+        n = int(up.shape[0])
+        blocks.append(Block(rank=r, alpha=alpha, scale_rule="standard", rows=(row, row + n), cols=(0, inp),
+                            A=down.reshape(r, inp), B=up.reshape(n, r)))
+        row += n
+    if split:
+        tinfo["split_dims"] = [b.n_rows for b in blocks]
+    return Target(key=key, layout=layout, shape=shape, blocks=tuple(blocks), info=tinfo)
+
+
+# ---- writer --------------------------------------------------------------------------------------------
+
+def kohya_name(t: Target, prefix: str) -> str:
+    """The kohya module name of a target: the one it was read with, or prefix + module path underscored."""
+    name = t.info.get("kohya_name")
+    if isinstance(name, str) and name and "." not in name:
+        return name
+    if not t.key.endswith(".weight"):
+        raise UnsupportedError(f"target \"{escape(t.key)}\": kohya adapts modules, so a LoRA target key must end in "
+                               "\".weight\"")
+    return prefix + t.key[: -len(".weight")].replace(".", "_")
+
+
+def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
+    """name -> tensor expressing `adapter` exactly in kohya's format (alpha chosen so each scale is unchanged).
+
+    Raises:
+        UnsupportedError: a target kohya cannot express (fan_in_fan_out, embedding, full, column or
+            overlapping blocks), with the reason.
+    """
+    import torch
+
+    tensors: dict = {}
+    seen: dict[str, str] = {}
+    for t in adapter:
+        where = f"target \"{escape(t.key)}\""
+        if t.kind == "full":
+            raise UnsupportedError(f"{where} is a whole-tensor delta; kohya LoRA files hold only lora_down/lora_up "
+                                   "pairs, so the conversion cannot be exact")
+        if t.layout == "fan_in_fan_out":
+            raise UnsupportedError(f"{where} is a transposed (fan_in_fan_out, GPT-2 Conv1D) weight; kohya tools apply "
+                                   "up @ down to weights stored (out, in), so the conversion cannot be exact")
+        if t.layout == "embedding":
+            raise UnsupportedError(f"{where} is an embedding; kohya LoRA has no embedding factors, so the conversion "
+                                   "cannot be exact")
+        name = kohya_name(t, prefix)
+        if name in seen:
+            raise UnsupportedError(f"{where} and \"{escape(seen[name])}\" both become kohya name \"{escape(name)}\"; "
+                                   "underscores make them collide")
+        seen[name] = t.key
+        out, inp = t.matrix_shape
+        blocks = sorted(t.blocks, key=lambda b: b.rows)
+        ranks = {b.rank for b in blocks}
+        tiled = all(b.cols == (0, inp) for b in blocks) and blocks[0].rows[0] == 0 and blocks[-1].rows[1] == out and \
+            all(a.rows[1] == b.rows[0] for a, b in zip(blocks, blocks[1:]))
+        if len(blocks) > 1 and not (tiled and len(ranks) == 1 and t.layout == "linear"):
+            raise UnsupportedError(f"{where} has {len(blocks)} blocks that do not tile its rows with one rank; kohya "
+                                   "holds one pair per module (or equal-rank split_dims row slices of a Linear), so "
+                                   "the conversion cannot be exact")
+        if len(blocks) == 1 and not t.is_whole:
+            raise UnsupportedError(f"{where} has one block over rows {blocks[0].rows[0]}:{blocks[0].rows[1]} cols "
+                                   f"{blocks[0].cols[0]}:{blocks[0].cols[1]}; kohya pairs cover the whole weight, so "
+                                   "the conversion cannot be exact")
+        # One alpha per module: blocks must share a scale; alpha_kohya = scale * r keeps it (kohya is alpha / r).
+        scales = {b.scale for b in blocks}
+        if len(scales) != 1:
+            raise UnsupportedError(f"{where} has blocks with different scales {sorted(scales)}; kohya stores one alpha "
+                                   "per module, so the conversion cannot be exact")
+        b0 = blocks[0]
+        alpha = b0.alpha if b0.scale_rule == "standard" else alpha_for_scale(b0.scale, b0.rank, "standard")
+        if not math.isfinite(alpha):
+            raise NumericError(f"{where}: alpha {alpha} is not finite")
+        k = tuple(t.shape[1:]) if t.layout == "conv" else ()
+        for i, b in enumerate(blocks):
+            tag = "" if len(blocks) == 1 else f".{i}"
+            down = b.A.reshape(b.rank, *k) if k else b.A  # (r, in[, kh, kw])
+            up = b.B.reshape(b.n_rows, b.rank, *([1] * len(k[1:]))) if k else b.B  # (out, r[, 1, 1])
+            tensors[f"{name}.lora_down{tag}.weight"] = down
+            tensors[f"{name}.lora_up{tag}.weight"] = up
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+def save(adapter: Adapter, path, *, prefix: str = "lora_unet_") -> int:
+    """Write `adapter` as a kohya `.safetensors` atomically. Returns the bytes written.
+
+    Targets read from kohya keep their names; others become `prefix` + module path with "." -> "_".
+    The caller checks the output against its inputs (fsutil.check_output).
+
+    Raises:
+        UnsupportedError: the adapter cannot be expressed in kohya's format exactly.
+        NumericError: a factor or alpha is not finite.
+    """
+    import torch
+
+    tensors = plan(adapter, prefix)
+    for n, x in tensors.items():
+        if x is None:
+            raise SpecError(f"{path}: tensor \"{escape(n)}\" was never loaded; load the adapter with its tensors first")
+        if not bool(torch.isfinite(x).all()):
+            raise NumericError(f"{path}: tensor \"{escape(n)}\" has non-finite values; refusing to write it")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}
+    return write_file(path, tensors, meta)
+
+
+__all__ = ["load", "save", "plan", "kohya_name", "strip_prefix"]
