@@ -41,12 +41,15 @@ def detect(path) -> str:
         if hdr.metadata.get(spec.KEY_FORMAT) is not None:
             return "loratool"
         names = hdr.tensors.keys()
-        if any(".lora_down." in n or ".lora_up." in n or n.endswith(".alpha") for n in names):
-            return "kohya"
+        if any(".lora_down." in n or ".lora_up." in n or n.endswith(".alpha") for n in names) or \
+                any(n.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")) for n in names):
+            return "kohya"  # LyCORIS files share these prefixes; the kohya reader names and refuses them
         if any(".lora_A." in n or ".lora_B." in n or ".lora_embedding_A" in n for n in names):
             return "peft"
         return "loratool"  # let the native reader say precisely what is missing (rule M001)
     if p.suffix in (".pt", ".pth", ".bin"):
+        if (p.parent / "adapter_config.json").is_file():
+            return "peft"  # adapter_model.bin of a PEFT folder
         return "loralib"
     raise SpecError(f"{p}: unknown adapter file type; expected .safetensors, .pt/.pth/.bin or a PEFT folder")
 
@@ -68,4 +71,15 @@ def load_adapter(path, *, dialect: str | None = None, **options):
 
         raise UnsupportedError(f"{path}: looks like a {name} adapter, which this version of loratool cannot read yet")
     mod = importlib.import_module(module)
-    return mod.load(path, **options)
+    # Options a dialect does not take are dropped when unset and refused when set, so that a flag such as
+    # --alpha is never silently ignored for a dialect that keeps alpha in its file.
+    import inspect
+
+    accepted = inspect.signature(mod.load).parameters
+    extra = [k for k, v in options.items() if k not in accepted and v not in (None, False, (), [])]
+    if extra:
+        from ..errors import UnsupportedError
+
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
+        raise UnsupportedError(f"{path}: is a {name} adapter, which does not take {flags}; drop the option")
+    return mod.load(path, **{k: v for k, v in options.items() if k in accepted})
