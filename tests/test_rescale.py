@@ -36,7 +36,7 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> bool:
 
 # ---------------------------------------------------------------- strategies (shared with test_combine.py)
 
-KINDS = ("plain", "rslora", "ffo", "conv", "embedding", "index", "overlap", "full")
+KINDS = ("plain", "rslora", "ffo", "conv", "embedding", "index", "index_ffo", "overlap", "full")
 
 
 @st.composite
@@ -50,7 +50,9 @@ def skeletons(draw, min_targets=1, max_targets=3):
         if kind == "conv":
             shape = (a, draw(st.integers(1, 3)), *([draw(st.integers(1, 3))] * 2))
         elif kind == "index":
-            shape = (3 * draw(st.integers(2, 4)), b)  # out = 3 * d: a fused qkv
+            shape = (3 * draw(st.integers(2, 4)), b)  # out = 3 * d: a fused qkv (NeoX query_key_value)
+        elif kind == "index_ffo":
+            shape = (b, 3 * draw(st.integers(2, 4)))  # stored (in, 3 * d): GPT-2 c_attn
         elif kind == "full":
             shape = (a,)
         else:
@@ -71,13 +73,11 @@ def targets_on(draw, key, kind, shape):
     if kind == "full":
         return Target(key=key, kind="full", layout="full", shape=shape, delta=rand(*shape, seed=seed),
                       delta_scale=draw(st.sampled_from([1.0, 0.5, -2.0])))
-    layout = {"ffo": "fan_in_fan_out", "conv": "conv", "embedding": "embedding"}.get(kind, "linear")
-    if kind == "index" and draw(st.booleans()):
-        layout = "fan_in_fan_out"
-        shape = (shape[1], shape[0])
+    layout = {"ffo": "fan_in_fan_out", "index_ffo": "fan_in_fan_out", "conv": "conv",
+              "embedding": "embedding"}.get(kind, "linear")
     out, inp = matrix_shape(layout, shape)
     rule = "rslora" if kind == "rslora" else "standard"
-    if kind == "index":  # two of three slices adapted, each with its own pair (loralib enable_lora)
+    if kind.startswith("index"):  # two of three slices adapted, each with its own pair (loralib enable_lora)
         d = out // 3
         blocks = []
         for j, s in enumerate(draw(st.sampled_from([(0, 2), (0, 1), (1, 2), (0, 1, 2)]))):
