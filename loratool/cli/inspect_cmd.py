@@ -21,15 +21,21 @@ def inspect(path, json_, stats):
 
         loratool inspect adapter.safetensors --stats --json
     """
+    from pathlib import Path
+
     from ..api import summary
     from ..io.detect import detect
+    from ..io.native import attach, report_error
+    from ..validation import validate_header
 
-    dialect = detect(path)
-    if dialect == "loratool":
-        from ..io.native import attach, report_error
-        from ..validation import validate_header
-
+    rep = None
+    if Path(path).suffix == ".safetensors" and Path(path).is_file():
+        # One header parse serves both detection and the summary (it is most of inspect's time).
         rep = validate_header(path)
+        if rep.header is None:
+            raise report_error(rep)
+    dialect = "loratool" if rep is not None and "loratool.format" in rep.header.metadata else detect(path)
+    if dialect == "loratool":
         if rep.errors:
             raise report_error(rep)
         adapter, header = rep.adapter, rep.header
@@ -67,7 +73,7 @@ def inspect(path, json_, stats):
 
 
 def _render(doc, stats):
-    from .render import escape, fmt_bytes, fmt_num, out, table
+    from .render import escape, fmt_bytes, fmt_num, table, write
 
     lines = [
         ("path", doc["path"]),
@@ -86,7 +92,7 @@ def _render(doc, stats):
     lines.append(("base fingerprint", f"dtype on {fp['dtypes']} targets, sha256 on {fp['sha256']} targets"
                   if fp["dtypes"] or fp["sha256"] else "none"))
     for k, v in lines:
-        out.print(f"{k + ':':<18}{escape(str(v))}")
+        write(f"{k + ':':<18}{escape(str(v))}")
     cols = ["target", "kind", "layout", "shape", "rank", "alpha", "scale", "blocks"]
     if stats:
         cols += ["‖ΔW‖_F", "r90", "r99", "non-finite"]
@@ -102,8 +108,8 @@ def _render(doc, stats):
             s = r["stats"]
             row += [fmt_num(s["norm"]), fmt_num(s["rank90"]), fmt_num(s["rank99"]), s["nonfinite"]]
         rows.append(row)
-    out.print()
-    out.print(table(None, cols, rows, justify={"rank": "right", "r90": "right", "r99": "right"}))
+    write()
+    write(table(None, cols, rows, justify={"rank": "right", "r90": "right", "r99": "right"}))
 
 
 def _out(row) -> int:

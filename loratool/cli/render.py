@@ -6,13 +6,34 @@ import json
 import sys
 
 import click
-from rich.console import Console
 
 from ..container import escape
 
-# Piped output gets a wide fixed width so tables stay one row per target in logs and files.
-out = Console(markup=False, highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, markup=False, highlight=False, width=None if sys.stderr.isatty() else 200)
+_consoles: dict = {}
+
+
+def __getattr__(name):
+    """`out` and `err` are rich consoles made on first use, so plain output never imports rich."""
+    if name in ("out", "err"):
+        if name not in _consoles:
+            from rich.console import Console
+
+            tty = (sys.stdout if name == "out" else sys.stderr).isatty()
+            # Piped output gets a wide fixed width so tables stay one row per target in logs and files.
+            _consoles[name] = Console(stderr=name == "err", markup=False, highlight=False,
+                                      width=None if tty else 200)
+        return _consoles[name]
+    raise AttributeError(name)
+
+
+def write(text: str = "") -> None:
+    """Print plain text (and PlainTables) on stdout, through rich only when stdout is a terminal."""
+    if sys.stdout.isatty():
+        __getattr__("out").print(text)
+    elif isinstance(text, PlainTable):
+        sys.stdout.write("\n".join(text.lines()) + "\n")
+    else:
+        sys.stdout.write(f"{text}\n")
 
 
 def fail(e) -> None:
@@ -28,14 +49,48 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=str))
 
 
+RICH_MAX_ROWS = 300  # rich lays out each cell; past this (or when piped) a plain aligned table is much faster
+
+
+class PlainTable:
+    """An aligned text table printed without rich's layout engine (linear time in the rows)."""
+
+    def __init__(self, columns, rows, justify):
+        self.columns, self.rows, self.justify = columns, rows, justify or {}
+
+    def lines(self):
+        widths = [max([len(c)] + [len(r[i]) for r in self.rows]) for i, c in enumerate(self.columns)]
+
+        def fmt(cells):
+            parts = [c.rjust(w) if self.justify.get(col) == "right" else c.ljust(w)
+                     for c, w, col in zip(cells, widths, self.columns)]
+            return "  ".join(parts).rstrip()
+
+        yield fmt(self.columns)
+        yield "  ".join("-" * w for w in widths)
+        for r in self.rows:
+            yield fmt(r)
+
+    def __rich_console__(self, console, options):
+        # Pre-rendered segments: rich prints them as they are, without measuring or wrapping.
+        from rich.segment import Segment
+
+        for line in self.lines():
+            yield Segment(line)
+            yield Segment.line()
+
+
 def table(title: str | None, columns: list[str], rows, justify=None):
+    rows = [[escape(str(x)) for x in r] for r in rows]
+    if len(rows) > RICH_MAX_ROWS or not sys.stdout.isatty():
+        return PlainTable(columns, rows, justify)
     from rich.table import Table
 
     t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for i, c in enumerate(columns):
         t.add_column(c, justify=(justify or {}).get(c, "left"), overflow="fold")
     for r in rows:
-        t.add_row(*[escape(str(x)) for x in r])
+        t.add_row(*r)
     return t
 
 
