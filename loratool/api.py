@@ -25,14 +25,21 @@ def validate_file(path, base=None, read_data: bool = True) -> Report:
     if read_data:
         from .container import read_tensor
 
-        tensors = {}
+        class _OnDemand:
+            """name -> tensor read when asked: validation holds one tensor at a time, whatever the file size."""
+
+            def __init__(self, fd, header):
+                self.fd, self.header = fd, header
+
+            def get(self, name):
+                info = self.header.tensors.get(name)
+                return None if info is None else read_tensor(self.fd, self.header.data_start, info)
+
         fd = os.open(os.fspath(path), os.O_RDONLY)
         try:
-            for name, info in rep.header.tensors.items():
-                tensors[name] = read_tensor(fd, rep.header.data_start, info)
+            rep.findings += check_values(_OnDemand(fd, rep.header), rep.adapter)
         finally:
             os.close(fd)
-        rep.findings += check_values(tensors, rep.adapter)
     if base is not None:
         from .io.base import BaseModel, open_base
 
