@@ -57,10 +57,11 @@ def check_output(out, inputs, overwrite: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path):
+def atomic_file(path, fsync: bool = True):
     """Yield a binary file in the target's folder; on success fsync it and rename it over `path`.
 
-    On any exception the temporary file is removed and `path` is untouched.
+    On any exception the temporary file is removed and `path` is untouched. `fsync=False` keeps the
+    atomic rename but leaves durability to the kernel's writeback, as `cp` does.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -69,7 +70,8 @@ def atomic_file(path):
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -78,14 +80,16 @@ def atomic_file(path):
 
 
 @contextlib.contextmanager
-def atomic_dir(path, overwrite: bool = False):
-    """Yield a temporary folder beside `path`; on success move it into place (replacing an old one if allowed)."""
+def atomic_dir(path, overwrite: bool = False, fsync: bool = True):
+    """Yield a temporary folder beside `path`; on success move it into place (replacing an old one if allowed).
+
+    `fsync=False` skips the fsync of the folder's files (see atomic_file)."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
-        for child in tmp.iterdir():
+        for child in tmp.iterdir() if fsync else ():
             if child.is_file():
                 with open(child, "rb+") as f:
                     os.fsync(f.fileno())

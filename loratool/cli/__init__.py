@@ -15,6 +15,7 @@ COMMANDS = {
     "inspect": ("loratool.cli.inspect_cmd", "inspect", "Summarise an adapter: targets, ranks, alphas, sizes."),
     "validate": ("loratool.cli.validate_cmd", "validate", "Check an adapter against every rule of the spec."),
     "convert": ("loratool.cli.convert_cmd", "convert", "Convert between loratool, PEFT, kohya and loralib exactly."),
+    "merge": ("loratool.cli.merge_cmd", "merge", "Merge (or --unmerge) adapters into a base model, streaming."),
     "rescale": ("loratool.cli.rescale_cmd", "rescale", "Change an adapter's strength exactly or its rank optimally."),
     "combine": ("loratool.cli.combine_cmd", "combine", "Combine adapters: exact weighted sum, or svd/ties/dare."),
 }

@@ -1,0 +1,547 @@
+"""Streaming rewrites of base models: read, transform and write one tensor (one row block) at a time.
+
+A base is a .safetensors file, a Hugging Face folder (sharded with model.safetensors.index.json, a single
+model.safetensors, or pytorch_model.bin) or a torch .pt/.pth/.bin state dict (weights_only=True, no
+fallback). The output keeps the base's format and sharding unless its name says otherwise. When no
+tensor of a safetensors file changes dtype, the output file reuses the input's header bytes verbatim, so
+every tensor keeps its offset: tensors nobody transforms are copied as raw bytes inside the kernel
+(copy_file_range), never decoded, and transformed tensors are written in place with pwrite.
+
+Reads use pread into small buffers (never mmap: a mapped shard counts every touched page in the RSS).
+Transforms are duck-typed objects with `block_rows` and `block(V, r0) -> tensor` (see ops.merge.Merger):
+io never imports ops. torch is imported only when a tensor is transformed or a torch file is involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import math
+import os
+import shutil
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .. import spec
+from ..container import Header, TensorInfo, build_header, escape
+from ..errors import FileError, SpecError
+from ..fsutil import atomic_dir, atomic_file, check_output
+from .base import INDEX_NAME, TORCH_SUFFIXES, ShardedBase, SafetensorsBase, TorchBase, open_base
+
+COPY_CHUNK = 64 << 20  # bytes per copy_file_range call: lets a cancel or a progress update in between
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SourceFile:
+    """One safetensors file of a base, with its header bytes verbatim and an open descriptor."""
+
+    path: Path
+    name: str  # file name inside the base folder (shard name), or the file's own name
+    header: Header
+    raw_header: bytes  # 8-byte length + JSON header, exactly as in the file
+    fd: int
+
+    @classmethod
+    def open(cls, sb: SafetensorsBase) -> "SourceFile":
+        fd = os.open(sb.path, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, sb.header.data_start, 0)
+        except OSError as e:
+            os.close(fd)
+            raise FileError(f"{sb.path}: cannot read: {e.strerror or e}") from None
+        return cls(sb.path, sb.path.name, sb.header, raw, fd)
+
+
+class StreamBase:
+    """A base model opened for streaming: headers parsed (no torch for safetensors), descriptors open.
+
+    Attributes:
+        kind: "safetensors" (one file or folder with model.safetensors), "sharded" or "torch".
+        folder: the base folder when the base was given as one (its other files are copied), else None.
+        files: the safetensors files in data order (empty for a torch base).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.folder = self.path if self.path.is_dir() else None
+        reader = open_base(self.path)  # validates headers, index, shard names; raises SpecError/FileError
+        self._reader = reader
+        self.files: list[SourceFile] = []
+        self.index = None
+        self.torch_base: TorchBase | None = None
+        self._where: dict[str, tuple[SourceFile, TensorInfo]] = {}
+        try:
+            if isinstance(reader, ShardedBase):
+                self.kind = "sharded"
+                self.index = reader.index
+                for name, sb in reader.shards.items():
+                    self.files.append(SourceFile.open(sb))
+                by_name = {f.name: f for f in self.files}
+                for key, name in reader.index["weight_map"].items():
+                    self._where[key] = (by_name[name], by_name[name].header.tensors[key])
+                # Tensors a shard holds but the index forgets would be dropped by loaders: refuse them.
+                for f in self.files:
+                    for key in f.header.tensors:
+                        if self._where.get(key, (None,))[0] is not f:
+                            raise SpecError(f"{self.path / INDEX_NAME}: \"{escape(key)}\" is in shard {escape(f.name)}"
+                                            " but the index does not map it there; fix the index")
+            elif isinstance(reader, SafetensorsBase):
+                self.kind = "safetensors"
+                f = SourceFile.open(reader)
+                self.files.append(f)
+                self._where = {k: (f, t) for k, t in f.header.tensors.items()}
+            else:
+                self.kind = "torch"
+                self.torch_base = reader
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Every path this base reads, for the output-is-not-an-input guard."""
+        paths = [self.path, *self._reader.files]
+        return paths
+
+    def keys(self) -> list[str]:
+        if self.torch_base is not None:
+            return self.torch_base.keys()
+        return list(self._where)
+
+    def info(self, key: str):
+        """(shape, safetensors dtype name) or None."""
+        if self.torch_base is not None:
+            return self.torch_base.info(key)
+        w = self._where.get(key)
+        return None if w is None else (w[1].shape, w[1].dtype)
+
+    def read(self, key: str):
+        """The whole tensor as torch (for fingerprints and small in-memory work)."""
+        return self._reader.read(key)
+
+    def sha256(self, key: str) -> str:
+        return self._reader.sha256(key)
+
+    def close(self) -> None:
+        for f in self.files:
+            with contextlib.suppress(OSError):
+                os.close(f.fd)
+        self.files = []
+        self._reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_stream(path) -> StreamBase:
+    """Open a base for streaming (see StreamBase). Raises FileError or SpecError for unreadable bases."""
+    return StreamBase(path)
+
+
+def output_format(base: StreamBase, out) -> str:
+    """"safetensors" or "torch" for a single file, "folder" for a folder mirroring the base folder.
+
+    A name ending in .safetensors or .pt/.pth/.bin chooses that format; any other name keeps the base's:
+    a folder stays a folder (same sharding), a file stays the same kind of file.
+    """
+    suffix = Path(out).suffix
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    if base.folder is not None:
+        return "folder"
+    return "torch" if base.kind == "torch" else "safetensors"
+
+
+# ---- output layout --------------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One output tensor: where its bytes come from and where they go."""
+
+    key: str
+    dtype: str  # output dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int = 0  # absolute offset in the output file
+    src: tuple[SourceFile, TensorInfo] | None = None  # safetensors source
+    src_dtype: str = ""
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        return (1, 1) if not self.shape else (self.shape[0], math.prod(self.shape[1:]))
+
+
+@dataclass
+class OutFile:
+    name: str  # relative to the output folder, or "" for a single-file output
+    header: bytes  # 8-byte length + JSON
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(e.nbytes for e in self.entries)
+
+
+def _layout(name: str, entries: list[Entry], metadata: dict, raw_header: bytes | None) -> OutFile:
+    if raw_header is not None:
+        base = len(raw_header)
+        for e in entries:
+            e.offset = base + e.src[1].begin
+        return OutFile(name, raw_header, entries)
+    body = build_header([(e.key, e.dtype, e.shape, e.nbytes) for e in entries], metadata)
+    header = struct.pack("<Q", len(body)) + body
+    pos = len(header)
+    for e in entries:
+        e.offset = pos
+        pos += e.nbytes
+    return OutFile(name, header, entries)
+
+
+def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str]) -> list[OutFile]:
+    """The safetensors files to write (names relative to the output), with every tensor's offset.
+
+    Args:
+        out_dtype: (key, base dtype) -> output dtype.
+    """
+    def entry(key, f, t):
+        dt = out_dtype(key, t.dtype)
+        return Entry(key, dt, t.shape, t.numel * spec.DTYPE_SIZES[dt], src=(f, t), src_dtype=t.dtype)
+
+    if base.kind == "torch":
+        entries = []
+        for key in base.keys():
+            shape, dt = base.info(key)
+            odt = out_dtype(key, dt)
+            entries.append(Entry(key, odt, tuple(shape), math.prod(shape) * spec.DTYPE_SIZES[odt], src_dtype=dt))
+        return [_layout("model.safetensors" if fmt == "folder" else "", entries, {"format": "pt"}, None)]
+    per_file = []
+    for f in base.files:
+        ents = [entry(k, f, t) for k, t in sorted(f.header.tensors.items(), key=lambda kv: kv[1].begin)]
+        per_file.append((f, ents))
+    if fmt == "folder":
+        out = []
+        for f, ents in per_file:
+            same = all(e.dtype == e.src_dtype for e in ents)
+            out.append(_layout(f.name, ents, f.header.metadata, f.raw_header if same else None))
+        return out
+    if len(per_file) == 1:
+        f, ents = per_file[0]
+        same = all(e.dtype == e.src_dtype for e in ents)
+        return [_layout("", ents, f.header.metadata, f.raw_header if same else None)]
+    meta = {}
+    for f, _ in per_file:
+        meta.update(f.header.metadata)
+    return [_layout("", [e for _, ents in per_file for e in ents], meta, None)]
+
+
+# ---- low-level writes -----------------------------------------------------------------------------------
+
+def _libc_sync_file_range():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, n: int) -> None:
+    """Ask the kernel to start writing [offset, offset + n) to disk now (Linux; a no-op elsewhere), so the
+    final fsync waits for little and disk writes overlap the arithmetic."""
+    if _SYNC_FILE_RANGE is not None and n > 0:
+        _SYNC_FILE_RANGE(fd, offset, n, 2)  # SYNC_FILE_RANGE_WRITE: start, do not wait
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, cancel=None) -> None:
+    """Copy n bytes between descriptors inside the kernel when it can (copy_file_range), else pread/pwrite."""
+    use_kernel = hasattr(os, "copy_file_range")
+    while n > 0:
+        if cancel is not None and cancel.is_set():
+            return
+        k = min(n, COPY_CHUNK)
+        done = 0
+        if use_kernel:
+            try:
+                done = os.copy_file_range(src, dst, k, src_off, dst_off)
+            except OSError:
+                use_kernel = False
+        if not use_kernel:
+            buf = os.pread(src, k, src_off)
+            if not buf:
+                raise FileError("a base file ended early while copying; is it being modified?")
+            pwrite_all(dst, buf, dst_off)
+            done = len(buf)
+        if done <= 0:
+            raise FileError("a base file ended early while copying; is it being modified?")
+        src_off, dst_off, n = src_off + done, dst_off + done, n - done
+
+
+# ---- the rewriter ---------------------------------------------------------------------------------------
+
+class _Cast:
+    """The transform of a tensor that only changes dtype (under --dtype)."""
+
+    def __init__(self, entry: Entry, block_bytes: int = 1 << 22):
+        from ..container import torch_dtype
+
+        self.dtype = torch_dtype(entry.dtype)
+        rows, cols = entry.rows_cols
+        self.block_rows = max(1, min(rows, block_bytes // max(1, cols * 4)))
+
+    def block(self, V, r0):
+        return V.to(self.dtype)
+
+
+class Rewriter:
+    """Write a transformed copy of a base to `out`, atomically; nothing appears at `out` unless commit() runs.
+
+    Usage:
+        with Rewriter(base, out, fmt, out_dtype=...) as rw:
+            stats = rw.run(transforms, progress)   # key -> transform; others copied raw (or cast)
+            rw.commit()
+    Leaving the block without commit() removes every temporary file.
+    """
+
+    def __init__(self, base: StreamBase, out, fmt: str, *, out_dtype: Callable[[str, str], str] | None = None,
+                 overwrite: bool = False, fsync: bool = True, workers: int | None = None):
+        self.base, self.out, self.fmt = base, Path(out), fmt
+        self.out_dtype = out_dtype or (lambda key, dt: dt)
+        self.overwrite, self.fsync = overwrite, fsync
+        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self._stack = contextlib.ExitStack()
+        self._committed = False
+        self.bytes_written = 0
+        if fmt == "torch" or (fmt == "folder" and base.kind == "torch"):
+            self.files = []
+            self._torch_out = True
+            if fmt == "folder":
+                self._tmpdir = Path(self._stack.enter_context(atomic_dir(self.out, overwrite, fsync=fsync)))
+            return
+        self._torch_out = False
+        self.files = plan_files(base, fmt, self.out_dtype)
+        self._open()
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data the output will hold."""
+        if self.files:
+            return sum(e.nbytes for of in self.files for e in of.entries)
+        return sum(math.prod(self.base.info(k)[0]) * spec.DTYPE_SIZES[self.out_dtype(k, self.base.info(k)[1])]
+                   for k in self.base.keys())
+
+    # -- output files
+    def _open(self):
+        if self.fmt == "folder":
+            self._tmpdir = Path(self._stack.enter_context(atomic_dir(self.out, self.overwrite, fsync=self.fsync)))
+            self._fds = {}
+            for of in self.files:
+                fd = os.open(self._tmpdir / of.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self._stack.callback(os.close, fd)
+                self._fds[of.name] = fd
+        else:
+            if self.out.exists() and self.overwrite and self.out.is_dir():
+                raise FileError(f"{self.out}: is a folder; choose a file name ending in .safetensors")
+            fobj = self._stack.enter_context(atomic_file(self.out, fsync=self.fsync))
+            self._fds = {"": fobj.fileno()}
+        for of in self.files:
+            fd = self._fds[of.name]
+            os.ftruncate(fd, of.size)
+            pwrite_all(fd, of.header, 0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self._committed and exc_type is None:
+            exc_type = RuntimeError  # leaving without commit: discard the output
+            try:
+                raise RuntimeError("not committed")
+            except RuntimeError as e:
+                exc = e
+        self._stack.__exit__(exc_type, exc, exc.__traceback__ if exc is not None else None)
+        return False
+
+    # -- the work
+    def run(self, transforms: Mapping[str, Any], progress: Callable[..., None] | None = None) -> dict:
+        """Write every tensor: transformed ones through their transform, the rest raw (or cast).
+
+        Returns:
+            {"bytes": bytes written, "tensors": count, "transformed": count}.
+        """
+        progress = progress or (lambda *a, **k: None)
+        if self._torch_out:
+            return self._run_torch(transforms, progress)
+        jobs_copy, jobs_tf = [], []
+        for of in self.files:
+            fd = self._fds[of.name]
+            run = None
+            for e in of.entries:
+                tf = transforms.get(e.key)
+                if tf is None and e.dtype != e.src_dtype:
+                    tf = _Cast(e)
+                if tf is not None:
+                    jobs_tf.append((fd, e, tf))
+                    run = None
+                elif e.src is not None:
+                    f, t = e.src
+                    src_off = f.header.data_start + t.begin
+                    if run is not None and run[0] == f.fd and run[1] + run[4] == src_off \
+                            and run[3] + run[4] == e.offset:
+                        run[4] += e.nbytes  # coalesce neighbours into one kernel copy
+                    else:
+                        run = [f.fd, src_off, fd, e.offset, e.nbytes]
+                        jobs_copy.append(run)
+                else:
+                    jobs_tf.append((fd, e, None))  # torch source, same dtype: bytes written from the tensor
+        # Biggest first keeps the workers evenly loaded at the end.
+        jobs_tf.sort(key=lambda j: -j[1].nbytes)
+        lock = threading.Lock()
+
+        def done(n):
+            with lock:
+                self.bytes_written += n
+            progress(n)
+
+        def do_copy(job):
+            copy_range(*job)
+            if self.fsync:
+                start_writeback(job[2], job[3], job[4])
+            done(job[4])
+
+        def do_tf(job):
+            fd, e, tf = job
+            self._transform(fd, e, tf, done)
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            futures = [pool.submit(do_tf, j) for j in jobs_tf] + [pool.submit(do_copy, j) for j in jobs_copy]
+            try:
+                for fu in futures:
+                    fu.result()
+            except BaseException:
+                for fu in futures:
+                    fu.cancel()
+                raise
+        self.bytes_written += sum(len(of.header) for of in self.files)
+        return {"bytes": self.bytes_written, "tensors": sum(len(of.entries) for of in self.files),
+                "transformed": len([j for j in jobs_tf if j[2] is not None])}
+
+    def _transform(self, fd: int, e: Entry, tf, done) -> None:
+        import torch
+
+        from ..container import pread_exact, torch_dtype
+
+        rows, cols = e.rows_cols
+        src_t = torch_dtype(e.src_dtype)
+        esize = spec.DTYPE_SIZES[e.src_dtype]
+        osize = spec.DTYPE_SIZES[e.dtype]
+        if e.src is None:  # torch base: the tensor is memory-mapped by torch.load
+            W = self.base.read(e.key).reshape(rows, cols)
+            if tf is None:
+                from ..container import tensor_bytes
+
+                pwrite_all(fd, tensor_bytes(W), e.offset)
+                done(e.nbytes)
+                return
+        else:
+            f, t = e.src
+            src0 = f.header.data_start + t.begin
+        step = tf.block_rows
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            if e.src is None:
+                V = W[r0:r1]
+            else:
+                buf = pread_exact(f.fd, (r1 - r0) * cols * esize, src0 + r0 * cols * esize)
+                V = torch.frombuffer(buf, dtype=src_t).reshape(r1 - r0, cols)
+            outb = tf.block(V, r0)
+            data = outb.contiguous().reshape(-1).view(torch.uint8).numpy()
+            off = e.offset + r0 * cols * osize
+            pwrite_all(fd, data, off)
+            if self.fsync:
+                start_writeback(fd, off, len(data))
+            done(len(data))
+
+    def _run_torch(self, transforms, progress) -> dict:
+        """A .pt output: torch.save needs the whole dict, so merged tensors are held in memory here."""
+        import torch
+
+        state = {}
+        n = 0
+        for key in self.base.keys():
+            W = self.base.read(key)
+            tf = transforms.get(key)
+            odt = self.out_dtype(key, self.base.info(key)[1])
+            if tf is None and odt != self.base.info(key)[1]:
+                tf = _Cast(Entry(key, odt, tuple(W.shape), 0))
+            if tf is not None:
+                rows = 1 if W.ndim == 0 else W.shape[0]
+                V = W.reshape(rows, -1)
+                blocks = [tf.block(V[i:i + tf.block_rows], i) for i in range(0, rows, tf.block_rows)]
+                W = torch.cat(blocks).reshape(W.shape)
+            state[key] = W
+            n += W.numel() * W.element_size()
+            progress(W.numel() * W.element_size())
+        dest = self._tmpdir / self.base.torch_base.path.name if self.fmt == "folder" else self.out
+        fobj = self._stack.enter_context(atomic_file(dest, fsync=self.fsync))
+        torch.save(state, fobj)
+        fobj.flush()
+        self.bytes_written = os.fstat(fobj.fileno()).st_size
+        return {"bytes": self.bytes_written, "tensors": len(state), "transformed": len(transforms)}
+
+    def commit(self) -> None:
+        """Copy the base folder's other files, write the index, and move the output into place."""
+        if self.fmt == "folder":
+            self._copy_folder_files()
+        self._committed = True
+        self._stack.close()
+
+    def _copy_folder_files(self) -> None:
+        weights = {f.name for f in self.base.files} | {INDEX_NAME}
+        if self.base.kind == "torch":
+            weights.add(self.base.torch_base.path.name)
+        for child in sorted(self.base.folder.iterdir()):
+            if child.name in weights or child.name.startswith("."):
+                continue
+            dst = self._tmpdir / child.name
+            if child.is_symlink() or not (child.is_file() or child.is_dir()):
+                continue  # links could point anywhere; a folder copy holds only plain files and folders
+            if child.is_dir():
+                shutil.copytree(child, dst, symlinks=False, ignore_dangling_symlinks=True)
+            else:
+                shutil.copyfile(child, dst)
+        if self.base.kind == "sharded":
+            index = json.loads(json.dumps(self.base.index))
+            total = sum(e.nbytes for of in self.files for e in of.entries)
+            if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
+                index["metadata"]["total_size"] = total
+            (self._tmpdir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                   encoding="utf-8")
+
+
+__all__ = ["StreamBase", "open_stream", "output_format", "plan_files", "Rewriter", "copy_range",
+           "start_writeback", "check_output", "FLOAT_DTYPES"]

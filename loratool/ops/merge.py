@@ -1,0 +1,292 @@
+"""Merge adapters into base tensors, and take them out again: W' = W ± Σ w_i ΔW_i (FORMATS.md, "Operations").
+
+Pure math on torch tensors; no file I/O. `plan_merge` checks every adapter target against the base and
+groups the terms by base key; a `Merger` turns row blocks of one base tensor into row blocks of the merged
+tensor, so a streaming writer never holds more than a cache-sized block of float32.
+
+Coordinates. A base tensor W of shape (d0, d1, ...) is cut along its first dimension: its *row view* is
+V = W.reshape(d0, -1) (a 0-d or 1-d tensor is one column). The adapter's matrix view M (adapter.py) is
+V itself for "linear" and "conv", and V^T for "fan_in_fan_out" and "embedding". A block adding
+s·B @ A to M[rows, cols] therefore adds s·(B @ A) to V[rows, cols] (direct) or s·(B @ A)^T to
+V[cols, rows] (transposed).
+
+Arithmetic. Each delta is computed in float32 as (B @ A) then multiplied by its coefficient, added to
+the float32 base block, and the sum is cast once to the output dtype: the same operations, in the
+same order, as PEFT's unsafe `merge` (`weight.data += transpose(B @ A) * scaling`), so a single adapter
+at weight 1 reproduces PEFT's merged weights bit for bit. A float64 base is merged in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..adapter import Adapter, Target
+from ..container import escape, torch_dtype
+from ..errors import MismatchError, NumericError
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+TRANSPOSED = ("fan_in_fan_out", "embedding")
+BLOCK_BYTES = 1 << 20  # float32 bytes of one row block: fits L2 on current CPUs, amortises per-op overhead
+PROBE_SEED = 0x10A7
+
+
+@dataclass(frozen=True)
+class Term:
+    """One adapter's target applied to one base tensor with coefficient `weight` (negative to unmerge)."""
+
+    target: Target
+    weight: float
+    source: str = ""  # the adapter's path, for messages
+
+
+@dataclass
+class Plan:
+    """Terms per base key, and the mismatches skipped under allow_partial (one message each)."""
+
+    terms: dict[str, list[Term]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.terms)
+
+
+def _fit_problem(source: str, t: Target, info) -> str | None:
+    where = f"{source}: target \"{escape(t.key)}\""
+    if info is None:
+        return f"{where} is not in the base (rule B001)"
+    shape, dtype = tuple(info[0]), info[1]
+    if shape != tuple(t.shape):
+        return f"{where} has shape {list(t.shape)} but the base tensor is {list(shape)} (rule B002)"
+    if dtype not in FLOAT_DTYPES:
+        return f"{where}: base tensor is {dtype}; integer and quantized tensors cannot be merged (rule B003)"
+    return None
+
+
+def plan_merge(adapters: Sequence[tuple[str, Adapter]], base_info: Callable[[str], tuple | None], *,
+               weights: Sequence[float] | None = None, scale: float = 1.0, unmerge: bool = False,
+               allow_partial: bool = False) -> Plan:
+    """Check every target of every adapter against the base and group the terms by base key.
+
+    Args:
+        adapters: (name shown in messages, adapter) pairs.
+        base_info: key -> (shape, safetensors dtype name), or None when the base lacks the key.
+        weights: one weight per adapter (default 1 each); the coefficient of a term is weight * scale,
+            negated when `unmerge`.
+        allow_partial: skip the targets that do not fit (their messages go to Plan.skipped) instead of raising.
+    Returns:
+        A Plan; its terms keep the adapters' order for each key.
+    Raises:
+        MismatchError: some targets do not fit and allow_partial is off; the message lists every one.
+        NumericError: a weight or the scale is not finite.
+    """
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise MismatchError(f"--weights has {len(weights)} values for {len(adapters)} adapters; give one weight "
+                            "per adapter")
+    for w in [*weights, scale]:
+        if not math.isfinite(w):
+            raise NumericError(f"weight or scale {w} is not finite; pass finite numbers")
+    sign = -1.0 if unmerge else 1.0
+    plan = Plan()
+    terms = defaultdict(list)
+    problems = []
+    for (name, adapter), w in zip(adapters, weights):
+        for t in adapter:
+            problem = _fit_problem(name, t, base_info(t.key))
+            if problem:
+                problems.append(problem)
+            else:
+                terms[t.key].append(Term(t, sign * w * scale, name))
+    if problems and not allow_partial:
+        n = len(problems)
+        raise MismatchError(f"{n} adapter target{'s' if n > 1 else ''} do not fit the base: "
+                            + "; ".join(problems) + "; use the adapter's own base, or pass --allow-partial to "
+                            "skip them")
+    plan.skipped = problems
+    plan.terms = dict(terms)
+    return plan
+
+
+def row_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of the row view V = W.reshape(d0, -1); a 0-d or 1-d tensor has one column."""
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+@dataclass
+class _Piece:
+    """One block in row-view coordinates: V[r0:r1, c0:c1] += coef * delta(rows i0:i1 of the piece)."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    coef: float
+    B: torch.Tensor | None = None  # (n_rows_M, r): lora block
+    A: torch.Tensor | None = None  # (r, n_cols_M)
+    transposed: bool = False
+    D: torch.Tensor | None = None  # full delta, as the row view (rows, cols)
+
+    def delta(self, i0: int, i1: int) -> torch.Tensor:
+        """Float delta of V rows [i0, i1) (absolute, inside [r0, r1)) over columns [c0, c1), unscaled."""
+        a, b = i0 - self.r0, i1 - self.r0
+        if self.D is not None:
+            return self.D[a:b]
+        if self.transposed:
+            # V rows are M columns: (n_rows_M, r) @ (r, b - a) -> (n_rows_M, b - a), then ^T, as PEFT's transpose.
+            return (self.B @ self.A[:, a:b]).T
+        return self.B[a:b] @ self.A  # (b - a, r) @ (r, n_cols_M) -> (b - a, n_cols_M)
+
+
+def _pieces(terms: Sequence[Term], compute, device) -> list[_Piece]:
+    out = []
+    for term in terms:
+        t = term.target
+        if t.kind == "full":
+            rows, cols = row_view_shape(t.shape)
+            D = t.delta.to(device=device, dtype=compute).reshape(rows, cols)
+            out.append(_Piece(0, rows, 0, cols, term.weight * t.delta_scale, D=D))
+            continue
+        tr = t.layout in TRANSPOSED
+        for b in t.blocks:
+            A = b.A.to(device=device, dtype=compute)  # (r, n_cols_M)
+            B = b.B.to(device=device, dtype=compute)  # (n_rows_M, r)
+            (r0, r1), (c0, c1) = (b.cols, b.rows) if tr else (b.rows, b.cols)
+            out.append(_Piece(r0, r1, c0, c1, term.weight * b.scale, B=B, A=A, transposed=tr))
+    return out
+
+
+class Merger:
+    """Merge the terms of one base key into that tensor, one row block at a time.
+
+    Call `block(V, r0)` with consecutive row blocks of the base's row view (any float dtype, on any device);
+    it returns the merged rows in `out_dtype`, on the CPU. With `probe=True` it also accumulates
+    W'x and Wx for a seeded random x, and `probe_error()` compares W'x with Wx + Σ coef·B(Ax).
+
+    Raises (from block): NumericError naming the key when a merged value is NaN/Inf or overflows out_dtype.
+    """
+
+    def __init__(self, key: str, shape, base_dtype: str, terms: Sequence[Term], out_dtype: str, *,
+                 device: str = "cpu", probe: bool = False, block_bytes: int = BLOCK_BYTES):
+        self.key, self.shape = key, tuple(shape)
+        self.rows, self.cols = row_view_shape(self.shape)
+        self.terms = list(terms)
+        self.out_name = out_dtype
+        self.out_dtype = torch_dtype(out_dtype)
+        self.compute = torch.float64 if "F64" in (base_dtype, out_dtype) else torch.float32
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # TF32 would round the factors to 10 mantissa bits; the merge must equal the CPU result.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.pieces = _pieces(self.terms, self.compute, self.device)
+        esize = 8 if self.compute == torch.float64 else 4
+        self.block_rows = max(1, min(self.rows, block_bytes // max(1, self.cols * esize)))
+        self.probe = probe
+        if probe:
+            g = torch.Generator().manual_seed(PROBE_SEED ^ zlib.crc32(key.encode("utf-8", "surrogatepass")))
+            self._x = torch.randn(self.cols, generator=g, dtype=torch.float64)  # probe in the row view: V'x
+            self._y_new = torch.zeros(self.rows, dtype=torch.float64)
+            self._y_old = torch.zeros(self.rows, dtype=torch.float64)
+
+    def block(self, V: torch.Tensor, r0: int) -> torch.Tensor:
+        """Merged rows [r0, r0 + len(V)) of the row view, in out_dtype on the CPU."""
+        r1 = r0 + V.shape[0]
+        X = V.to(device=self.device, dtype=self.compute, copy=True)  # (rows, cols): the one float32 copy
+        for p in self.pieces:
+            i0, i1 = max(r0, p.r0), min(r1, p.r1)
+            if i0 >= i1:
+                continue
+            D = p.delta(i0, i1)
+            D = D * p.coef  # separate rounding of the product, as PEFT: (B @ A) * scaling
+            X[i0 - r0:i1 - r0, p.c0:p.c1] += D
+        out = X.to(self.out_dtype)
+        self._check(out, X, r0)
+        if self.probe:
+            self._accumulate(V, out, r0)
+        return out.cpu() if out.device.type != "cpu" else out
+
+    def _check(self, out: torch.Tensor, X: torch.Tensor, r0: int) -> None:
+        # A float32 sum is finite iff every element is, unless it overflows: only then look element-wise.
+        total = out.sum(dtype=torch.float64 if self.compute == torch.float64 else torch.float32)
+        if math.isfinite(float(total)) or bool(torch.isfinite(out).all()):
+            return
+        bad = (~torch.isfinite(out)).nonzero()[0].tolist()
+        row = r0 + bad[0]
+        if bool(torch.isfinite(X).all()):
+            big = float(X.abs().max())
+            raise NumericError(f"target \"{escape(self.key)}\": merged value {big:.6g} (row {row}) overflows "
+                               f"{self.out_name}; pass --dtype float32 or --dtype bfloat16 to widen the output, "
+                               "or lower --scale")
+        raise NumericError(f"target \"{escape(self.key)}\": merged tensor has NaN or Inf at row {row}; check the "
+                           "base and the adapter (`loratool inspect --stats`)")
+
+    def _accumulate(self, V, out, r0) -> None:
+        r1 = r0 + V.shape[0]
+        self._y_old[r0:r1] = V.to("cpu", torch.float64) @ self._x  # (rows, cols) @ (cols,) -> (rows,)
+        self._y_new[r0:r1] = out.to("cpu", torch.float64) @ self._x
+
+    def probe_error(self) -> float:
+        """Relative error ||W'x - (Wx + Σ coef·ΔW x)|| / ||Wx + Σ coef·ΔW x||, ΔW x from the factors (float64).
+
+        In the row view a direct block adds B(A x[cols]) to rows `rows`; a transposed one (V = M^T) adds
+        A^T(B^T x[rows]) to rows `cols`. Neither forms ΔW, so an orientation, scale or index mistake in the
+        merged tensor shows up as a large error.
+        """
+        y = self._y_old.clone()
+        x = self._x
+        for term in self.terms:
+            t = term.target
+            if t.kind == "full":
+                D = t.delta.to(torch.float64).reshape(self.rows, self.cols)
+                y += (D @ x) * (term.weight * t.delta_scale)
+                continue
+            for b in t.blocks:
+                A, B, c = b.A.double(), b.B.double(), term.weight * b.scale
+                if t.layout in TRANSPOSED:  # (cols_M, r) @ ((r, rows_M) @ (rows_M,)) -> (cols_M,)
+                    y[b.cols[0]:b.cols[1]] += (A.T @ (B.T @ x[b.rows[0]:b.rows[1]])) * c
+                else:  # (rows_M, r) @ ((r, cols_M) @ (cols_M,)) -> (rows_M,)
+                    y[b.rows[0]:b.rows[1]] += (B @ (A @ x[b.cols[0]:b.cols[1]])) * c
+        ref = float(torch.linalg.vector_norm(y))
+        err = float(torch.linalg.vector_norm(self._y_new - y))
+        return err / ref if ref > 0 else err
+
+
+def merge_tensor(W: torch.Tensor, key: str, terms: Sequence[Term], out_dtype: str | None = None, *,
+                 device: str = "cpu", probe: bool = False) -> tuple[torch.Tensor, float | None]:
+    """Merge `terms` into the whole tensor W (for in-memory bases and tests).
+
+    Returns:
+        (merged tensor of W's shape in out_dtype (default W's dtype), probe relative error or None).
+    """
+    from ..container import dtype_name
+
+    base = dtype_name(W.dtype)
+    m = Merger(key, tuple(W.shape), base, terms, out_dtype or base, device=device, probe=probe)
+    V = W.reshape(m.rows, m.cols)
+    blocks = [m.block(V[i:i + m.block_rows], i) for i in range(0, m.rows, m.block_rows)]
+    merged = torch.cat(blocks).reshape(W.shape)
+    return merged, (m.probe_error() if probe else None)
+
+
+def merge_state_dict(state: Mapping[str, torch.Tensor], plan: Plan, out_dtype: str | None = None, *,
+                     device: str = "cpu", probe: bool = False) -> tuple[dict, dict]:
+    """Merge a plan into an in-memory state dict. Returns (new state dict, key -> probe error)."""
+    new, errors = dict(state), {}
+    for key, terms in plan.terms.items():
+        new[key], e = merge_tensor(state[key], key, terms, out_dtype, device=device, probe=probe)
+        if e is not None:
+            errors[key] = e
+    return new, errors
+
+
+__all__ = ["Term", "Plan", "plan_merge", "Merger", "merge_tensor", "merge_state_dict", "row_view_shape",
+           "FLOAT_DTYPES", "BLOCK_BYTES"]
