@@ -235,7 +235,7 @@ class Merger:
         self._y_new[r0:r1] = out.to("cpu", torch.float64) @ self._x
 
     def probe_error(self) -> float:
-        """Relative error ||W'x - (Wx + Σ coef·ΔW x)|| / ||Wx + Σ coef·ΔW x||, ΔW x from the factors (float64).
+        """Relative error ||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||), in float64.
 
         In the row view a direct block adds B(A x[cols]) to rows `rows`; a transposed one (V = M^T) adds
         A^T(B^T x[rows]) to rows `cols`. Neither forms ΔW, so an orientation, scale or index mistake in the
@@ -255,7 +255,8 @@ class Merger:
                     y[b.cols[0]:b.cols[1]] += (A.T @ (B.T @ x[b.rows[0]:b.rows[1]])) * c
                 else:  # (rows_M, r) @ ((r, cols_M) @ (cols_M,)) -> (rows_M,)
                     y[b.rows[0]:b.rows[1]] += (B @ (A @ x[b.cols[0]:b.cols[1]])) * c
-        ref = float(torch.linalg.vector_norm(y))
+        # Relative to the larger of Wx and the expected W'x: unmerging cancels, and rounding scales with both.
+        ref = max(float(torch.linalg.vector_norm(y)), float(torch.linalg.vector_norm(self._y_old)))
         err = float(torch.linalg.vector_norm(self._y_new - y))
         return err / ref if ref > 0 else err
 
