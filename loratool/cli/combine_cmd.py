@@ -90,11 +90,11 @@ def combine(paths, output, weights, method, rank, density, seed, overwrite, json
         emit_json({"inputs": [str(p) for p in paths], "output": str(output), **res.adapter.info["combine"],
                    "bytes": nbytes, "parameters": res.adapter.n_params, "targets": res.rows})
         return
-    from .render import err, fmt_bytes, fmt_num, out, table
+    from .render import err, fmt_bytes, fmt_num, table, write
 
     rows = [(r["target"], r["kind"], ",".join(str(i + 1) for i in r["adapters"]), fmt_num(r["rank_before"]),
              fmt_num(r["rank_after"]), f"{r['energy_retained']:.6f}") for r in res.rows]
-    out.print(table(None, ["target", "kind", "from", "rank in", "rank out", "energy retained"], rows,
+    write(table(None, ["target", "kind", "from", "rank in", "rank out", "energy retained"], rows,
                     justify={"rank in": "right", "rank out": "right", "energy retained": "right"}))
     if not quiet:
         err.print(f"wrote {output} ({fmt_bytes(nbytes)}): {len(res.adapter)} targets from {len(paths)} adapters, "

@@ -71,13 +71,13 @@ def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet):
 
 
 def _render(res, op, before, output, nbytes, quiet):
-    from .render import err, fmt_bytes, fmt_num, out, table
+    from .render import err, fmt_bytes, fmt_num, table, write
 
     if op in ("rank", "energy"):
         rows = [(r["target"], r["kind"], fmt_num(r["rank_before"]), fmt_num(r["rank_after"]),
                  f"{r['blocks_before']} -> {r['blocks_after']}", f"{r['energy_retained']:.6f}",
                  f"{r['relative_error']:.3g}") for r in res.rows]
-        out.print(table(None, ["target", "kind", "rank before", "rank after", "blocks", "energy retained",
+        write(table(None, ["target", "kind", "rank before", "rank after", "blocks", "energy retained",
                                "rel. error"], rows,
                         justify={"rank before": "right", "rank after": "right", "energy retained": "right",
                                  "rel. error": "right"}))
