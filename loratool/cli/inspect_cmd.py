@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import click
 
+from .convert_cmd import dialect_options, reader_options
+
 
 @click.command()
 @click.argument("path", type=click.Path(exists=False, dir_okay=True))
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document instead of tables.")
 @click.option("--stats", is_flag=True, help="Read the factors and add ||ΔW||_F, 90%/99% energy ranks and "
               "non-finite counts per target (computed from the factors, never out x in).")
-def inspect(path, json_, stats):
+@dialect_options
+def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out):
     """Summarise an adapter: format, targets, rank histogram, alpha and scale, dtypes, size.
 
     By default only the header is read, so it is instant on any file size.
@@ -20,6 +23,8 @@ def inspect(path, json_, stats):
         loratool inspect adapter.safetensors
 
         loratool inspect adapter.safetensors --stats --json
+
+        loratool inspect kohya_lora.safetensors --base unet.safetensors --allow-unknown
     """
     from pathlib import Path
 
@@ -55,8 +60,10 @@ def inspect(path, json_, stats):
     else:
         from ..io.detect import load_adapter
 
-        adapter, header = load_adapter(path, dialect=dialect), None
-        doc = {"path": str(path), "dialect": dialect, "format": None, "spec_version": None}
+        opts = reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out)
+        adapter, header = load_adapter(path, dialect=dialect, **opts), None
+        doc = {"path": str(path), "dialect": dialect, "format": None, "spec_version": None,
+               "unknown_keys": list(adapter.info.get("unknown_keys", []))}
     doc.update(summary(adapter, header))
     if stats:
         from ..api import target_stats
@@ -91,6 +98,13 @@ def _render(doc, stats):
     fp = doc["fingerprint"]
     lines.append(("base fingerprint", f"dtype on {fp['dtypes']} targets, sha256 on {fp['sha256']} targets"
                   if fp["dtypes"] or fp["sha256"] else "none"))
+    info = doc.get("info") or {}
+    for key in ("note", "alpha_defaulted", "shape_guessed"):  # what a foreign dialect's reader had to assume
+        if isinstance(info.get(key), str):
+            lines.append((key.replace("_", " "), info[key]))
+    if doc.get("unknown_keys"):
+        lines.append(("unknown keys", f"{len(doc['unknown_keys'])} ignored (--allow-unknown): "
+                      + ", ".join(doc["unknown_keys"])))
     for k, v in lines:
         write(f"{k + ':':<18}{escape(str(v))}")
     cols = ["target", "kind", "layout", "shape", "rank", "alpha", "scale", "blocks"]
