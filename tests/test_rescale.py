@@ -323,6 +323,15 @@ def test_resize_argument_errors():
         rescale(a, scale=2.0, rank=2)
 
 
+def test_non_finite_factors_refused_naming_the_target():
+    t = linear_target("w")
+    bad = t.with_blocks([Block(3, 6.0, "standard", (0, 12), (0, 10), t.blocks[0].A, t.blocks[0].B.clone())])
+    bad.blocks[0].B[0, 0] = float("nan")
+    msg = 'target "w": block 0 has non-finite factors, so its delta has no truncation; fix or drop that target first'
+    with pytest.raises(NumericError, match=re.escape(msg)):
+        resize(Adapter(targets={"w": bad}), rank=1)
+
+
 def test_info_survives_save_and_load(tmp_path):
     r = rescale(sample_adapter(), rank=1)
     p = tmp_path / "r.safetensors"

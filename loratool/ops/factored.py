@@ -183,6 +183,10 @@ def truncate_target(t: Target, rank: int | None = None, energy: float | None = N
     Returns:
         The new target (Target.info gains energy_retained and rank_before) and a report row.
     """
+    for i, b in enumerate(t.blocks):
+        if not (bool(torch.isfinite(b.A).all()) and bool(torch.isfinite(b.B).all())):
+            raise NumericError(f"target \"{escape(t.key)}\": block {i} has non-finite factors, so its delta has no "
+                               "truncation; fix or drop that target first")
     groups = group_rects([(b.rows, b.cols) for b in t.blocks])
     results = [truncate_group([t.blocks[i] for i in members], rect, rank, energy) for rect, members in groups]
     return _finish(t, results, t.rank)
@@ -194,6 +198,9 @@ def truncate_target_dense(t: Target, M: torch.Tensor, rects: list[Rect], rank: i
 
     M must be zero outside the union of `rects` (ties and dare never create entries where no input had one).
     """
+    if not bool(torch.isfinite(M).all()):
+        raise NumericError(f"target \"{escape(t.key)}\": the merged delta is not finite; check the inputs' factors "
+                           "and weights")
     groups = group_rects(rects)
     results = [truncate_dense(M, rect, rank, energy, dtype) for rect, _ in groups]
     return _finish(t, results, rank_before)
