@@ -40,7 +40,12 @@ def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_
         if rep.header is None:
             raise report_error(rep)
     dialect = "loratool" if rep is not None and "loratool.format" in rep.header.metadata else detect(path)
+    opts = reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out)
     if dialect == "loratool":
+        if any(v not in (None, False) for v in opts.values()):
+            from ..io.detect import load_adapter
+
+            load_adapter(path, dialect=dialect, **opts)  # refuses the options a loratool file does not take
         if rep.errors:
             raise report_error(rep)
         adapter, header = rep.adapter, rep.header
@@ -60,7 +65,6 @@ def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_
     else:
         from ..io.detect import load_adapter
 
-        opts = reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out)
         adapter, header = load_adapter(path, dialect=dialect, **opts), None
         doc = {"path": str(path), "dialect": dialect, "format": None, "spec_version": None,
                "unknown_keys": list(adapter.info.get("unknown_keys", []))}
