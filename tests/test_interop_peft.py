@@ -314,3 +314,45 @@ def test_writer_mixed_rules_keep_each_scale(tmp_path):
     back = P.load(tmp_path / "out")
     for t in (t1, t2, t3):
         assert back.targets[t.key].blocks[0].scale == pytest.approx(t.blocks[0].scale, rel=1e-15)
+
+
+# ---- conv layers and .bin weights (a custom torch model: PEFT wraps any nn.Module) -------------------------
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 3)
+        self.conv3 = torch.nn.Conv2d(3, 5, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(5, 4, 1)
+        self.conv1d = torch.nn.Conv1d(4, 6, 2)
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, ids):
+        x = self.emb(ids).permute(0, 2, 1)[..., None].expand(-1, -1, -1, 4)  # (b, 3, L, 4)
+        x = self.conv1(self.conv3(x)).mean(-1)  # (b, 4, L)
+        return self.head(self.conv1d(x).mean(-1))
+
+
+def test_conv_and_bin_weights_match_peft(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    save_file(base_state_dict(model), str(tmp_path / "base.safetensors"))
+    pm = peft_model(model, target_modules=["emb", "conv3", "conv1", "conv1d", "head"], r=2, lora_alpha=3,
+                    rank_pattern={"conv3": 3})
+    pm.save_pretrained(str(tmp_path / "peft"), safe_serialization=False)  # adapter_model.bin
+    assert (tmp_path / "peft" / "adapter_model.bin").is_file()
+    a = P.load(tmp_path / "peft", base=tmp_path / "base.safetensors")
+    mods = _modules(pm)
+    assert {t.key: t.layout for t in a} == {"emb.weight": "embedding", "conv3.weight": "conv", "conv1.weight": "conv",
+                                            "conv1d.weight": "conv", "head.weight": "linear"}
+    for t in a:
+        torch.testing.assert_close(delta_tensor(t), mods[t.key.removesuffix(".weight")].get_delta_weight("default"),
+                                   atol=ATOL, rtol=0)
+    P.save(a, tmp_path / "out")
+    torch.manual_seed(0)  # the same base weights as `model`
+    pm2 = PeftModel.from_pretrained(ConvNet().eval(), str(tmp_path / "out")).eval()
+    ids = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(pm2(ids), pm(ids), atol=LOGIT_ATOL, rtol=0)
