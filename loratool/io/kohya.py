@@ -248,7 +248,10 @@ def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
             up = b.B.reshape(b.n_rows, b.rank, *([1] * len(k[1:]))) if k else b.B  # (out, r[, 1, 1])
             tensors[f"{name}.lora_down{tag}.weight"] = down
             tensors[f"{name}.lora_up{tag}.weight"] = up
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        # float32 like sd-scripts' own files, unless that would round alpha (an rsLoRA conversion gives
+        # alpha = scale * r, rarely a float32): then float64, which every reader's .item()/.float() accepts.
+        exact32 = float(torch.tensor(alpha, dtype=torch.float32)) == alpha
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32 if exact32 else torch.float64)
     return tensors
 
 
