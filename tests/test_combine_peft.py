@@ -94,3 +94,30 @@ def test_rslora_concat_is_the_weighted_sum_where_peft_cat_is_sqrt_r_too_strong()
     _add_second(pm, r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "v_proj"])
     # PEFT's cat adapter gets r = lora_alpha = 4 + 2 and keeps use_rslora: scaling 6 / sqrt(6) instead of 1.
     _check_cat(pm, "linear", expected_factor=math.sqrt(6))
+
+
+def test_cli_combine_of_peft_folders_matches_peft_cat(tmp_path):
+    """End to end: PEFT folders (with rank and alpha patterns) read by the PEFT dialect reader, combined by the CLI."""
+    from click.testing import CliRunner
+
+    from loratool.cli import cli
+    from loratool.io.native import load
+
+    pm = peft_model(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                    rank_pattern={"v_proj": 2}, alpha_pattern={"up_proj": 3})
+    _add_second(pm, r=3, lora_alpha=6, target_modules=["q_proj", "down_proj"], alpha_pattern={"down_proj": 1})
+    pm.save_pretrained(tmp_path / "peft")  # "default" at the root, "b" in peft/b
+    out = tmp_path / "cat.safetensors"
+    res = CliRunner().invoke(cli, ["combine", str(tmp_path / "peft"), str(tmp_path / "peft" / "b"), "-o", str(out),
+                                   "--weights", ",".join(map(str, WEIGHTS)), "--json"])
+    assert res.exit_code == 0, res.output
+    ours = load(out)
+    pm.add_weighted_adapter(["default", "b"], WEIGHTS, "cat", combination_type="cat")
+    seen = 0
+    for name, m in _lora_layers(pm):
+        if "cat" in m.lora_A:
+            with torch.no_grad():
+                assert close(delta_tensor(ours.targets[name.removeprefix(PREFIX) + ".weight"]),
+                             m.get_delta_weight("cat"), 1e-5), name
+            seen += 1
+    assert seen == len(ours) == 2 * 4  # q, v, up, down in each of 2 layers
