@@ -21,7 +21,7 @@ def _weights(ctx, param, value):
 @click.option("--weights", callback=_weights, help="One weight per adapter, comma separated (default all 1); "
               "write --weights=-1,1 when the first is negative.")
 @click.option("--method", type=click.Choice(["concat", "svd", "ties", "dare"]), default="concat", show_default=True,
-              help="How to combine (see below).")
+              help="How to combine (described above).")
 @click.option("--rank", type=click.IntRange(min=1), help="Output rank per block group (svd, ties, dare).")
 @click.option("--density", type=click.FloatRange(0.0, 1.0, min_open=True),
               help="Fraction of entries kept per adapter (ties, dare).")
@@ -45,16 +45,15 @@ def combine(paths, output, weights, method, rank, density, seed, overwrite, json
     fraction of each τ_i by magnitude, elect the sign of Σ τ_i per entry, and average the kept τ_i that agree
     with it (mean over the agreeing adapters only); then truncate to --rank (new blocks have scale 1).
 
-    dare: DARE (Yu et al. 2023): drop each entry of each ΔW_i with probability 1 - density, divide the rest by
+    dare: DARE (Yu et al. 2023): drop each entry of each ΔW_i with probability 1−density, divide the rest by
     density, and sum with the weights (PEFT's dare_linear); masks seeded by --seed and the target key; then
     truncate to --rank (new blocks have scale 1).
 
     Example:
 
+    \b
         loratool combine style.safetensors subject.safetensors -o both.safetensors --weights 0.7,1
-
         loratool combine a.safetensors b.safetensors -o ab16.safetensors --method svd --rank 16
-
         loratool combine a.safetensors b.safetensors -o t.safetensors --method ties --density 0.2 --rank 16
     """
     if weights is not None and len(weights) != len(paths):

@@ -36,10 +36,9 @@ def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet):
 
     Example:
 
+    \b
         loratool rescale adapter.safetensors -o half.safetensors --scale 0.5
-
         loratool rescale adapter.safetensors -o r16.safetensors --rank 16
-
         loratool rescale adapter.safetensors -o e99.safetensors --energy 0.99 --json
     """
     given = [n for n, v in (("--scale", scale), ("--alpha", alpha), ("--rank", rank), ("--energy", energy))
