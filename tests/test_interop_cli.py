@@ -158,3 +158,14 @@ def test_round_trip_through_native_keeps_reader_info(gpt2, tmp_path):
     a = P.load(d / "peft")
     native.save(a, tmp_path / "n.safetensors")
     assert native.load(tmp_path / "n.safetensors").info["dialect"] == "peft"
+
+
+@pytest.mark.parametrize("to, out, message", [
+    ("peft", "x.safetensors", "--to peft writes a folder (adapter_config.json + adapter_model.safetensors); give -o a "
+                              "folder name, not x.safetensors"),
+    ("kohya", "x", "--to kohya writes one .safetensors file; give -o a name ending in .safetensors"),
+])
+def test_output_kind_is_checked(gpt2, tmp_path, to, out, message):
+    d, _ = gpt2
+    code, _, err = run("convert", d / "peft", "-o", tmp_path / out, "--to", to)
+    assert code == 2 and message in err and list(tmp_path.iterdir()) == []

@@ -74,6 +74,13 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
     from ..fsutil import check_output
     from ..io.detect import detect, load_adapter
 
+    from pathlib import Path
+
+    if to == "peft" and Path(output).suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        raise click.UsageError(f"--to peft writes a folder (adapter_config.json + adapter_model.safetensors); "
+                               f"give -o a folder name, not {Path(output).name}")
+    if to != "peft" and Path(output).suffix != ".safetensors":
+        raise click.UsageError(f"--to {to} writes one .safetensors file; give -o a name ending in .safetensors")
     check_output(output, [path, base], overwrite)
     dialect = detect(path)
     adapter = load_adapter(path, dialect=dialect,
