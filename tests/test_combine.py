@@ -117,6 +117,8 @@ def test_ties_by_hand():
     # density 0.5 keeps 2 of 4: t1 -> [3, -2, 0, 0], t2 -> [0, -4, 0, 5]
     assert torch.equal(trim(t1, 4, 0.5), torch.tensor([3.0, -2.0, 0.0, 0.0]))
     assert torch.equal(ties_merge([t1, t2], [4, 4], 0.5), torch.tensor([3.0, -3.0, 0.0, 5.0]))
+    # halves round up: 0.5 * 5 keeps 3 entries (Python's round would give 2)
+    assert int((trim(torch.arange(1.0, 6.0), 5, 0.5) != 0).sum()) == 3
 
 
 def test_ties_through_combine_on_full_targets_uses_weighted_deltas():

@@ -126,8 +126,11 @@ def _support(t: Target) -> torch.Tensor:
 
 
 def trim(tau: torch.Tensor, n: int, density: float) -> torch.Tensor:
-    """TIES step 1: keep the round(density * n) entries of largest magnitude (at least 1), zero the rest."""
-    k = max(1, min(tau.numel(), int(round(density * n))))
+    """TIES step 1: keep the round(density * n) entries of largest magnitude (at least 1), zero the rest.
+
+    round() rounds halves up here (floor(x + 0.5)), not to even as Python's round does.
+    """
+    k = max(1, min(tau.numel(), math.floor(density * n + 0.5)))
     flat = tau.reshape(-1)
     idx = torch.topk(flat.abs(), k, sorted=False).indices
     out = torch.zeros_like(flat)
