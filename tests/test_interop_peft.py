@@ -195,11 +195,10 @@ def test_non_lora_types_are_refused_with_reason(small, tmp_path, ptype, reason):
         P.load(d)
 
 
-def test_dora_is_refused(small, tmp_path):
+def test_dora_needs_base_and_stray_magnitude_is_unknown(small, tmp_path):
     d = _variant(small, tmp_path, lambda c: c.update(use_dora=True))
-    with pytest.raises(UnsupportedError, match=re.escape("\"use_dora\" is set: DoRA (weight-decomposed LoRA) rescales "
-                                                         "each output row by a learned magnitude; DoRA merge is not "
-                                                         "supported yet")):
+    with pytest.raises(UnsupportedError, match=re.escape("is a DoRA adapter (use_dora); its merged weight depends on "
+                                                         "the base's row norms, so pass --base")):
         P.load(d)
 
     def add_mag(t):
@@ -207,9 +206,34 @@ def test_dora_is_refused(small, tmp_path):
 
     d2 = tmp_path / "d2"
     d2.mkdir()
-    d = _variant(small, d2, None, add_mag)
-    with pytest.raises(UnsupportedError, match=re.escape("is a DoRA magnitude vector; DoRA merge is not supported yet")):
+    d = _variant(small, d2, None, add_mag)  # use_dora false: PEFT would ignore the vector, so it is not applied
+    with pytest.raises(SpecError, match=re.escape("\"base_model.model.model.layers.0.self_attn.q_proj."
+                                                  "lora_magnitude_vector\"; pass --allow-unknown")):
         P.load(d)
+
+
+@pytest.mark.parametrize("build, modules", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
+def test_dora_equals_peft_merge(tmp_path, build, modules):
+    import copy
+
+    model = build(layers=1)
+    base = base_state_dict(model)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    pm = peft_model(model, target_modules=modules, use_dora=True)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    a = P.load(tmp_path / "peft", base=tmp_path / "base.safetensors")
+    assert a.targets and all(t.kind == "full" for t in a)
+    for t in a:
+        torch.testing.assert_close(delta_tensor(t), merged[t.key] - base[t.key], atol=ATOL, rtol=0)
+    with torch.no_grad():  # the base with loratool's deltas added gives PEFT's DoRA outputs
+        plain = build(layers=1)
+        sd = plain.state_dict()
+        for t in a:
+            sd[t.key] += delta_tensor(t)
+        plain.load_state_dict(sd)
+        x = sample_input()
+        torch.testing.assert_close(plain(x).logits, pm(x).logits, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_unknown_keys_error_or_recorded(small, tmp_path):
@@ -356,3 +380,20 @@ def test_conv_and_bin_weights_match_peft(tmp_path):
     ids = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(pm2(ids), pm(ids), atol=LOGIT_ATOL, rtol=0)
+
+
+def test_dora_conv_equals_peft_merge(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    base = base_state_dict(model)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    pm = peft_model(model, target_modules=["conv3", "conv1", "conv1d", "head"], use_dora=True, r=2, lora_alpha=3)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    a = P.load(tmp_path / "peft", base=tmp_path / "base.safetensors")
+    assert sorted(a.targets) == ["conv1.weight", "conv1d.weight", "conv3.weight", "head.weight"]
+    for t in a:
+        assert float(delta_tensor(t).norm()) > 0.1
+        torch.testing.assert_close(delta_tensor(t), merged[t.key] - base[t.key], atol=ATOL, rtol=0)

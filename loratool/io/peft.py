@@ -21,6 +21,10 @@ What changes ΔW, and how each is read (peft/tuners/lora/layer.py, model.py):
             with delta_scale = s, which is exact.
   whole tensors (modules_to_save, saved embedding layers `...base_layer.weight`): they replace the base
             tensor, so with a base they become "full" targets holding saved - base; without one, refused.
+  DoRA      (use_dora, lora_magnitude_vector m): PEFT merges W' = (m / ||V||_row) * V with V = W + s B A, the
+            norm of each output row over the input dimension (peft/tuners/lora/dora.py, variants.py
+            merge_safe). W' - W is not low-rank, so with a base each DoRA module becomes a "full" target holding
+            W' - W computed in float32 (as large as the weight); without a base it is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 
 from ..adapter import Adapter, Block, Target, alpha_for_scale, matrix_shape, scale_of
 from ..container import escape, write_file
-from ..errors import FileError, MismatchError, SpecError, UnsupportedError
+from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import BaseKeys, check_unknown, finite_number, listing, positive_int, read_safetensors, read_torch
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,8 +71,6 @@ NON_LORA = {
 
 # Config fields that must be off: each changes what the saved factors mean.
 MUST_BE_OFF = {
-    "use_dora": "DoRA (weight-decomposed LoRA) rescales each output row by a learned magnitude; DoRA merge is "
-                "not supported yet, so merge it with PEFT's merge_and_unload",
     "use_qalora": "QA-LoRA pools the input in groups before lora_A, so its ΔW is not B @ A",
     "layer_replication": "layer_replication duplicates base layers, so targets are not the base's tensors",
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens and cannot be merged into W",
@@ -220,9 +222,9 @@ def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unk
                 whole.append(name)
             continue
         if m["dora"]:
-            raise UnsupportedError(f"{where}: \"{escape(name)}\" is a DoRA magnitude vector; DoRA merge is not "
-                                   "supported yet, so merge it with PEFT's merge_and_unload")
-        part = m["lin"] + "." + m["param"] if m["lin"] else m["emb"]
+            part = "magnitude"
+        else:
+            part = m["lin"] + "." + m["param"] if m["lin"] else m["emb"]
         modules.setdefault(m["module"], {})[part] = (name, x)
 
     targets: dict[str, Target] = {}
@@ -232,11 +234,25 @@ def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unk
     if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
         info["note"] = (f"init_lora_weights is \"{init}\": unless the adapter was converted when saved, its delta "
                         "applies to PEFT's residual base, not the original model")
+    dora = bool(cfg.get("use_dora"))
+    if dora and bk is None:
+        raise UnsupportedError(f"{where}: is a DoRA adapter (use_dora); its merged weight depends on the base's row "
+                               "norms, so pass --base and loratool stores each module's exact W' - W")
     for module, parts in sorted(modules.items()):
+        mag = parts.pop("magnitude", None)
+        if mag is not None and not dora:
+            unknown.append(mag[0])  # PEFT ignores a magnitude vector when use_dora is false: say so, never apply it
+        if not parts:
+            continue
         r_key, a_key = get_pattern_key(rank_pattern, module), get_pattern_key(alpha_pattern, module)
         rank = rank_pattern[r_key] if r_key is not None else cfg["r"]
         alpha = float(alpha_pattern[a_key] if a_key is not None else cfg["lora_alpha"])
         t, bias = _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown)
+        if dora:
+            if mag is None:
+                raise SpecError(f"{where}: module \"{escape(module)}\" has no lora_magnitude_vector but the config "
+                                "sets use_dora")
+            t = _dora_full(where, module, t, mag[1], bk)
         if t.key in targets:
             raise SpecError(f"{where}: modules \"{escape(module)}\" and another both map to base key "
                             f"\"{escape(t.key)}\"")
@@ -332,6 +348,33 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
             bias = Target(key=bkey, kind="full", layout="full", shape=(out,), delta=bvec,
                           delta_scale=scale_of(alpha, r, rule), info={"peft": "lora_B.bias"})
     return target, bias
+
+
+def _dora_full(where, module, t: Target, mag, bk: BaseKeys) -> Target:
+    """A DoRA module as the full target W' - W, W' = (m / ||V||_row) * V, V = W + s B A, in float32."""
+    import torch
+
+    shown = escape(module)
+    if t.layout == "embedding":
+        raise UnsupportedError(f"{where}: module \"{shown}\" is a DoRA embedding, which loratool does not read yet")
+    W = bk.read(t.key)
+    if not W.is_floating_point():
+        raise UnsupportedError(f"{where}: base \"{escape(t.key)}\" is {W.dtype}; DoRA needs a floating-point weight")
+    out, inp = t.matrix_shape
+    if mag.numel() != out or not mag.is_floating_point():
+        raise SpecError(f"{where}: module \"{shown}\": lora_magnitude_vector has shape {list(mag.shape)}, expected "
+                        f"{out} floating-point values (one per output row)")
+    W32 = W.to(torch.float32)
+    M = W32.T if t.layout == "fan_in_fan_out" else W32.reshape(out, inp)  # the (out, in) matrix view
+    b = t.blocks[0]
+    V = M + (b.B.to(torch.float32) @ b.A.to(torch.float32)) * b.scale  # (out, r) @ (r, in) -> (out, in)
+    norm = torch.linalg.vector_norm(V, dim=1)  # (out,): PEFT's weight norm, per output row
+    D = (mag.reshape(out).to(torch.float32) / norm)[:, None] * V - M
+    if not bool(torch.isfinite(D).all()):
+        raise NumericError(f"{where}: module \"{shown}\": DoRA gives non-finite weights (a zero row norm of W + s B A)")
+    delta = (D.T if t.layout == "fan_in_fan_out" else D.reshape(t.shape)).contiguous()
+    return Target(key=t.key, kind="full", layout="full", shape=t.shape, delta=delta, delta_scale=1.0,
+                  info={"peft": f"DoRA rank {b.rank}, scale {b.scale}: W' - W from the base, as PEFT merges it"})
 
 
 def _whole_tensor(where, name, x, bk, info, torch):
