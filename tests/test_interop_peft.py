@@ -170,6 +170,11 @@ def _variant(small, tmp_path, cfg_edit=None, tensors_edit=None):
     (lambda c: c.update(r=True), "\"r\" is true; it must be a positive integer"),
     (lambda c: c.pop("lora_alpha"), "\"lora_alpha\" is missing (PEFT would silently use 8)"),
     (lambda c: c.update(rank_pattern={"q_proj": -1}), "rank_pattern[\"q_proj\"] is -1; it must be a positive integer"),
+    (lambda c: c.update(lora_alpha=float("nan")), "adapter_config.json: not valid JSON (NaN is not JSON)"),
+    (lambda c: c.pop("peft_type"), "\"peft_type\" is missing or not a string; a PEFT LoRA config has \"peft_type\": "
+                                   "\"LORA\""),
+    (lambda c: c.update(alpha_pattern={"q_proj(": 2}), "alpha_pattern key \"q_proj(\" is not a valid regular "
+                                                        "expression"),
 ])
 def test_bad_config_is_refused(small, tmp_path, edit, message):
     d = _variant(small, tmp_path, edit)

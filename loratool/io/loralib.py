@@ -13,7 +13,9 @@ here; alpha is required (loralib's default of 1 is never assumed). Per module `<
                 o*k + j of B A at columns [j in k, (j+1) in k) of row o, so it is k column blocks
                 B[j::k] @ A of rank r k, each with alpha k r / r = k alpha to keep the scale s = alpha / r.
 
-s = lora_alpha / r. Layouts need W's shape: from `<m>.weight` (or `<m>.conv.weight`) when the file holds
+s = lora_alpha / r. An Embedding and a fan_in_fan_out Linear have the same algebra (M = W^T); with
+fan_in_fan_out set, an Embedding is labelled "fan_in_fan_out" (the delta is the same, only a PEFT writer would
+name its factors lora_A/lora_B rather than lora_embedding_A/B). Layouts need W's shape: from `<m>.weight` (or `<m>.conv.weight`) when the file holds
 the whole model, else from a base (`base=`). Without either, a 2-D module is read as Linear (or
 fan_in_fan_out with that option) and a conv module is refused.
 """

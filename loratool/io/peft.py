@@ -414,7 +414,7 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[
 
     Raises:
         UnsupportedError: a target PEFT cannot express (row/column blocks, several pairs, a full target that is
-            not a lora bias, mixed dtypes of alpha rules that cannot be converted).
+            not a lora bias, a lora bias beside an embedding target).
     """
     lora = [t for t in adapter if t.kind == "lora"]
     full = {t.key: t for t in adapter if t.kind == "full"}
