@@ -213,8 +213,6 @@ def torch_dtype(name: str):
 
 def dtype_name(dtype) -> str:
     """safetensors dtype name of a torch dtype."""
-    import torch
-
     for name in spec.DTYPE_SIZES:
         if torch_dtype(name) == dtype:
             return name
@@ -243,6 +241,15 @@ def read_tensor(fd: int, data_start: int, info: TensorInfo):
         return torch.empty(info.shape, dtype=dtype)
     buf = pread_exact(fd, info.nbytes, data_start + info.begin)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def read_all(path, hdr: Header) -> dict:
+    """Every tensor of a checked header, name -> torch.Tensor, read with pread."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        return {name: read_tensor(fd, hdr.data_start, info) for name, info in hdr.tensors.items()}
+    finally:
+        os.close(fd)
 
 
 # ---- writer --------------------------------------------------------------------------------------------

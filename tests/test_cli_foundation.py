@@ -168,3 +168,24 @@ def test_help_never_imports_torch():
 def test_python_dash_m_and_version():
     r = _subprocess("-m", "loratool", "--version")
     assert r.returncode == 0 and r.stdout.startswith("loratool, version ")
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    import io
+
+    from loratool.cli import render
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    fake = Tty()
+    monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.setattr(render, "_consoles", {})
+    with render.Progress("tensors", total=3) as p:
+        p(1)
+        p(2)
+    assert render.__getattr__("err").file is fake
+    with render.Progress("quiet", total=3, enabled=False) as q:
+        q(1)
+    assert q._p is None

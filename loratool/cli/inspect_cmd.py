@@ -52,16 +52,9 @@ def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_
         doc = {"path": str(path), "dialect": dialect, "format": header.metadata.get("loratool.format"),
                "spec_version": header.metadata.get("loratool.spec_version")}
         if stats:
-            import os
+            from ..container import read_all
 
-            from ..container import read_tensor
-
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                tensors = {n: read_tensor(fd, header.data_start, i) for n, i in header.tensors.items()}
-            finally:
-                os.close(fd)
-            adapter = attach(adapter, tensors)
+            adapter = attach(adapter, read_all(path, header))
     else:
         from ..io.detect import load_adapter
 

@@ -120,7 +120,7 @@ class Progress:
             from rich.progress import BarColumn, DownloadColumn, Progress as RP, TextColumn, TimeRemainingColumn
 
             self._p = RP(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                         console=err, transient=True)
+                         console=__getattr__("err"), transient=True)
             self._task = self._p.add_task(description, total=total)
             self._p.start()
 

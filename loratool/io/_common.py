@@ -9,10 +9,9 @@ without a trace.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
-from ..container import escape, read_header, read_tensor
+from ..container import escape, read_all, read_header
 from ..errors import FileError, MismatchError, SpecError
 
 MAX_LISTED = 5  # keys named in one error message; the rest are counted
@@ -51,14 +50,7 @@ def read_safetensors(path) -> tuple[dict, dict]:
     if hdr.errors:
         first = hdr.errors[0]
         raise SpecError(f"{path}: {first.message} (rule {first.rule})", hdr.errors)
-    tensors = {}
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        for name, info in hdr.tensors.items():
-            tensors[name] = read_tensor(fd, hdr.data_start, info)
-    finally:
-        os.close(fd)
-    return tensors, dict(hdr.metadata)
+    return read_all(path, hdr), dict(hdr.metadata)
 
 
 def read_torch(path) -> dict:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import replace
 
 from .. import spec
 from ..adapter import Adapter, Target
-from ..container import read_tensor, write_file
+from ..container import read_all, write_file
 from ..errors import NumericError, SpecError
 from ..validation import Report, check_values, validate_header
 
@@ -114,14 +113,8 @@ def load(path, *, check: bool = True) -> Adapter:
     rep = validate_header(path)
     if rep.errors:
         raise report_error(rep)
-    hdr, adapter = rep.header, rep.adapter
-    tensors = {}
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        for name, info in hdr.tensors.items():
-            tensors[name] = read_tensor(fd, hdr.data_start, info)
-    finally:
-        os.close(fd)
+    adapter = rep.adapter
+    tensors = read_all(path, rep.header)
     if check:
         bad = [f for f in check_values(tensors, adapter) if f.severity == "error"]
         if bad:

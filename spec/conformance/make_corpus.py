@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 import torch  # noqa: E402
 
 from loratool.adapter import Adapter, Block, Target, whole_target  # noqa: E402
-from loratool.io.native import metadata_of, save, tensors_of  # noqa: E402
+from loratool.io.native import save  # noqa: E402
 from loratool.ops.linalg import delta_tensor  # noqa: E402
 
 F32 = "F32"
