@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
@@ -14,7 +15,8 @@ EPS = {"F16": 2.0 ** -10, "BF16": 2.0 ** -7, "F32": 2.0 ** -23, "F64": 2.0 ** -5
 
 
 def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=None, unmerge=False,
-              verify=False, allow_partial=False, device="cpu", overwrite=False, fsync=True, progress=None) -> dict:
+              verify=False, allow_partial=False, device="cpu", overwrite=False, fsync=True, progress=None,
+              speculate=None) -> dict:
     """Merge adapters into a base model file or folder and write the result to `out`, atomically.
 
     Args:
@@ -24,6 +26,8 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
         dtype: output dtype name ("F32", "BF16", "F16", "F64") for every floating-point tensor; None keeps each.
         unmerge: subtract instead of add. verify: probe every merged target (see ops.merge.Merger).
         progress: callable(advance_bytes) or None.
+        speculate: copy the base in the background while adapters load (default: when torch is not imported
+            yet, so that the copy hides the import).
     Returns:
         A summary dict (targets merged, skipped mismatches, bytes written, seconds, probe errors).
     Raises:
@@ -36,6 +40,10 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
 
     t0 = time.perf_counter()
     adapter_paths = list(adapter_paths)
+    if speculate is None:
+        # Copy the base in the background while torch imports (about as long as the copy itself); once torch
+        # is loaded there is nothing to hide, and targets would be copied only to be overwritten.
+        speculate = "torch" not in sys.modules
     with open_stream(base_path) as base:
         fmt = output_format(base, out)
         check_output(out, [*base.inputs, *adapter_paths], overwrite)
@@ -43,21 +51,30 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
         def out_dtype(key, dt):
             return dtype if dtype is not None and dt in FLOAT_DTYPES else dt
 
-        from ..io.detect import load_adapter
-        from ..ops.merge import Merger, plan_merge
-
-        adapters = [(str(p), load_adapter(p)) for p in adapter_paths]
-        plan = plan_merge(adapters, base.info, weights=weights, scale=scale, unmerge=unmerge,
-                          allow_partial=allow_partial)
-        _check_fingerprints(base, plan)
-        mergers = {}
-        for key, terms in plan.terms.items():
-            shape, dt = base.info(key)
-            mergers[key] = Merger(key, shape, dt, terms, out_dtype(key, dt), device=device, probe=verify)
         with Rewriter(base, out, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync) as rw:
+            if speculate:
+                rw.start_copy()  # into the temporary output only: a refusal below still leaves nothing
+            import torch
+
+            from ..ops.merge import Merger, plan_merge
+
+            adapters = [(str(p), _load(p, base)) for p in adapter_paths]
+            plan = plan_merge(adapters, base.info, weights=weights, scale=scale, unmerge=unmerge,
+                              allow_partial=allow_partial)
+            _check_fingerprints(base, plan)
+            mergers = {}
+            for key, terms in plan.terms.items():
+                shape, dt = base.info(key)
+                mergers[key] = Merger(key, shape, dt, terms, out_dtype(key, dt), device=device, probe=verify)
             if progress is not None:
                 progress(0, total=rw.total_bytes)
-            stats = rw.run(mergers, progress)
+            threads = torch.get_num_threads()
+            if device == "cpu":
+                torch.set_num_threads(1)  # one tensor per worker thread; a team per call would oversubscribe
+            try:
+                stats = rw.run(mergers, progress)
+            finally:
+                torch.set_num_threads(threads)
             errors = {k: m.probe_error() for k, m in mergers.items()} if verify else {}
             bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * EPS[out_dtype(k, base.info(k)[1])]}
             if bad:
@@ -75,6 +92,20 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
         "verify": {"max_rel_error": errors[worst], "target": worst} if worst else None,
         "probe_errors": errors,
     }
+
+
+def _load(path, base):
+    """Read an adapter of any dialect, handing the base to readers that resolve names or layouts with it."""
+    import importlib
+    import inspect
+
+    from ..io.detect import DIALECTS, detect, load_adapter
+
+    dialect = detect(path)
+    module = DIALECTS.get(dialect)
+    if module and "base" in inspect.signature(importlib.import_module(module).load).parameters:
+        return load_adapter(path, dialect=dialect, base=base.reader)
+    return load_adapter(path, dialect=dialect)
 
 
 def _check_fingerprints(base, plan) -> None:

@@ -107,6 +107,11 @@ class StreamBase:
             raise
 
     @property
+    def reader(self):
+        """The io.base reader of this base (for adapter readers that resolve names against a base)."""
+        return self._reader
+
+    @property
     def inputs(self) -> list[Path]:
         """Every path this base reads, for the output-is-not-an-input guard."""
         paths = [self.path, *self._reader.files]
@@ -335,6 +340,11 @@ class Rewriter:
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self._stack = contextlib.ExitStack()
         self._committed = False
+        self._copier: threading.Thread | None = None
+        self._state: dict[str, str] = {}  # key -> "copying" | "copied" | "claimed" (by a transform)
+        self._cv = threading.Condition()
+        self._copy_error: BaseException | None = None
+        self._cancel = threading.Event()
         self.bytes_written = 0
         if fmt == "torch" or (fmt == "folder" and base.kind == "torch"):
             self.files = []
@@ -377,6 +387,9 @@ class Rewriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if self._copier is not None:  # stop the background copy before its files are removed
+            self._cancel.set()
+            self._copier.join()
         if not self._committed and exc_type is None:
             exc_type = RuntimeError  # leaving without commit: discard the output
             try:
@@ -387,6 +400,48 @@ class Rewriter:
         return False
 
     # -- the work
+    def start_copy(self) -> None:
+        """Start copying, in the background, every tensor whose bytes may not change (speculatively).
+
+        Call it before the transforms are known (while torch imports and adapters load): the kernel copies
+        on an idle core, and a transform later overwrites the pages of its tensor in place. run() tells the
+        copier which tensors not to bother with; leaving without commit() cancels it.
+        """
+        if self._torch_out or self._copier is not None:
+            return
+        self._copier = threading.Thread(target=self._copy_all, name="loratool-copy", daemon=True)
+        self._copier.start()
+
+    def _copy_all(self) -> None:
+        try:
+            for of in self.files:
+                fd = self._fds[of.name]
+                for e in of.entries:
+                    if self._cancel.is_set():
+                        return
+                    if e.src is None or e.dtype != e.src_dtype:
+                        continue
+                    with self._cv:
+                        if self._state.get(e.key) == "claimed":
+                            continue
+                        self._state[e.key] = "copying"
+                    f, t = e.src
+                    try:
+                        copy_range(f.fd, f.header.data_start + t.begin, fd, e.offset, e.nbytes, self._cancel)
+                    finally:
+                        with self._cv:
+                            self._state[e.key] = "copied"
+                            self._cv.notify_all()
+        except BaseException as exc:  # surfaced by run()
+            self._copy_error = exc
+
+    def _claim(self, key: str) -> None:
+        """Make sure the copier is not writing `key` and never will (it may already have copied it)."""
+        with self._cv:
+            while self._state.get(key) == "copying":
+                self._cv.wait()
+            self._state.setdefault(key, "claimed")
+
     def run(self, transforms: Mapping[str, Any], progress: Callable[..., None] | None = None) -> dict:
         """Write every tensor: transformed ones through their transform, the rest raw (or cast).
 
@@ -396,28 +451,21 @@ class Rewriter:
         progress = progress or (lambda *a, **k: None)
         if self._torch_out:
             return self._run_torch(transforms, progress)
-        jobs_copy, jobs_tf = [], []
+        jobs_tf, raw = [], []
         for of in self.files:
             fd = self._fds[of.name]
-            run = None
             for e in of.entries:
                 tf = transforms.get(e.key)
                 if tf is None and e.dtype != e.src_dtype:
                     tf = _Cast(e)
-                if tf is not None:
-                    jobs_tf.append((fd, e, tf))
-                    run = None
-                elif e.src is not None:
-                    f, t = e.src
-                    src_off = f.header.data_start + t.begin
-                    if run is not None and run[0] == f.fd and run[1] + run[4] == src_off \
-                            and run[3] + run[4] == e.offset:
-                        run[4] += e.nbytes  # coalesce neighbours into one kernel copy
-                    else:
-                        run = [f.fd, src_off, fd, e.offset, e.nbytes]
-                        jobs_copy.append(run)
+                if tf is not None or e.src is None:
+                    jobs_tf.append((fd, e, tf))  # tf None: a torch source, written from the tensor's bytes
                 else:
-                    jobs_tf.append((fd, e, None))  # torch source, same dtype: bytes written from the tensor
+                    raw.append((fd, e))
+        with self._cv:  # the copier skips every tensor a transform will write
+            for _, e, _ in jobs_tf:
+                self._state.setdefault(e.key, "claimed")
+        self.start_copy()  # no-op when already started
         # Biggest first keeps the workers evenly loaded at the end.
         jobs_tf.sort(key=lambda j: -j[1].nbytes)
         lock = threading.Lock()
@@ -427,18 +475,13 @@ class Rewriter:
                 self.bytes_written += n
             progress(n)
 
-        def do_copy(job):
-            copy_range(*job)
-            if self.fsync:
-                start_writeback(job[2], job[3], job[4])
-            done(job[4])
-
         def do_tf(job):
             fd, e, tf = job
+            self._claim(e.key)
             self._transform(fd, e, tf, done)
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futures = [pool.submit(do_tf, j) for j in jobs_tf] + [pool.submit(do_copy, j) for j in jobs_copy]
+            futures = [pool.submit(do_tf, j) for j in jobs_tf]
             try:
                 for fu in futures:
                     fu.result()
@@ -446,6 +489,13 @@ class Rewriter:
                 for fu in futures:
                     fu.cancel()
                 raise
+        self._copier.join()
+        if self._copy_error is not None:
+            raise self._copy_error
+        for fd, e in raw:
+            if self.fsync:
+                start_writeback(fd, e.offset, e.nbytes)
+            done(e.nbytes)
         self.bytes_written += sum(len(of.header) for of in self.files)
         return {"bytes": self.bytes_written, "tensors": sum(len(of.entries) for of in self.files),
                 "transformed": len([j for j in jobs_tf if j[2] is not None])}
@@ -453,11 +503,9 @@ class Rewriter:
     def _transform(self, fd: int, e: Entry, tf, done) -> None:
         import torch
 
-        from ..container import pread_exact, torch_dtype
+        from ..container import torch_dtype
 
         rows, cols = e.rows_cols
-        src_t = torch_dtype(e.src_dtype)
-        esize = spec.DTYPE_SIZES[e.src_dtype]
         osize = spec.DTYPE_SIZES[e.dtype]
         if e.src is None:  # torch base: the tensor is memory-mapped by torch.load
             W = self.base.read(e.key).reshape(rows, cols)
@@ -469,22 +517,37 @@ class Rewriter:
                 return
         else:
             f, t = e.src
+            esize = spec.DTYPE_SIZES[e.src_dtype]
             src0 = f.header.data_start + t.begin
+            buf = bytearray(min(rows, tf.block_rows) * cols * esize)  # one read buffer per tensor, reused
+            src_t = torch_dtype(e.src_dtype)
         step = tf.block_rows
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            if e.src is None:
-                V = W[r0:r1]
-            else:
-                buf = pread_exact(f.fd, (r1 - r0) * cols * esize, src0 + r0 * cols * esize)
-                V = torch.frombuffer(buf, dtype=src_t).reshape(r1 - r0, cols)
-            outb = tf.block(V, r0)
-            data = outb.contiguous().reshape(-1).view(torch.uint8).numpy()
-            off = e.offset + r0 * cols * osize
-            pwrite_all(fd, data, off)
-            if self.fsync:
-                start_writeback(fd, off, len(data))
-            done(len(data))
+        try:
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                if e.src is None:
+                    V = W[r0:r1]
+                else:
+                    n = (r1 - r0) * cols * esize
+                    view = memoryview(buf)[:n]
+                    got = 0
+                    while got < n:
+                        k = os.preadv(f.fd, [view[got:]], src0 + r0 * cols * esize + got)
+                        if k <= 0:
+                            raise FileError(f"{f.path}: ended while reading \"{escape(e.key)}\"; is it being "
+                                            "modified?")
+                        got += k
+                    V = torch.frombuffer(view, dtype=src_t).view(r1 - r0, cols)
+                outb = tf.block(V, r0)
+                data = outb.contiguous().view(-1).view(torch.uint8).numpy()
+                off = e.offset + r0 * cols * osize
+                pwrite_all(fd, data, off)
+                if self.fsync:
+                    start_writeback(fd, off, len(data))
+                done(len(data))
+        finally:
+            if hasattr(tf, "close"):
+                tf.close()
 
     def _run_torch(self, transforms, progress) -> dict:
         """A .pt output: torch.save needs the whole dict, so merged tensors are held in memory here."""
@@ -501,7 +564,7 @@ class Rewriter:
             if tf is not None:
                 rows = 1 if W.ndim == 0 else W.shape[0]
                 V = W.reshape(rows, -1)
-                blocks = [tf.block(V[i:i + tf.block_rows], i) for i in range(0, rows, tf.block_rows)]
+                blocks = [tf.block(V[i:i + tf.block_rows], i).clone() for i in range(0, rows, tf.block_rows)]
                 W = torch.cat(blocks).reshape(W.shape)
             state[key] = W
             n += W.numel() * W.element_size()

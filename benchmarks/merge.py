@@ -1,0 +1,201 @@
+"""Benchmark `loratool merge` against PEFT's merge_and_unload and a plain `cp -r` of the base (issue 4).
+
+Builds (once, cached under --work) a synthetic ~1.1B-parameter Llama (TinyLlama shapes: hidden 2048,
+intermediate 5632, 22 layers, 32 heads, 4 key/value heads, vocab 32000), random bf16 weights with a fixed
+seed, saved as a sharded Hugging Face folder, and a rank-16 PEFT adapter (float32, alpha 32, random
+non-zero A and B) on all seven projections. Then times, alternately and as whole processes:
+
+  cp        cp -r base out                                   (the I/O floor)
+  loratool  python -m loratool merge base adapter -o out     (default: fsync; and --no-fsync, as cp)
+  peft      load bf16 model, PeftModel.from_pretrained, merge_and_unload, save_pretrained
+
+Peak RSS per process comes from /usr/bin/time -f %M. Finally the loratool output is compared with
+PEFT's, tensor by tensor, for bit identity.
+
+    flock /tmp/loratool-bench.lock /work/venv/bin/python benchmarks/merge.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PY = sys.executable
+CFG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA = 16, 32
+
+
+def build(work: Path, shard_bytes: int = 500_000_000) -> tuple[Path, Path]:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base, adapter = work / "base", work / "adapter"
+    if (base / "model.safetensors.index.json").is_file() and (adapter / "adapter_config.json").is_file():
+        return base, adapter
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(adapter, ignore_errors=True)
+    base.mkdir(parents=True)
+    adapter.mkdir(parents=True)
+    cfg = LlamaConfig(**CFG, torch_dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    weight_map, shard, size, n = {}, {}, 0, 0
+    names = []
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(names) + 1:05d}.safetensors"
+            save_file(shard, str(base / name), metadata={"format": "pt"})
+            names.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    total = 0
+    for k, shape in shapes.items():
+        t = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) if not k.endswith("norm.weight") \
+            else torch.ones(shape, dtype=torch.bfloat16)
+        nb = t.numel() * 2
+        if size + nb > shard_bytes:
+            flush()
+        shard[k] = t
+        size += nb
+        total += nb
+    flush()
+    # Name shards like transformers does (model-0000i-of-0000N.safetensors).
+    final = {}
+    for i, name in enumerate(names):
+        new = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        os.replace(base / name, base / new)
+        final[name] = new
+    weight_map = {k: final[v] for k, v in weight_map.items()}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}, indent=2))
+    cfg.save_pretrained(base)
+    # The PEFT adapter: exactly what PeftModel.save_pretrained writes for these modules.
+    lora = {}
+    for k, shape in shapes.items():
+        parts = k.split(".")
+        if len(parts) > 3 and parts[-2] in PROJ:
+            module = k[: -len(".weight")]
+            out_f, in_f = shape
+            lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(RANK, in_f, generator=g) / in_f ** 0.5
+            lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, RANK, generator=g) * 0.01
+    save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
+        "target_modules": PROJ, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "base_model_name_or_path": None, "inference_mode": True}, indent=2))
+    return base, adapter
+
+
+PEFT_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out, max_shard_size="500MB")
+"""
+
+
+def timed(cmd: list[str], env=None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one whole process, from /usr/bin/time."""
+    t = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return wall, int(r.stderr.strip().splitlines()[-1]) * 1024
+
+
+def identical(a: Path, b: Path) -> tuple[int, int]:
+    """(tensors compared, tensors that differ) between two safetensors folders, one tensor at a time."""
+    import torch
+    from safetensors import safe_open
+
+    def where(folder):
+        idx = folder / "model.safetensors.index.json"
+        if idx.is_file():
+            return {k: folder / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
+        return {k: folder / "model.safetensors" for k in safe_open(str(folder / "model.safetensors"), "pt").keys()}
+
+    wa, wb = where(a), where(b)
+    common = sorted(set(wa) & set(wb))
+    differ = 0
+    for k in common:
+        with safe_open(str(wa[k]), "pt") as fa, safe_open(str(wb[k]), "pt") as fb:
+            if not torch.equal(fa.get_tensor(k), fb.get_tensor(k)):
+                differ += 1
+    missing = sorted(set(wa) ^ set(wb))
+    if missing:
+        print(f"keys in only one output: {missing[:5]}", file=sys.stderr)
+    return len(common), differ
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/loratool-bench/merge")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--peft-rounds", type=int, default=1)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    base, adapter = build(work)
+    print(f"base ready in {time.perf_counter() - t:.1f} s: {base}", file=sys.stderr)
+    size = sum(p.stat().st_size for p in base.iterdir())
+    out = work / "out"
+    runs = {"cp": [], "loratool": [], "loratool --no-fsync": [], "peft": []}
+    cmds = {
+        "cp": ["cp", "-r", str(base), str(out)],
+        "loratool": [PY, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out), "-q"],
+        "loratool --no-fsync": [PY, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out), "-q",
+                                "--no-fsync"],
+        "peft": [PY, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)],
+    }
+    subprocess.run(["sync"])
+    for r in range(args.rounds):
+        for name in runs:
+            if name == "peft" and r >= args.peft_rounds:
+                continue
+            shutil.rmtree(out, ignore_errors=True)
+            subprocess.run(["sync"])  # every run starts with no dirty pages from the previous one
+            wall, rss = timed(cmds[name])
+            runs[name].append((wall, rss))
+            print(f"round {r + 1} {name:22s} {wall:7.2f} s  peak RSS {rss / 2**30:.2f} GiB", file=sys.stderr)
+            if name == "loratool --no-fsync" and r == 0:
+                os.replace(out, work / "out-loratool")
+            elif name == "peft" and r == 0:
+                shutil.rmtree(work / "out-peft", ignore_errors=True)
+                os.replace(out, work / "out-peft")
+    shutil.rmtree(out, ignore_errors=True)
+    n, differ = identical(work / "out-loratool", work / "out-peft")
+    cp = statistics.median(w for w, _ in runs["cp"])
+    res = {"base_bytes": size, "rounds": args.rounds, "cpus": os.cpu_count(),
+           "load_avg_at_end": os.getloadavg()[0], "tensors_compared": n, "tensors_differing": differ}
+    for name, rs in runs.items():
+        med = statistics.median(w for w, _ in rs)
+        res[name] = {"median_s": round(med, 2), "all_s": [round(w, 2) for w, _ in rs],
+                     "peak_rss_gib": round(max(m for _, m in rs) / 2**30, 3), "x_cp": round(med / cp, 2)}
+    res["peft_over_loratool"] = round(res["peft"]["median_s"] / res["loratool --no-fsync"]["median_s"], 2)
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
