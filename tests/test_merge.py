@@ -378,3 +378,24 @@ def test_cuda_equals_cpu(tmp_path):
     write_file(tmp_path / "b.safetensors", tensors, {})
     run_merge(tmp_path / "b.safetensors", [ad], tmp_path / "c.safetensors", device="cuda")
     assert_equal_sd(load_st(tmp_path / "c.safetensors"), want)
+
+
+# ---- the background copy (the CLI's path: torch not yet imported) ------------------------------------
+
+def test_background_copy_gives_the_same_output(tmp_path):
+    tensors, ad, want = small_case(tmp_path)
+    base = write_sharded(tmp_path / "base", tensors)
+    run_merge(base, [ad], tmp_path / "a", speculate=True)
+    run_merge(base, [ad], tmp_path / "b", speculate=False)
+    for p in (tmp_path / "a").iterdir():
+        assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name
+
+
+def test_background_copy_then_mismatch_leaves_nothing(tmp_path):
+    t = linear_target("not.in.base")
+    tensors, _, _ = small_case(tmp_path)
+    base = write_sharded(tmp_path / "base", tensors)
+    save(Adapter({t.key: t}), tmp_path / "bad.safetensors")
+    with pytest.raises(MismatchError, match=re.escape('target "not.in.base" is not in the base (rule B001)')):
+        run_merge(base, [tmp_path / "bad.safetensors"], tmp_path / "out", speculate=True)
+    no_output(tmp_path, tmp_path / "out")
