@@ -82,15 +82,32 @@ def test_merge_equals_peft_bit_for_bit(tmp_path, name, cfg):
     assert s["verify"]["max_rel_error"] < 1e-6  # float32 output: rounding only
 
 
-def test_bf16_base_equals_peft_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_base_equals_peft_bit_for_bit(tmp_path, dtype):
     from models import tiny_llama
 
-    base, ad, oracle = peft_case(tmp_path, tiny_llama, dtype=torch.bfloat16)
+    base, ad, oracle = peft_case(tmp_path, tiny_llama, dtype=dtype)
     out = tmp_path / "out.safetensors"
     run_merge(base, [ad], out)
     got = load_st(out)
-    assert all(v.dtype == torch.bfloat16 for v in got.values())
+    assert all(v.dtype == dtype for v in got.values())
     assert_equal_sd(got, oracle)  # float32 arithmetic, one rounding to bf16, like PEFT's unsafe merge
+
+
+@pytest.mark.parametrize("name,cfg", [("tiny_llama", {}), ("tiny_gpt2", {"target_modules": ["c_attn", "c_fc"]})])
+def test_peft_folder_read_by_the_peft_dialect(tmp_path, name, cfg):
+    """The adapter as PEFT saves it (save_pretrained folder), read through load_adapter with the base."""
+    import models
+    from models import base_state_dict, peft_model
+
+    model = getattr(models, name)()
+    write_file(tmp_path / "base.safetensors", base_state_dict(model), {"format": "pt"})
+    pm = peft_model(model, **cfg)
+    pm.save_pretrained(tmp_path / "adapter")
+    oracle = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    s = run_merge(tmp_path / "base.safetensors", [tmp_path / "adapter"], tmp_path / "out.safetensors", verify=True)
+    assert_equal_sd(load_st(tmp_path / "out.safetensors"), oracle)
+    assert s["targets"] > 0 and s["skipped"] == []
 
 
 # ---- loralib target index, kohya conv, several adapters -----------------------------------------------
@@ -312,6 +329,24 @@ def test_missing_shard_is_refused(tmp_path):
     no_output(tmp_path, tmp_path / "out")
 
 
+def test_torch_base_that_is_not_weights_only_is_refused(tmp_path):
+    tensors, ad, _ = small_case(tmp_path)
+    torch.save({"w": tensors["embed.weight"], "obj": Adapter({})}, tmp_path / "evil.pt")
+    with pytest.raises(SpecError, match=re.escape(f"{tmp_path / 'evil.pt'}: not a weights-only torch state dict")):
+        run_merge(tmp_path / "evil.pt", [ad], tmp_path / "out.pt")
+    no_output(tmp_path, tmp_path / "out.pt")
+
+
+def test_truncated_shard_is_refused(tmp_path):
+    tensors, ad, _ = small_case(tmp_path)
+    base = write_sharded(tmp_path / "base", tensors)
+    shard = base / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(SpecError, match="rule C009"):
+        run_merge(base, [ad], tmp_path / "out")
+    no_output(tmp_path, tmp_path / "out")
+
+
 @pytest.mark.parametrize("where", ["same", "symlink", "inside"])
 def test_output_that_is_an_input_is_refused(tmp_path, where):
     tensors, ad, _ = small_case(tmp_path)
@@ -399,3 +434,14 @@ def test_background_copy_then_mismatch_leaves_nothing(tmp_path):
     with pytest.raises(MismatchError, match=re.escape('target "not.in.base" is not in the base (rule B001)')):
         run_merge(base, [tmp_path / "bad.safetensors"], tmp_path / "out", speculate=True)
     no_output(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("alpha", [8.0, 6.0, -4.0])  # scale 2 and -1 fold into B; 1.5 does not
+def test_power_of_two_fold_is_bit_identical_to_product_then_scale(alpha):
+    A, B = rand(4, 300, seed=11), rand(200, 4, seed=12) * 0.01
+    t = whole_target("w", "linear", (200, 300), A, B, alpha=alpha)
+    W = rand(200, 300, seed=13, dtype=torch.bfloat16)
+    got, _ = merge_tensor(W, "w", [Term(t, 1.0)])
+    want = W.clone()
+    want += (B @ A) * (alpha / 4)  # PEFT's unsafe merge
+    assert torch.equal(got, want)

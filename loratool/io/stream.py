@@ -306,6 +306,39 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, cancel=No
         src_off, dst_off, n = src_off + done, dst_off + done, n - done
 
 
+@contextlib.contextmanager
+def _mapped(e: Entry):
+    """The source tensor of `e` as a (rows, cols) torch view of a private read mapping of its bytes only.
+
+    Only this tensor's pages are mapped, and only while it is being transformed, so the resident set stays
+    bounded by the largest tensor rather than growing with every shard touched.
+    """
+    import mmap
+
+    import torch
+
+    from ..container import torch_dtype
+
+    f, t = e.src
+    start = f.header.data_start + t.begin
+    lo = start - start % mmap.ALLOCATIONGRANULARITY
+    if t.end + f.header.data_start > os.fstat(f.fd).st_size:
+        raise FileError(f"{f.path}: is shorter than its header says; was it modified while reading?")
+    mm = mmap.mmap(f.fd, start + t.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
+    try:
+        with contextlib.suppress(AttributeError, OSError):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mm)[start - lo:]
+        W = torch.frombuffer(view, dtype=torch_dtype(e.src_dtype)).view(*e.rows_cols)
+        try:
+            yield W
+        finally:
+            del W
+            view.release()
+    finally:
+        mm.close()
+
+
 # ---- the rewriter ---------------------------------------------------------------------------------------
 
 class _Cast:
@@ -503,10 +536,10 @@ class Rewriter:
     def _transform(self, fd: int, e: Entry, tf, done) -> None:
         import torch
 
-        from ..container import torch_dtype
-
         rows, cols = e.rows_cols
         osize = spec.DTYPE_SIZES[e.dtype]
+        if e.nbytes == 0:
+            return  # a zero-element tensor has no bytes to write
         if e.src is None:  # torch base: the tensor is memory-mapped by torch.load
             W = self.base.read(e.key).reshape(rows, cols)
             if tf is None:
@@ -515,39 +548,24 @@ class Rewriter:
                 pwrite_all(fd, tensor_bytes(W), e.offset)
                 done(e.nbytes)
                 return
-        else:
-            f, t = e.src
-            esize = spec.DTYPE_SIZES[e.src_dtype]
-            src0 = f.header.data_start + t.begin
-            buf = bytearray(min(rows, tf.block_rows) * cols * esize)  # one read buffer per tensor, reused
-            src_t = torch_dtype(e.src_dtype)
+            self._blocks(fd, e, tf, W, osize, done)
+            return
+        with _mapped(e) as W:  # (rows, cols) over the page cache: no read copy; unmapped right after
+            self._blocks(fd, e, tf, W, osize, done)
+
+    def _blocks(self, fd, e: Entry, tf, W, osize: int, done) -> None:
+        import torch
+
+        rows, cols = e.rows_cols
         step = tf.block_rows
-        try:
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                if e.src is None:
-                    V = W[r0:r1]
-                else:
-                    n = (r1 - r0) * cols * esize
-                    view = memoryview(buf)[:n]
-                    got = 0
-                    while got < n:
-                        k = os.preadv(f.fd, [view[got:]], src0 + r0 * cols * esize + got)
-                        if k <= 0:
-                            raise FileError(f"{f.path}: ended while reading \"{escape(e.key)}\"; is it being "
-                                            "modified?")
-                        got += k
-                    V = torch.frombuffer(view, dtype=src_t).view(r1 - r0, cols)
-                outb = tf.block(V, r0)
-                data = outb.contiguous().view(-1).view(torch.uint8).numpy()
-                off = e.offset + r0 * cols * osize
-                pwrite_all(fd, data, off)
-                if self.fsync:
-                    start_writeback(fd, off, len(data))
-                done(len(data))
-        finally:
-            if hasattr(tf, "close"):
-                tf.close()
+        for r0 in range(0, rows, step):
+            outb = tf.block(W[r0:r0 + step], r0)
+            data = outb.contiguous().view(-1).view(torch.uint8).numpy()
+            off = e.offset + r0 * cols * osize
+            pwrite_all(fd, data, off)
+            if self.fsync:
+                start_writeback(fd, off, len(data))
+            done(len(data))
 
     def _run_torch(self, transforms, progress) -> dict:
         """A .pt output: torch.save needs the whole dict, so merged tensors are held in memory here."""

@@ -19,6 +19,7 @@ at weight 1 reproduces PEFT's merged weights bit for bit. A float64 base is merg
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from ..errors import MismatchError, NumericError
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 TRANSPOSED = ("fan_in_fan_out", "embedding")
-BLOCK_BYTES = 1 << 18  # float32 bytes of one row block: two of them stay in L2; ~10 us of work per torch call
+BLOCK_BYTES = 1 << 20  # float32 bytes of one row block: stays in L2, and ~100 us of work per torch call
 PROBE_SEED = 0x10A7
 
 
@@ -147,10 +148,10 @@ class _Piece:
         if self.transposed:
             # V rows are M columns: (n_rows_M, r) @ (r, b - a) -> (n_rows_M, b - a), then ^T, as PEFT's transpose.
             D = torch.mm(self.B, self.A[:, a:b], out=work[:(b - a) * self.B.shape[0]].view(self.B.shape[0], b - a))
-            return D.mul_(self.coef).T
+            return (D.mul_(self.coef) if self.coef != 1.0 else D).T
         # (b - a, r) @ (r, n_cols_M) -> (b - a, n_cols_M)
         D = torch.mm(self.B[a:b], self.A, out=work[:(b - a) * self.A.shape[1]].view(b - a, self.A.shape[1]))
-        return D.mul_(self.coef)
+        return D.mul_(self.coef) if self.coef != 1.0 else D
 
 
 def _pieces(terms: Sequence[Term], compute, device) -> list[_Piece]:
@@ -167,8 +168,50 @@ def _pieces(terms: Sequence[Term], compute, device) -> list[_Piece]:
             A = b.A.to(device=device, dtype=compute)  # (r, n_cols_M)
             B = b.B.to(device=device, dtype=compute)  # (n_rows_M, r)
             (r0, r1), (c0, c1) = (b.cols, b.rows) if tr else (b.rows, b.cols)
-            out.append(_Piece(r0, r1, c0, c1, term.weight * b.scale, B=B, A=A, transposed=tr))
+            coef = term.weight * b.scale
+            B, coef = _fold_power_of_two(B, A, coef)
+            out.append(_Piece(r0, r1, c0, c1, coef, B=B, A=A, transposed=tr))
     return out
+
+
+def _fold_power_of_two(B: torch.Tensor, A: torch.Tensor, coef: float) -> tuple[torch.Tensor, float]:
+    """Fold a power-of-two coefficient (alpha = 2r gives 2) into B, saving a pass per block.
+
+    Scaling by 2^k commutes with every rounding of B @ A (products, sums, FMAs) as long as no value is
+    subnormal or overflows: then (2^k B) @ A == (B @ A) * 2^k bit for bit. The fold is kept only when the
+    factors' magnitudes rule that out: every nonzero product is at least 2^-100 (so every nonzero partial
+    sum, a multiple of its ulp, is normal) and every sum of r products stays below 2^100.
+    """
+    m, _ = math.frexp(coef)
+    if coef == 1.0 or m not in (0.5, -0.5) or B.dtype != torch.float32 or B.numel() == 0 or A.numel() == 0:
+        return B, coef
+
+    def span(x):
+        nz = x.abs()[x != 0]
+        return (float(nz.min()), float(nz.max())) if nz.numel() else (1.0, 1.0)
+
+    (blo, bhi), (alo, ahi) = span(B), span(A)
+    small = blo * alo * min(1.0, abs(coef))
+    big = bhi * ahi * A.shape[0] * max(1.0, abs(coef))
+    if not (math.isfinite(big) and small >= 2.0 ** -100 and big < 2.0 ** 100):
+        return B, coef
+    return B * coef, 1.0
+
+
+_local = threading.local()
+
+
+def _scratch(numel: int, compute, out_dtype, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-thread scratch, grown on demand and reused across tensors: no allocation or page fault per block."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    key = (compute, out_dtype, str(device))
+    have = bufs.get(key)
+    if have is None or have[1].numel() < numel:
+        have = bufs[key] = ([torch.empty(numel, dtype=compute, device=device) for _ in range(2)],
+                            torch.empty(numel, dtype=out_dtype))
+    return have
 
 
 class Merger:
@@ -195,7 +238,6 @@ class Merger:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         self.pieces = _pieces(self.terms, self.compute, self.device)
-        self._work = self._out = None
         esize = 8 if self.compute == torch.float64 else 4
         self.block_rows = max(1, min(self.rows, block_bytes // max(1, self.cols * esize)))
         self.probe = probe
@@ -208,37 +250,23 @@ class Merger:
     def block(self, V: torch.Tensor, r0: int) -> torch.Tensor:
         """Merged rows [r0, r0 + len(V)) of the row view, in out_dtype on the CPU.
 
-        The returned tensor is scratch of this Merger: use it (write it out) before the next call.
+        The returned tensor is this thread's scratch: use it (write it out) before the next call.
         """
         n = V.shape[0]
         r1 = r0 + n
-        if self._work is None:  # scratch for one block, reused: no allocation (or page fault) per block
-            size = self.block_rows * self.cols
-            self._work = [torch.empty(size, dtype=self.compute, device=self.device) for _ in range(2)]
-            self._out = torch.empty(size, dtype=self.out_dtype)
-        X = self._work[0][:n * self.cols].view(n, self.cols)
-        first = self._covers(self.pieces[0], r0, r1) if self.pieces else False
-        if first:  # the usual whole-tensor block: X = V + coef·D in one mixed-dtype pass (upcast is exact)
-            torch.add(V.to(self.device, non_blocking=True), self.pieces[0].delta(r0, r1, self._work[1]), out=X)
-        else:
-            X.copy_(V)  # (n, cols): the one float32 copy of the base rows
-        for p in self.pieces[1:] if first else self.pieces:
+        work, out_buf = _scratch(self.block_rows * self.cols, self.compute, self.out_dtype, self.device)
+        X = work[0][:n * self.cols].view(n, self.cols)
+        X.copy_(V)  # (n, cols): the one float32 copy of the base rows (a mixed-dtype add is slower)
+        for p in self.pieces:
             i0, i1 = max(r0, p.r0), min(r1, p.r1)
             if i0 < i1:
-                X[i0 - r0:i1 - r0, p.c0:p.c1] += p.delta(i0, i1, self._work[1])
-        out = self._out[:n * self.cols].view(n, self.cols)
+                X[i0 - r0:i1 - r0, p.c0:p.c1] += p.delta(i0, i1, work[1])
+        out = out_buf[:n * self.cols].view(n, self.cols)
         out.copy_(X)  # the one rounding to the output dtype
         self._check(out, X, r0)
         if self.probe:
             self._accumulate(V, out, r0)
         return out
-
-    def _covers(self, p: _Piece, r0: int, r1: int) -> bool:
-        return p.r0 <= r0 and r1 <= p.r1 and p.c0 == 0 and p.c1 == self.cols and not p.transposed
-
-    def close(self) -> None:
-        """Free the scratch buffers (a new block() call allocates them again)."""
-        self._work = self._out = None
 
     def _check(self, out: torch.Tensor, X: torch.Tensor, r0: int) -> None:
         # One cheap reduction over the float32 block: NaN/Inf propagate into a min/max (and into a sum, which
