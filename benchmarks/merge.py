@@ -178,6 +178,7 @@ def main():
             runs[name].append((wall, rss))
             print(f"round {r + 1} {name:22s} {wall:7.2f} s  peak RSS {rss / 2**30:.2f} GiB", file=sys.stderr)
             if name == "loratool --no-fsync" and r == 0:
+                shutil.rmtree(work / "out-loratool", ignore_errors=True)
                 os.replace(out, work / "out-loratool")
             elif name == "peft" and r == 0:
                 shutil.rmtree(work / "out-peft", ignore_errors=True)

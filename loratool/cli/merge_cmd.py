@@ -52,8 +52,8 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
             return dtype if dtype is not None and dt in FLOAT_DTYPES else dt
 
         with Rewriter(base, out, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync) as rw:
-            if speculate:
-                rw.start_copy()  # into the temporary output only: a refusal below still leaves nothing
+            if speculate:  # into the temporary output only: a refusal below still leaves nothing
+                rw.start_copy(early=_unlikely_targets(adapter_paths))
             import torch
 
             from ..ops.merge import Merger, plan_merge
@@ -92,6 +92,37 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
         "verify": {"max_rel_error": errors[worst], "target": worst} if worst else None,
         "probe_errors": errors,
     }
+
+
+def _unlikely_targets(adapter_paths):
+    """A torch-free guess of the base keys no adapter touches, from the adapters' tensor names alone.
+
+    A base key is a likely target when its module path (the key without .weight/.bias) appears in some
+    adapter tensor name, dotted (PEFT, loratool) or underscored (kohya). The guess only orders the background
+    copy; which tensors are merged is decided by the loaded adapters.
+    """
+    from pathlib import Path
+
+    from ..container import read_header
+    from ..errors import LoraToolError
+
+    names = []
+    for p in map(Path, adapter_paths):
+        files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.suffix == ".safetensors" else []
+        if not files:
+            return None  # a torch adapter: no cheap names, so copy nothing early
+        for f in files:
+            try:
+                names.extend(read_header(f).tensors)
+            except LoraToolError:
+                return None  # the real reader will report it
+    blob = "\n".join(names)
+
+    def early(key: str) -> bool:
+        stem = key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key
+        return stem not in blob and stem.replace(".", "_") not in blob
+
+    return early
 
 
 def _load(path, base):

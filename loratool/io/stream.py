@@ -378,6 +378,8 @@ class Rewriter:
         self._cv = threading.Condition()
         self._copy_error: BaseException | None = None
         self._cancel = threading.Event()
+        self._planned = threading.Event()  # set by run(): the copier may copy everything not claimed
+        self._early: Callable[[str], bool] = lambda key: False
         self.bytes_written = 0
         if fmt == "torch" or (fmt == "folder" and base.kind == "torch"):
             self.files = []
@@ -422,6 +424,7 @@ class Rewriter:
     def __exit__(self, exc_type, exc, tb):
         if self._copier is not None:  # stop the background copy before its files are removed
             self._cancel.set()
+            self._planned.set()
             self._copier.join()
         if not self._committed and exc_type is None:
             exc_type = RuntimeError  # leaving without commit: discard the output
@@ -433,38 +436,43 @@ class Rewriter:
         return False
 
     # -- the work
-    def start_copy(self) -> None:
-        """Start copying, in the background, every tensor whose bytes may not change (speculatively).
+    def start_copy(self, early: Callable[[str], bool] | None = None) -> None:
+        """Start copying raw tensors in the background, before the transforms are known.
 
-        Call it before the transforms are known (while torch imports and adapters load): the kernel copies
-        on an idle core, and a transform later overwrites the pages of its tensor in place. run() tells the
-        copier which tensors not to bother with; leaving without commit() cancels it.
+        Call it while torch imports and adapters load: the kernel copies on an otherwise idle core. Tensors
+        for which `early(key)` is true (the caller's guess that nothing transforms them) are copied at once;
+        the rest wait until run() says which are transformed. A wrong guess only costs a copy that a
+        transform overwrites in place. Leaving without commit() cancels the copy.
         """
         if self._torch_out or self._copier is not None:
             return
+        self._early = early or (lambda key: False)
         self._copier = threading.Thread(target=self._copy_all, name="loratool-copy", daemon=True)
         self._copier.start()
 
     def _copy_all(self) -> None:
         try:
-            for of in self.files:
-                fd = self._fds[of.name]
-                for e in of.entries:
-                    if self._cancel.is_set():
-                        return
-                    if e.src is None or e.dtype != e.src_dtype:
-                        continue
-                    with self._cv:
-                        if self._state.get(e.key) == "claimed":
+            for phase in ("early", "rest"):
+                if phase == "rest":
+                    self._planned.wait()
+                for of in self.files:
+                    fd = self._fds[of.name]
+                    for e in of.entries:
+                        if self._cancel.is_set():
+                            return
+                        if e.src is None or e.dtype != e.src_dtype or (phase == "early" and not self._early(e.key)):
                             continue
-                        self._state[e.key] = "copying"
-                    f, t = e.src
-                    try:
-                        copy_range(f.fd, f.header.data_start + t.begin, fd, e.offset, e.nbytes, self._cancel)
-                    finally:
                         with self._cv:
-                            self._state[e.key] = "copied"
-                            self._cv.notify_all()
+                            if e.key in self._state:  # claimed by a transform, or copied already
+                                continue
+                            self._state[e.key] = "copying"
+                        f, t = e.src
+                        try:
+                            copy_range(f.fd, f.header.data_start + t.begin, fd, e.offset, e.nbytes, self._cancel)
+                        finally:
+                            with self._cv:
+                                self._state[e.key] = "copied"
+                                self._cv.notify_all()
         except BaseException as exc:  # surfaced by run()
             self._copy_error = exc
 
@@ -498,6 +506,7 @@ class Rewriter:
         with self._cv:  # the copier skips every tensor a transform will write
             for _, e, _ in jobs_tf:
                 self._state.setdefault(e.key, "claimed")
+        self._planned.set()
         self.start_copy()  # no-op when already started
         # Biggest first keeps the workers evenly loaded at the end.
         jobs_tf.sort(key=lambda j: -j[1].nbytes)
