@@ -1,0 +1,165 @@
+"""`loratool extract`: a LoRA adapter from a finetuned model and its base, by truncated SVD of the difference."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+
+def _stem(p: str) -> str:
+    path = Path(p)
+    if path.is_dir() or not path.suffix:
+        name = path.resolve().name
+    elif path.name in ("model.safetensors", "pytorch_model.bin"):
+        name = path.resolve().parent.name
+    else:
+        name = path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def default_output(finetuned: str, base: str, rank, energy, threshold, max_params, to: str) -> Path:
+    """FINETUNED-minus-BASE-<rule> in the current folder: r16, e0.9, t0.01 or p1000000."""
+    rule = (f"p{max_params}" if max_params is not None else f"r{rank}" if rank is not None else
+            f"e{energy:g}" if energy is not None else f"t{threshold:g}")
+    name = f"{_stem(finetuned)}-minus-{_stem(base)}-{rule}"
+    return Path(name if to == "peft" else name + ".safetensors")
+
+
+@click.command()
+@click.argument("finetuned", type=click.Path(exists=False, dir_okay=True))
+@click.argument("base", type=click.Path(exists=False, dir_okay=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=True),
+              help="Output file (a folder for --to peft). Default: FINETUNED-minus-BASE-r<rank>.safetensors here.")
+@click.option("--rank", type=click.IntRange(min=1),
+              help="Fixed rank for every target (capped by the matrix's smaller side). With --max-params: the "
+                   "per-target cap (default 64).")
+@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Per target, the smallest rank whose factors keep at least this fraction of ||ΔW||_F^2.")
+@click.option("--threshold", type=click.FloatRange(0.0, min_open=True),
+              help="Per target, keep every singular value >= this absolute value.")
+@click.option("--max-params", type=click.IntRange(min=1),
+              help="Global budget: greedy on σ² per parameter across all targets, at most this many parameters.")
+@click.option("--targets", "targets", multiple=True, metavar="GLOB",
+              help="Only tensors whose key matches this glob (repeatable). Default: every tensor.")
+@click.option("--fan-in-fan-out", "fan_in_fan_out", multiple=True, metavar="GLOB",
+              help="2-D weights stored (in, out), like GPT-2 Conv1D (repeatable). Automatic when a folder's "
+                   "config.json says model_type gpt2.")
+@click.option("--embeddings", is_flag=True, help="Factorise changed embeddings (layout embedding) instead of "
+              "listing them.")
+@click.option("--keep-full", is_flag=True, help="Store changed biases, norms (and embeddings, without "
+              "--embeddings) whole as full targets instead of listing them.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the SVDs run; cuda batches same-shaped matrices.")
+@click.option("--to", "to", type=click.Choice(["loratool", "peft", "kohya"]), default="loratool", show_default=True,
+              help="Output dialect.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Factor dtype (computed in float32, cast once; the error is measured after).")
+@click.option("--clamp-quantile", type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Clamp both factors to ± this quantile of their values (kohya's 0.99); works at any size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--oversample", type=click.IntRange(min=0), help="Extra sketch columns (default: the rank, >= 8).")
+@click.option("--power-iterations", type=click.IntRange(min=0), help="Power iterations of the randomized SVD.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "json_", is_flag=True, help="Print one JSON document (the report) instead of tables.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def extract(finetuned, base, output, rank, energy, threshold, max_params, targets, fan_in_fan_out, embeddings,
+            keep_full, device, to, dtype, clamp_quantile, seed, oversample, power_iterations, overwrite, json_,
+            quiet):
+    """Extract a LoRA adapter from a finetuned model and its base: ΔW = W_ft − W_base, truncated SVD.
+
+    Both models may be .safetensors files, sharded Hugging Face folders or .pt/.pth/.bin state dicts, in
+    any combination; they are read one tensor pair at a time. Choose the rank with exactly one of --rank,
+    --energy, --threshold or --max-params. Each target gets B = U·diag(S), A = Vh, alpha = rank (scale 1).
+    The report gives per target the rank, the relative Frobenius error ||ΔW − BA||/||ΔW|| and the energy
+    kept; it is also stored in the adapter's metadata. Unchanged tensors are skipped; changed tensors
+    that are not factorised (biases, norms, embeddings, integer buffers) are listed, never dropped silently.
+
+    Example:
+
+        loratool extract finetuned/ base/ --rank 16
+
+        loratool extract ft.safetensors base.safetensors --energy 0.9 -o adapter.safetensors
+
+        loratool extract ft/ base/ --rank 64 --max-params 20000000 --keep-full --to peft -o adapter/
+    """
+    import importlib
+
+    from ..errors import UnsupportedError
+    from ..fsutil import check_output
+    from ..io.base import open_base
+    from ..io.detect import DIALECTS
+    from ..ops.extract import ExtractOptions, extract as run, model_hints
+    from .render import Progress
+
+    chosen = [n for n, v in (("--energy", energy), ("--threshold", threshold)) if v is not None]
+    if rank is not None and max_params is None:
+        chosen.append("--rank")
+    if max_params is not None:
+        chosen.append("--max-params")
+    if len(chosen) != 1:
+        raise click.UsageError("choose exactly one of --rank, --energy, --threshold or --max-params (--rank "
+                               "may be added to --max-params as a per-target cap)"
+                               + (f"; got {', '.join(chosen)}" if chosen else ""))
+
+    save_kw = {}
+    if to != "loratool":
+        mod = DIALECTS.get(to)
+        mod = importlib.import_module(mod) if mod else None
+        if mod is None or not hasattr(mod, "save"):
+            raise UnsupportedError(f"--to {to}: this version of loratool cannot write {to} adapters yet; write the "
+                                   "native format and convert it later")
+        if to == "peft":
+            save_kw = {"overwrite": overwrite, "base_model_name_or_path": str(base)}
+    out_path = Path(output) if output else default_output(finetuned, base, rank, energy, threshold, max_params, to)
+
+    ft_model = open_base(finetuned)
+    try:
+        base_model = open_base(base)
+    except BaseException:
+        ft_model.close()
+        raise
+    with ft_model, base_model:
+        check_output(out_path, [*ft_model.files, *base_model.files], overwrite)
+        opts = ExtractOptions(rank=rank, energy=energy, threshold=threshold, max_params=max_params,
+                              targets=tuple(targets),
+                              fan_in_fan_out=tuple(fan_in_fan_out) or model_hints(finetuned, base),
+                              embeddings=embeddings, keep_full=keep_full, clamp_quantile=clamp_quantile,
+                              dtype=dtype, seed=seed, oversample=oversample, power_iterations=power_iterations,
+                              device=device)
+        with Progress("extract", None, enabled=not (quiet or json_)) as bar:
+            result = run(ft_model, base_model, opts, names=(str(finetuned), str(base)), progress=bar)
+    if not result.adapter.targets:
+        from ..errors import NumericError
+
+        raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
+                           f"{len(result.not_extracted)} changed ones were not factorised; nothing was written")
+    if to == "loratool":
+        from ..io.native import save
+
+        nbytes = save(result.adapter, out_path)
+    else:
+        nbytes = mod.save(result.adapter, out_path, **save_kw)
+    _render(result, out_path, nbytes, json_)
+
+
+def _render(result, out_path, nbytes, json_):
+    from .render import emit_json, err, fmt_bytes, out, table
+
+    s = result.summary
+    if json_:
+        emit_json({"output": str(out_path), "bytes": nbytes, **s, "per_target": result.rows})
+        return
+    rows = [(r["key"], r["layout"], "x".join(map(str, r["shape"])), r["rank"] if r["layout"] != "full" else "whole",
+             f"{r['rel_error']:.4g}", f"{r['energy']:.4f}", r["method"]) for r in result.rows]
+    out.print(table(None, ["target", "layout", "shape", "rank", "rel. error", "energy", "svd"], rows,
+                    justify={"rank": "right", "rel. error": "right", "energy": "right"}))
+    if result.not_extracted:
+        out.print()
+        out.print(table("changed but not in the adapter", ["tensor", "shape", "why"],
+                        [(r["key"], "x".join(map(str, r["shape"])), r["reason"]) for r in result.not_extracted]))
+    err.print(f"wrote {out_path} ({fmt_bytes(nbytes)}): {s['targets']} factorised targets, {s['full_targets']} "
+              f"whole, {s['parameters']:,} parameters; overall rel. error {s['rel_error']:.4g}, energy "
+              f"{s['energy']:.4f}; {s['unchanged']} unchanged tensors skipped, {len(result.not_extracted)} changed "
+              "tensors not stored")

@@ -1,0 +1,155 @@
+"""Truncated SVD of dense float32 matrices, and a quantile that works on tensors of any size.
+
+- `randomized_svd`: Halko, Martinsson & Tropp (2011), "Finding structure with randomness", algorithms 4.4
+  (randomized subspace iteration) and 5.1: a Gaussian sketch with oversampling, `n_iter` power iterations
+  each followed by a QR re-orthonormalisation (without it the sketch collapses onto the top singular
+  vector in float32), then an exact SVD of the small projected matrix. Seeded: the sketch is drawn on the
+  CPU from a generator seeded by (seed, name), so the result does not depend on the device, the batch or
+  the order in which matrices arrive.
+- `exact_svd`: torch.linalg.svd, of the transpose when the matrix is wide (torch's CPU SVD is 2-3x
+  slower on wide matrices than on the same matrix transposed).
+- Both work on a single (m, n) matrix or a batch (b, m, n) of same-shaped ones (the CUDA path batches).
+- `quantile`: the linear-interpolation quantile of torch.quantile, computed with two torch.kthvalue
+  calls, which have no element limit (torch.quantile refuses inputs above 2^24 elements).
+
+Everything here is float32 in, float32 out; shapes are written where they arise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from ..errors import UnsupportedError
+
+DEFAULT_POWER_ITERATIONS = 2
+
+
+def resolve_device(name: str) -> torch.device:
+    """The one place that turns a --device value into a torch.device.
+
+    Raises:
+        UnsupportedError: "cuda" is asked for but torch sees no CUDA device.
+    """
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UnsupportedError(f"--device {name}: torch sees no CUDA device on this machine; use --device cpu")
+        return torch.device(name)
+    raise UnsupportedError(f"--device {name}: unknown device; use cpu or cuda")
+
+
+def seed_for(seed: int, name: str) -> int:
+    """A 63-bit seed derived from the user's seed and a matrix's name (stable across runs and platforms)."""
+    h = hashlib.sha256(f"{int(seed)}\0{name}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def default_oversample(k: int) -> int:
+    """Oversampling p for target rank k: p = k (FORMATS.md, "Known algebra"), at least 8."""
+    return max(int(k), 8)
+
+
+def sketch_size(k: int, m: int, n: int, oversample: int | None = None) -> int:
+    """Columns l = k + p of the sketch, never more than min(m, n)."""
+    p = default_oversample(k) if oversample is None else int(oversample)
+    return min(int(k) + p, m, n)
+
+
+def prefers_exact(l: int, m: int, n: int) -> bool:
+    """True when an exact SVD is the better choice: the sketch would span at least half of the small side.
+
+    Past that point the randomized method does about as much work as the exact one and gains nothing.
+    """
+    return 2 * l >= min(m, n)
+
+
+def exact_svd(M: torch.Tensor):
+    """Thin SVD of M (..., m, n) float32: U (..., m, r), S (..., r), Vh (..., r, n), r = min(m, n).
+
+    A wide matrix (m < n) is decomposed as its transpose: M^T = U' S V'^T gives U = V', Vh = U'^T.
+    """
+    m, n = M.shape[-2:]
+    if m < n:
+        Ut, S, Vht = torch.linalg.svd(M.mT, full_matrices=False)  # (..., n, m), (..., m), (..., m, m)
+        return Vht.mT, S, Ut.mT
+    return torch.linalg.svd(M, full_matrices=False)
+
+
+def gaussian_sketch(n: int, l: int, seeds: list[int], device) -> torch.Tensor:
+    """Test matrices Ω (b, n, l), one per seed, drawn on the CPU (device-independent) in float32."""
+    out = torch.empty(len(seeds), n, l, dtype=torch.float32)
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(s))
+        out[i] = torch.randn(n, l, generator=g, dtype=torch.float32)
+    return out.to(device)
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of Y (..., m, l) -> Q (..., m, l) (reduced QR)."""
+    return torch.linalg.qr(Y, mode="reduced")[0]
+
+
+def randomized_svd(M: torch.Tensor, l: int, seeds: list[int] | int, n_iter: int = DEFAULT_POWER_ITERATIONS):
+    """Approximate top-l SVD of M by randomized subspace iteration (Halko et al. 2011, algorithm 4.4).
+
+    Args:
+        M: (m, n) or (b, m, n) float32, on any device; may be a non-contiguous view (a transpose).
+        l: sketch columns (target rank plus oversampling), 1 <= l <= min(m, n).
+        seeds: one seed per matrix of the batch (an int for a single matrix); see `seed_for`.
+        n_iter: power iterations; each multiplies by M^T then M and re-orthonormalises with QR.
+    Returns:
+        U (..., m, l), S (..., l) descending, Vh (..., l, n), all float32, with U and Vh orthonormal.
+        U = Q Ub with Q an orthonormal basis of the sketch, so for any j the rank-j truncation
+        U[:, :j] diag(S[:j]) Vh[:j] is the projection U_j U_j^T M and ||M - it||_F^2 = ||M||_F^2 - sum S[:j]^2.
+    """
+    single = M.ndim == 2
+    if single:
+        M = M.unsqueeze(0)
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    b, m, n = M.shape
+    if len(seeds) != b:
+        raise ValueError(f"randomized_svd: {len(seeds)} seeds for a batch of {b}")
+    if not 1 <= l <= min(m, n):
+        raise ValueError(f"randomized_svd: sketch size {l} outside 1..{min(m, n)}")
+    Omega = gaussian_sketch(n, l, seeds, M.device)  # (b, n, l)
+    Q = _orth(M @ Omega)  # (b, m, n) @ (b, n, l) -> (b, m, l)
+    for _ in range(n_iter):
+        Z = _orth(M.mT @ Q)  # (b, n, m) @ (b, m, l) -> (b, n, l)
+        Q = _orth(M @ Z)  # (b, m, n) @ (b, n, l) -> (b, m, l)
+    P = Q.mT @ M  # (b, l, m) @ (b, m, n) -> (b, l, n): M projected on the sketch's range
+    Ub, S, Vh = exact_svd(P)  # (b, l, l), (b, l), (b, l, n)
+    U = Q @ Ub  # (b, m, l)
+    if single:
+        return U[0], S[0], Vh[0]
+    return U, S, Vh
+
+
+def quantile(x: torch.Tensor, q: float) -> float:
+    """torch.quantile(x, q) (linear interpolation) for a tensor of any size, via torch.kthvalue.
+
+    torch.quantile raises on inputs above 2^24 elements (the failure users of kohya's and PEFT's
+    extractors hit on large layers); kthvalue has no such limit and needs no full sort.
+    """
+    v = x.reshape(-1).float()
+    N = v.numel()
+    if N == 0:
+        raise ValueError("quantile of an empty tensor")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q} outside [0, 1]")
+    pos = q * (N - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, N - 1)
+    v_lo = float(torch.kthvalue(v, lo + 1).values)  # kthvalue is 1-based
+    if hi == lo or pos == lo:
+        return v_lo
+    v_hi = float(torch.kthvalue(v, hi + 1).values)
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+__all__ = ["resolve_device", "seed_for", "default_oversample", "sketch_size", "prefers_exact", "exact_svd",
+           "gaussian_sketch", "randomized_svd", "quantile", "DEFAULT_POWER_ITERATIONS"]

@@ -1,0 +1,365 @@
+"""extract: recovery of exact low-rank deltas, error against the Eckart-Young optimum, rank rules, layouts,
+streaming, and the library's refusals. CLI behaviour is in test_extract_cli.py."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from loratool.errors import MismatchError, NumericError
+from loratool.ops import extract as ex
+from loratool.ops.extract import ExtractOptions, extract, plan, sum_squares
+from loratool.ops.linalg import delta_tensor
+from loratool.ops.svd import exact_svd, quantile, randomized_svd, seed_for
+
+F32_REL = 1e-5  # float32 recovery of an exactly low-rank delta: relative Frobenius error
+EY_FACTOR = 1.01  # randomized error within 1% of the Eckart-Young optimum
+
+
+def g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def low_rank(m, n, r, seed, scale=1.0):
+    return (torch.randn(m, r, generator=g(seed)) @ torch.randn(r, n, generator=g(seed + 1))) * scale
+
+
+def noisy(m, n, seed, r=6, noise=0.3):
+    """Low-rank signal (decaying) plus Gaussian noise with ||noise|| = noise * ||signal||."""
+    U = torch.linalg.qr(torch.randn(m, r, generator=g(seed)))[0]
+    V = torch.linalg.qr(torch.randn(n, r, generator=g(seed + 1)))[0]
+    s = torch.exp(-torch.arange(r, dtype=torch.float32) / 3)
+    S = (U * s) @ V.T
+    N = torch.randn(m, n, generator=g(seed + 2))
+    return S + N * (noise * S.norm() / N.norm())
+
+
+def merged(base, result):
+    """base + ΔW of every target: the merge, computed with ops/linalg.delta_tensor."""
+    out = {k: v.clone() for k, v in base.items()}
+    for t in result.adapter:
+        out[t.key] = (out[t.key].float() + delta_tensor(t)).to(out[t.key].dtype)
+    return out
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def pair(**deltas):
+    base = {k: torch.randn(*d.shape, generator=g(100 + i)) for i, (k, d) in enumerate(deltas.items())}
+    ft = {k: base[k] + d for k, d in deltas.items()}
+    return ft, base
+
+
+# ---- recovery -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank", [4, 5, 8])
+@pytest.mark.parametrize("shape", [(160, 96), (96, 160), (12, 10)])  # tall and wide randomized; tiny exact
+def test_exact_rank4_delta_recovered(rank, shape):
+    D = low_rank(*shape, 4, seed=1)
+    ft, base = pair(**{"layer.weight": D})
+    r = extract(ft, base, ExtractOptions(rank=rank))
+    t = r.adapter.targets["layer.weight"]
+    assert t.rank == min(rank, *shape)
+    assert rel(delta_tensor(t), D) < F32_REL
+    assert t.info["rel_error"] < F32_REL
+    assert t.info["energy"] > 1 - F32_REL
+    assert r.rows[0]["method"] == ("exact" if shape == (12, 10) else "randomized")
+    assert rel(merged(base, r)["layer.weight"], ft["layer.weight"]) < F32_REL
+
+
+@pytest.mark.parametrize("k", [4, 8, 16])
+def test_noisy_delta_within_one_percent_of_eckart_young(k):
+    M = noisy(300, 200, seed=3, r=24)
+    ft, base = pair(w=M)
+    r = extract(ft, base, ExtractOptions(rank=k))
+    t = r.adapter.targets["w"]
+    S = torch.linalg.svdvals(M.double())
+    optimum = math.sqrt(float((S[k:] ** 2).sum()) / float((S ** 2).sum()))
+    measured = rel(delta_tensor(t), M)  # the stored factors' true error, computed here in float64
+    assert measured <= optimum * EY_FACTOR
+    assert abs(t.info["rel_error"] - measured) <= 1e-5  # reported error equals the true error
+    assert r.rows[0]["method"] == "randomized"
+
+
+def test_reported_error_after_cast_and_clamp_is_the_stored_factors_error():
+    M = noisy(120, 90, seed=5)
+    ft, base = pair(w=M)
+    for opts in (ExtractOptions(rank=6, dtype="bfloat16"), ExtractOptions(rank=6, clamp_quantile=0.9)):
+        t = extract(ft, base, opts).adapter.targets["w"]
+        assert abs(t.info["rel_error"] - rel(delta_tensor(t), M)) < 1e-5
+
+
+# ---- layouts: conv, fan_in_fan_out, fused, embeddings ------------------------------------------------------
+
+def test_conv_kernel_flattened_and_recovered():
+    D = low_rank(8, 4 * 3 * 3, 2, seed=7).reshape(8, 4, 3, 3)
+    ft, base = pair(**{"unet.conv.weight": D})
+    t = extract(ft, base, ExtractOptions(rank=2)).adapter.targets["unet.conv.weight"]
+    assert t.layout == "conv" and t.shape == (8, 4, 3, 3) and t.blocks[0].A.shape == (2, 36)
+    assert rel(delta_tensor(t), D) < F32_REL
+
+
+def test_fan_in_fan_out_hint_transposes_the_matrix_view():
+    D = low_rank(40, 24, 3, seed=9)  # stored (in=40, out=24), like GPT-2 Conv1D
+    ft, base = pair(**{"h.0.attn.c_attn.weight": D})
+    r = extract(ft, base, ExtractOptions(rank=3, fan_in_fan_out=ex.GPT2_CONV1D))
+    t = r.adapter.targets["h.0.attn.c_attn.weight"]
+    assert t.layout == "fan_in_fan_out" and t.blocks[0].B.shape == (24, 3) and t.blocks[0].A.shape == (3, 40)
+    assert rel(delta_tensor(t), D) < F32_REL
+
+
+def test_fused_qkv_with_two_adapted_blocks_is_recovered_at_their_total_rank():
+    # loralib MergedLinear enable_lora=[True, False, True]: q and v rows get rank-2 deltas, k rows none.
+    d = 32
+    D = torch.zeros(3 * d, d)
+    D[:d] = low_rank(d, d, 2, seed=11)
+    D[2 * d:] = low_rank(d, d, 2, seed=13)
+    ft, base = pair(**{"gpt_neox.layers.0.attention.query_key_value.weight": D})
+    t = extract(ft, base, ExtractOptions(rank=4)).adapter.targets[
+        "gpt_neox.layers.0.attention.query_key_value.weight"]
+    assert rel(delta_tensor(t), D) < F32_REL
+    assert float(delta_tensor(t)[d:2 * d].abs().max()) < 1e-5 * float(D.abs().max())  # k rows stay unchanged
+
+
+def test_tiny_llama_and_gpt2_merge_of_extract_is_the_finetune():
+    from models import base_state_dict, tiny_gpt2, tiny_llama
+
+    for model, fif in ((tiny_llama(), ()), (tiny_gpt2(), ex.GPT2_CONV1D)):
+        base = base_state_dict(model)
+        ft = dict(base)
+        changed = []
+        for i, (k, v) in enumerate(sorted(base.items())):
+            if v.ndim == 2 and not ex._is_embedding(k) and "lm_head" not in k:
+                ft[k] = v + low_rank(*v.shape, 2, seed=200 + i, scale=0.1)
+                changed.append(k)
+        r = extract(ft, base, ExtractOptions(rank=2, fan_in_fan_out=fif))
+        assert sorted(r.adapter.targets) == sorted(changed)
+        m = merged(base, r)
+        for k in changed:
+            assert rel(m[k] - base[k], ft[k] - base[k]) < F32_REL, k
+        if fif:
+            assert {t.layout for t in r.adapter} == {"fan_in_fan_out"}
+
+
+def test_embeddings_listed_by_default_factorised_when_asked():
+    D = low_rank(50, 16, 2, seed=15)
+    ft, base = pair(**{"model.embed_tokens.weight": D, "lin.weight": low_rank(20, 16, 2, seed=17)})
+    r = extract(ft, base, ExtractOptions(rank=2))
+    assert list(r.adapter.targets) == ["lin.weight"]
+    assert r.not_extracted[0]["key"] == "model.embed_tokens.weight"
+    assert "pass --embeddings" in r.not_extracted[0]["reason"]
+    t = extract(ft, base, ExtractOptions(rank=2, embeddings=True)).adapter.targets["model.embed_tokens.weight"]
+    assert t.layout == "embedding" and t.blocks[0].A.shape == (2, 50)  # M = W^T: A (r, num_embeddings)
+    assert rel(delta_tensor(t), D) < F32_REL
+
+
+# ---- streaming: unchanged, vectors, full targets ----------------------------------------------------------------
+
+def test_unchanged_skipped_vectors_listed_or_stored_whole():
+    base = {"a.weight": torch.randn(30, 20, generator=g(1)), "a.bias": torch.randn(30, generator=g(2)),
+            "same.weight": torch.randn(10, 10, generator=g(3)), "pos_ids": torch.arange(7)}
+    ft = dict(base)
+    ft["a.weight"] = base["a.weight"] + low_rank(30, 20, 1, seed=4)
+    ft["a.bias"] = base["a.bias"] + 0.5
+    ft["pos_ids"] = base["pos_ids"] + 1
+    r = extract(ft, base, ExtractOptions(rank=1))
+    assert r.unchanged == 1 and list(r.adapter.targets) == ["a.weight"]
+    assert [(x["key"], x["reason"]) for x in r.not_extracted] == [
+        ("a.bias", "not a matrix (pass --keep-full to store it whole)"),
+        ("pos_ids", "not floating point (I64); cannot be stored as a delta")]
+    r = extract(ft, base, ExtractOptions(rank=1, keep_full=True))
+    bias = r.adapter.targets["a.bias"]
+    assert bias.kind == "full" and bias.layout == "full" and bias.delta_scale == 1.0
+    assert rel(merged(base, r)["a.bias"], ft["a.bias"]) < 1e-7  # base + (ft - base): one float32 rounding
+    assert r.summary["not_extracted"] == [{"key": "pos_ids", "shape": [7],
+                                           "reason": "not floating point (I64); cannot be stored as a delta"}]
+
+
+def test_compare_only_tensors_are_compared_in_pieces(monkeypatch):
+    # The embedding is bigger than every slot: it is compared piecewise; a change in its last row is seen.
+    monkeypatch.setattr(ex, "_CHUNK_BYTES", 64)
+    base = {"lin.weight": torch.randn(4, 4, generator=g(1)), "model.embed_tokens.weight": torch.randn(64, 16)}
+    ft = dict(base)
+    ft["lin.weight"] = base["lin.weight"] + 1
+    emb = base["model.embed_tokens.weight"].clone()
+    emb[-1, -1] += 1
+    ft["model.embed_tokens.weight"] = emb
+    r = extract(ft, base, ExtractOptions(rank=1))
+    assert [x["key"] for x in r.not_extracted] == ["model.embed_tokens.weight"]
+    ft["model.embed_tokens.weight"] = base["model.embed_tokens.weight"]
+    assert extract(ft, base, ExtractOptions(rank=1)).unchanged == 1
+
+
+def test_bf16_models_computed_in_float32():
+    D = low_rank(64, 48, 2, seed=21, scale=0.05)
+    base = {"w": torch.randn(64, 48, generator=g(3)).bfloat16()}
+    ft = {"w": (base["w"].float() + D).bfloat16()}
+    true = ft["w"].float() - base["w"].float()  # the delta the files actually hold
+    t = extract(ft, base, ExtractOptions(rank=48)).adapter.targets["w"]
+    assert t.dtype == "BF16" and t.blocks[0].A.dtype == torch.float32
+    assert rel(delta_tensor(t), true) < F32_REL
+
+
+# ---- rank rules ---------------------------------------------------------------------------------------------
+
+def test_energy_rule_is_the_smallest_rank_reaching_the_fraction():
+    M = noisy(60, 40, seed=23, r=10, noise=0.2)  # small: exact SVD, so the rank is exactly the optimum's
+    ft, base = pair(w=M)
+    S2 = torch.linalg.svdvals(M.double()) ** 2
+    cum = torch.cumsum(S2, 0) / S2.sum()
+    for F in (0.5, 0.9, 0.99):
+        t = extract(ft, base, ExtractOptions(energy=F)).adapter.targets["w"]
+        assert t.rank == int((cum < F).sum()) + 1
+        assert t.info["energy"] >= F
+
+
+def test_energy_rule_on_randomized_path_grows_the_sketch_until_reached():
+    M = noisy(400, 300, seed=25, r=40, noise=0.5)
+    ft, base = pair(w=M)
+    r = extract(ft, base, ExtractOptions(energy=0.8))
+    t = r.adapter.targets["w"]
+    assert t.info["energy"] >= 0.8 and rel(delta_tensor(t), M) <= math.sqrt(1 - 0.8) + 1e-6
+    S2 = torch.linalg.svdvals(M.double()) ** 2
+    optimal = int((torch.cumsum(S2, 0) / S2.sum() < 0.8).sum()) + 1
+    assert optimal <= t.rank <= optimal + 2  # sketch singular values are slight underestimates
+
+
+def test_threshold_rule_keeps_singular_values_above_it():
+    M = noisy(60, 40, seed=27, r=10)
+    ft, base = pair(w=M)
+    S = torch.linalg.svdvals(M)
+    T = float(S[5] + S[6]) / 2
+    t = extract(ft, base, ExtractOptions(threshold=T)).adapter.targets["w"]
+    assert t.rank == 6
+    r = extract(ft, base, ExtractOptions(threshold=float(S[0]) * 2))
+    assert not r.adapter.targets and "no singular value >= --threshold" in r.not_extracted[0]["reason"]
+
+
+def test_max_params_budget_is_global_greedy_and_respected():
+    big = low_rank(80, 60, 3, seed=29, scale=3.0)  # strong delta: should get most of the budget
+    small = low_rank(80, 60, 3, seed=31, scale=0.01)
+    ft, base = pair(big=big, small=small)
+    cost = 80 + 60
+    r = extract(ft, base, ExtractOptions(max_params=3 * cost + cost // 2, rank=8))
+    assert r.adapter.targets["big"].rank == 3 and "small" not in r.adapter.targets
+    assert r.summary["parameters"] <= 3 * cost + cost // 2
+    assert r.not_extracted == [{"key": "small", "shape": [80, 60], "reason": "rank 0 under --max-params 490"}]
+    r = extract(ft, base, ExtractOptions(max_params=10 ** 9, rank=3))  # generous: everyone gets the cap
+    assert {t.key: t.rank for t in r.adapter} == {"big": 3, "small": 3}
+
+
+def test_budget_ranks_greedy_takes_prefixes_by_energy_per_parameter():
+    e1 = ex.Entry("a", (10, 10), "F32", "F32", "matrix", "linear")  # cost 20 per triplet
+    e2 = ex.Entry("b", (30, 10), "F32", "F32", "matrix", "linear")  # cost 40 per triplet
+    f1 = ex._Factors(e1, None, torch.tensor([3.0, 2.0, 0.1]), None, 0.0, "exact")
+    f2 = ex._Factors(e2, None, torch.tensor([4.0, 3.0, 1.0]), None, 0.0, "exact")
+    # densities: a: 9/20=.45, 4/20=.2, .0005; b: 16/40=.4, 9/40=.225, 1/40=.025
+    assert ex._budget_ranks([f1, f2], 20 + 40 + 40) == {"a": 1, "b": 2}
+    assert ex._budget_ranks([f1, f2], 19) == {"a": 0, "b": 0}
+
+
+# ---- determinism, batching ----------------------------------------------------------------------------------
+
+def test_seeded_and_batched_results_agree_with_single_matrix_results():
+    ms = {f"l{i}.weight": noisy(96, 64, seed=40 + i) for i in range(3)}
+    ft, base = pair(**ms)
+    one = extract(ft, base, ExtractOptions(rank=5, seed=7))
+    again = extract(ft, base, ExtractOptions(rank=5, seed=7))
+    batched = extract(ft, base, ExtractOptions(rank=5, seed=7, batch_bytes=1 << 30))  # the CUDA code path, on CPU
+    for k in ms:
+        a, b, c = (x.adapter.targets[k].blocks[0] for x in (one, again, batched))
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+        assert rel(c.B @ c.A, a.B @ a.A) < 1e-5
+        assert abs(one.adapter.targets[k].info["rel_error"] - batched.adapter.targets[k].info["rel_error"]) < 1e-6
+
+
+@pytest.mark.gpu
+def test_cuda_agrees_with_cpu():
+    ms = {f"l{i}.weight": noisy(512, 384, seed=50 + i) for i in range(4)}
+    ms["conv.weight"] = low_rank(16, 8 * 9, 3, seed=60).reshape(16, 8, 3, 3)
+    ft, base = pair(**ms)
+    for opts in (dict(rank=8), dict(energy=0.9)):
+        cpu = extract(ft, base, ExtractOptions(**opts))
+        gpu = extract(ft, base, ExtractOptions(device="cuda", **opts))
+        for k in ms:
+            a, b = cpu.adapter.targets[k], gpu.adapter.targets[k]
+            assert a.rank == b.rank
+            assert rel(delta_tensor(b), delta_tensor(a)) < 1e-4
+            assert abs(a.info["rel_error"] - b.info["rel_error"]) < 1e-4
+
+
+# ---- refusals -----------------------------------------------------------------------------------------------
+
+def test_shape_mismatch_between_models():
+    ft = {"w": torch.zeros(4, 5)}
+    base = {"w": torch.zeros(5, 4)}
+    with pytest.raises(MismatchError, match=re.escape(
+            'ft.safetensors: tensor "w" has shape [4, 5] but [5, 4] in base/; the models have different '
+            'architectures')):
+        extract(ft, base, ExtractOptions(rank=1), names=("ft.safetensors", "base/"))
+
+
+def test_missing_tensors_in_either_model():
+    with pytest.raises(MismatchError, match=re.escape(
+            'base/: tensor "extra" of ft.pt is missing; both models need the same tensors (restrict with --targets)')):
+        plan({"w": torch.zeros(2, 2), "extra": torch.zeros(2)}, {"w": torch.zeros(2, 2)},
+             ExtractOptions(rank=1), names=("ft.pt", "base/"))
+    with pytest.raises(MismatchError, match=re.escape('ft.pt: tensor "extra" of base/ is missing')):
+        plan({"w": torch.zeros(2, 2)}, {"w": torch.zeros(2, 2), "extra": torch.zeros(2)},
+             ExtractOptions(rank=1), names=("ft.pt", "base/"))
+    # --targets narrows the pairing: the extra tensor is then out of scope.
+    assert [e.key for e in plan({"w": torch.zeros(2, 2), "extra": torch.zeros(2)}, {"w": torch.zeros(2, 2)},
+                                ExtractOptions(rank=1, targets=("w",)))] == ["w"]
+    with pytest.raises(MismatchError, match=re.escape('ft: no tensor matches --targets "*.q_proj.*"')):
+        plan({"w": torch.zeros(2, 2)}, {"w": torch.zeros(2, 2)}, ExtractOptions(rank=1, targets=("*.q_proj.*",)),
+             names=("ft", "base"))
+
+
+def test_non_finite_difference_names_the_tensor():
+    ft = {"w": torch.ones(6, 4)}
+    ft["w"][2, 1] = float("inf")
+    with pytest.raises(NumericError, match=re.escape(
+            'ft: tensor "w": the difference with base is not finite (NaN or Inf in a model); nothing was written')):
+        extract(ft, {"w": torch.zeros(6, 4)}, ExtractOptions(rank=1), names=("ft", "base"))
+
+
+def test_float16_overflow_of_factors_is_refused():
+    ft, base = pair(w=low_rank(20, 10, 1, seed=3, scale=1e4))
+    with pytest.raises(NumericError, match=re.escape('target "w": factors overflow float16; use --dtype bfloat16')):
+        extract(ft, base, ExtractOptions(rank=1, dtype="float16"))
+
+
+# ---- numerics helpers -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q", [0.0, 0.01, 0.5, 0.9, 0.99, 1.0])
+def test_quantile_matches_torch_quantile(q):
+    x = torch.randn(10_001, generator=g(5))
+    assert quantile(x, q) == pytest.approx(float(torch.quantile(x, q)), rel=1e-6, abs=1e-7)
+
+
+def test_quantile_works_above_torch_quantile_limit():
+    n = (1 << 24) + 3  # torch.quantile raises above 2^24 elements
+    x = torch.arange(n, dtype=torch.float32).flip(0)
+    assert quantile(x, 0.5) == pytest.approx((n - 1) / 2, rel=1e-7)
+    assert quantile(x, 0.99) == pytest.approx(0.99 * (n - 1), rel=1e-7)
+
+
+def test_sum_squares_is_accurate_where_float32_norms_are_not():
+    x = torch.randn(1 << 22, generator=g(1)) * 0.01 + 0.003
+    exact = float(x.double().square().sum())
+    assert abs(sum_squares(x) - exact) / exact < 1e-8
+    assert abs(sum_squares(x[:1000]) - float(x[:1000].double().square().sum())) < 1e-9
+
+
+def test_randomized_svd_shapes_orthonormality_and_wide_exact_svd():
+    M = noisy(200, 120, seed=61)
+    U, S, Vh = randomized_svd(M, 20, seed_for(0, "m"))
+    assert U.shape == (200, 20) and S.shape == (20,) and Vh.shape == (20, 120)
+    assert float((U.T @ U - torch.eye(20)).abs().max()) < 1e-5 and float((Vh @ Vh.T - torch.eye(20)).abs().max()) < 1e-5
+    assert bool((S[:-1] >= S[1:]).all())
+    U2, S2, Vh2 = exact_svd(M.T)  # wide: decomposed as its transpose
+    assert U2.shape == (120, 120) and Vh2.shape == (120, 200)
+    assert rel((U2 * S2) @ Vh2, M.T) < F32_REL
