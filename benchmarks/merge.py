@@ -50,7 +50,7 @@ def build(work: Path, shard_bytes: int = 500_000_000) -> tuple[Path, Path]:
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    weight_map, shard, size, n = {}, {}, 0, 0
+    weight_map, shard, size = {}, {}, 0
     names = []
 
     def flush():
@@ -111,14 +111,15 @@ model.save_pretrained(out, max_shard_size="500MB")
 """
 
 
-def timed(cmd: list[str], env=None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one whole process, from /usr/bin/time."""
+def timed(cmd: list[str], env=None) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds user + system) of one whole process, from /usr/bin/time."""
     t = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True, env=env)
+    r = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return wall, int(r.stderr.strip().splitlines()[-1]) * 1024
+    rss, user, sys_ = r.stderr.strip().splitlines()[-1].split()
+    return wall, int(rss) * 1024, float(user) + float(sys_)
 
 
 def identical(a: Path, b: Path) -> tuple[int, int]:
@@ -174,9 +175,10 @@ def main():
                 continue
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"])  # every run starts with no dirty pages from the previous one
-            wall, rss = timed(cmds[name])
-            runs[name].append((wall, rss))
-            print(f"round {r + 1} {name:22s} {wall:7.2f} s  peak RSS {rss / 2**30:.2f} GiB", file=sys.stderr)
+            wall, rss, cpu = timed(cmds[name])
+            runs[name].append((wall, rss, cpu))
+            print(f"round {r + 1} {name:22s} {wall:7.2f} s  CPU {cpu:6.2f} s  peak RSS {rss / 2**30:.2f} GiB  "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
             if name == "loratool --no-fsync" and r == 0:
                 shutil.rmtree(work / "out-loratool", ignore_errors=True)
                 os.replace(out, work / "out-loratool")
@@ -185,13 +187,14 @@ def main():
                 os.replace(out, work / "out-peft")
     shutil.rmtree(out, ignore_errors=True)
     n, differ = identical(work / "out-loratool", work / "out-peft")
-    cp = statistics.median(w for w, _ in runs["cp"])
+    cp = statistics.median(w for w, _, _ in runs["cp"])
     res = {"base_bytes": size, "rounds": args.rounds, "cpus": os.cpu_count(),
            "load_avg_at_end": os.getloadavg()[0], "tensors_compared": n, "tensors_differing": differ}
     for name, rs in runs.items():
-        med = statistics.median(w for w, _ in rs)
-        res[name] = {"median_s": round(med, 2), "all_s": [round(w, 2) for w, _ in rs],
-                     "peak_rss_gib": round(max(m for _, m in rs) / 2**30, 3), "x_cp": round(med / cp, 2)}
+        med = statistics.median(w for w, _, _ in rs)
+        res[name] = {"median_s": round(med, 2), "all_s": [round(w, 2) for w, _, _ in rs],
+                     "cpu_s": [round(c, 2) for _, _, c in rs],
+                     "peak_rss_gib": round(max(m for _, m, _ in rs) / 2**30, 3), "x_cp": round(med / cp, 2)}
     res["peft_over_loratool"] = round(res["peft"]["median_s"] / res["loratool --no-fsync"]["median_s"], 2)
     print(json.dumps(res, indent=2))
     if args.json:

@@ -284,8 +284,8 @@ def test_mismatches_are_all_listed_before_writing(tmp_path):
     a = linear_target("layers.0.q_proj.weight", out=12, inp=10)
     b = linear_target("layers.9.q_proj.weight", out=12, inp=10)
     c = linear_target("step", out=12, inp=10)
-    write_file(tmp_path / "b.safetensors", {a.key: rand(10, 12, seed=1), "step": torch.zeros(12, 10, dtype=torch.int32)},
-               {})
+    write_file(tmp_path / "b.safetensors",
+               {a.key: rand(10, 12, seed=1), "step": torch.zeros(12, 10, dtype=torch.int32)}, {})
     save(Adapter({t.key: t for t in (a, b, c)}), tmp_path / "a.safetensors")
     out = tmp_path / "o.safetensors"
     with pytest.raises(MismatchError) as e:

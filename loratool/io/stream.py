@@ -543,8 +543,6 @@ class Rewriter:
                 "transformed": len([j for j in jobs_tf if j[2] is not None])}
 
     def _transform(self, fd: int, e: Entry, tf, done) -> None:
-        import torch
-
         rows, cols = e.rows_cols
         osize = spec.DTYPE_SIZES[e.dtype]
         if e.nbytes == 0:
