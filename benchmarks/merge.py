@@ -146,13 +146,53 @@ def identical(a: Path, b: Path) -> tuple[int, int]:
     return len(common), differ
 
 
+def kernel() -> dict:
+    """Per-element cost of each step of one merged block (single thread, min of 5 passes over a 5632 x 2048
+    bf16 target in 1 MiB float32 blocks), the cost of `import torch`, and how many float32 elements of B @ A
+    numpy (OpenBLAS) rounds differently from torch."""
+    import torch
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    R, C, rows = 5632, 2048, (1 << 20) // (2048 * 4)
+    B, A = torch.randn(R, 16, generator=g) * 0.01, torch.randn(16, C, generator=g) / 45
+    W = (torch.randn(R, C, generator=g) * 0.02).bfloat16()
+    X, D, O = torch.empty(rows, C), torch.empty(rows, C), torch.empty(rows, C, dtype=torch.bfloat16)
+    steps = {"bf16->f32": lambda i: X.copy_(W[i:i + rows]), "B@A (r=16)": lambda i: torch.mm(B[i:i + rows], A, out=D),
+             "scale": lambda i: D.mul_(0.37), "add": lambda i: X.add_(D), "f32->bf16": lambda i: O.copy_(X),
+             "finite check": lambda i: float(X.sum())}
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(5):
+        acc = dict.fromkeys(steps, 0.0)
+        for i in range(0, R, rows):
+            for name, fn in steps.items():
+                t = time.perf_counter()
+                fn(i)
+                acc[name] += time.perf_counter() - t
+        best = {k: min(best[k], acc[k]) for k in steps}
+    ns = {k: round(v / (R * C) * 1e9, 3) for k, v in best.items()}
+    t = time.perf_counter()
+    subprocess.run([PY, "-c", "import torch"], check=True)
+    imp = time.perf_counter() - t
+    t = time.perf_counter()
+    subprocess.run([PY, "-c", "pass"], check=True)
+    imp -= time.perf_counter() - t
+    differ = int((torch.from_numpy(B.numpy() @ A.numpy()) != B @ A).sum())
+    return {"ns_per_element": ns, "total_ns_per_element": round(sum(ns.values()), 3), "import_torch_s": round(imp, 2),
+            "numpy_vs_torch_BA_differing": differ, "elements": R * C, "load_avg": os.getloadavg()[0]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/loratool-bench/merge")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--peft-rounds", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--kernel", action="store_true", help="only measure the per-element cost of a merged block")
     args = ap.parse_args()
+    if args.kernel:
+        print(json.dumps(kernel(), indent=2))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
