@@ -445,3 +445,34 @@ def test_power_of_two_fold_is_bit_identical_to_product_then_scale(alpha):
     want = W.clone()
     want += (B @ A) * (alpha / 4)  # PEFT's unsafe merge
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("weights_name", ["model.safetensors", "pytorch_model.bin"])
+def test_unsharded_folder_keeps_its_file_and_copies_the_rest(tmp_path, weights_name):
+    tensors, ad, want = small_case(tmp_path)
+    base = tmp_path / "base"
+    base.mkdir()
+    if weights_name.endswith(".bin"):
+        torch.save(tensors, base / weights_name)
+    else:
+        write_file(base / weights_name, tensors, {"format": "pt"})
+    (base / "tokenizer.json").write_text("{}")
+    run_merge(base, [ad], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([weights_name, "tokenizer.json"])
+    got = torch.load(tmp_path / "out" / weights_name, weights_only=True) if weights_name.endswith(".bin") \
+        else load_st(tmp_path / "out" / weights_name)
+    assert_equal_sd(got, want)
+
+
+def test_tensor_in_two_shards_is_refused(tmp_path):
+    tensors, ad, _ = small_case(tmp_path)
+    base = write_sharded(tmp_path / "base", tensors)
+    idx = json.loads((base / "model.safetensors.index.json").read_text())
+    key, shard = sorted(idx["weight_map"].items())[0]
+    other = next(n for n in set(idx["weight_map"].values()) if n != shard)
+    extra = load_st(base / other)
+    extra[key] = tensors[key]
+    write_file(base / other, extra, {"format": "pt"})
+    with pytest.raises(SpecError, match=re.escape(f'"{key}" is in shard {other} but the index does not map it')):
+        run_merge(base, [ad], tmp_path / "out")
+    no_output(tmp_path, tmp_path / "out")

@@ -88,10 +88,10 @@ class StreamBase:
                 by_name = {f.name: f for f in self.files}
                 for key, name in reader.index["weight_map"].items():
                     self._where[key] = (by_name[name], by_name[name].header.tensors[key])
-                # Tensors a shard holds but the index forgets would be dropped by loaders: refuse them.
+                # A tensor held by two shards would be merged in one and copied stale from the other: refuse.
                 for f in self.files:
                     for key in f.header.tensors:
-                        if self._where.get(key, (None,))[0] is not f:
+                        if key in self._where and self._where[key][0] is not f:
                             raise SpecError(f"{self.path / INDEX_NAME}: \"{escape(key)}\" is in shard {escape(f.name)}"
                                             " but the index does not map it there; fix the index")
             elif isinstance(reader, SafetensorsBase):
