@@ -186,9 +186,10 @@ def _fold_power_of_two(B: torch.Tensor, A: torch.Tensor, coef: float) -> tuple[t
     if coef == 1.0 or m not in (0.5, -0.5) or B.dtype != torch.float32 or B.numel() == 0 or A.numel() == 0:
         return B, coef
 
-    def span(x):
-        nz = x.abs()[x != 0]
-        return (float(nz.min()), float(nz.max())) if nz.numel() else (1.0, 1.0)
+    def span(x):  # (smallest nonzero, largest) magnitude, without a boolean-mask gather (slow)
+        a = x.abs()
+        hi = float(a.max())
+        return (float(torch.where(a > 0, a, math.inf).min()), hi) if hi > 0 else (1.0, 1.0)
 
     (blo, bhi), (alo, ahi) = span(B), span(A)
     small = blo * alo * min(1.0, abs(coef))
