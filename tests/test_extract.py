@@ -342,9 +342,10 @@ def test_quantile_matches_torch_quantile(q):
 
 def test_quantile_works_above_torch_quantile_limit():
     n = (1 << 24) + 3  # torch.quantile raises above 2^24 elements
-    x = torch.arange(n, dtype=torch.float32).flip(0)
+    x = torch.arange(n, dtype=torch.float32).flip(0)  # sorted input: quickselect (kthvalue) goes quadratic here
     assert quantile(x, 0.5) == pytest.approx((n - 1) / 2, rel=1e-7)
     assert quantile(x, 0.99) == pytest.approx(0.99 * (n - 1), rel=1e-7)
+    assert quantile(x, 1e-5) == pytest.approx(1e-5 * (n - 1), rel=1e-6)
 
 
 def test_sum_squares_is_accurate_where_float32_norms_are_not():

@@ -9,8 +9,9 @@
 - `exact_svd`: torch.linalg.svd, of the transpose when the matrix is wide (torch's CPU SVD is 2-3x
   slower on wide matrices than on the same matrix transposed).
 - Both work on a single (m, n) matrix or a batch (b, m, n) of same-shaped ones (the CUDA path batches).
-- `quantile`: the linear-interpolation quantile of torch.quantile, computed with two torch.kthvalue
-  calls, which have no element limit (torch.quantile refuses inputs above 2^24 elements).
+- `quantile`: the linear-interpolation quantile of torch.quantile, computed with an unsorted torch.topk
+  selection (introselect: linear time on any input), which has no element limit (torch.quantile refuses
+  inputs above 2^24 elements). Not torch.kthvalue: its quickselect goes quadratic on sorted input.
 
 Everything here is float32 in, float32 out; shapes are written where they arise.
 """
@@ -129,11 +130,19 @@ def randomized_svd(M: torch.Tensor, l: int, seeds: list[int] | int, n_iter: int 
     return U, S, Vh
 
 
+def kth_smallest(v: torch.Tensor, i: int) -> float:
+    """The i-th smallest value (0-based) of a 1-D tensor, by selection from the nearer end."""
+    N = v.numel()
+    if i + 1 <= N - i:
+        return float(torch.topk(v, i + 1, largest=False, sorted=False).values.max())
+    return float(torch.topk(v, N - i, largest=True, sorted=False).values.min())
+
+
 def quantile(x: torch.Tensor, q: float) -> float:
-    """torch.quantile(x, q) (linear interpolation) for a tensor of any size, via torch.kthvalue.
+    """torch.quantile(x, q) (linear interpolation) for a tensor of any size, by selection (no full sort).
 
     torch.quantile raises on inputs above 2^24 elements (the failure users of kohya's and PEFT's
-    extractors hit on large layers); kthvalue has no such limit and needs no full sort.
+    extractors hit on large layers); selection with torch.topk has no such limit.
     """
     v = x.reshape(-1).float()
     N = v.numel()
@@ -144,10 +153,10 @@ def quantile(x: torch.Tensor, q: float) -> float:
     pos = q * (N - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, N - 1)
-    v_lo = float(torch.kthvalue(v, lo + 1).values)  # kthvalue is 1-based
+    v_lo = kth_smallest(v, lo)
     if hi == lo or pos == lo:
         return v_lo
-    v_hi = float(torch.kthvalue(v, hi + 1).values)
+    v_hi = kth_smallest(v, hi)
     return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
