@@ -18,6 +18,7 @@ COMMANDS = {
     "merge": ("loratool.cli.merge_cmd", "merge", "Merge (or --unmerge) adapters into a base model, streaming."),
     "rescale": ("loratool.cli.rescale_cmd", "rescale", "Change an adapter's strength exactly or its rank optimally."),
     "combine": ("loratool.cli.combine_cmd", "combine", "Combine adapters: exact weighted sum, or svd/ties/dare."),
+    "extract": ("loratool.cli.extract_cmd", "extract", "Extract an adapter from a finetuned model and its base (SVD)."),
 }
 
 
