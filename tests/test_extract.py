@@ -179,18 +179,49 @@ def test_unchanged_skipped_vectors_listed_or_stored_whole():
 
 
 def test_compare_only_tensors_are_compared_in_pieces(monkeypatch):
-    # The embedding is bigger than every slot: it is compared piecewise; a change in its last row is seen.
-    monkeypatch.setattr(ex, "_CHUNK_BYTES", 64)
-    base = {"lin.weight": torch.randn(4, 4, generator=g(1)), "model.embed_tokens.weight": torch.randn(64, 16)}
+    # Pairs are read in pieces; a change in the embedding's last piece is seen, and deltas are assembled
+    # from pieces exactly.
+    monkeypatch.setattr(ex, "_CHUNK_ELEMENTS", 48)
+    base = {"lin.weight": torch.randn(20, 16, generator=g(1)), "model.embed_tokens.weight": torch.randn(64, 16)}
     ft = dict(base)
-    ft["lin.weight"] = base["lin.weight"] + 1
+    ft["lin.weight"] = base["lin.weight"] + low_rank(20, 16, 2, seed=3)
     emb = base["model.embed_tokens.weight"].clone()
     emb[-1, -1] += 1
     ft["model.embed_tokens.weight"] = emb
-    r = extract(ft, base, ExtractOptions(rank=1))
+    r = extract(ft, base, ExtractOptions(rank=2))
     assert [x["key"] for x in r.not_extracted] == ["model.embed_tokens.weight"]
+    assert rel(delta_tensor(r.adapter.targets["lin.weight"]), ft["lin.weight"] - base["lin.weight"]) < F32_REL
     ft["model.embed_tokens.weight"] = base["model.embed_tokens.weight"]
-    assert extract(ft, base, ExtractOptions(rank=1)).unchanged == 1
+    assert extract(ft, base, ExtractOptions(rank=2)).unchanged == 1
+
+
+def test_read_ahead_arena_wraps_around_and_every_delta_is_intact(monkeypatch):
+    monkeypatch.setattr(ex, "_ARENA_MIN_BYTES", 0)  # the arena holds only the biggest delta: constant wrapping
+    sizes = [(30, 20), (12, 8), (40, 24), (7, 5), (30, 20), (40, 24), (9, 9)]
+    deltas = {f"l{i}.weight": low_rank(m, n, 2, seed=300 + i) for i, (m, n) in enumerate(sizes)}
+    ft, base = pair(**deltas)
+    r = extract(ft, base, ExtractOptions(rank=2))
+    for k, D in deltas.items():
+        assert rel(delta_tensor(r.adapter.targets[k]), D) < F32_REL, k
+
+
+def test_arena_is_a_fifo_ring():
+    import threading
+
+    a = ex._Arena(1024, pin=False)
+    stop = threading.Event()
+    p1, _ = a.alloc(64, stop)  # 256 bytes
+    p2, _ = a.alloc(128, stop)  # 512 bytes
+    assert (p1, p2) == (0, 256)
+    stop.set()
+    assert a.alloc(128, stop) is None  # 512 more do not fit while both are live
+    a.free(p1)
+    assert a.alloc(64, stop)[0] == 768  # the end still has room
+    p4, _ = a.alloc(64, stop)  # the end is full: wraps to the front, where p1 was
+    assert p4 == 0
+    assert a.alloc(8, stop) is None  # the front is full up to p2
+    a.free(p2)
+    assert a.alloc(8, stop)[0] == 256
 
 
 def test_bf16_models_computed_in_float32():

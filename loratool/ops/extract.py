@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from ..adapter import Adapter, Target, matrix_shape, whole_target
@@ -224,58 +225,85 @@ def plan(ft, base, opts: ExtractOptions, names=("finetuned", "base")) -> list[En
 
 # ---- streaming reader ----------------------------------------------------------------------------------------
 
-_CHUNK_BYTES = 1 << 23  # smallest slot: pieces of a tensor that is only compared, never whole in memory
+_CHUNK_ELEMENTS = 1 << 22  # a pair is read, compared and subtracted in pieces of this many elements
+_ARENA_MIN_BYTES = 1 << 27  # the deltas read ahead share an arena of at least 128 MiB (more for a bigger matrix)
+_ALIGN = 64
 
 
-class _Slot:
-    """Two byte buffers (finetuned, base) that the reader fills and the consumer releases."""
+def _same_bits(f: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two pieces of the same dtype (numpy's compare runs at memory speed; torch.equal
+    is several times slower). Pieces of different dtypes count as different: the delta's norm decides."""
+    if f.dtype != b.dtype:
+        return False
+    fb, bb = f.view(torch.uint8).numpy(), b.view(torch.uint8).numpy()
+    if fb.size % 8 == 0:
+        fb, bb = fb.view("u8"), bb.view("u8")
+    return bool(np.array_equal(fb, bb))
+
+
+class _Arena:
+    """One float32 buffer the reader carves deltas from in FIFO order (a ring), so that read-ahead costs
+    no allocation per tensor and the resident memory stays at the arena's size."""
 
     def __init__(self, nbytes: int, pin: bool):
-        self.ft = torch.empty(max(nbytes, 8), dtype=torch.uint8, pin_memory=pin)
-        self.base = torch.empty(max(nbytes, 8), dtype=torch.uint8, pin_memory=pin)
+        self.size = nbytes
+        self.buf = torch.empty(nbytes // 4, dtype=torch.float32, pin_memory=pin)
+        self.live: list[tuple[int, int]] = []  # (start, stop) in bytes, in allocation order
+        self.head = 0
+        self.cond = threading.Condition()
 
-    def views(self, e: Entry, n: int | None = None):
-        n = e.numel if n is None else n
-        f = self.ft[:n * torch_dtype(e.ft_dtype).itemsize].view(torch_dtype(e.ft_dtype))
-        b = self.base[:n * torch_dtype(e.base_dtype).itemsize].view(torch_dtype(e.base_dtype))
-        return f, b
+    def _place(self, n: int) -> int | None:
+        if not self.live:
+            return 0 if n <= self.size else None
+        tail = self.live[0][0]
+        if self.head > tail or (self.head == tail and not self.live):
+            if self.head + n <= self.size:
+                return self.head
+            return 0 if n <= tail else None
+        return self.head if self.head + n <= tail else None
 
+    def alloc(self, numel: int, stop: threading.Event):
+        n = -(-numel * 4 // _ALIGN) * _ALIGN
+        with self.cond:
+            while True:
+                pos = self._place(n)
+                if pos is not None:
+                    break
+                if stop.is_set():
+                    return None
+                self.cond.wait(0.1)
+            self.live.append((pos, pos + n))
+            self.head = pos + n
+        return pos, self.buf[pos // 4:pos // 4 + numel]
 
-def _bytes_of(e: Entry) -> int:
-    return e.numel * max(torch_dtype(e.ft_dtype).itemsize, torch_dtype(e.base_dtype).itemsize)
-
-
-def _same(f: torch.Tensor, b: torch.Tensor) -> bool:
-    if f.dtype == b.dtype:
-        return torch.equal(f, b)
-    return torch.equal(f.float(), b.float()) if f.is_floating_point() else torch.equal(f, b)
+    def free(self, pos: int):
+        with self.cond:
+            self.live = [x for x in self.live if x[0] != pos]
+            if not self.live:
+                self.head = 0
+            self.cond.notify_all()
 
 
 class _Reader:
-    """A thread that reads pairs ahead of the consumer into a small pool of reused slots.
+    """A thread that reads pairs ahead of the consumer and turns each changed one into its float32 delta.
 
-    Yields (entry, slot or None, changed). A slot comes with every changed whole entry and must be handed
-    back with `release`; unchanged entries and compare-only entries come without one.
+    Yields (entry, delta, changed): `delta` is ft - base, flat float32, a view into the arena, for every
+    changed whole entry (hand it back with `release(delta)` once used); None for unchanged entries and for
+    compare-only ones. Pairs are read in pieces into small reused buffers, so memory stays at the arena.
     """
 
-    def __init__(self, ft, base, entries: list[Entry], slots: int = 2, pin: bool = False):
+    def __init__(self, ft, base, entries: list[Entry], pin: bool = False):
         self.ft, self.base, self.entries = ft, base, entries
-        whole = [_bytes_of(e) for e in entries if e.whole]
-        self.nbytes = max(whole, default=0)
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(slots):
-            self.free.put(_Slot(max(self.nbytes, _CHUNK_BYTES), pin))
-        self.out: queue.Queue = queue.Queue(maxsize=slots + 1)
+        biggest = max((e.numel * 4 for e in entries if e.whole), default=0)
+        self.arena = _Arena(max(biggest, _ARENA_MIN_BYTES) if biggest else _ALIGN, pin)
+        widest = 8
+        self.fbuf = torch.empty(_CHUNK_ELEMENTS * widest, dtype=torch.uint8)
+        self.bbuf = torch.empty(_CHUNK_ELEMENTS * widest, dtype=torch.uint8)
+        self.tmp = torch.empty(_CHUNK_ELEMENTS, dtype=torch.float32)
+        self.out: queue.Queue = queue.Queue(maxsize=64)
         self.stop = threading.Event()
+        self.pos: dict[int, int] = {}  # data_ptr of a handed-out delta -> its arena position
         self.thread = threading.Thread(target=self._run, name="loratool-extract-reader", daemon=True)
-
-    def _get_slot(self):
-        while not self.stop.is_set():
-            try:
-                return self.free.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
 
     def _put(self, item):
         while not self.stop.is_set():
@@ -285,44 +313,56 @@ class _Reader:
             except queue.Full:
                 continue
 
+    def _pieces(self, e: Entry):
+        fd, bd = torch_dtype(e.ft_dtype), torch_dtype(e.base_dtype)
+        for start in range(0, e.numel, _CHUNK_ELEMENTS):
+            n = min(_CHUNK_ELEMENTS, e.numel - start)
+            f = self.fbuf[:n * fd.itemsize].view(fd)
+            b = self.bbuf[:n * bd.itemsize].view(bd)
+            self.ft.read_into(e.key, f, start)
+            self.base.read_into(e.key, b, start)
+            yield start, n, f, b
+
     def _run(self):
         try:
             for e in self.entries:
-                slot = self._get_slot()
-                if slot is None:
+                if self.stop.is_set():
                     return
-                if e.whole:
-                    f, b = slot.views(e)
-                    self.ft.read_into(e.key, f)
-                    self.base.read_into(e.key, b)
-                    if _same(f, b):
-                        self.free.put(slot)
-                        self._put((e, None, False))
-                    else:
-                        self._put((e, slot, True))
+                if not e.whole:
+                    changed = any(not _same_bits(f, b) for _, _, f, b in self._pieces(e))
+                    self._put((e, None, changed))
                     continue
-                changed = self._compare(e, slot)
-                self.free.put(slot)
-                self._put((e, None, changed))
+                got = self.arena.alloc(e.numel, self.stop)
+                if got is None:
+                    return
+                pos, delta = got
+                changed = False
+                for start, n, f, b in self._pieces(e):
+                    changed = changed or not _same_bits(f, b)
+                    d = delta[start:start + n]
+                    d.copy_(f)
+                    if b.dtype == torch.float32:
+                        d.sub_(b)
+                    else:
+                        t = self.tmp[:n]
+                        t.copy_(b)
+                        d.sub_(t)
+                if not changed:
+                    self.arena.free(pos)
+                    self._put((e, None, False))
+                    continue
+                with self.arena.cond:
+                    self.pos[delta.data_ptr()] = pos
+                self._put((e, delta, True))
             self._put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
             self._put(exc)
 
-    def _compare(self, e: Entry, slot: _Slot) -> bool:
-        per = max(slot.ft.numel(), slot.base.numel()) // max(torch_dtype(e.ft_dtype).itemsize,
-                                                             torch_dtype(e.base_dtype).itemsize)
-        for start in range(0, e.numel, per):
-            n = min(per, e.numel - start)
-            f, b = slot.views(e, n)
-            self.ft.read_into(e.key, f, start)
-            self.base.read_into(e.key, b, start)
-            if not _same(f, b):
-                return True
-        return False
-
-    def release(self, slot):
-        if slot is not None:
-            self.free.put(slot)
+    def release(self, delta):
+        if delta is not None:
+            with self.arena.cond:
+                pos = self.pos.pop(delta.data_ptr())
+            self.arena.free(pos)
 
     def __iter__(self):
         self.thread.start()
@@ -430,11 +470,11 @@ def _clamp(B: torch.Tensor, A: torch.Tensor, q: float):
     return B.clamp(-hi, hi), A.clamp(-hi, hi)
 
 
-def finish(f: _Factors, k: int, opts: ExtractOptions, M: torch.Tensor | None = None, work: torch.Tensor | None = None):
+def finish(f: _Factors, k: int, opts: ExtractOptions, M: torch.Tensor | None = None):
     """Truncate to rank k, clamp and cast; measure the error. Returns (B, A, report) on the CPU.
 
     M is the float32 matrix view; it is needed only when the residual must be computed directly
-    (`needs_residual`); `work` is an optional float32 buffer of at least m*n elements for it.
+    (`needs_residual`).
     """
     e = f.entry
     m, n = e.matrix_shape
@@ -452,15 +492,23 @@ def finish(f: _Factors, k: int, opts: ExtractOptions, M: torch.Tensor | None = N
     if needs_residual(f, k, opts):
         if M is None:
             raise AssertionError("residual needs the matrix")
-        R = (work[:m * n].view(m, n) if work is not None else torch.empty(m, n, dtype=torch.float32,
-                                                                           device=M.device))
-        torch.mm(B.float(), A.float(), out=R)  # (m, k) @ (k, n) -> (m, n)
-        R.sub_(M)
-        err2 = sum_squares(R)
+        err2 = residual_squares(M, B.float(), A.float())
     rel = math.sqrt(err2 / E) if E > 0 else 0.0
     report = {"rank": k, "rel_error": rel, "energy": max(0.0, 1.0 - err2 / E) if E > 0 else 1.0,
               "norm": math.sqrt(E), "method": f.method}
     return B.cpu(), A.cpu(), report
+
+
+def residual_squares(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
+    """||M - B A||_F^2, by row blocks of about 4M elements (never a second m x n buffer)."""
+    m, n = M.shape
+    rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    total = 0.0
+    for r0 in range(0, m, rows):
+        R = B[r0:r0 + rows] @ A  # (rows, k) @ (k, n) -> (rows, n)
+        R.sub_(M[r0:r0 + rows])
+        total += sum_squares(R)
+    return total
 
 
 def needs_residual(f: _Factors, k: int, opts: ExtractOptions) -> bool:
@@ -530,7 +578,7 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
     batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else (1 << 30)
     groups: dict[tuple, list] = {}
 
-    def emit(fs: list[_Factors], Ms, work=None):
+    def emit(fs: list[_Factors], Ms):
         for i, f in enumerate(fs):
             if budget:  # keep the cap's triplets on the CPU; the global budget picks the ranks at the end
                 kcap = min(_fixed_rank(opts), *f.entry.matrix_shape)
@@ -541,20 +589,17 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
                 k = min(opts.rank, *f.entry.matrix_shape)
             else:
                 k = _select(f.S, f.energy, opts, complete=True)
-            done[f.entry.key] = finish(f, k, opts, Ms[i], work)
+            done[f.entry.key] = finish(f, k, opts, Ms[i])
 
     def flush(shape_key):
         items = groups.pop(shape_key)
         Ms = torch.stack([x[1] for x in items])  # (b, m, n) on the device
         emit(factorize_batch(Ms, [x[0] for x in items], [x[2] for x in items], opts), Ms)
 
-    reader = _Reader(ft, base, entries, slots=2 if not batching else 3, pin=device.type == "cuda")
+    reader = _Reader(ft, base, entries, pin=device.type == "cuda")
     copier = _Copier(device) if batching else None
-    el_cap = max((e.numel for e in entries if e.whole), default=0)
-    work_M = torch.empty(el_cap, dtype=torch.float32) if not batching and el_cap else None
-    work_T = torch.empty(el_cap, dtype=torch.float32) if not batching and el_cap else None
 
-    for e, slot, changed in reader:
+    for e, Mf, changed in reader:
         tick(advance=1)
         if not changed:
             unchanged += 1
@@ -565,27 +610,23 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
                       "nonfloat": f"not floating point ({e.ft_dtype}); cannot be stored as a delta"}[e.role]
             not_extracted.append({"key": e.key, "shape": list(e.shape), "reason": reason})
             continue
-        f_raw, b_raw = slot.views(e)
-        if batching:
-            Mf = copier.delta(f_raw, b_raw)  # flat float32 on the device
-            reader.release(slot)
-        else:
-            Mf = work_M[:e.numel]
-            Mf.copy_(f_raw)
-            T = work_T[:e.numel]
-            T.copy_(b_raw)
-            reader.release(slot)
-            Mf.sub_(T)
+        if batching:  # the device keeps its own copy; the arena's space goes back to the reader at once
+            host = Mf
+            Mf = copier.to_device(host)
+            reader.release(host)
         E = sum_squares(Mf)
         _check_finite(e, E, names)
-        if E == 0.0:  # bitwise different, numerically equal (-0.0 and 0.0, or a dtype change)
-            unchanged += 1
-            continue
-        if e.role == "full":
-            delta = Mf.view(e.shape).to("cpu", OUT_DTYPES[opts.dtype], copy=True)  # Mf is a reused buffer
-            full_targets.append(Target(key=e.key, kind="full", layout="full", shape=e.shape, delta=delta,
-                                       delta_scale=1.0, dtype=e.base_dtype,
-                                       info={"norm": math.sqrt(E), "rel_error": _cast_error(Mf, delta, E)}))
+        if E == 0.0 or e.role == "full":
+            delta = None
+            if E > 0.0:
+                delta = Mf.view(e.shape).to("cpu", OUT_DTYPES[opts.dtype], copy=True)
+                full_targets.append(Target(key=e.key, kind="full", layout="full", shape=e.shape, delta=delta,
+                                           delta_scale=1.0, dtype=e.base_dtype,
+                                           info={"norm": math.sqrt(E), "rel_error": _cast_error(Mf, delta, E)}))
+            else:  # bitwise different, numerically equal (-0.0 and 0.0, or a dtype change)
+                unchanged += 1
+            if not batching:
+                reader.release(Mf)
             continue
         if batching:
             skey = (e.matrix_shape,)
@@ -593,8 +634,9 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
             if sum(x[0].numel for x in groups[skey]) * 4 >= batch_bytes:
                 flush(skey)
             continue
-        M = _view(e, Mf)
-        emit(factorize_batch(M.unsqueeze(0), [e], [E], opts), M.unsqueeze(0), work_T)
+        M = _view(e, Mf).unsqueeze(0)  # (1, m, n), a view into the reader's arena
+        emit(factorize_batch(M, [e], [E], opts), M)
+        reader.release(Mf)
     for skey in list(groups):
         flush(skey)
 
@@ -620,29 +662,22 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
 
 
 class _Copier:
-    """ft - base as flat float32 on the device. On CUDA the host-to-device copies run on their own stream
-    from pinned slots, while the reader thread preads the next pair and earlier batches compute."""
+    """A device copy of a delta from the reader's arena. On CUDA the host-to-device copy runs on its own
+    stream from the pinned arena, while the reader thread preads the next pairs and earlier batches compute."""
 
     def __init__(self, device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def delta(self, f_raw: torch.Tensor, b_raw: torch.Tensor) -> torch.Tensor:
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
         if self.stream is None:
-            return _delta_copy(f_raw, b_raw)
+            return host.clone()
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
-            f = f_raw.to(self.device, non_blocking=True)
-            b = b_raw.to(self.device, non_blocking=True)
-        self.stream.synchronize()  # the pinned slot goes back to the reader once its bytes are on the device
-        f.record_stream(compute)  # the allocator must not hand these blocks to the copy stream too early
-        b.record_stream(compute)
-        return f.float().sub_(b.float())
-
-
-def _delta_copy(f_raw: torch.Tensor, b_raw: torch.Tensor) -> torch.Tensor:
-    """ft - base as a new float32 tensor (never a view of the reader's slot, which is reused)."""
-    return f_raw.to(torch.float32, copy=True).sub_(b_raw.to(torch.float32))
+            d = host.to(self.device, non_blocking=True)
+        self.stream.synchronize()  # the arena's space goes back to the reader once its bytes are on the device
+        d.record_stream(compute)  # the allocator must not hand this block to the copy stream too early
+        return d
 
 
 def _cast_error(Mf: torch.Tensor, delta: torch.Tensor, E: float) -> float:
@@ -677,12 +712,10 @@ def _second_pass(ft, base, redo, opts, done, device):
     by_key = {f.entry.key: (f, k) for f, k in redo}
     entries = [f.entry for f, _ in redo]
     reader = _Reader(ft, base, entries)
-    for e, slot, changed in reader:
+    for e, Mf, changed in reader:
         f, k = by_key[e.key]
-        f_raw, b_raw = slot.views(e)
-        Mf = _delta_copy(f_raw, b_raw)
-        reader.release(slot)
-        done[e.key] = finish(f, k, opts, _view(e, Mf.to(device)))
+        done[e.key] = finish(f, k, opts, _view(e, Mf).to(device))
+        reader.release(Mf)
 
 
 def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, dropped) -> ExtractResult:
