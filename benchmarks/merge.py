@@ -182,6 +182,50 @@ def kernel() -> dict:
             "numpy_vs_torch_BA_differing": differ, "elements": R * C, "load_avg": os.getloadavg()[0]}
 
 
+PHASES_SCRIPT = """
+import json, os, sys, time
+T0 = time.perf_counter()
+marks = []
+def mark(name):
+    r = os.times()
+    marks.append((name, round(time.perf_counter() - T0, 2), round(r.user + r.system, 2)))
+from loratool.io.stream import open_stream, Rewriter
+from loratool.cli.merge_cmd import _unlikely_targets, _load
+base_path, adapter, out = sys.argv[1:4]
+base = open_stream(base_path)
+rw = Rewriter(base, out, "folder", fsync=False)
+rw.__enter__()
+rw.start_copy(early=_unlikely_targets([adapter]))
+mark("opened, background copy started")
+import torch
+torch.set_num_threads(1)  # as run_merge does
+mark("torch imported")
+with rw._cv:
+    copied = sum(v == "copied" for v in rw._state.values())
+from loratool.ops.merge import plan_merge, Merger
+ad = _load(adapter, base)
+plan = plan_merge([(adapter, ad)], base.info)
+ms = {k: Merger(k, *base.info(k), terms, base.info(k)[1]) for k, terms in plan.terms.items()}
+mark("adapter loaded, planned")
+rw.run(ms)
+rw.commit()
+mark("merged and committed")
+print(json.dumps({"marks (name, wall s, cpu s)": marks, "copied during import": copied,
+                  "tensors": len(base.keys())}))
+"""
+
+
+def phases(base: Path, adapter: Path, out: Path) -> dict:
+    """One merge with timestamps (wall and CPU seconds since start) at each phase, in a fresh process."""
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"])
+    r = subprocess.run([PY, "-c", PHASES_SCRIPT, str(base), str(adapter), str(out)], capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return {**json.loads(r.stdout), "load_avg": os.getloadavg()[0]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/loratool-bench/merge")
@@ -189,6 +233,7 @@ def main():
     ap.add_argument("--peft-rounds", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--kernel", action="store_true", help="only measure the per-element cost of a merged block")
+    ap.add_argument("--phases", action="store_true", help="only time the phases of one merge (wall and CPU)")
     args = ap.parse_args()
     if args.kernel:
         print(json.dumps(kernel(), indent=2))
@@ -198,6 +243,9 @@ def main():
     t = time.perf_counter()
     base, adapter = build(work)
     print(f"base ready in {time.perf_counter() - t:.1f} s: {base}", file=sys.stderr)
+    if args.phases:
+        print(json.dumps(phases(base, adapter, work / "out"), indent=2))
+        return
     size = sum(p.stat().st_size for p in base.iterdir())
     out = work / "out"
     runs = {"cp": [], "loratool": [], "loratool --no-fsync": [], "peft": []}

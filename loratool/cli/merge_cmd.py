@@ -34,7 +34,6 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
         MismatchError (nothing written) when targets do not fit the base; NumericError on NaN/Inf/overflow or
         a failed probe; FileError, SpecError for unreadable inputs or a refused output.
     """
-    from ..errors import NumericError
     from ..fsutil import check_output
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
 
@@ -56,39 +55,50 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
                 rw.start_copy(early=_unlikely_targets(adapter_paths))
             import torch
 
-            from ..ops.merge import Merger, plan_merge
-
-            adapters = [(str(p), _load(p, base)) for p in adapter_paths]
-            plan = plan_merge(adapters, base.info, weights=weights, scale=scale, unmerge=unmerge,
-                              allow_partial=allow_partial)
-            _check_fingerprints(base, plan)
-            mergers = {}
-            for key, terms in plan.terms.items():
-                shape, dt = base.info(key)
-                mergers[key] = Merger(key, shape, dt, terms, out_dtype(key, dt), device=device, probe=verify)
-            if progress is not None:
-                progress(0, total=rw.total_bytes)
             threads = torch.get_num_threads()
             if device == "cpu":
-                torch.set_num_threads(1)  # one tensor per worker thread; a team per call would oversubscribe
+                # One tensor per worker thread, each op single-threaded: an OpenMP team per small op stalls
+                # whenever another process holds a core (set before the adapters load: they do tensor ops too).
+                torch.set_num_threads(1)
             try:
-                stats = rw.run(mergers, progress)
+                summary = _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify,
+                                 allow_partial, device, progress)
             finally:
                 torch.set_num_threads(threads)
-            errors = {k: m.probe_error() for k, m in mergers.items()} if verify else {}
-            bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * EPS[out_dtype(k, base.info(k)[1])]}
-            if bad:
-                k = max(bad, key=bad.get)
-                raise NumericError(f"target \"{k}\": --verify probe error {bad[k]:.3g} is above "
-                                   f"{VERIFY_EPS} x the output dtype's epsilon ({len(bad)} target(s) fail); "
-                                   "the merge is wrong, nothing was written; please report it")
-            rw.commit()
+    return {"base": str(base_path), "output": str(out), "format": fmt, **summary,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, allow_partial, device,
+           progress) -> dict:
+    """Load, plan, stream and (if asked) verify; commit the output only when everything passed."""
+    from ..errors import NumericError
+    from ..ops.merge import Merger, plan_merge
+
+    adapters = [(str(p), _load(p, base)) for p in adapter_paths]
+    plan = plan_merge(adapters, base.info, weights=weights, scale=scale, unmerge=unmerge,
+                      allow_partial=allow_partial)
+    _check_fingerprints(base, plan)
+    mergers = {}
+    for key, terms in plan.terms.items():
+        shape, dt = base.info(key)
+        mergers[key] = Merger(key, shape, dt, terms, out_dtype(key, dt), device=device, probe=verify)
+    if progress is not None:
+        progress(0, total=rw.total_bytes)
+    stats = rw.run(mergers, progress)
+    errors = {k: m.probe_error() for k, m in mergers.items()} if verify else {}
+    bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * EPS[out_dtype(k, base.info(k)[1])]}
+    if bad:
+        k = max(bad, key=bad.get)
+        raise NumericError(f"target \"{k}\": --verify probe error {bad[k]:.3g} is above {VERIFY_EPS} x the "
+                           f"output dtype's epsilon ({len(bad)} target(s) fail); the merge is wrong, nothing was "
+                           "written; please report it")
+    rw.commit()
     worst = max(errors, key=errors.get) if errors else None
     return {
-        "base": str(base_path), "adapters": [str(p) for p in adapter_paths], "output": str(out), "format": fmt,
-        "operation": "unmerge" if unmerge else "merge", "targets": plan.n_targets,
-        "terms": sum(len(v) for v in plan.terms.values()), "skipped": plan.skipped,
-        "tensors": stats["tensors"], "bytes": stats["bytes"], "seconds": round(time.perf_counter() - t0, 3),
+        "adapters": [str(p) for p in adapter_paths], "operation": "unmerge" if unmerge else "merge",
+        "targets": plan.n_targets, "terms": sum(len(v) for v in plan.terms.values()), "skipped": plan.skipped,
+        "tensors": stats["tensors"], "bytes": stats["bytes"],
         "verify": {"max_rel_error": errors[worst], "target": worst} if worst else None,
         "probe_errors": errors,
     }
