@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import dialect_options, load_inputs, reader_options_of
+
 
 def _weights(ctx, param, value):
     if value is None:
@@ -29,7 +31,8 @@ def _weights(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (the per-target report).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def combine(paths, output, weights, method, rank, density, seed, overwrite, json_, quiet):
+@dialect_options
+def combine(paths, output, weights, method, rank, density, seed, overwrite, json_, quiet, **reader):
     """Combine adapters into one: ΔW = Σ w_i ΔW_i, exactly or compressed.
 
     Targets are the union of the inputs' targets; a target that differs in kind, layout or shape between
@@ -71,13 +74,13 @@ def combine(paths, output, weights, method, rank, density, seed, overwrite, json
     if method != "dare" and seed is not None:
         raise click.UsageError("--seed applies to --method dare")
     from ..fsutil import check_output
-    from ..io.detect import load_adapter
     from ..io.native import save
     from ..ops.combine import combine as run
     from .render import Progress, escape
 
-    check_output(output, list(paths), overwrite)
-    adapters = [load_adapter(p) for p in paths]
+    opts = reader_options_of(reader)
+    check_output(output, [*paths, opts["base"]], overwrite)
+    adapters = load_inputs(paths, opts)
     total = len({t.key for a in adapters for t in a})
     with Progress("combine", total=total, enabled=not (quiet or json_)) as progress:
         res = run(adapters, weights=weights, method=method, rank=rank, density=density,

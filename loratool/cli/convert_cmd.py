@@ -1,43 +1,14 @@
 """`loratool convert`: read any supported dialect and write loratool, PEFT or kohya, exactly or not at all.
 
-`dialect_options` and `reader_options` are shared with other commands that read foreign dialects
-(inspect), so every command spells --base, --allow-unknown and the loralib options the same way.
 """
 
 from __future__ import annotations
 
 import click
 
+from .options import dialect_options, reader_options
+
 TARGETS = ("loratool", "peft", "kohya")
-
-
-def dialect_options(f):
-    """Click options for reading PEFT, kohya and loralib adapters (see `reader_options`)."""
-    opts = [
-        click.option("--base", type=click.Path(exists=False, dir_okay=True),
-                     help="Base model (.safetensors, Hugging Face folder, .pt/.pth/.bin): maps kohya names to dotted "
-                          "keys, resolves PEFT prefixes, checks shapes, and turns PEFT's saved whole tensors into "
-                          "deltas."),
-        click.option("--allow-unknown", is_flag=True,
-                     help="Ignore keys that are not LoRA tensors of the dialect (they are listed in the output's "
-                          "info) instead of failing."),
-        click.option("--alpha", type=float, help="loralib only: the lora_alpha the layers were built with."),
-        click.option("--r", "r", type=click.IntRange(min=1), help="loralib only: the r the layers were built with "
-                     "(checked against the factors)."),
-        click.option("--enable-lora", metavar="1,0,1", help="loralib only: MergedLinear's enable_lora, one 1 or 0 "
-                     "per equal slice of the output rows."),
-        click.option("--fan-in-fan-out", is_flag=True, help="loralib only: layers were built with "
-                     "fan_in_fan_out=True (weights stored (in, out))."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out) -> dict:
-    """The keyword options of io.detect.load_adapter for the values of `dialect_options`."""
-    return {"base": base, "allow_unknown": allow_unknown, "alpha": alpha, "r": r, "enable_lora": enable_lora,
-            "fan_in_fan_out": fan_in_fan_out}
 
 
 @click.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .convert_cmd import dialect_options, reader_options
+from .options import dialect_options, reader_options
 
 
 @click.command()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import dialect_options, reader_options_of
+
 
 @click.command()
 @click.argument("path", type=click.Path(exists=False, dir_okay=True))
@@ -18,7 +20,8 @@ import click
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (the per-target report).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet):
+@dialect_options(alpha_flag="--lora-alpha")
+def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet, **reader):
     """Rescale an adapter: strength exactly (--scale, --alpha) or rank optimally (--rank, --energy).
 
     Give exactly one of the four options.
@@ -52,8 +55,9 @@ def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet):
     from ..ops.rescale import rescale as run
     from .render import Progress
 
-    check_output(output, [path], overwrite)
-    adapter = load_adapter(path)
+    opts = reader_options_of(reader)
+    check_output(output, [path, opts["base"]], overwrite)
+    adapter = load_adapter(path, **opts)
     with Progress("rescale", total=len(adapter), enabled=not (quiet or json_)) as progress:
         res = run(adapter, scale=scale, alpha=alpha, rank=rank, energy=energy, progress=progress)
     nbytes = save(res.adapter, output)

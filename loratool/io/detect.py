@@ -54,13 +54,22 @@ def detect(path) -> str:
     raise SpecError(f"{p}: unknown adapter file type; expected .safetensors, .pt/.pth/.bin or a PEFT folder")
 
 
-def load_adapter(path, *, dialect: str | None = None, **options):
+def accepted_options(dialect: str) -> set[str]:
+    """The keyword options the dialect's reader takes."""
+    import inspect
+
+    return set(inspect.signature(importlib.import_module(DIALECTS[dialect]).load).parameters) - {"path"}
+
+
+def load_adapter(path, *, dialect: str | None = None, strict: bool = True, **options):
     """Read an adapter of any supported dialect into the in-memory model.
 
     Args:
         path: a file or a PEFT folder.
         dialect: force a dialect instead of detecting it.
         options: dialect-specific options (for example `base` for kohya names, `alpha` for loralib).
+        strict: refuse a set option the dialect does not take (False drops it: for commands reading several
+            adapters of different dialects, which check that some input takes each option).
     Raises:
         SpecError, FileError, UnsupportedError: as the dialect's reader says.
     """
@@ -77,7 +86,7 @@ def load_adapter(path, *, dialect: str | None = None, **options):
 
     accepted = inspect.signature(mod.load).parameters
     extra = [k for k, v in options.items() if k not in accepted and v not in (None, False, (), [])]
-    if extra:
+    if extra and strict:
         from ..errors import UnsupportedError
 
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))

@@ -1,0 +1,68 @@
+"""Options shared by every command that reads adapters, so each spells --base, --allow-unknown and the
+loralib options the same way and passes them to `io.detect.load_adapter`."""
+
+from __future__ import annotations
+
+import click
+
+
+def dialect_options(f=None, *, alpha_flag: str = "--alpha"):
+    """Click options for reading PEFT, kohya and loralib adapters (see `reader_options`).
+
+    `alpha_flag` renames loralib's --alpha for commands that have an --alpha of their own (rescale)."""
+    if f is None:
+        return lambda g: dialect_options(g, alpha_flag=alpha_flag)
+    opts = [
+        click.option("--base", type=click.Path(exists=False, dir_okay=True),
+                     help="Base model (.safetensors, Hugging Face folder, .pt/.pth/.bin): maps kohya names to dotted "
+                          "keys, resolves PEFT prefixes, checks shapes, and turns PEFT's saved whole tensors into "
+                          "deltas."),
+        click.option("--allow-unknown", is_flag=True,
+                     help="Ignore keys that are not LoRA tensors of the dialect (they are listed in the output's "
+                          "info) instead of failing."),
+        click.option(alpha_flag, "alpha" if alpha_flag == "--alpha" else "lora_alpha", type=float,
+                     help="loralib only: the lora_alpha the layers were built with."),
+        click.option("--r", "r", type=click.IntRange(min=1), help="loralib only: the r the layers were built with "
+                     "(checked against the factors)."),
+        click.option("--enable-lora", metavar="1,0,1", help="loralib only: MergedLinear's enable_lora, one 1 or 0 "
+                     "per equal slice of the output rows."),
+        click.option("--fan-in-fan-out", is_flag=True, help="loralib only: layers were built with "
+                     "fan_in_fan_out=True (weights stored (in, out))."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out) -> dict:
+    """The keyword options of io.detect.load_adapter for the values of `dialect_options`."""
+    return {"base": base, "allow_unknown": allow_unknown, "alpha": alpha, "r": r, "enable_lora": enable_lora,
+            "fan_in_fan_out": fan_in_fan_out}
+
+
+def reader_options_of(kw: dict, base=None) -> dict:
+    """Pop the `dialect_options` values out of a command's keyword arguments; `base` (a command's own base
+    model argument) stands in for --base when that is not given."""
+    names = ("base", "allow_unknown", "r", "enable_lora", "fan_in_fan_out")
+    vals = {n: kw.pop(n) for n in names}
+    vals["alpha"] = kw.pop("lora_alpha") if "lora_alpha" in kw else kw.pop("alpha")
+    if vals["base"] is None:
+        vals["base"] = base
+    return reader_options(**vals)
+
+
+def load_inputs(paths, opts: dict) -> list:
+    """Read several adapters, each with the reader options its dialect takes.
+
+    Raises:
+        click.UsageError: a set option is taken by none of the inputs' dialects.
+    """
+    from ..io.detect import accepted_options, detect, load_adapter
+
+    dialects = [detect(p) for p in paths]
+    taken = set().union(*(accepted_options(d) for d in dialects))
+    unused = sorted(k for k, v in opts.items() if v not in (None, False) and k not in taken)
+    if unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise click.UsageError(f"no input is of a dialect that takes {flags}; drop the option")
+    return [load_adapter(p, dialect=d, strict=False, **opts) for p, d in zip(paths, dialects)]
