@@ -388,7 +388,11 @@ class Rewriter:
             return
         self._torch_out = False
         self.files = plan_files(base, fmt, self.out_dtype)
-        self._open()
+        try:
+            self._open()
+        except BaseException as exc:  # discard what _open made (a plain close() would commit it)
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+            raise
 
     @property
     def total_bytes(self) -> int:
