@@ -196,10 +196,9 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
 
     Example:
 
+    \b
         loratool merge model/ adapter/ -o merged/
-
         loratool merge base.safetensors a.safetensors b.safetensors --weights 1,0.5 -o out.safetensors
-
         loratool merge merged/ adapter/ --unmerge -o base-again/ --verify
     """
     from .render import Progress, emit_json, err, fmt_bytes
