@@ -53,3 +53,19 @@ def test_rescale_loralib_alpha_flag_is_renamed(tmp_path):
     code, _, err = run("rescale", tmp_path / "k.safetensors", "-o", tmp_path / "x.safetensors", "--scale", "2",
                        "--lora-alpha", "3", "--base", tmp_path / "base.safetensors")
     assert code == 7 and "does not take --alpha" in err and err.count("\n") == 1
+
+
+def test_merge_hands_its_base_to_the_kohya_reader(tmp_path):
+    from safetensors.torch import load_file
+
+    want = _kohya(tmp_path)
+    code, _, err = run("merge", tmp_path / "base.safetensors", tmp_path / "k.safetensors", "-o",
+                       tmp_path / "m.safetensors", "-q")
+    assert code == 0, err
+    base = load_file(str(tmp_path / "base.safetensors"))[KEY]
+    got = load_file(str(tmp_path / "m.safetensors"))[KEY]
+    assert torch.allclose(got, base + want, atol=1e-6)  # float32 rounding of one add
+    code, _, err = run("merge", tmp_path / "base.safetensors", tmp_path / "k.safetensors", "-o",
+                       tmp_path / "m2.safetensors", "--enable-lora", "1,0")
+    assert code == 2 and "no input is of a dialect that takes --enable-lora" in err
+    assert not (tmp_path / "m2.safetensors").exists()

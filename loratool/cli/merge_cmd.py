@@ -7,6 +7,8 @@ import time
 
 import click
 
+from .options import dialect_options, reader_options_of
+
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 # --verify refuses a probe error above this many units of the output dtype's epsilon: rounding the merged
 # tensor once gives about eps/4 on a random probe; an orientation, scale or index mistake gives far more.
@@ -16,7 +18,7 @@ EPS = {"F16": 2.0 ** -10, "BF16": 2.0 ** -7, "F32": 2.0 ** -23, "F64": 2.0 ** -5
 
 def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=None, unmerge=False,
               verify=False, allow_partial=False, device="cpu", overwrite=False, fsync=True, progress=None,
-              speculate=None) -> dict:
+              speculate=None, reader=None) -> dict:
     """Merge adapters into a base model file or folder and write the result to `out`, atomically.
 
     Args:
@@ -26,6 +28,8 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
         dtype: output dtype name ("F32", "BF16", "F16", "F64") for every floating-point tensor; None keeps each.
         unmerge: subtract instead of add. verify: probe every merged target (see ops.merge.Merger).
         progress: callable(advance_bytes) or None.
+        reader: reader options for the adapters (cli.options.reader_options_of); the base is handed to every
+            reader that takes one (kohya names, PEFT prefixes and saved tensors).
         speculate: copy the base in the background while adapters load (default: when torch is not imported
             yet, so that the copy hides the import).
     Returns:
@@ -62,7 +66,7 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
                 torch.set_num_threads(1)
             try:
                 summary = _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify,
-                                 allow_partial, device, progress)
+                                 allow_partial, device, progress, reader)
             finally:
                 torch.set_num_threads(threads)
     return {"base": str(base_path), "output": str(out), "format": fmt, **summary,
@@ -70,12 +74,16 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
 
 
 def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, allow_partial, device,
-           progress) -> dict:
+           progress, reader) -> dict:
     """Load, plan, stream and (if asked) verify; commit the output only when everything passed."""
     from ..errors import NumericError
     from ..ops.merge import Merger, plan_merge
 
-    adapters = [(str(p), _load(p, base)) for p in adapter_paths]
+    from .options import load_inputs
+
+    reader = {k: v for k, v in (reader or {}).items() if k != "base"}
+    loaded = load_inputs(adapter_paths, reader or {}, base=base.reader)
+    adapters = [(str(p), a) for p, a in zip(adapter_paths, loaded)]
     plan = plan_merge(adapters, base.info, weights=weights, scale=scale, unmerge=unmerge,
                       allow_partial=allow_partial)
     _check_fingerprints(base, plan)
@@ -135,20 +143,6 @@ def _unlikely_targets(adapter_paths):
     return early
 
 
-def _load(path, base):
-    """Read an adapter of any dialect, handing the base to readers that resolve names or layouts with it."""
-    import importlib
-    import inspect
-
-    from ..io.detect import DIALECTS, detect, load_adapter
-
-    dialect = detect(path)
-    module = DIALECTS.get(dialect)
-    if module and "base" in inspect.signature(importlib.import_module(module).load).parameters:
-        return load_adapter(path, dialect=dialect, base=base.reader)
-    return load_adapter(path, dialect=dialect)
-
-
 def _check_fingerprints(base, plan) -> None:
     """Rule B004: a target that records its base's sha256 refuses any other base (read before writing)."""
     from ..container import escape
@@ -185,8 +179,9 @@ def _check_fingerprints(base, plan) -> None:
               "left to the kernel, as with cp).")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@dialect_options(with_base=False)
 def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_partial, device, overwrite, no_fsync,
-          json_, quiet):
+          json_, quiet, **reader):
     """Merge LoRA adapters into a base model, streaming one tensor at a time.
 
     W' = W + Σ w_i·ΔW_i computed in float32 and cast once to each tensor's dtype; tensors no adapter
@@ -203,6 +198,7 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
     """
     from .render import Progress, emit_json, err, fmt_bytes
 
+    opts = reader_options_of(reader)
     ws = None
     if weights is not None:
         try:
@@ -220,7 +216,7 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
     with Progress("merge", None, enabled=not (quiet or json_)) as bar:
         summary = run_merge(base, adapters, out, weights=ws, scale=scale, dtype=DTYPES.get(dtype), unmerge=unmerge,
                             verify=verify, allow_partial=allow_partial, device=device, overwrite=overwrite,
-                            fsync=not no_fsync, progress=bar)
+                            fsync=not no_fsync, progress=bar, reader=opts)
     if json_:
         emit_json(summary)
         return

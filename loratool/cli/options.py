@@ -6,12 +6,13 @@ from __future__ import annotations
 import click
 
 
-def dialect_options(f=None, *, alpha_flag: str = "--alpha"):
+def dialect_options(f=None, *, alpha_flag: str = "--alpha", with_base: bool = True):
     """Click options for reading PEFT, kohya and loralib adapters (see `reader_options`).
 
-    `alpha_flag` renames loralib's --alpha for commands that have an --alpha of their own (rescale)."""
+    `alpha_flag` renames loralib's --alpha for commands that have an --alpha of their own (rescale);
+    `with_base=False` leaves out --base for commands whose base model is an argument (merge)."""
     if f is None:
-        return lambda g: dialect_options(g, alpha_flag=alpha_flag)
+        return lambda g: dialect_options(g, alpha_flag=alpha_flag, with_base=with_base)
     opts = [
         click.option("--base", type=click.Path(exists=False, dir_okay=True),
                      help="Base model (.safetensors, Hugging Face folder, .pt/.pth/.bin): maps kohya names to dotted "
@@ -29,6 +30,8 @@ def dialect_options(f=None, *, alpha_flag: str = "--alpha"):
         click.option("--fan-in-fan-out", is_flag=True, help="loralib only: layers were built with "
                      "fan_in_fan_out=True (weights stored (in, out))."),
     ]
+    if not with_base:
+        opts = opts[1:]
     for opt in reversed(opts):
         f = opt(f)
     return f
@@ -43,19 +46,23 @@ def reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out) -
 def reader_options_of(kw: dict, base=None) -> dict:
     """Pop the `dialect_options` values out of a command's keyword arguments; `base` (a command's own base
     model argument) stands in for --base when that is not given."""
-    names = ("base", "allow_unknown", "r", "enable_lora", "fan_in_fan_out")
+    names = ("allow_unknown", "r", "enable_lora", "fan_in_fan_out")
     vals = {n: kw.pop(n) for n in names}
+    vals["base"] = kw.pop("base", None)
     vals["alpha"] = kw.pop("lora_alpha") if "lora_alpha" in kw else kw.pop("alpha")
     if vals["base"] is None:
         vals["base"] = base
     return reader_options(**vals)
 
 
-def load_inputs(paths, opts: dict) -> list:
+def load_inputs(paths, opts: dict, base=None) -> list:
     """Read several adapters, each with the reader options its dialect takes.
 
+    Args:
+        opts: the user's reader options (`reader_options_of`).
+        base: a base model the command has anyway (merge's BASE); handed to the readers that take one.
     Raises:
-        click.UsageError: a set option is taken by none of the inputs' dialects.
+        click.UsageError: an option the user set is taken by none of the inputs' dialects.
     """
     from ..io.detect import accepted_options, detect, load_adapter
 
@@ -65,4 +72,6 @@ def load_inputs(paths, opts: dict) -> list:
     if unused:
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
         raise click.UsageError(f"no input is of a dialect that takes {flags}; drop the option")
+    if base is not None:
+        opts = {**opts, "base": base}
     return [load_adapter(p, dialect=d, strict=False, **opts) for p, d in zip(paths, dialects)]
