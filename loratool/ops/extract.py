@@ -228,6 +228,7 @@ def plan(ft, base, opts: ExtractOptions, names=("finetuned", "base")) -> list[En
 _CHUNK_ELEMENTS = 1 << 22  # a pair is read, compared and subtracted in pieces of this many elements
 _ARENA_MIN_BYTES = 1 << 27  # the deltas read ahead share an arena of at least 128 MiB (more for a bigger matrix)
 _ALIGN = 64
+READ_AHEAD = True  # read and subtract in a thread while the previous pair is factorised
 
 
 def _same_bits(f: torch.Tensor, b: torch.Tensor) -> bool:
@@ -287,9 +288,9 @@ class _Arena:
 class _Reader:
     """A thread that reads pairs ahead of the consumer and turns each changed one into its float32 delta.
 
-    Yields (entry, delta, changed): `delta` is ft - base, flat float32, a view into the arena, for every
-    changed whole entry (hand it back with `release(delta)` once used); None for unchanged entries and for
-    compare-only ones. Pairs are read in pieces into small reused buffers, so memory stays at the arena.
+    Yields (entry, delta, changed, energy): `delta` is ft - base, flat float32, a view into the arena, for every
+    changed whole entry (hand it back with `release(delta)` once used), and energy its exact sum of squares
+    (summed piece by piece while the piece is in cache); None for unchanged entries and compare-only ones. Pairs are read in pieces into small reused buffers, so memory stays at the arena.
     """
 
     def __init__(self, ft, base, entries: list[Entry], pin: bool = False):
@@ -325,38 +326,43 @@ class _Reader:
 
     def _run(self):
         try:
-            for e in self.entries:
-                if self.stop.is_set():
-                    return
-                if not e.whole:
-                    changed = any(not _same_bits(f, b) for _, _, f, b in self._pieces(e))
-                    self._put((e, None, changed))
-                    continue
-                got = self.arena.alloc(e.numel, self.stop)
-                if got is None:
-                    return
-                pos, delta = got
-                changed = False
-                for start, n, f, b in self._pieces(e):
-                    changed = changed or not _same_bits(f, b)
-                    d = delta[start:start + n]
-                    d.copy_(f)
-                    if b.dtype == torch.float32:
-                        d.sub_(b)
-                    else:
-                        t = self.tmp[:n]
-                        t.copy_(b)
-                        d.sub_(t)
-                if not changed:
-                    self.arena.free(pos)
-                    self._put((e, None, False))
-                    continue
-                with self.arena.cond:
-                    self.pos[delta.data_ptr()] = pos
-                self._put((e, delta, True))
+            for item in self._produce():
+                self._put(item)
             self._put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
             self._put(exc)
+
+    def _produce(self):
+        for e in self.entries:
+            if self.stop.is_set():
+                return
+            if not e.whole:
+                changed = any(not _same_bits(f, b) for _, _, f, b in self._pieces(e))
+                yield (e, None, changed, None)
+                continue
+            got = self.arena.alloc(e.numel, self.stop)
+            if got is None:
+                return
+            pos, delta = got
+            changed, energy = False, 0.0
+            for start, n, f, b in self._pieces(e):
+                changed = changed or not _same_bits(f, b)
+                d = delta[start:start + n]
+                d.copy_(f)
+                if b.dtype == torch.float32:
+                    d.sub_(b)
+                else:
+                    t = self.tmp[:n]
+                    t.copy_(b)
+                    d.sub_(t)
+                energy += sum_squares(d)
+            if not changed:
+                self.arena.free(pos)
+                yield (e, None, False, None)
+                continue
+            with self.arena.cond:
+                self.pos[delta.data_ptr()] = pos
+            yield (e, delta, True, energy)
 
     def release(self, delta):
         if delta is not None:
@@ -365,6 +371,9 @@ class _Reader:
             self.arena.free(pos)
 
     def __iter__(self):
+        if not READ_AHEAD:
+            yield from self._produce()
+            return
         self.thread.start()
         try:
             while True:
@@ -599,7 +608,7 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
     reader = _Reader(ft, base, entries, pin=device.type == "cuda")
     copier = _Copier(device) if batching else None
 
-    for e, Mf, changed in reader:
+    for e, Mf, changed, E in reader:
         tick(advance=1)
         if not changed:
             unchanged += 1
@@ -614,7 +623,6 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
             host = Mf
             Mf = copier.to_device(host)
             reader.release(host)
-        E = sum_squares(Mf)
         _check_finite(e, E, names)
         if E == 0.0 or e.role == "full":
             delta = None
@@ -712,7 +720,7 @@ def _second_pass(ft, base, redo, opts, done, device):
     by_key = {f.entry.key: (f, k) for f, k in redo}
     entries = [f.entry for f, _ in redo]
     reader = _Reader(ft, base, entries)
-    for e, Mf, changed in reader:
+    for e, Mf, changed, _ in reader:
         f, k = by_key[e.key]
         done[e.key] = finish(f, k, opts, _view(e, Mf).to(device))
         reader.release(Mf)

@@ -1,0 +1,202 @@
+"""Benchmark `loratool extract` (issue 6): loratool's randomized SVD against a full dense SVD, and a whole
+end-to-end extraction against `cp -r` of one model.
+
+svd   On the matrix shapes of an 8B Llama (4096x4096 q/o, 1024x4096 k/v, 14336x4096 gate/up,
+      4096x14336 down), a seeded ΔW with a realistic spectrum: a rank-64 signal with singular values
+      exp(-i/16) plus Gaussian noise of half the signal's Frobenius norm (noise is 20% of the energy).
+      Times `torch.linalg.svd(ΔW, full_matrices=False)` (what kohya, PEFT and mergekit run) once per shape,
+      and loratool's `randomized_svd` with extract's defaults (sketch 2k, 2 power iterations) at ranks 16
+      and 64 (median of 3). Reports the time ratio and the ratio of each method's relative Frobenius error
+      (measured on the truncated factors, float64 sums) to the Eckart-Young optimum (from the full SVD).
+e2e   The merge benchmark's synthetic ~1.1B Llama (benchmarks/merge.py builds it, cached) as the base, and a
+      finetune built here once: every projection and the lm_head get + a rank-32 signal + small noise, norms
+      and embeddings get small noise (bf16, sharded like the base). Then alternately, as whole processes:
+      `cp -r base out` and `python -m loratool extract ft base --rank 16 -o out.safetensors -q`, with peak
+      RSS from /usr/bin/time.
+
+    flock /tmp/loratool-bench.lock /work/venv/bin/python benchmarks/extract.py --svd --e2e --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+RANKS = (16, 64)
+
+
+def spectrum_matrix(m: int, n: int, seed: int, r: int = 64, decay: float = 16.0, noise: float = 0.5):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g))[0]  # (m, r) orthonormal
+    V = torch.linalg.qr(torch.randn(n, r, generator=g))[0]  # (n, r)
+    s = torch.exp(-torch.arange(r, dtype=torch.float32) / decay)
+    M = (U * s) @ V.T  # (m, n) rank-64 signal
+    N = torch.randn(m, n, generator=g)
+    M += N * (noise * M.norm() / N.norm())
+    return M
+
+
+def rel_error(M, B, A) -> float:
+    from loratool.ops.extract import residual_squares, sum_squares
+
+    return math.sqrt(residual_squares(M, B, A) / sum_squares(M))
+
+
+def bench_svd(reps: int = 3, iterations=None) -> list[dict]:
+    import torch
+
+    from loratool.ops.svd import DEFAULT_POWER_ITERATIONS, randomized_svd, seed_for, sketch_size
+
+    rows = []
+    for si, (m, n) in enumerate(SHAPES):
+        M = spectrum_matrix(m, n, seed=si)
+        E = float(M.double().square().sum())
+        t = time.perf_counter()
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        t_full = time.perf_counter() - t
+        for k, q in [(k, q) for k in RANKS for q in (iterations or [DEFAULT_POWER_ITERATIONS])]:
+            optimum = math.sqrt(max(E - float(S[:k].double().square().sum()), 0.0) / E)
+            full_err = rel_error(M, U[:, :k] * S[:k], Vh[:k])
+            l = sketch_size(k, m, n)
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                Ur, Sr, Vhr = randomized_svd(M, l, seed_for(0, f"{m}x{n}"), q)
+                B, A = Ur[:, :k] * Sr[:k], Vhr[:k].clone()
+                times.append(time.perf_counter() - t)
+            t_rand = statistics.median(times)
+            err = rel_error(M, B, A)
+            row = {"shape": f"{m}x{n}", "rank": k, "sketch": l, "power_iterations": q,
+                   "full_svd_s": round(t_full, 3), "loratool_s": round(t_rand, 4),
+                   "loratool_runs_s": [round(x, 4) for x in times], "speedup": round(t_full / t_rand, 1),
+                   "optimum_rel_error": round(optimum, 6), "full_svd_rel_error": round(full_err, 6),
+                   "loratool_rel_error": round(err, 6), "error_ratio": round(err / optimum, 5)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        del U, S, Vh, M
+    return rows
+
+
+def build_finetune(base: Path, ft: Path, seed: int = 1) -> Path:
+    """ft = base + rank-32 signal + noise on every 2-D projection and lm_head; small noise elsewhere."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loratool.io.base import open_base
+
+    if (ft / "model.safetensors.index.json").is_file():
+        return ft
+    tmp = ft.with_name(ft.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    by_shard: dict[str, list[str]] = {}
+    for k, name in index["weight_map"].items():
+        by_shard.setdefault(name, []).append(k)
+    g = torch.Generator().manual_seed(seed)
+    src = open_base(base)
+    for name, keys in sorted(by_shard.items()):
+        out = {}
+        for k in sorted(keys):
+            W = src.read(k).float()
+            if W.ndim == 2 and "embed_tokens" not in k:
+                m, n = W.shape
+                U = torch.randn(m, 32, generator=g) / math.sqrt(m)
+                V = torch.randn(32, n, generator=g) / math.sqrt(n)
+                s = 0.5 * torch.exp(-torch.arange(32, dtype=torch.float32) / 8)  # ||signal|| ~ 1
+                D = (U * s) @ V  # (m, 32) @ (32, n)
+                D += torch.randn(m, n, generator=g) * (0.2 / math.sqrt(m * n))  # noise: 20% of the signal's norm
+                W += D
+            else:
+                W += torch.randn(W.shape, generator=g) * 1e-3
+            out[k] = W.to(torch.bfloat16).contiguous()
+        save_file(out, str(tmp / name), metadata={"format": "pt"})
+        print(f"built {name}", file=sys.stderr, flush=True)
+    src.close()
+    shutil.copy(base / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
+    shutil.copy(base / "config.json", tmp / "config.json")
+    os.replace(tmp, ft)
+    return ft
+
+
+def timed(cmd: list[str]) -> tuple[float, int, str]:
+    t = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"{cmd} failed: {r.stderr[-2000:]}")
+    rss = int(r.stderr.strip().splitlines()[-1]) * 1024
+    return wall, rss, r.stderr
+
+
+def bench_e2e(work: Path, rounds: int) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import merge  # the merge benchmark's model builder (shared cache)
+
+    base, _ = merge.build(work / "merge")
+    ft = build_finetune(base, work / "extract" / "ft")
+    size = sum(p.stat().st_size for p in base.iterdir())
+    cps, runs = [], []
+    out_cp, out = work / "extract" / "cp-out", work / "extract" / "adapter.safetensors"
+    for i in range(rounds):
+        shutil.rmtree(out_cp, ignore_errors=True)
+        out.unlink(missing_ok=True)
+        subprocess.run(["sync"])
+        cps.append(timed(["cp", "-r", str(base), str(out_cp)])[:2])
+        subprocess.run(["sync"])
+        wall, rss, err = timed([PY, "-m", "loratool", "extract", str(ft), str(base), "--rank", "16", "-o", str(out),
+                                "-q", "--json"])
+        runs.append((wall, rss))
+        print(f"round {i}: cp {cps[-1][0]:.2f} s, extract {wall:.2f} s, peak RSS {rss / 2**30:.3f} GiB",
+              file=sys.stderr, flush=True)
+    shutil.rmtree(out_cp, ignore_errors=True)
+    from loratool.io.native import load
+
+    info = load(out).info["extract"]
+    cp_med = statistics.median(w for w, _ in cps)
+    ex_med = statistics.median(w for w, _ in runs)
+    return {"model_bytes": size, "cp_s": [round(w, 2) for w, _ in cps], "extract_s": [round(w, 2) for w, _ in runs],
+            "cp_median_s": round(cp_med, 2), "extract_median_s": round(ex_med, 2),
+            "ratio_to_cp": round(ex_med / cp_med, 2), "peak_rss_gib": round(max(r for _, r in runs) / 2**30, 3),
+            "targets": info["targets"], "parameters": info["parameters"], "rel_error": round(info["rel_error"], 5),
+            "energy": round(info["energy"], 5), "not_extracted": len(info["not_extracted"])}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--svd", action="store_true", help="randomized vs full SVD on 8B-Llama shapes")
+    ap.add_argument("--e2e", action="store_true", help="end-to-end extract of the ~1.1B pair vs cp -r")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--power-iterations", default=None, help="comma list for --svd (default: extract's default)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/loratool-bench"))
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    a = ap.parse_args()
+    import torch
+
+    res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+    if a.svd:
+        res["svd"] = bench_svd(iterations=[int(x) for x in a.power_iterations.split(",")]
+                               if a.power_iterations else None)
+    if a.e2e:
+        res["e2e"] = bench_e2e(a.work, a.rounds)
+    res["load_after"] = os.getloadavg()[0]
+    print(json.dumps(res, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
