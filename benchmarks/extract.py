@@ -14,7 +14,11 @@ e2e   The merge benchmark's synthetic ~1.1B Llama (benchmarks/merge.py builds it
       `cp -r base out` and `python -m loratool extract ft base --rank 16 -o out.safetensors -q`, with peak
       RSS from /usr/bin/time.
 
+set   (`--set cuda`) the whole 8B set, 224 matrices, through the batched randomized SVD as
+      `extract --device cuda` runs it; compute time only.
+
     flock /tmp/loratool-bench.lock /work/venv/bin/python benchmarks/extract.py --svd --e2e --rounds 3
+    python benchmarks/extract.py --set cuda          # on a machine with a GPU
 """
 
 from __future__ import annotations
@@ -36,15 +40,16 @@ SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 RANKS = (16, 64)
 
 
-def spectrum_matrix(m: int, n: int, seed: int, r: int = 64, decay: float = 16.0, noise: float = 0.5):
+def spectrum_matrix(m: int, n: int, seed: int, r: int = 64, decay: float = 16.0, noise: float = 0.5,
+                    device: str = "cpu"):
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(m, r, generator=g))[0]  # (m, r) orthonormal
-    V = torch.linalg.qr(torch.randn(n, r, generator=g))[0]  # (n, r)
-    s = torch.exp(-torch.arange(r, dtype=torch.float32) / decay)
+    g = torch.Generator(device=device).manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g, device=device))[0]  # (m, r) orthonormal
+    V = torch.linalg.qr(torch.randn(n, r, generator=g, device=device))[0]  # (n, r)
+    s = torch.exp(-torch.arange(r, dtype=torch.float32, device=device) / decay)
     M = (U * s) @ V.T  # (m, n) rank-64 signal
-    N = torch.randn(m, n, generator=g)
+    N = torch.randn(m, n, generator=g, device=device)
     M += N * (noise * M.norm() / N.norm())
     return M
 
@@ -88,6 +93,41 @@ def bench_svd(reps: int = 3, iterations=None) -> list[dict]:
             print(json.dumps(row), file=sys.stderr, flush=True)
         del U, S, Vh, M
     return rows
+
+
+def bench_set(device: str, layers: int, rank: int = 16) -> dict:
+    """The 8B set (7 matrices x `layers`) through loratool's batched randomized SVD on `device`, as
+    `extract --device` runs it: same-shaped matrices stacked in batches of at most 1 GiB. Compute only: the
+    matrices are made on the device first (spectrum as above, seeded per matrix)."""
+    import torch
+
+    from loratool.ops.extract import residual_squares, sum_squares
+    from loratool.ops.svd import DEFAULT_POWER_ITERATIONS, randomized_svd, seed_for, sketch_size
+
+    shapes = {(4096, 4096): 2 * layers, (1024, 4096): 2 * layers, (14336, 4096): 2 * layers, (4096, 14336): layers}
+    batches = []
+    for (m, n), count in shapes.items():
+        per = max(1, (1 << 30) // (m * n * 4))
+        for i in range(0, count, per):
+            b = min(per, count - i)
+            Ms = torch.stack([spectrum_matrix(m, n, seed=1000 * m + n + i + j, device=device) for j in range(b)])
+            batches.append(((m, n), Ms, [seed_for(0, f"{m}x{n}.{i + j}") for j in range(b)]))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    results = []
+    for (m, n), Ms, seeds in batches:
+        U, S, Vh = randomized_svd(Ms, sketch_size(rank, m, n), seeds, DEFAULT_POWER_ITERATIONS)
+        results.append((U[..., :rank] * S[..., None, :rank], Vh[..., :rank, :]))
+    sync()
+    compute = time.perf_counter() - t
+    worst = 0.0
+    for ((m, n), Ms, _), (B, A) in zip(batches[:2], results[:2]):
+        for i in range(Ms.shape[0]):
+            worst = max(worst, math.sqrt(residual_squares(Ms[i], B[i], A[i]) / sum_squares(Ms[i])))
+    return {"device": device, "matrices": sum(shapes.values()), "rank": rank, "compute_s": round(compute, 3),
+            "max_rel_error_first_batches": round(worst, 5),
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
 
 
 def build_finetune(base: Path, ft: Path, seed: int = 1) -> Path:
@@ -175,6 +215,34 @@ def bench_e2e(work: Path, rounds: int) -> dict:
             "energy": round(info["energy"], 5), "not_extracted": len(info["not_extracted"])}
 
 
+def breakdown(work: Path) -> dict:
+    """Where an end-to-end run's time goes: torch import (own process), the reader alone (read, compare,
+    subtract, sum of squares), and the whole in-process extraction with and without the read-ahead thread."""
+    from loratool.io.base import open_base
+    from loratool.ops import extract as ex
+
+    t = time.perf_counter()
+    subprocess.run([PY, "-c", "import torch"], check=True)
+    imp = time.perf_counter() - t
+    ft, base = open_base(work / "extract" / "ft"), open_base(work / "merge" / "base")
+    opts = ex.ExtractOptions(rank=16)
+    entries = ex.plan(ft, base, opts)
+    ex.READ_AHEAD = False
+    t = time.perf_counter()
+    r = ex._Reader(ft, base, entries)
+    for e, d, changed, _ in r:
+        r.release(d)
+    reader = time.perf_counter() - t
+    out = {"python_import_torch_s": round(imp, 2), "reader_alone_s": round(reader, 2)}
+    for ahead in (False, True):
+        ex.READ_AHEAD = ahead
+        t = time.perf_counter()
+        ex.extract(ft, base, opts)
+        out[f"extract_in_process_read_ahead_{ahead}_s"] = round(time.perf_counter() - t, 2)
+    ex.READ_AHEAD = True
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--svd", action="store_true", help="randomized vs full SVD on 8B-Llama shapes")
@@ -183,6 +251,9 @@ def main():
     ap.add_argument("--power-iterations", default=None, help="comma list for --svd (default: extract's default)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/loratool-bench"))
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--breakdown", action="store_true", help="time import, reader and in-process extract")
+    ap.add_argument("--set", dest="set_device", help="time the whole 8B set (224 matrices) on this device")
+    ap.add_argument("--layers", type=int, default=32, help="layers in --set (32 for 8B)")
     a = ap.parse_args()
     import torch
 
@@ -192,6 +263,10 @@ def main():
                                if a.power_iterations else None)
     if a.e2e:
         res["e2e"] = bench_e2e(a.work, a.rounds)
+    if a.breakdown:
+        res["breakdown"] = breakdown(a.work)
+    if a.set_device:
+        res["set"] = bench_set(a.set_device, a.layers)
     res["load_after"] = os.getloadavg()[0]
     print(json.dumps(res, indent=2))
     if a.json:

