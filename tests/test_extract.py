@@ -282,6 +282,16 @@ def test_max_params_budget_is_global_greedy_and_respected():
     assert {t.key: t.rank for t in r.adapter} == {"big": 3, "small": 3}
 
 
+def test_budget_with_a_cast_measures_the_stored_factors_in_a_second_pass():
+    M = noisy(90, 70, seed=33)
+    ft, base = pair(w=M, v=low_rank(90, 70, 2, seed=35))
+    r = extract(ft, base, ExtractOptions(max_params=6 * 160, rank=8, dtype="bfloat16"))
+    assert r.summary["parameters"] <= 6 * 160
+    for k, t in r.adapter.targets.items():
+        assert t.blocks[0].A.dtype == torch.bfloat16
+        assert abs(t.info["rel_error"] - rel(delta_tensor(t), ft[k] - base[k])) < 1e-5
+
+
 def test_budget_ranks_greedy_takes_prefixes_by_energy_per_parameter():
     e1 = ex.Entry("a", (10, 10), "F32", "F32", "matrix", "linear")  # cost 20 per triplet
     e2 = ex.Entry("b", (30, 10), "F32", "F32", "matrix", "linear")  # cost 40 per triplet

@@ -555,7 +555,7 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
             start), or a plain mapping of name -> tensor.
         opts: the rank rule and the rest (ExtractOptions).
         names: how messages name the two models (their paths).
-        progress: called with advance=1 after every tensor pair.
+        progress: called once with advance=0, total=<tensor pairs>, then with advance=1 after every pair.
     Returns:
         ExtractResult with the adapter (targets keyed by the base tensors' keys, per-target reports in
         Target.info, the run's report in adapter.info["extract"]).
@@ -575,6 +575,7 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
     device = resolve_device(opts.device)
     entries = plan(ft, base, opts, names)
     tick = progress or (lambda **kw: None)
+    tick(advance=0, total=len(entries))
 
     full_targets: list[Target] = []
     pending: list[_Factors] = []  # budget mode: factors waiting for the global rank choice
