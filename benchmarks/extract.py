@@ -230,7 +230,7 @@ def breakdown(work: Path) -> dict:
     ex.READ_AHEAD = False
     t = time.perf_counter()
     r = ex._Reader(ft, base, entries)
-    for e, d, changed, _ in r:
+    for e, d, changed, _, _ in r:
         r.release(d)
     reader = time.perf_counter() - t
     out = {"python_import_torch_s": round(imp, 2), "reader_alone_s": round(reader, 2)}
@@ -239,7 +239,7 @@ def breakdown(work: Path) -> dict:
         t = time.perf_counter()
         ex.extract(ft, base, opts)
         out[f"extract_in_process_read_ahead_{ahead}_s"] = round(time.perf_counter() - t, 2)
-    ex.READ_AHEAD = True
+    ex.READ_AHEAD = None
     return out
 
 

@@ -195,14 +195,33 @@ def test_compare_only_tensors_are_compared_in_pieces(monkeypatch):
     assert extract(ft, base, ExtractOptions(rank=2)).unchanged == 1
 
 
-def test_read_ahead_arena_wraps_around_and_every_delta_is_intact(monkeypatch):
+@pytest.mark.parametrize("ahead", [False, True])  # in line (the CPU default) and in a thread (the CUDA default)
+def test_read_ahead_arena_wraps_around_and_every_delta_is_intact(monkeypatch, ahead):
     monkeypatch.setattr(ex, "_ARENA_MIN_BYTES", 0)  # the arena holds only the biggest delta: constant wrapping
+    monkeypatch.setattr(ex, "READ_AHEAD", ahead)
     sizes = [(30, 20), (12, 8), (40, 24), (7, 5), (30, 20), (40, 24), (9, 9)]
     deltas = {f"l{i}.weight": low_rank(m, n, 2, seed=300 + i) for i, (m, n) in enumerate(sizes)}
     ft, base = pair(**deltas)
     r = extract(ft, base, ExtractOptions(rank=2))
     for k, D in deltas.items():
         assert rel(delta_tensor(r.adapter.targets[k]), D) < F32_REL, k
+
+
+def test_a_read_error_in_the_reader_thread_reaches_the_caller(monkeypatch):
+    from loratool.errors import FileError
+
+    monkeypatch.setattr(ex, "READ_AHEAD", True)
+
+    class Failing(ex._MappingSource):
+        def read_into(self, key, out, start=0):
+            if key == "l3.weight":
+                raise FileError("ft: file ended 12 bytes early while reading \"l3.weight\"")
+            return super().read_into(key, out, start)
+
+    deltas = {f"l{i}.weight": low_rank(20, 10, 1, seed=400 + i) for i in range(6)}
+    ft, base = pair(**deltas)
+    with pytest.raises(FileError, match=re.escape('ft: file ended 12 bytes early while reading "l3.weight"')):
+        extract(Failing(ft), base, ExtractOptions(rank=1))
 
 
 def test_arena_is_a_fifo_ring():

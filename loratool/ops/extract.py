@@ -50,8 +50,8 @@ import torch
 from ..adapter import Adapter, Target, matrix_shape, whole_target
 from ..container import dtype_name, escape, torch_dtype
 from ..errors import MismatchError, NumericError, SpecError
-from .svd import (DEFAULT_POWER_ITERATIONS, exact_svd, prefers_exact, quantile, randomized_svd, resolve_device,
-                  seed_for, sketch_size)
+from .svd import (DEFAULT_POWER_ITERATIONS, exact_svd, gaussian_sketch, prefers_exact, quantile, randomized_svd,
+                  resolve_device, seed_for, sketch_size)
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -228,7 +228,10 @@ def plan(ft, base, opts: ExtractOptions, names=("finetuned", "base")) -> list[En
 _CHUNK_ELEMENTS = 1 << 22  # a pair is read, compared and subtracted in pieces of this many elements
 _ARENA_MIN_BYTES = 1 << 27  # the deltas read ahead share an arena of at least 128 MiB (more for a bigger matrix)
 _ALIGN = 64
-READ_AHEAD = True  # read and subtract in a thread while the previous pair is factorised
+# Read and subtract in a thread while the previous pair is factorised: on for CUDA, where the CPU is free
+# while the GPU computes. On the CPU both sides compete for the same cores, and reading in line measured
+# 0.3-1.0 s faster on the 1.1 B benchmark (benchmarks/README.md). None: that automatic choice.
+READ_AHEAD: bool | None = None
 
 
 def _same_bits(f: torch.Tensor, b: torch.Tensor) -> bool:
@@ -286,15 +289,20 @@ class _Arena:
 
 
 class _Reader:
-    """A thread that reads pairs ahead of the consumer and turns each changed one into its float32 delta.
+    """Reads pairs (in a thread ahead of the consumer when `ahead`) and turns each changed one into its
+    float32 delta.
 
-    Yields (entry, delta, changed, energy): `delta` is ft - base, flat float32, a view into the arena, for every
-    changed whole entry (hand it back with `release(delta)` once used), and energy its exact sum of squares
-    (summed piece by piece while the piece is in cache); None for unchanged entries and compare-only ones. Pairs are read in pieces into small reused buffers, so memory stays at the arena.
+    Yields (entry, delta, changed, energy, Y): `delta` is ft - base, flat float32, a view into the arena, for
+    every changed whole entry (hand it back with `release(delta)` once used), energy its exact sum of squares
+    and Y its first sketch M @ Omega when `sketch` asks for one (both formed piece by piece while the piece is
+    in cache); None for unchanged entries and compare-only ones. Pairs are read in pieces into small reused buffers, so memory stays at the arena.
     """
 
-    def __init__(self, ft, base, entries: list[Entry], pin: bool = False):
+    def __init__(self, ft, base, entries: list[Entry], pin: bool = False,
+                 sketch: Callable[[Entry], tuple[int, int] | None] | None = None, ahead: bool = False):
         self.ft, self.base, self.entries = ft, base, entries
+        self.ahead = ahead if READ_AHEAD is None else READ_AHEAD
+        self.sketch = sketch or (lambda e: None)  # entry -> (l, seed) of its first sketch, formed while reading
         biggest = max((e.numel * 4 for e in entries if e.whole), default=0)
         self.arena = _Arena(max(biggest, _ARENA_MIN_BYTES) if biggest else _ALIGN, pin)
         widest = 8
@@ -314,10 +322,12 @@ class _Reader:
             except queue.Full:
                 continue
 
-    def _pieces(self, e: Entry):
+    def _pieces(self, e: Entry, row: int = 1):
+        """Pieces of at most _CHUNK_ELEMENTS elements, each a whole number of `row`-element rows."""
         fd, bd = torch_dtype(e.ft_dtype), torch_dtype(e.base_dtype)
-        for start in range(0, e.numel, _CHUNK_ELEMENTS):
-            n = min(_CHUNK_ELEMENTS, e.numel - start)
+        step = max(1, _CHUNK_ELEMENTS // row) * row
+        for start in range(0, e.numel, step):
+            n = min(step, e.numel - start)
             f = self.fbuf[:n * fd.itemsize].view(fd)
             b = self.bbuf[:n * bd.itemsize].view(bd)
             self.ft.read_into(e.key, f, start)
@@ -338,14 +348,19 @@ class _Reader:
                 return
             if not e.whole:
                 changed = any(not _same_bits(f, b) for _, _, f, b in self._pieces(e))
-                yield (e, None, changed, None)
+                yield (e, None, changed, None, None)
                 continue
             got = self.arena.alloc(e.numel, self.stop)
             if got is None:
                 return
             pos, delta = got
             changed, energy = False, 0.0
-            for start, n, f, b in self._pieces(e):
+            sk = self.sketch(e)
+            cols = e.matrix_shape[1] if sk is not None else 1
+            if sk is not None:  # rows of M are rows of the flat delta (linear, conv): Y = M @ Omega by pieces
+                Omega = gaussian_sketch(cols, sk[0], [sk[1]], "cpu")[0]  # (n, l)
+                Y = torch.empty(e.matrix_shape[0], sk[0], dtype=torch.float32)  # (m, l)
+            for start, n, f, b in self._pieces(e, cols):
                 changed = changed or not _same_bits(f, b)
                 d = delta[start:start + n]
                 d.copy_(f)
@@ -356,13 +371,15 @@ class _Reader:
                     t.copy_(b)
                     d.sub_(t)
                 energy += sum_squares(d)
+                if sk is not None:
+                    torch.mm(d.view(-1, cols), Omega, out=Y[start // cols:(start + n) // cols])  # in cache
             if not changed:
                 self.arena.free(pos)
-                yield (e, None, False, None)
+                yield (e, None, False, None, None)
                 continue
             with self.arena.cond:
                 self.pos[delta.data_ptr()] = pos
-            yield (e, delta, True, energy)
+            yield (e, delta, True, energy, Y if sk is not None else None)
 
     def release(self, delta):
         if delta is not None:
@@ -371,7 +388,7 @@ class _Reader:
             self.arena.free(pos)
 
     def __iter__(self):
-        if not READ_AHEAD:
+        if not self.ahead:
             yield from self._produce()
             return
         self.thread.start()
@@ -440,9 +457,19 @@ def _p(opts):
     return opts.power_iterations if opts.power_iterations is not None else DEFAULT_POWER_ITERATIONS
 
 
-def factorize_batch(Ms: torch.Tensor, entries: list[Entry], energies: list[float], opts: ExtractOptions) \
-        -> list[_Factors]:
-    """Top singular triplets of each matrix of a batch Ms (b, m, n) float32, enough for the rank rule."""
+def first_sketch(e: Entry, opts: ExtractOptions) -> tuple[int, int] | None:
+    """(l, seed) of the first randomized sketch of a matrix entry; None when it takes an exact SVD."""
+    m, n = e.matrix_shape
+    k = min(_fixed_rank(opts) or ENERGY_START_RANK, m, n)
+    l = sketch_size(k, m, n, opts.oversample)
+    return None if prefers_exact(l, m, n) else (l, seed_for(opts.seed, e.key))
+
+
+def factorize_batch(Ms: torch.Tensor, entries: list[Entry], energies: list[float], opts: ExtractOptions,
+                    Y: torch.Tensor | None = None) -> list[_Factors]:
+    """Top singular triplets of each matrix of a batch Ms (b, m, n) float32, enough for the rank rule.
+
+    Y, when given, is the first sketch (b, m, l) of `first_sketch` (formed by the reader)."""
     b, m, n = Ms.shape
     k = _fixed_rank(opts)
     seeds = [seed_for(opts.seed, e.key) for e in entries]
@@ -453,19 +480,21 @@ def factorize_batch(Ms: torch.Tensor, entries: list[Entry], energies: list[float
             U, S, Vh = exact_svd(Ms)
             method = "exact"
         else:
-            U, S, Vh = randomized_svd(Ms, l, seeds, _p(opts))
+            U, S, Vh = randomized_svd(Ms, l, seeds, _p(opts), Y=Y)
             method = "randomized"
         return [_Factors(e, U[i], S[i], Vh[i], energies[i], method) for i, e in enumerate(entries)]
     out = []
     for i, e in enumerate(entries):  # adaptive ranks differ per matrix: one at a time
         M, kk = Ms[i], min(ENERGY_START_RANK, m, n)
+        Yi = None if Y is None else Y[i]
         while True:
             l = sketch_size(kk, m, n, opts.oversample)
             if prefers_exact(l, m, n):
                 U, S, Vh = exact_svd(M)
                 out.append(_Factors(e, U, S, Vh, energies[i], "exact"))
                 break
-            U, S, Vh = randomized_svd(M, l, seeds[i], _p(opts))
+            U, S, Vh = randomized_svd(M, l, seeds[i], _p(opts), Y=Yi)
+            Yi = None  # a bigger sketch next time, if any
             if _select(S, energies[i], opts, complete=False) is not None:
                 out.append(_Factors(e, U, S, Vh, energies[i], "randomized"))
                 break
@@ -606,10 +635,18 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
         Ms = torch.stack([x[1] for x in items])  # (b, m, n) on the device
         emit(factorize_batch(Ms, [x[0] for x in items], [x[2] for x in items], opts), Ms)
 
-    reader = _Reader(ft, base, entries, pin=device.type == "cuda")
+    def sketch(e: Entry):
+        # The reader forms the first sketch only where rows of M are rows of the flat delta, and only on
+        # the single-matrix CPU path (a batch forms its sketches on the device).
+        if batching or e.role != "matrix" or e.layout not in ("linear", "conv") or \
+                e.matrix_shape[1] > _CHUNK_ELEMENTS:
+            return None
+        return first_sketch(e, opts)
+
+    reader = _Reader(ft, base, entries, pin=device.type == "cuda", sketch=sketch, ahead=device.type == "cuda")
     copier = _Copier(device) if batching else None
 
-    for e, Mf, changed, E in reader:
+    for e, Mf, changed, E, Y in reader:
         tick(advance=1)
         if not changed:
             unchanged += 1
@@ -644,7 +681,7 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
                 flush(skey)
             continue
         M = _view(e, Mf).unsqueeze(0)  # (1, m, n), a view into the reader's arena
-        emit(factorize_batch(M, [e], [E], opts), M)
+        emit(factorize_batch(M, [e], [E], opts, None if Y is None else Y.unsqueeze(0)), M)
         reader.release(Mf)
     for skey in list(groups):
         flush(skey)
@@ -721,7 +758,7 @@ def _second_pass(ft, base, redo, opts, done, device):
     by_key = {f.entry.key: (f, k) for f, k in redo}
     entries = [f.entry for f, _ in redo]
     reader = _Reader(ft, base, entries)
-    for e, Mf, changed, _ in reader:
+    for e, Mf, changed, _, _ in reader:
         f, k = by_key[e.key]
         done[e.key] = finish(f, k, opts, _view(e, Mf).to(device))
         reader.release(Mf)
