@@ -330,7 +330,7 @@ def test_writer_refuses_full_target_that_is_not_a_lora_bias(tmp_path):
 
 
 def test_writer_mixed_rules_keep_each_scale(tmp_path):
-    from peft import LoraConfig  # noqa: F401 (the written config must parse in PEFT)
+    from peft import LoraConfig
 
     t1 = linear_target("a.weight", rule="rslora", rank=4, alpha=6.0)
     t2 = linear_target("b.weight", rule="standard", rank=4, alpha=6.0, seed=3)
@@ -338,6 +338,8 @@ def test_writer_mixed_rules_keep_each_scale(tmp_path):
     P.save(Adapter(targets={t.key: t for t in (t1, t2, t3)}), tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["use_rslora"] is True and cfg["r"] == 4 and cfg["lora_alpha"] == 6
+    parsed = LoraConfig.from_pretrained(str(tmp_path / "out"))  # the written config must parse in PEFT
+    assert parsed.use_rslora is True and parsed.rank_pattern == {"c": 2}
     assert cfg["rank_pattern"] == {"c": 2}
     assert cfg["alpha_pattern"] == {"b": pytest.approx(6.0 / 4 * 2)}  # standard 6/4 = rsLoRA alpha' / sqrt(4)
     back = P.load(tmp_path / "out")

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from builders import conv_target, full_target, fused_target, linear_target, rand, sample_adapter
+from builders import full_target, fused_target, linear_target, rand, sample_adapter
 from loratool.adapter import Adapter, Block, Target, matrix_shape, whole_target
 from loratool.cli import cli
 from loratool.errors import NumericError, UnsupportedError

@@ -30,7 +30,6 @@ What changes ΔW, and how each is read (peft/tuners/lora/layer.py, model.py):
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path

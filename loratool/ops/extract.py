@@ -49,7 +49,7 @@ import torch
 
 from ..adapter import Adapter, Target, matrix_shape, whole_target
 from ..container import dtype_name, escape, torch_dtype
-from ..errors import MismatchError, NumericError, SpecError
+from ..errors import MismatchError, NumericError
 from .svd import (DEFAULT_POWER_ITERATIONS, exact_svd, gaussian_sketch, prefers_exact, quantile, randomized_svd,
                   resolve_device, seed_for, sketch_size)
 
