@@ -219,16 +219,21 @@ def dtype_name(dtype) -> str:
     raise SpecError(f"dtype {dtype} has no safetensors name")
 
 
-def pread_exact(fd: int, n: int, offset: int) -> bytearray:
-    """Read exactly n bytes at offset (pread loops: it may return short reads on large requests)."""
-    buf = bytearray(n)
-    view = memoryview(buf)
+def pread_into(fd: int, view: memoryview, offset: int, what: str = "a tensor", where: str = "") -> None:
+    """Fill `view` (bytes) from the file at offset; pread may return short reads on large requests."""
+    n = len(view)
     got = 0
     while got < n:
         chunk = os.preadv(fd, [view[got:]], offset + got)
         if chunk <= 0:
-            raise FileError(f"file ended {n - got} bytes early while reading a tensor")
+            raise FileError(f"{where}file ended {n - got} bytes early while reading {what}")
         got += chunk
+
+
+def pread_exact(fd: int, n: int, offset: int) -> bytearray:
+    """Read exactly n bytes at offset into a new buffer."""
+    buf = bytearray(n)
+    pread_into(fd, memoryview(buf), offset)
     return buf
 
 

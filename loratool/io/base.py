@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from ..container import (Header, TensorInfo, escape, pread_exact, read_header, read_tensor, tensor_bytes,
-                         torch_dtype)
+from ..container import (Header, TensorInfo, escape, pread_exact, pread_into, read_header, read_tensor,
+                         tensor_bytes, torch_dtype)
 from ..errors import FileError, SpecError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -103,12 +103,8 @@ class SafetensorsBase(BaseModel):
         if start < 0 or start + n > t.numel:
             raise ValueError(f"read_into: elements [{start}, {start + n}) outside tensor of {t.numel}")
         view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        pos, want, offset = 0, n * size, self.header.data_start + t.begin + start * size
-        while pos < want:
-            got = os.preadv(self._fd, [view[pos:]], offset + pos)
-            if got <= 0:
-                raise FileError(f"{self.path}: file ended {want - pos} bytes early while reading \"{escape(key)}\"")
-            pos += got
+        pread_into(self._fd, view, self.header.data_start + t.begin + start * size, what=f"\"{escape(key)}\"",
+                   where=f"{self.path}: ")
         return out
 
     def close(self):
