@@ -8,6 +8,7 @@ without a trace.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -140,7 +141,21 @@ class BaseKeys:
                             "underscores make them ambiguous, so pass a base holding only the model it belongs to")
 
 
+@contextlib.contextmanager
+def base_keys(base):
+    """A BaseKeys for `base` (path or io.base.BaseModel), or None without one; closes what it opened."""
+    if base is None:
+        yield None
+        return
+    bk = BaseKeys(base)
+    try:
+        yield bk
+    finally:
+        bk.close()
+
+
 def require_dir_or_file(path) -> Path:
+    """`path` as a Path; FileError when nothing is there."""
     p = Path(path)
     if not p.exists():
         raise FileError(f"{p}: no such file or folder")

@@ -7,11 +7,11 @@ module, each of which exposes `load(path, **options) -> Adapter`.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 from .. import spec
 from ..container import read_header
-from ..errors import FileError, SpecError
+from ..errors import SpecError
+from ._common import require_dir_or_file
 
 # dialect name -> module implementing load(path, **options)
 DIALECTS = {
@@ -29,9 +29,7 @@ def detect(path) -> str:
         FileError: the path does not exist.
         SpecError: nothing about the file says which dialect it is.
     """
-    p = Path(path)
-    if not p.exists():
-        raise FileError(f"{p}: no such file or folder")
+    p = require_dir_or_file(path)
     if p.is_dir():
         if (p / "adapter_config.json").is_file():
             return "peft"

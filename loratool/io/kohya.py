@@ -27,7 +27,7 @@ from pathlib import Path
 from ..adapter import Adapter, Block, Target, alpha_for_scale
 from ..container import escape, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import BaseKeys, check_unknown, read_safetensors
+from ._common import base_keys, check_unknown, read_safetensors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
 NAME = re.compile(r"^(?P<name>[^.]+)\.(?:(?P<f>lora_down|lora_up)(?:\.(?P<i>0|[1-9][0-9]{0,4}))?\.weight"
@@ -70,12 +70,8 @@ def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
     """
     path = Path(path)
     tensors, meta = read_safetensors(path)
-    bk = BaseKeys(base) if base is not None else None
-    try:
+    with base_keys(base) as bk:
         return _build(path, tensors, meta, bk, allow_unknown)
-    finally:
-        if bk is not None:
-            bk.close()
 
 
 def _build(path, tensors, meta, bk, allow_unknown) -> Adapter:

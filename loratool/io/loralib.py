@@ -28,7 +28,7 @@ from pathlib import Path
 from ..adapter import Adapter, Block, Target
 from ..container import escape
 from ..errors import MismatchError, SpecError, UnsupportedError
-from ._common import BaseKeys, check_unknown, finite_number, positive_int, read_torch
+from ._common import base_keys, check_unknown, finite_number, positive_int, read_torch
 
 
 def parse_enable_lora(value) -> list[bool] | None:
@@ -77,12 +77,8 @@ def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = F
         raise SpecError(f"{path}: r {r!r} is not a positive integer")
     enable = parse_enable_lora(enable_lora)
     sd = read_torch(path)
-    bk = BaseKeys(base) if base is not None else None
-    try:
+    with base_keys(base) as bk:
         return _build(path, sd, float(alpha), r, enable, bool(fan_in_fan_out), bk, allow_unknown)
-    finally:
-        if bk is not None:
-            bk.close()
 
 
 def _weight_shape(sd, m, bk, where):

@@ -37,7 +37,8 @@ from pathlib import Path
 from ..adapter import Adapter, Block, Target, alpha_for_scale, matrix_shape, scale_of
 from ..container import escape, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import BaseKeys, check_unknown, finite_number, listing, positive_int, read_safetensors, read_torch
+from ._common import (BaseKeys, base_keys, check_unknown, finite_number, listing, positive_int, read_safetensors,
+                      read_torch, require_dir_or_file)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -104,9 +105,7 @@ def get_pattern_key(pattern_keys, module: str) -> str | None:
 
 
 def _paths(path) -> tuple[Path, Path]:
-    p = Path(path)
-    if not p.exists():
-        raise FileError(f"{p}: no such file or folder")
+    p = require_dir_or_file(path)
     folder = p if p.is_dir() else p.parent
     cfg = folder / CONFIG_NAME
     if not cfg.is_file():
@@ -196,12 +195,8 @@ def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
         tensors, _meta = read_safetensors(weights)
     else:
         tensors = read_torch(weights)
-    bk = BaseKeys(base) if base is not None else None
-    try:
+    with base_keys(base) as bk:
         return _build(weights, cfg, tensors, bk, allow_unknown)
-    finally:
-        if bk is not None:
-            bk.close()
 
 
 def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unknown: bool) -> Adapter:
