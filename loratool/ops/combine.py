@@ -34,7 +34,7 @@ import torch
 from ..adapter import Adapter, Target
 from ..container import escape
 from ..errors import MismatchError, NumericError
-from .factored import truncate_target, truncate_target_dense
+from .factored import factor_dtype, promoted_dtype, truncate_target, truncate_target_dense
 from .linalg import delta_matrix, f32
 
 
@@ -81,13 +81,6 @@ def _fingerprint(items) -> dict:
     return fp
 
 
-def _promote(tensors):
-    dt = None
-    for x in tensors:
-        dt = x.dtype if dt is None else torch.promote_types(dt, x.dtype)
-    return dt
-
-
 def concat_target(key: str, items, weights) -> Target:
     """Σ w_i ΔW_i of one target, exactly: blocks appended with alpha * w (factors untouched)."""
     t0 = items[0][1]
@@ -98,7 +91,7 @@ def concat_target(key: str, items, weights) -> Target:
             return replace(t, delta_scale=t.delta_scale * weights[i], info={}, **fp)
         # (shape) float32 sum, cast once to the inputs' promoted dtype
         D = sum(f32(t.delta, "cpu") * (t.delta_scale * weights[i]) for i, t in items)
-        dtype = _promote([t.delta for _, t in items])
+        dtype = promoted_dtype(t.delta for _, t in items)
         return replace(t0, delta=D.to(dtype), delta_scale=1.0, info={}, **fp)
     blocks = [replace(b, alpha=b.alpha * weights[i]) for i, t in items for b in t.blocks]
     return replace(t0, blocks=tuple(blocks), info={}, **fp)
@@ -175,7 +168,7 @@ def _dense_target(key, items, weights, method, rank, density, seed) -> tuple[Tar
         M = dare_merge(taus, density, seed, key)
     fp = _fingerprint(items)
     if t0.kind == "full":
-        dtype = _promote([t.delta for _, t in items])
+        dtype = promoted_dtype(t.delta for _, t in items)
         D = M.to(dtype)
         if not bool(torch.isfinite(D).all()):
             raise NumericError(f"target \"{escape(key)}\": the merged delta is not finite in {dtype}")
@@ -183,7 +176,7 @@ def _dense_target(key, items, weights, method, rank, density, seed) -> tuple[Tar
                "relative_error": 0.0}
         return replace(t0, delta=D, delta_scale=1.0, info={}, **fp), row
     rects = [(b.rows, b.cols) for _, t in items for b in t.blocks]
-    dtype = _promote([x for _, t in items for b in t.blocks for x in (b.A, b.B)])
+    dtype = factor_dtype(b for _, t in items for b in t.blocks)
     base = replace(t0, info={}, **fp)
     return truncate_target_dense(base, M, rects, rank, None, dtype, sum(t.rank for _, t in items))
 

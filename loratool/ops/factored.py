@@ -104,13 +104,17 @@ def common_scale(blocks) -> tuple[float, str] | None:
     return None
 
 
+def promoted_dtype(tensors):
+    """The promoted dtype of the tensors (float32 when there are none): the one cast at the end."""
+    dt = None
+    for x in tensors:
+        dt = x.dtype if dt is None else torch.promote_types(dt, x.dtype)
+    return dt if dt is not None else torch.float32
+
+
 def factor_dtype(blocks):
     """The promoted dtype of the blocks' factors: the one cast at the end."""
-    dt = None
-    for b in blocks:
-        for x in (b.A, b.B):
-            dt = x.dtype if dt is None else torch.promote_types(dt, x.dtype)
-    return dt if dt is not None else torch.float32
+    return promoted_dtype(x for b in blocks for x in (b.A, b.B))
 
 
 def block_from_svd(U, S, Vh, k: int, rect: Rect, keep: tuple[float, str] | None, dtype) -> Block:
@@ -206,5 +210,5 @@ def truncate_target_dense(t: Target, M: torch.Tensor, rects: list[Rect], rank: i
     return _finish(t, results, rank_before)
 
 
-__all__ = ["Rect", "group_rects", "rect_factors", "choose_rank", "common_scale", "factor_dtype", "block_from_svd",
-           "truncate_group", "truncate_dense", "truncate_target", "truncate_target_dense"]
+__all__ = ["Rect", "group_rects", "rect_factors", "choose_rank", "common_scale", "promoted_dtype", "factor_dtype",
+           "block_from_svd", "truncate_group", "truncate_dense", "truncate_target", "truncate_target_dense"]
