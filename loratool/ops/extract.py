@@ -50,6 +50,7 @@ import torch
 from ..adapter import Adapter, Target, matrix_shape, whole_target
 from ..container import dtype_name, escape, torch_dtype
 from ..errors import MismatchError, NumericError
+from .linalg import from_base_layout
 from .svd import (DEFAULT_POWER_ITERATIONS, exact_svd, gaussian_sketch, prefers_exact, quantile, randomized_svd,
                   resolve_device, seed_for, sketch_size)
 
@@ -559,12 +560,7 @@ def needs_residual(f: _Factors, k: int, opts: ExtractOptions) -> bool:
 
 def _view(e: Entry, flat: torch.Tensor) -> torch.Tensor:
     """The (out, in) matrix view of a flat delta in the base tensor's layout (adapter.py docstring)."""
-    W = flat.view(e.shape)
-    if e.layout in ("fan_in_fan_out", "embedding"):
-        return W.T
-    if e.layout == "conv":
-        return flat.view(e.shape[0], -1)
-    return W
+    return from_base_layout(e, flat.view(e.shape))  # an Entry has the layout and matrix_shape it reads
 
 
 def _check_finite(e: Entry, E: float, names):
