@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..adapter import Adapter, Block, Target
+from ..adapter import Adapter, Block, Target, whole_target
 from ..container import escape
 from ..errors import MismatchError, SpecError, UnsupportedError
 from ._common import base_keys, check_unknown, finite_number, positive_int, read_torch
@@ -151,7 +151,7 @@ def _out_of(wshape, fio) -> int:
 
 
 def _plain(where, m, wkey, wshape, A, B, alpha, fio) -> Target:
-    r, inp, out = int(A.shape[0]), int(A.shape[1]), int(B.shape[0])
+    inp, out = int(A.shape[1]), int(B.shape[0])
     layout, shape = ("fan_in_fan_out", (inp, out)) if fio else ("linear", (out, inp))
     if wshape is not None and wshape != shape:
         if not fio and wshape == (inp, out):
@@ -159,10 +159,8 @@ def _plain(where, m, wkey, wshape, A, B, alpha, fio) -> Target:
         else:
             raise MismatchError(f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not fit weight "
                                 f"{list(wshape)}{' (with fan_in_fan_out)' if fio else ''}")
-    key = wkey or m + ".weight"
-    block = Block(rank=r, alpha=alpha, scale_rule="standard", rows=(0, out), cols=(0, inp), A=A, B=B)
-    return Target(key=key, layout=layout, shape=shape, blocks=(block,),
-                  info={} if wshape is not None else {"shape_from": "factors"})
+    return whole_target(wkey or m + ".weight", layout, shape, A, B, alpha,
+                        info={} if wshape is not None else {"shape_from": "factors"})
 
 
 def _merged(where, m, wkey, wshape, A, B, alpha, enable, fio) -> Target:

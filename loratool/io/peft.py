@@ -34,11 +34,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from ..adapter import Adapter, Block, Target, alpha_for_scale, matrix_shape, scale_of
-from ..container import escape, write_file
+from ..adapter import Adapter, Target, alpha_for_scale, scale_of, whole_target
+from ..container import _no_constant, escape, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, base_keys, check_unknown, finite_number, listing, positive_int, read_safetensors,
                       read_torch, require_dir_or_file)
+from .native import _check_finite, _num, tensors_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -174,10 +175,6 @@ def read_config(cfg_path: Path) -> dict:
     return cfg
 
 
-def _no_constant(name):
-    raise ValueError(f"{name} is not JSON")
-
-
 def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
     """Read a PEFT LoRA adapter (folder, or its weights file beside adapter_config.json) with its tensors.
 
@@ -200,14 +197,12 @@ def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
 
 
 def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unknown: bool) -> Adapter:
-    import torch
-
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     rule = "rslora" if cfg.get("use_rslora") else "standard"
     modules: dict[str, dict] = {}
     whole, unknown = [], []
     for name, x in tensors.items():
-        mod_path = name[len(PREFIX):] if name.startswith(PREFIX) else name
+        mod_path = name.removeprefix(PREFIX)
         m = FACTOR_KEY.match(mod_path)
         if m is None:
             if "lora_" in mod_path:
@@ -255,7 +250,7 @@ def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unk
             targets[bias.key] = bias
 
     for name in whole:
-        t = _whole_tensor(where, name, tensors[name], bk, info, torch)
+        t = _whole_tensor(where, name, tensors[name], bk, info)
         if t is not None:
             if t.key in targets:
                 raise SpecError(f"{where}: \"{escape(name)}\" replaces \"{escape(t.key)}\", which LoRA factors also "
@@ -314,8 +309,7 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
         key = bk.resolve_dotted(key, f"{where}: module \"{shown}\"")
         have = bk.shape(key)
         if layout in ("linear", "fan_in_fan_out") and have != shape:
-            flipped = ("linear", (out, int(A.shape[1]))) if layout == "fan_in_fan_out" else \
-                ("fan_in_fan_out", (int(A.shape[1]), out))
+            flipped = ("linear" if layout == "fan_in_fan_out" else "fan_in_fan_out", shape[::-1])
             if have == flipped[1]:
                 # PEFT sets fan_in_fan_out per module from its type (Conv1D on, nn.Linear off), not from the config.
                 layout, shape = flipped
@@ -323,9 +317,7 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
         if have != shape:
             raise MismatchError(f"{where}: module \"{shown}\": LoRA factors imply {layout} weight {list(shape)} but "
                                 f"base \"{escape(key)}\" is {list(have)}")
-    out_m, in_m = matrix_shape(layout, shape)
-    block = Block(rank=r, alpha=alpha, scale_rule=rule, rows=(0, out_m), cols=(0, in_m), A=A2, B=B2)
-    target = Target(key=key, layout=layout, shape=shape, blocks=(block,), info=tinfo)
+    target = whole_target(key, layout, shape, A2, B2, alpha, rule, info=tinfo)
     bias = None
     if "lora_B.bias" in parts:
         bname, bvec = parts["lora_B.bias"]
@@ -335,10 +327,10 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
             if tuple(bvec.shape) != (out,):
                 raise SpecError(f"{where}: \"{escape(bname)}\" has shape {list(bvec.shape)}, expected [{out}]")
             bkey = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else module + ".bias"
-            if bk is not None and bk.shape(bkey) != (out,):
+            have_b = bk.shape(bkey) if bk is not None else (out,)
+            if have_b != (out,):
                 raise MismatchError(f"{where}: module \"{shown}\" has a lora bias but base \"{escape(bkey)}\" is "
-                                    f"{'missing' if bk.shape(bkey) is None else list(bk.shape(bkey))}; PEFT cannot "
-                                    "merge it either")
+                                    f"{'missing' if have_b is None else list(have_b)}; PEFT cannot merge it either")
             bias = Target(key=bkey, kind="full", layout="full", shape=(out,), delta=bvec,
                           delta_scale=scale_of(alpha, r, rule), info={"peft": "lora_B.bias"})
     return target, bias
@@ -371,10 +363,11 @@ def _dora_full(where, module, t: Target, mag, bk: BaseKeys) -> Target:
                   info={"peft": f"DoRA rank {b.rank}, scale {b.scale}: W' - W from the base, as PEFT merges it"})
 
 
-def _whole_tensor(where, name, x, bk, info, torch):
+def _whole_tensor(where, name, x, bk, info):
     """A saved whole tensor (modules_to_save, saved embedding layer) as a full target holding saved - base."""
-    mod_path = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    key = mod_path.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+    import torch
+
+    key = name.removeprefix(PREFIX).replace(".base_layer.", ".").replace(".modules_to_save.", ".")
     if bk is None:
         raise UnsupportedError(f"{where}: \"{escape(name)}\" is a whole saved tensor (modules_to_save or a saved "
                                "embedding layer) that replaces the base's; pass --base so loratool can store its "
@@ -419,16 +412,14 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[
             spans = ", ".join(f"rows {b.rows[0]}:{b.rows[1]} cols {b.cols[0]}:{b.cols[1]}" for b in t.blocks)
             raise UnsupportedError(f"target \"{escape(t.key)}\" has {len(t.blocks)} block(s) ({spans}); PEFT holds "
                                    "one A/B pair over the whole weight, so the conversion cannot be exact")
-    rules = Counter(t.blocks[0].scale_rule for t in lora)
-    rule = sorted(rules.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]  # the majority rule is written as-is
+    rule = _majority(t.blocks[0].scale_rule for t in lora)  # the majority rule is written as-is
     ranks, alphas = {}, {}
     for t in lora:
         b = t.blocks[0]
         ranks[t.key] = b.rank
         # A block under the other rule keeps its scale exactly in value: alpha' = scale * r (or * sqrt(r)).
         alphas[t.key] = b.alpha if b.scale_rule == rule else alpha_for_scale(b.scale, b.rank, rule)
-    r = sorted(Counter(ranks.values()).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-    alpha = sorted(Counter(alphas.values()).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    r, alpha = _majority(ranks.values()), _majority(alphas.values())
     tensors, modules = {}, []
     rank_pattern, alpha_pattern = {}, {}
     used_bias = set()
@@ -486,8 +477,9 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[
     return cfg, tensors
 
 
-def _num(x: float):
-    return int(x) if float(x).is_integer() and abs(x) < 2**53 else float(x)
+def _majority(values):
+    """The most frequent value; the smallest of those tied."""
+    return sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
 
 
 def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_path: str | None = None) -> int:
@@ -500,19 +492,13 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
         NumericError: a factor is not finite.
     """
     from ..fsutil import atomic_dir
-    from ..validation import check_values
 
     for t in adapter:
         for b in t.blocks:
             if b.A is None or b.B is None:
                 raise SpecError(f"target \"{escape(t.key)}\": factors were never loaded; load the adapter with its "
                                 "tensors first")
-    bad = [f for f in check_values(_native_tensors(adapter), adapter) if f.rule == "T006"]
-    if bad:
-        from ..errors import NumericError
-
-        raise NumericError(f"{path}: target \"{bad[0].target}\": {bad[0].message}; refusing to write non-finite "
-                           "factors", bad)
+    _check_finite(adapter, tensors_of(adapter), str(path))
     cfg, tensors = plan(adapter, base_model_name_or_path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}
@@ -522,12 +508,6 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
         text = json.dumps(cfg, indent=2, sort_keys=True, allow_nan=False) + "\n"
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
     return n + len(text.encode("utf-8"))
-
-
-def _native_tensors(adapter: Adapter) -> dict:
-    from .native import tensors_of
-
-    return tensors_of(adapter)
 
 
 __all__ = ["load", "save", "plan", "read_config", "get_pattern_key"]
