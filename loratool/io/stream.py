@@ -114,8 +114,7 @@ class StreamBase:
     @property
     def inputs(self) -> list[Path]:
         """Every path this base reads, for the output-is-not-an-input guard."""
-        paths = [self.path, *self._reader.files]
-        return paths
+        return [self.path, *self._reader.files]
 
     def keys(self) -> list[str]:
         if self.torch_base is not None:
@@ -202,7 +201,8 @@ class OutFile:
 
 
 def _layout(name: str, entries: list[Entry], metadata: dict, raw_header: bytes | None) -> OutFile:
-    if raw_header is not None:
+    """Offsets for `entries`: the source's `raw_header` and offsets when no entry changes dtype, else a new header."""
+    if raw_header is not None and all(e.dtype == e.src_dtype for e in entries):
         base = len(raw_header)
         for e in entries:
             e.offset = base + e.src[1].begin
@@ -237,16 +237,9 @@ def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str])
     for f in base.files:
         ents = [entry(k, f, t) for k, t in sorted(f.header.tensors.items(), key=lambda kv: kv[1].begin)]
         per_file.append((f, ents))
-    if fmt == "folder":
-        out = []
-        for f, ents in per_file:
-            same = all(e.dtype == e.src_dtype for e in ents)
-            out.append(_layout(f.name, ents, f.header.metadata, f.raw_header if same else None))
-        return out
-    if len(per_file) == 1:
-        f, ents = per_file[0]
-        same = all(e.dtype == e.src_dtype for e in ents)
-        return [_layout("", ents, f.header.metadata, f.raw_header if same else None)]
+    if fmt == "folder" or len(per_file) == 1:
+        return [_layout(f.name if fmt == "folder" else "", ents, f.header.metadata, f.raw_header)
+                for f, ents in per_file]
     meta = {}
     for f, _ in per_file:
         meta.update(f.header.metadata)
@@ -297,8 +290,6 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, cancel=No
                 use_kernel = False
         if not use_kernel:
             buf = os.pread(src, k, src_off)
-            if not buf:
-                raise FileError("a base file ended early while copying; is it being modified?")
             pwrite_all(dst, buf, dst_off)
             done = len(buf)
         if done <= 0:
@@ -579,12 +570,12 @@ class Rewriter:
         import torch
 
         state = {}
-        n = 0
         for key in self.base.keys():
             W = self.base.read(key)
             tf = transforms.get(key)
-            odt = self.out_dtype(key, self.base.info(key)[1])
-            if tf is None and odt != self.base.info(key)[1]:
+            dt = self.base.info(key)[1]
+            odt = self.out_dtype(key, dt)
+            if tf is None and odt != dt:
                 tf = _Cast(Entry(key, odt, tuple(W.shape), 0))
             if tf is not None:
                 rows = 1 if W.ndim == 0 else W.shape[0]
@@ -592,7 +583,6 @@ class Rewriter:
                 blocks = [tf.block(V[i:i + tf.block_rows], i).clone() for i in range(0, rows, tf.block_rows)]
                 W = torch.cat(blocks).reshape(W.shape)
             state[key] = W
-            n += W.numel() * W.element_size()
             progress(W.numel() * W.element_size())
         dest = self._tmpdir / self.base.torch_base.path.name if self.fmt == "folder" else self.out
         fobj = self._stack.enter_context(atomic_file(dest, fsync=self.fsync))
