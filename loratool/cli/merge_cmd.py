@@ -82,7 +82,7 @@ def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, 
     from .options import load_inputs
 
     reader = {k: v for k, v in (reader or {}).items() if k != "base"}
-    loaded = load_inputs(adapter_paths, reader or {}, base=base.reader)
+    loaded = load_inputs(adapter_paths, reader, base=base.reader)
     adapters = [(str(p), a) for p, a in zip(adapter_paths, loaded)]
     plan = plan_merge(adapters, base.info, weights=weights, scale=scale, unmerge=unmerge,
                       allow_partial=allow_partial)

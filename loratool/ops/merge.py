@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..adapter import Adapter, Target
-from ..container import escape, torch_dtype
+from ..container import dtype_name, escape, torch_dtype
 from ..errors import MismatchError, NumericError
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -95,7 +95,6 @@ def plan_merge(adapters: Sequence[tuple[str, Adapter]], base_info: Callable[[str
         if not math.isfinite(w):
             raise NumericError(f"weight or scale {w} is not finite; pass finite numbers")
     sign = -1.0 if unmerge else 1.0
-    plan = Plan()
     terms = defaultdict(list)
     problems = []
     for (name, adapter), w in zip(adapters, weights):
@@ -110,9 +109,7 @@ def plan_merge(adapters: Sequence[tuple[str, Adapter]], base_info: Callable[[str
         raise MismatchError(f"{n} adapter target{'s' if n > 1 else ''} do not fit the base: "
                             + "; ".join(problems) + "; use the adapter's own base, or pass --allow-partial to "
                             "skip them")
-    plan.skipped = problems
-    plan.terms = dict(terms)
-    return plan
+    return Plan(terms=dict(terms), skipped=problems)
 
 
 def row_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -328,8 +325,6 @@ def merge_tensor(W: torch.Tensor, key: str, terms: Sequence[Term], out_dtype: st
     Returns:
         (merged tensor of W's shape in out_dtype (default W's dtype), probe relative error or None).
     """
-    from ..container import dtype_name
-
     base = dtype_name(W.dtype)
     m = Merger(key, tuple(W.shape), base, terms, out_dtype or base, device=device, probe=probe)
     V = W.reshape(m.rows, m.cols)
