@@ -41,11 +41,11 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
 
         loratool convert lora.pt -o adapter.safetensors --to loratool --alpha 16 --enable-lora 1,0,1 --fan-in-fan-out
     """
+    from pathlib import Path
+
     from ..errors import MismatchError
     from ..fsutil import check_output
     from ..io.detect import detect, load_adapter
-
-    from pathlib import Path
 
     if to == "peft" and Path(output).suffix in (".safetensors", ".bin", ".pt", ".pth"):
         raise click.UsageError(f"--to peft writes a folder (adapter_config.json + adapter_model.safetensors); "

@@ -28,8 +28,9 @@ def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_
     """
     from pathlib import Path
 
+    from .. import spec
     from ..api import summary
-    from ..io.detect import detect
+    from ..io.detect import detect, load_adapter
     from ..io.native import attach, report_error
     from ..validation import validate_header
 
@@ -39,25 +40,21 @@ def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_
         rep = validate_header(path)
         if rep.header is None:
             raise report_error(rep)
-    dialect = "loratool" if rep is not None and "loratool.format" in rep.header.metadata else detect(path)
+    dialect = "loratool" if rep is not None and spec.KEY_FORMAT in rep.header.metadata else detect(path)
     opts = reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out)
     if dialect == "loratool":
         if any(v not in (None, False) for v in opts.values()):
-            from ..io.detect import load_adapter
-
             load_adapter(path, dialect=dialect, **opts)  # refuses the options a loratool file does not take
         if rep.errors:
             raise report_error(rep)
         adapter, header = rep.adapter, rep.header
-        doc = {"path": str(path), "dialect": dialect, "format": header.metadata.get("loratool.format"),
-               "spec_version": header.metadata.get("loratool.spec_version")}
+        doc = {"path": str(path), "dialect": dialect, "format": header.metadata.get(spec.KEY_FORMAT),
+               "spec_version": header.metadata.get(spec.KEY_VERSION)}
         if stats:
             from ..container import read_all
 
             adapter = attach(adapter, read_all(path, header))
     else:
-        from ..io.detect import load_adapter
-
         adapter, header = load_adapter(path, dialect=dialect, **opts), None
         doc = {"path": str(path), "dialect": dialect, "format": None, "spec_version": None,
                "unknown_keys": list(adapter.info.get("unknown_keys", []))}

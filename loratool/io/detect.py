@@ -10,8 +10,9 @@ import importlib
 
 from .. import spec
 from ..container import read_header
-from ..errors import SpecError
+from ..errors import SpecError, UnsupportedError
 from ._common import require_dir_or_file
+from .base import TORCH_SUFFIXES
 
 # dialect name -> module implementing load(path, **options)
 DIALECTS = {
@@ -45,7 +46,7 @@ def detect(path) -> str:
         if any(".lora_A." in n or ".lora_B." in n or ".lora_embedding_A" in n for n in names):
             return "peft"
         return "loratool"  # let the native reader say precisely what is missing (rule M001)
-    if p.suffix in (".pt", ".pth", ".bin"):
+    if p.suffix in TORCH_SUFFIXES:
         if (p.parent / "adapter_config.json").is_file():
             return "peft"  # adapter_model.bin of a PEFT folder
         return "loralib"
@@ -72,21 +73,13 @@ def load_adapter(path, *, dialect: str | None = None, strict: bool = True, **opt
         SpecError, FileError, UnsupportedError: as the dialect's reader says.
     """
     name = dialect or detect(path)
-    module = DIALECTS.get(name)
-    if module is None:
-        from ..errors import UnsupportedError
-
+    if name not in DIALECTS:
         raise UnsupportedError(f"{path}: looks like a {name} adapter, which this version of loratool cannot read yet")
-    mod = importlib.import_module(module)
     # Options a dialect does not take are dropped when unset and refused when set, so that a flag such as
     # --alpha is never silently ignored for a dialect that keeps alpha in its file.
-    import inspect
-
-    accepted = inspect.signature(mod.load).parameters
+    accepted = accepted_options(name)
     extra = [k for k, v in options.items() if k not in accepted and v not in (None, False, (), [])]
     if extra and strict:
-        from ..errors import UnsupportedError
-
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
         raise UnsupportedError(f"{path}: is a {name} adapter, which does not take {flags}; drop the option")
-    return mod.load(path, **{k: v for k, v in options.items() if k in accepted})
+    return importlib.import_module(DIALECTS[name]).load(path, **{k: v for k, v in options.items() if k in accepted})
