@@ -84,12 +84,8 @@ def extract(finetuned, base, output, rank, energy, threshold, max_params, target
 
         loratool extract ft/ base/ --rank 64 --max-params 20000000 --keep-full --to peft -o adapter/
     """
-    import importlib
-
-    from ..errors import UnsupportedError
     from ..fsutil import check_output
     from ..io.base import open_base
-    from ..io.detect import DIALECTS
     from ..ops.extract import ExtractOptions, extract as run, model_hints
     from .render import Progress
 
@@ -103,15 +99,6 @@ def extract(finetuned, base, output, rank, energy, threshold, max_params, target
                                "may be added to --max-params as a per-target cap)"
                                + (f"; got {', '.join(chosen)}" if chosen else ""))
 
-    save_kw = {}
-    if to != "loratool":
-        mod = DIALECTS.get(to)
-        mod = importlib.import_module(mod) if mod else None
-        if mod is None or not hasattr(mod, "save"):
-            raise UnsupportedError(f"--to {to}: this version of loratool cannot write {to} adapters yet; write the "
-                                   "native format and convert it later")
-        if to == "peft":
-            save_kw = {"overwrite": overwrite, "base_model_name_or_path": str(base)}
     out_path = Path(output) if output else default_output(finetuned, base, rank, energy, threshold, max_params, to)
 
     ft_model = open_base(finetuned)
@@ -139,8 +126,14 @@ def extract(finetuned, base, output, rank, energy, threshold, max_params, target
         from ..io.native import save
 
         nbytes = save(result.adapter, out_path)
+    elif to == "peft":
+        from ..io.peft import save
+
+        nbytes = save(result.adapter, out_path, overwrite=overwrite, base_model_name_or_path=str(base))
     else:
-        nbytes = mod.save(result.adapter, out_path, **save_kw)
+        from ..io.kohya import save
+
+        nbytes = save(result.adapter, out_path)
     _render(result, out_path, nbytes, json_)
 
 
