@@ -184,15 +184,14 @@ def plan(ft, base, opts: ExtractOptions, names=("finetuned", "base")) -> list[En
         MismatchError: a tensor is in one model only, shapes differ, or a --targets glob matches nothing.
     """
     ft, base = _source(ft), _source(base)
-    fkeys, bkeys = list(ft.keys()), list(base.keys())
-    keys = sorted(set(fkeys) | set(bkeys))
+    fset, bset = set(ft.keys()), set(base.keys())
+    keys = sorted(fset | bset)
     if opts.targets:
         for g in opts.targets:
             if not any(fnmatch.fnmatchcase(k, g) for k in keys):
                 raise MismatchError(f"{names[0]}: no tensor matches --targets \"{escape(g)}\"; "
                                     "run `loratool extract --help` for the glob syntax")
         keys = [k for k in keys if _match(k, opts.targets)]
-    fset, bset = set(fkeys), set(bkeys)
     fif = tuple(opts.fan_in_fan_out)
     entries = []
     for k in keys:
