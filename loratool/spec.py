@@ -30,7 +30,8 @@ DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }
-FACTOR_DTYPES = ("F16", "BF16", "F32", "F64")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # base tensors that can take a delta (rule B003)
+FACTOR_DTYPES = FLOAT_DTYPES
 
 LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv")
 SCALE_RULES = ("standard", "rslora")

@@ -304,7 +304,7 @@ def check_base(adapter: Adapter, base) -> list[Finding]:
             findings.append(Finding("B002", f"target \"{k}\" has shape {list(t.shape)}, base tensor is "
                                             f"{list(shape)}", k))
             continue
-        if dtype not in ("F16", "BF16", "F32", "F64"):
+        if dtype not in spec.FLOAT_DTYPES:
             findings.append(Finding("B003", f"target \"{k}\": base tensor is {dtype}; only floating-point tensors "
                                             "can take a delta", k))
             continue

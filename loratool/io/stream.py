@@ -35,7 +35,7 @@ from ..fsutil import atomic_dir, atomic_file, check_output
 from .base import INDEX_NAME, TORCH_SUFFIXES, ShardedBase, SafetensorsBase, TorchBase, open_base
 
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call: lets a cancel or a progress update in between
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+FLOAT_DTYPES = spec.FLOAT_DTYPES
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Extract a LoRA adapter from a finetuned model and its base: ΔW = W_ft - W_base, truncated SVD per target.
 
-Streaming: the two models are read one tensor pair at a time into buffers this module reuses (a reader
-thread fills the next pair while the current one is factorised), so neither model is ever whole in memory.
+Streaming: the two models are read one tensor pair at a time into buffers this module reuses (with CUDA a
+reader thread fills the next pair while the current one is factorised), so neither model is ever whole in
+memory.
 
 Per tensor, by its shape, name and the options (`plan`):
   2-D weight            a matrix target, layout "linear" (or "fan_in_fan_out" when a hint says GPT-2 Conv1D)
@@ -47,6 +48,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from .. import spec
 from ..adapter import Adapter, Target, matrix_shape, whole_target
 from ..container import dtype_name, escape, torch_dtype
 from ..errors import MismatchError, NumericError
@@ -54,7 +56,7 @@ from .linalg import from_base_layout
 from .svd import (DEFAULT_POWER_ITERATIONS, exact_svd, gaussian_sketch, prefers_exact, quantile, randomized_svd,
                   resolve_device, seed_for, sketch_size)
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+FLOAT_DTYPES = spec.FLOAT_DTYPES
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_BUDGET_CAP = 64
 ENERGY_START_RANK = 32  # first sketch rank for --energy / --threshold; grows x4 until the criterion is met

@@ -27,11 +27,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .. import spec
 from ..adapter import Adapter, Target
 from ..container import dtype_name, escape, torch_dtype
 from ..errors import MismatchError, NumericError
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+FLOAT_DTYPES = spec.FLOAT_DTYPES
 TRANSPOSED = ("fan_in_fan_out", "embedding")
 BLOCK_BYTES = 1 << 20  # float32 bytes of one row block: stays in L2, and ~100 us of work per torch call
 PROBE_SEED = 0x10A7
