@@ -29,7 +29,7 @@ import torch
 from ..adapter import Block, Target, alpha_for_scale
 from ..container import escape
 from ..errors import NumericError
-from .linalg import energy_rank, f32, factored_svd
+from .linalg import energy_rank, factored_svd, rect_factors
 
 Rect = tuple[tuple[int, int], tuple[int, int]]  # (rows [start, stop), cols [start, stop)) of the matrix view
 
@@ -66,24 +66,6 @@ def group_rects(rects: list[Rect]) -> list[tuple[Rect, list[int]]]:
                     break
         groups.append((rect, members))
     return sorted(groups)
-
-
-def rect_factors(blocks, rect: Rect) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write the blocks' summed delta on `rect` as one product Bs @ As (float32, scales folded into Bs).
-
-    Returns:
-        Bs (h, R) and As (R, w) with h, w the rectangle's size and R the sum of the blocks' ranks.
-    """
-    (r0, r1), (c0, c1) = rect
-    R = sum(b.rank for b in blocks)
-    Bs = torch.zeros(r1 - r0, R, dtype=torch.float32)
-    As = torch.zeros(R, c1 - c0, dtype=torch.float32)
-    k = 0
-    for b in blocks:
-        Bs[b.rows[0] - r0:b.rows[1] - r0, k:k + b.rank] = f32(b.B, "cpu") * b.scale  # (rows, r)
-        As[k:k + b.rank, b.cols[0] - c0:b.cols[1] - c0] = f32(b.A, "cpu")  # (r, cols)
-        k += b.rank
-    return Bs, As
 
 
 def choose_rank(S: torch.Tensor, rank: int | None = None, energy: float | None = None) -> int:

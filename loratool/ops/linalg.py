@@ -25,13 +25,24 @@ def stacked_factors(t: Target, device=None) -> tuple[torch.Tensor, torch.Tensor]
         Bs (out, R) float32 and As (R, in) float32 with R = sum of block ranks.
     """
     out, inp = t.matrix_shape
-    R = t.rank
-    Bs = torch.zeros(out, R, dtype=torch.float32, device=device)
-    As = torch.zeros(R, inp, dtype=torch.float32, device=device)
+    return rect_factors(t.blocks, ((0, out), (0, inp)), device)
+
+
+def rect_factors(blocks, rect, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the blocks' summed delta on the rectangle `rect` = ((r0, r1), (c0, c1)) of the matrix view as
+    one product Bs @ As (float32, scales folded into Bs; every block must lie inside `rect`).
+
+    Returns:
+        Bs (h, R) and As (R, w) with h, w the rectangle's size and R the sum of the blocks' ranks.
+    """
+    (r0, r1), (c0, c1) = rect
+    R = sum(b.rank for b in blocks)
+    Bs = torch.zeros(r1 - r0, R, dtype=torch.float32, device=device)
+    As = torch.zeros(R, c1 - c0, dtype=torch.float32, device=device)
     k = 0
-    for b in t.blocks:
-        Bs[b.rows[0]:b.rows[1], k:k + b.rank] = f32(b.B, device) * b.scale  # (rows, r)
-        As[k:k + b.rank, b.cols[0]:b.cols[1]] = f32(b.A, device)  # (r, cols)
+    for b in blocks:
+        Bs[b.rows[0] - r0:b.rows[1] - r0, k:k + b.rank] = f32(b.B, device) * b.scale  # (rows, r)
+        As[k:k + b.rank, b.cols[0] - c0:b.cols[1] - c0] = f32(b.A, device)  # (r, cols)
         k += b.rank
     return Bs, As
 
