@@ -45,6 +45,27 @@ def matrix_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, int]:
     raise ValueError(f"unknown layout {layout!r}")
 
 
+# A BLAS picks its kernel by the size of the product, and the kernels for thin products sum the r terms of
+# an element in another order (torch's MKL on AVX2: 3 rows or fewer, or 11 columns or fewer). A merge that
+# works in row blocks must therefore never hand the BLAS a thinner product than the whole one PEFT computes.
+GEMM_MIN_ROWS = 64
+
+
+def block_rows_for(rows: int, cols: int, block_bytes: int, esize: int = 4) -> int:
+    """Rows per block: about `block_bytes` of `esize`-byte elements, but at least GEMM_MIN_ROWS (or all rows)."""
+    return max(1, min(rows, max(GEMM_MIN_ROWS, block_bytes // max(1, cols * esize))))
+
+
+def row_spans(rows: int, step: int) -> list[tuple[int, int]]:
+    """Blocks [r0, r1) of `step` rows (at least GEMM_MIN_ROWS) covering `rows`; a tail shorter than
+    GEMM_MIN_ROWS joins the block before it (so a block has fewer than step + GEMM_MIN_ROWS rows)."""
+    step = max(step, GEMM_MIN_ROWS)
+    spans = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < GEMM_MIN_ROWS:
+        spans[-2:] = [(spans[-2][0], rows)]
+    return spans
+
+
 @dataclass(frozen=True)
 class Block:
     """One low-rank pair on a rectangle of the matrix view: M[rows, cols] += scale * B @ A."""
@@ -146,4 +167,5 @@ def whole_target(key: str, layout: str, shape, A, B, alpha: float, scale_rule: s
     return Target(key=key, layout=layout, shape=shape, blocks=(block,), **kw)
 
 
-__all__ = ["Adapter", "Block", "Target", "scale_of", "alpha_for_scale", "matrix_shape", "whole_target", "spec"]
+__all__ = ["Adapter", "Block", "Target", "scale_of", "alpha_for_scale", "matrix_shape", "whole_target", "spec",
+           "GEMM_MIN_ROWS", "block_rows_for", "row_spans"]

@@ -248,11 +248,17 @@ def read_tensor(fd: int, data_start: int, info: TensorInfo):
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
-def read_all(path, hdr: Header) -> dict:
-    """Every tensor of a checked header, name -> torch.Tensor, read with pread."""
+def read_all(path, hdr: Header, *, host: bool = False) -> dict:
+    """Every tensor of a checked header, name -> torch.Tensor (or hostarray.HostTensor with `host`: no
+    torch import), read with pread."""
     fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
-        return {name: read_tensor(fd, hdr.data_start, info) for name, info in hdr.tensors.items()}
+        if not host:
+            return {name: read_tensor(fd, hdr.data_start, info) for name, info in hdr.tensors.items()}
+        from .hostarray import from_buffer
+
+        return {name: from_buffer(pread_exact(fd, info.nbytes, hdr.data_start + info.begin), info.dtype, info.shape)
+                for name, info in hdr.tensors.items()}
     finally:
         os.close(fd)
 

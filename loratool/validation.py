@@ -268,9 +268,7 @@ def _check_tensor_names(hdr: Header, raw_targets: dict, targets: dict[str, Targe
 
 
 def check_values(tensors, adapter: Adapter) -> list[Finding]:
-    """Rules T006 and W003 on loaded tensors (name -> torch.Tensor)."""
-    import torch
-
+    """Rules T006 and W003 on loaded tensors (name -> torch.Tensor or hostarray.HostTensor)."""
     findings = []
     for t in adapter:
         names = [spec.delta_name(t.key)] if t.kind == "full" else [
@@ -279,14 +277,39 @@ def check_values(tensors, adapter: Adapter) -> list[Finding]:
             x = tensors.get(n)
             if x is None:
                 continue
-            bad = int((~torch.isfinite(x)).sum())
+            bad = _count_nonfinite(x)
             if bad:
                 findings.append(Finding("T006", f"tensor \"{escape(n)}\" has {bad} non-finite values",
                                         escape(t.key)))
-            elif t.kind == "lora" and not bool(x.any()):
+            elif t.kind == "lora" and not _any_nonzero(x):
                 findings.append(Finding("W003", f"tensor \"{escape(n)}\" is all zeros, so its block adds nothing",
                                         escape(t.key)))
     return findings
+
+
+def _host_values(x):
+    """A HostTensor's values as a plain numpy array (BF16 widened to float32), or None for a torch tensor."""
+    if not hasattr(x, "st_dtype"):
+        return None
+    import numpy as np
+
+    return x.float32() if x.st_dtype == "BF16" else np.asarray(x)
+
+
+def _count_nonfinite(x) -> int:
+    a = _host_values(x)
+    if a is not None:
+        import numpy as np
+
+        return int((~np.isfinite(a)).sum()) if a.dtype.kind == "f" else 0
+    import torch
+
+    return int((~torch.isfinite(x)).sum())
+
+
+def _any_nonzero(x) -> bool:
+    a = _host_values(x)
+    return bool((a if a is not None else x).any())
 
 
 def check_base(adapter: Adapter, base) -> list[Finding]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -18,7 +19,7 @@ EPS = {"F16": 2.0 ** -10, "BF16": 2.0 ** -7, "F32": 2.0 ** -23, "F64": 2.0 ** -5
 
 def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=None, unmerge=False,
               verify=False, allow_partial=False, device="cpu", overwrite=False, fsync=True, progress=None,
-              speculate=None, reader=None) -> dict:
+              speculate=None, reader=None, engine="auto") -> dict:
     """Merge adapters into a base model file or folder and write the result to `out`, atomically.
 
     Args:
@@ -32,57 +33,80 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
             reader that takes one (kohya names, PEFT prefixes and saved tensors).
         speculate: copy the base in the background while adapters load (default: when torch is not imported
             yet, so that the copy hides the import).
+        engine: "numpy" merges float16/bfloat16/float32 tensors of a safetensors base on numpy with torch's
+            own sgemm (ops.merge_host; no torch import), "torch" uses torch for everything, and "auto" (the
+            default) takes numpy where it can. Both give the same bits.
     Returns:
         A summary dict (targets merged, skipped mismatches, bytes written, seconds, probe errors).
     Raises:
         MismatchError (nothing written) when targets do not fit the base; NumericError on NaN/Inf/overflow or
         a failed probe; FileError, SpecError for unreadable inputs or a refused output.
     """
+    from ..errors import UnsupportedError
     from ..fsutil import check_output
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
+    from ..ops import blas
 
     t0 = time.perf_counter()
     adapter_paths = list(adapter_paths)
+    if engine not in ("auto", "numpy", "torch"):
+        raise ValueError(f"engine {engine!r}: use auto, numpy or torch")
     if speculate is None:
-        # Copy the base in the background while torch imports (about as long as the copy itself); once torch
-        # is loaded there is nothing to hide, and targets would be copied only to be overwritten.
+        # Copy the base in the background while torch (or torch's BLAS) loads and the adapters are read; once
+        # torch is loaded there is less to hide, and targets would be copied only to be overwritten.
         speculate = "torch" not in sys.modules
+    if engine != "torch" and device == "cpu":
+        blas.preload()  # dlopen of torch's BLAS, in a thread, while the base headers are read
     with open_stream(base_path) as base:
         fmt = output_format(base, out)
         check_output(out, [*base.inputs, *adapter_paths], overwrite)
+        host = engine != "torch" and device == "cpu" and base.kind != "torch" and fmt != "torch" and \
+            blas.available()
+        if engine == "numpy" and not host:
+            raise UnsupportedError("engine numpy needs a safetensors base and output on the CPU, and torch's MKL "
+                                   "BLAS; use engine torch")
 
         def out_dtype(key, dt):
             return dtype if dtype is not None and dt in FLOAT_DTYPES else dt
 
-        with Rewriter(base, out, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync) as rw:
+        with Rewriter(base, out, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync, host=host) as rw:
             if speculate:  # into the temporary output only: a refusal below still leaves nothing
                 rw.start_copy(early=_unlikely_targets(adapter_paths))
-            import torch
-
-            threads = torch.get_num_threads()
-            if device == "cpu":
-                # One tensor per worker thread, each op single-threaded: an OpenMP team per small op stalls
-                # whenever another process holds a core (set before the adapters load: they do tensor ops too).
-                torch.set_num_threads(1)
-            try:
+            with _torch_threads(device, need=not host):
                 summary = _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify,
-                                 allow_partial, device, progress, reader)
-            finally:
-                torch.set_num_threads(threads)
+                                 allow_partial, device, progress, reader, host)
     return {"base": str(base_path), "output": str(out), "format": fmt, **summary,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+@contextlib.contextmanager
+def _torch_threads(device, need: bool = True):
+    """While merging with torch on the CPU, one thread per torch op: the Rewriter runs one tensor per worker
+    thread, and an OpenMP team per small op stalls whenever another process holds a core."""
+    if not need:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, allow_partial, device,
-           progress, reader) -> dict:
+           progress, reader, host) -> dict:
     """Load, plan, stream and (if asked) verify; commit the output only when everything passed."""
     from ..errors import NumericError
-    from ..ops.merge import Merger, plan_merge
+    from ..ops.merge import plan_merge
 
     from .options import load_inputs
 
     reader = {k: v for k, v in (reader or {}).items() if k != "base"}
-    loaded = load_inputs(adapter_paths, reader, base=base.reader)
+    loaded = load_inputs(adapter_paths, {**reader, "host": host} if host else reader, base=base.reader)
     adapters = [(str(p), a) for p, a in zip(adapter_paths, loaded)]
     plan = plan_merge(adapters, base.info, weights=weights, scale=scale, unmerge=unmerge,
                       allow_partial=allow_partial)
@@ -90,10 +114,21 @@ def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, 
     mergers = {}
     for key, terms in plan.terms.items():
         shape, dt = base.info(key)
-        mergers[key] = Merger(key, shape, dt, terms, out_dtype(key, dt), device=device, probe=verify)
+        odt = out_dtype(key, dt)
+        if host:
+            from ..ops.merge_host import HostMerger, host_route
+
+            if host_route(dt, odt, device):
+                mergers[key] = HostMerger(key, shape, dt, terms, odt, probe=verify)
+                continue
+        from ..ops.merge import Merger
+
+        mergers[key] = Merger(key, shape, dt, terms, odt, device=device, probe=verify)
+    torch_mergers = host and any(not getattr(m, "host", False) for m in mergers.values())
     if progress is not None:
         progress(0, total=rw.total_bytes)
-    stats = rw.run(mergers, progress)
+    with _torch_threads(device, need=torch_mergers):  # (set already on the torch route)
+        stats = rw.run(mergers, progress)
     errors = {k: m.probe_error() for k, m in mergers.items()} if verify else {}
     bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * EPS[out_dtype(k, base.info(k)[1])]}
     if bad:

@@ -40,8 +40,9 @@ def check_unknown(path, dialect: str, unknown, allow_unknown: bool, info: dict) 
     info["unknown_keys"] = unknown
 
 
-def read_safetensors(path) -> tuple[dict, dict]:
-    """All tensors (name -> torch.Tensor) and the metadata of a safetensors file, read with the strict parser.
+def read_safetensors(path, host: bool = False) -> tuple[dict, dict]:
+    """All tensors (name -> torch.Tensor, or hostarray.HostTensor with `host`) and the metadata of a
+    safetensors file, read with the strict parser.
 
     Raises:
         SpecError: the container breaks a C rule (named in the message).
@@ -51,7 +52,7 @@ def read_safetensors(path) -> tuple[dict, dict]:
     if hdr.errors:
         first = hdr.errors[0]
         raise SpecError(f"{path}: {first.message} (rule {first.rule})", hdr.errors)
-    return read_all(path, hdr), dict(hdr.metadata)
+    return read_all(path, hdr, host=host), dict(hdr.metadata)
 
 
 def read_torch(path) -> dict:

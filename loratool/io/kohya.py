@@ -58,18 +58,19 @@ def strip_prefix(name: str) -> str:
     return name
 
 
-def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+def load(path, *, base=None, allow_unknown: bool = False, host: bool = False) -> Adapter:
     """Read a kohya/sd-scripts LoRA `.safetensors` with its tensors.
 
     Args:
         path: the file.
         base: base model (path or io.base.BaseModel) to map underscore names to dotted keys and check shapes.
         allow_unknown: record keys that are not kohya LoRA tensors in info["unknown_keys"] instead of failing.
+        host: read the tensors into hostarray.HostTensors (numpy, no torch import).
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, name and fix in the message.
     """
     path = Path(path)
-    tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path, host=host)
     with base_keys(base) as bk:
         return _build(path, tensors, meta, bk, allow_unknown)
 
@@ -109,9 +110,22 @@ def _build(path, tensors, meta, bk, allow_unknown) -> Adapter:
     return Adapter(targets=targets, metadata=dict(meta), info=info)
 
 
-def _target(path, name, d, bk) -> Target:
-    import torch
+def _alpha_value(path, akey, a) -> float:
+    """The number stored in a kohya `.alpha` tensor (any real dtype, one element)."""
+    if hasattr(a, "st_dtype"):  # a HostTensor
+        bad = a.st_dtype == "BOOL"
+        value = None if bad or a.numel() != 1 else a.item_float()
+    else:
+        import torch
 
+        bad = a.dtype.is_complex or a.dtype == torch.bool
+        value = None if bad or a.numel() != 1 else float(a.reshape(()).double())
+    if value is None:
+        raise SpecError(f"{path}: \"{escape(akey)}\" has shape {list(a.shape)}; alpha is one number")
+    return value
+
+
+def _target(path, name, d, bk) -> Target:
     shown = escape(name)
     downs, ups = d["down"], d["up"]
     if not downs or set(downs) != set(ups):
@@ -141,9 +155,7 @@ def _target(path, name, d, bk) -> Target:
         tinfo["alpha"] = ALPHA_MISSING
     else:
         akey, a = d["alpha"]
-        if a.numel() != 1 or a.dtype.is_complex or a.dtype == torch.bool:
-            raise SpecError(f"{path}: \"{escape(akey)}\" has shape {list(a.shape)}; alpha is one number")
-        alpha = float(a.reshape(()).double())
+        alpha = _alpha_value(path, akey, a)
         if not math.isfinite(alpha):
             raise SpecError(f"{path}: \"{escape(akey)}\" is {alpha}; alpha must be finite")
         if alpha == 0.0:

@@ -103,8 +103,8 @@ def report_error(rep: Report) -> SpecError:
     return SpecError(f"{rep.path}: {where}{first.message} (rule {first.rule}){more}", errs)
 
 
-def load(path, *, check: bool = True) -> Adapter:
-    """Read a native adapter with its tensors.
+def load(path, *, check: bool = True, host: bool = False) -> Adapter:
+    """Read a native adapter with its tensors (torch tensors, or with `host` hostarray.HostTensors: no torch).
 
     Raises:
         SpecError: the file breaks any error rule of the spec (container, metadata, names, shapes, values).
@@ -114,7 +114,7 @@ def load(path, *, check: bool = True) -> Adapter:
     if rep.errors:
         raise report_error(rep)
     adapter = rep.adapter
-    tensors = read_all(path, rep.header)
+    tensors = read_all(path, rep.header, host=host)
     if check:
         bad = [f for f in check_values(tensors, adapter) if f.severity == "error"]
         if bad:

@@ -175,7 +175,7 @@ def read_config(cfg_path: Path) -> dict:
     return cfg
 
 
-def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+def load(path, *, base=None, allow_unknown: bool = False, host: bool = False) -> Adapter:
     """Read a PEFT LoRA adapter (folder, or its weights file beside adapter_config.json) with its tensors.
 
     Args:
@@ -183,13 +183,15 @@ def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
         base: optional base model (path or io.base.BaseModel): resolves target keys, checks shapes,
             decides Conv1D vs nn.Linear by the stored shape, and turns whole saved tensors into deltas.
         allow_unknown: record keys that are not LoRA tensors in info["unknown_keys"] instead of failing.
+        host: read a .safetensors file into hostarray.HostTensors (numpy, no torch import); DoRA modules and
+            saved whole tensors are still computed with torch.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, key and fix in the message.
     """
     cfg_path, weights = _paths(path)
     cfg = read_config(cfg_path)
     if weights.suffix == ".safetensors":
-        tensors, _meta = read_safetensors(weights)
+        tensors, _meta = read_safetensors(weights, host=host)
     else:
         tensors = read_torch(weights)
     with base_keys(base) as bk:
@@ -340,6 +342,8 @@ def _dora_full(where, module, t: Target, mag, bk: BaseKeys) -> Target:
     """A DoRA module as the full target W' - W, W' = (m / ||V||_row) * V, V = W + s B A, in float32."""
     import torch
 
+    from ..hostarray import as_torch
+
     shown = escape(module)
     if t.layout == "embedding":
         raise UnsupportedError(f"{where}: module \"{shown}\" is a DoRA embedding, which loratool does not read yet")
@@ -353,9 +357,9 @@ def _dora_full(where, module, t: Target, mag, bk: BaseKeys) -> Target:
     W32 = W.to(torch.float32)
     M = W32.T if t.layout == "fan_in_fan_out" else W32.reshape(out, inp)  # the (out, in) matrix view
     b = t.blocks[0]
-    V = M + (b.B.to(torch.float32) @ b.A.to(torch.float32)) * b.scale  # (out, r) @ (r, in) -> (out, in)
+    V = M + (as_torch(b.B).to(torch.float32) @ as_torch(b.A).to(torch.float32)) * b.scale  # (out, r) @ (r, in) -> (out, in)
     norm = torch.linalg.vector_norm(V, dim=1)  # (out,): PEFT's weight norm, per output row
-    D = (mag.reshape(out).to(torch.float32) / norm)[:, None] * V - M
+    D = (as_torch(mag).reshape(out).to(torch.float32) / norm)[:, None] * V - M
     if not bool(torch.isfinite(D).all()):
         raise NumericError(f"{where}: module \"{shown}\": DoRA gives non-finite weights (a zero row norm of W + s B A)")
     delta = (D.T if t.layout == "fan_in_fan_out" else D.reshape(t.shape)).contiguous()
@@ -366,6 +370,8 @@ def _dora_full(where, module, t: Target, mag, bk: BaseKeys) -> Target:
 def _whole_tensor(where, name, x, bk, info):
     """A saved whole tensor (modules_to_save, saved embedding layer) as a full target holding saved - base."""
     import torch
+
+    from ..hostarray import as_torch
 
     key = name.removeprefix(PREFIX).replace(".base_layer.", ".").replace(".modules_to_save.", ".")
     if bk is None:
@@ -379,7 +385,7 @@ def _whole_tensor(where, name, x, bk, info):
     if not x.is_floating_point():
         raise UnsupportedError(f"{where}: \"{escape(name)}\" is {x.dtype}; only floating-point tensors can be stored "
                                "as deltas")
-    delta = x.to(torch.float32) - bk.read(key).to(torch.float32)  # exact for inputs of <= 24-bit mantissa
+    delta = as_torch(x).to(torch.float32) - bk.read(key).to(torch.float32)  # exact for inputs of <= 24-bit mantissa
     if not bool(delta.any()):
         info.setdefault("unchanged_keys", []).append(name)  # saved copy equals the base: ΔW is zero
         return None

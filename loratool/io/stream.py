@@ -8,7 +8,8 @@ every tensor keeps its offset: tensors nobody transforms are copied as raw bytes
 (copy_file_range), never decoded, and transformed tensors are written in place with pwrite.
 
 Reads use pread into small buffers (never mmap: a mapped shard counts every touched page in the RSS).
-Transforms are duck-typed objects with `block_rows` and `block(V, r0) -> tensor` (see ops.merge.Merger):
+Transforms are duck-typed objects with `block_rows` and `block(V, r0) -> tensor` (see ops.merge.Merger); a
+transform with `host = True` gets numpy views of the raw values and returns numpy (ops.merge_host):
 io never imports ops. torch is imported only when a tensor is transformed or a torch file is involved.
 """
 
@@ -28,10 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from .. import spec
+from ..adapter import row_spans
 from ..container import Header, TensorInfo, build_header, escape
 from ..errors import FileError, SpecError
 from ..fsutil import atomic_dir, atomic_file, check_output
+from ..hostarray import HOST_DTYPES, NP_DTYPES, from_f32, to_f32
 from .base import INDEX_NAME, TORCH_SUFFIXES, ShardedBase, SafetensorsBase, TorchBase, open_base
 
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call: lets a cancel or a progress update in between
@@ -298,17 +303,14 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, cancel=No
 
 
 @contextlib.contextmanager
-def _mapped(e: Entry):
-    """The source tensor of `e` as a (rows, cols) torch view of a private read mapping of its bytes only.
+def _mapped(e: Entry, host: bool = False):
+    """The source tensor of `e` as a (rows, cols) view of a private read mapping of its bytes only: a torch
+    tensor, or with `host` a numpy array of its raw values (hostarray.NP_DTYPES).
 
     Only this tensor's pages are mapped, and only while it is being transformed, so the resident set stays
     bounded by the largest tensor rather than growing with every shard touched.
     """
     import mmap
-
-    import torch
-
-    from ..container import torch_dtype
 
     f, t = e.src
     start = f.header.data_start + t.begin
@@ -320,14 +322,23 @@ def _mapped(e: Entry):
         with contextlib.suppress(AttributeError, OSError):
             mm.madvise(mmap.MADV_SEQUENTIAL)
         view = memoryview(mm)[start - lo:]
-        W = torch.frombuffer(view, dtype=torch_dtype(e.src_dtype)).view(*e.rows_cols)
+        if host:
+            W = np.frombuffer(view, dtype=NP_DTYPES[e.src_dtype]).reshape(e.rows_cols)
+        else:
+            import torch
+
+            from ..container import torch_dtype
+
+            W = torch.frombuffer(view, dtype=torch_dtype(e.src_dtype)).view(*e.rows_cols)
         try:
             yield W
         finally:
             del W
             view.release()
     finally:
-        mm.close()
+        # A view still held (by a traceback on the way out) keeps the mapping open until it is collected.
+        with contextlib.suppress(BufferError):
+            mm.close()
 
 
 # ---- the rewriter ---------------------------------------------------------------------------------------
@@ -346,6 +357,25 @@ class _Cast:
         return V.to(self.dtype)
 
 
+class _HostCast:
+    """_Cast on numpy arrays between float16, bfloat16 and float32 (through float32, as torch converts)."""
+
+    host = True
+
+    def __init__(self, entry: Entry, block_bytes: int = 1 << 22):
+        self.src, self.dst = entry.src_dtype, entry.dtype
+        rows, cols = entry.rows_cols
+        self.block_rows = max(1, min(rows, block_bytes // max(1, cols * 4)))
+
+    def block(self, V, r0):
+        X = np.empty(V.shape, np.float32)
+        to_f32(V, self.src, X)
+        out = np.empty(V.shape, NP_DTYPES[self.dst])
+        with np.errstate(over="ignore"):  # float32 -> float16 overflows to Inf, as torch's cast does
+            from_f32(X, self.dst, out)
+        return out
+
+
 class Rewriter:
     """Write a transformed copy of a base to `out`, atomically; nothing appears at `out` unless commit() runs.
 
@@ -357,8 +387,9 @@ class Rewriter:
     """
 
     def __init__(self, base: StreamBase, out, fmt: str, *, out_dtype: Callable[[str, str], str] | None = None,
-                 overwrite: bool = False, fsync: bool = True, workers: int | None = None):
+                 overwrite: bool = False, fsync: bool = True, workers: int | None = None, host: bool = False):
         self.base, self.out, self.fmt = base, Path(out), fmt
+        self.host = host  # casts under --dtype on numpy (no torch import) where the dtypes allow
         self.out_dtype = out_dtype or (lambda key, dt: dt)
         self.overwrite, self.fsync = overwrite, fsync
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -490,7 +521,8 @@ class Rewriter:
             for e in of.entries:
                 tf = transforms.get(e.key)
                 if tf is None and e.dtype != e.src_dtype:
-                    tf = _Cast(e)
+                    host = self.host and e.src is not None and {e.src_dtype, e.dtype} <= set(HOST_DTYPES)
+                    tf = _HostCast(e) if host else _Cast(e)
                 if tf is not None or e.src is None:
                     jobs_tf.append((fd, e, tf))  # tf None: a torch source, written from the tensor's bytes
                 else:
@@ -548,17 +580,21 @@ class Rewriter:
                 return
             self._blocks(fd, e, tf, W, osize, done)
             return
-        with _mapped(e) as W:  # (rows, cols) over the page cache: no read copy; unmapped right after
+        host = getattr(tf, "host", False)
+        with _mapped(e, host) as W:  # (rows, cols) over the page cache: no read copy; unmapped right after
             self._blocks(fd, e, tf, W, osize, done)
+            del W  # every view of the mapping must be gone before it closes
 
     def _blocks(self, fd, e: Entry, tf, W, osize: int, done) -> None:
-        import torch
-
         rows, cols = e.rows_cols
-        step = tf.block_rows
-        for r0 in range(0, rows, step):
-            outb = tf.block(W[r0:r0 + step], r0)
-            data = outb.contiguous().view(-1).view(torch.uint8).numpy()
+        for r0, r1 in row_spans(rows, tf.block_rows):
+            outb = tf.block(W[r0:r1], r0)
+            if isinstance(outb, np.ndarray):
+                data = np.ascontiguousarray(outb).reshape(-1).view(np.uint8)
+            else:
+                import torch
+
+                data = outb.contiguous().view(-1).view(torch.uint8).numpy()
             off = e.offset + r0 * cols * osize
             pwrite_all(fd, data, off)
             if self.fsync:
@@ -580,7 +616,7 @@ class Rewriter:
             if tf is not None:
                 rows = 1 if W.ndim == 0 else W.shape[0]
                 V = W.reshape(rows, -1)
-                blocks = [tf.block(V[i:i + tf.block_rows], i).clone() for i in range(0, rows, tf.block_rows)]
+                blocks = [tf.block(V[a:b], a).clone() for a, b in row_spans(rows, tf.block_rows)]
                 W = torch.cat(blocks).reshape(W.shape)
             state[key] = W
             progress(W.numel() * W.element_size())

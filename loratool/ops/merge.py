@@ -23,14 +23,16 @@ import threading
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from .. import spec
-from ..adapter import Adapter, Target
+from ..adapter import GEMM_MIN_ROWS, Adapter, Target, block_rows_for, row_spans
 from ..container import dtype_name, escape, torch_dtype
 from ..errors import MismatchError, NumericError
+from ..hostarray import as_torch
+
+if TYPE_CHECKING:
+    import torch
 
 FLOAT_DTYPES = spec.FLOAT_DTYPES
 TRANSPOSED = ("fan_in_fan_out", "embedding")
@@ -140,6 +142,8 @@ class _Piece:
         `work` is scratch of at least (i1 - i0) x (c1 - c0) elements; the result may live in it.
         The product is rounded before the scaling, as PEFT's `(B @ A) * scaling`.
         """
+        import torch
+
         a, b = i0 - self.r0, i1 - self.r0
         if self.D is not None:
             return torch.mul(self.D[a:b], self.coef, out=work[:(b - a) * (self.c1 - self.c0)].view(b - a, -1))
@@ -153,18 +157,18 @@ class _Piece:
 
 
 def _pieces(terms: Sequence[Term], compute, device) -> list[_Piece]:
-    out = []
+    out = []  # factors read by the numpy route (HostTensor) are converted here
     for term in terms:
         t = term.target
         if t.kind == "full":
             rows, cols = row_view_shape(t.shape)
-            D = t.delta.to(device=device, dtype=compute).reshape(rows, cols)
+            D = as_torch(t.delta).to(device=device, dtype=compute).reshape(rows, cols)
             out.append(_Piece(0, rows, 0, cols, term.weight * t.delta_scale, D=D))
             continue
         tr = t.layout in TRANSPOSED
         for b in t.blocks:
-            A = b.A.to(device=device, dtype=compute)  # (r, n_cols_M)
-            B = b.B.to(device=device, dtype=compute)  # (n_rows_M, r)
+            A = as_torch(b.A).to(device=device, dtype=compute)  # (r, n_cols_M)
+            B = as_torch(b.B).to(device=device, dtype=compute)  # (n_rows_M, r)
             (r0, r1), (c0, c1) = (b.cols, b.rows) if tr else (b.rows, b.cols)
             coef = term.weight * b.scale
             B, coef = _fold_power_of_two(B, A, coef)
@@ -172,16 +176,33 @@ def _pieces(terms: Sequence[Term], compute, device) -> list[_Piece]:
     return out
 
 
-def _fold_power_of_two(B: torch.Tensor, A: torch.Tensor, coef: float) -> tuple[torch.Tensor, float]:
-    """Fold a power-of-two coefficient (alpha = 2r gives 2) into B, saving a pass per block.
+def is_power_of_two(coef: float) -> bool:
+    """±2^k other than 1 (multiplying by 1 needs no pass to save)."""
+    return coef != 1.0 and math.frexp(coef)[0] in (0.5, -0.5)
+
+
+def can_fold(coef: float, b_span: tuple[float, float], a_span: tuple[float, float], rank: int) -> bool:
+    """Whether a power-of-two coefficient (alpha = 2r gives 2) can be folded into B, saving a pass per block.
 
     Scaling by 2^k commutes with every rounding of B @ A (products, sums, FMAs) as long as no value is
-    subnormal or overflows: then (2^k B) @ A == (B @ A) * 2^k bit for bit. The fold is kept only when the
+    subnormal or overflows: then (2^k B) @ A == (B @ A) * 2^k bit for bit. The fold is allowed only when the
     factors' magnitudes rule that out: every nonzero product is at least 2^-100 (so every nonzero partial
     sum, a multiple of its ulp, is normal) and every sum of r products stays below 2^100.
+    b_span, a_span: (smallest nonzero, largest) magnitude of B and of A.
     """
-    m, _ = math.frexp(coef)
-    if coef == 1.0 or m not in (0.5, -0.5) or B.dtype != torch.float32 or B.numel() == 0 or A.numel() == 0:
+    if not is_power_of_two(coef):
+        return False
+    (blo, bhi), (alo, ahi) = b_span, a_span
+    small = blo * alo * min(1.0, abs(coef))
+    big = bhi * ahi * rank * max(1.0, abs(coef))
+    return math.isfinite(big) and small >= 2.0 ** -100 and big < 2.0 ** 100
+
+
+def _fold_power_of_two(B: torch.Tensor, A: torch.Tensor, coef: float) -> tuple[torch.Tensor, float]:
+    """(B * coef, 1.0) when `can_fold` allows it, else (B, coef)."""
+    import torch
+
+    if not is_power_of_two(coef) or B.dtype != torch.float32 or B.numel() == 0 or A.numel() == 0:
         return B, coef
 
     def span(x):  # (smallest nonzero, largest) magnitude, without a boolean-mask gather (slow)
@@ -189,10 +210,7 @@ def _fold_power_of_two(B: torch.Tensor, A: torch.Tensor, coef: float) -> tuple[t
         hi = float(a.max())
         return (float(torch.where(a > 0, a, math.inf).min()), hi) if hi > 0 else (1.0, 1.0)
 
-    (blo, bhi), (alo, ahi) = span(B), span(A)
-    small = blo * alo * min(1.0, abs(coef))
-    big = bhi * ahi * A.shape[0] * max(1.0, abs(coef))
-    if not (math.isfinite(big) and small >= 2.0 ** -100 and big < 2.0 ** 100):
+    if not can_fold(coef, span(B), span(A), A.shape[0]):
         return B, coef
     return B * coef, 1.0
 
@@ -202,6 +220,8 @@ _local = threading.local()
 
 def _scratch(numel: int, compute, out_dtype, device) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-thread scratch, grown on demand and reused across tensors: no allocation or page fault per block."""
+    import torch
+
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
@@ -225,6 +245,8 @@ class Merger:
 
     def __init__(self, key: str, shape, base_dtype: str, terms: Sequence[Term], out_dtype: str, *,
                  device: str = "cpu", probe: bool = False, block_bytes: int = BLOCK_BYTES):
+        import torch
+
         self.key, self.shape = key, tuple(shape)
         self.rows, self.cols = row_view_shape(self.shape)
         self.terms = list(terms)
@@ -238,7 +260,7 @@ class Merger:
             torch.backends.cudnn.allow_tf32 = False
         self.pieces = _pieces(self.terms, self.compute, self.device)
         esize = 8 if self.compute == torch.float64 else 4
-        self.block_rows = max(1, min(self.rows, block_bytes // max(1, self.cols * esize)))
+        self.block_rows = block_rows_for(self.rows, self.cols, block_bytes, esize)
         self.probe = probe
         if probe:
             g = torch.Generator().manual_seed(PROBE_SEED ^ zlib.crc32(key.encode("utf-8", "surrogatepass")))
@@ -253,7 +275,8 @@ class Merger:
         """
         n = V.shape[0]
         r1 = r0 + n
-        work, out_buf = _scratch(self.block_rows * self.cols, self.compute, self.out_dtype, self.device)
+        work, out_buf = _scratch((self.block_rows + GEMM_MIN_ROWS) * self.cols, self.compute, self.out_dtype,
+                                 self.device)
         X = work[0][:n * self.cols].view(n, self.cols)
         X.copy_(V)  # (n, cols): the one float32 copy of the base rows (a mixed-dtype add is slower)
         for p in self.pieces:
@@ -268,6 +291,8 @@ class Merger:
         return out
 
     def _check(self, out: torch.Tensor, X: torch.Tensor, r0: int) -> None:
+        import torch
+
         # One cheap reduction over the float32 block: NaN/Inf propagate into a min/max (and into a sum, which
         # overflows only for values near the float32 limit); only a suspicious block is examined element-wise.
         if self.out_dtype == torch.float16:
@@ -278,16 +303,12 @@ class Merger:
         if ok or bool(torch.isfinite(out).all()):
             return
         bad = (~torch.isfinite(out)).nonzero()[0].tolist()
-        row = r0 + bad[0]
-        if bool(torch.isfinite(X).all()):
-            big = float(X.abs().max())
-            raise NumericError(f"target \"{escape(self.key)}\": merged value {big:.6g} (row {row}) overflows "
-                               f"{self.out_name}; pass --dtype float32 or --dtype bfloat16 to widen the output, "
-                               "or lower --scale")
-        raise NumericError(f"target \"{escape(self.key)}\": merged tensor has NaN or Inf at row {row}; check the "
-                           "base and the adapter (`loratool inspect --stats`)")
+        finite = bool(torch.isfinite(X).all())
+        raise nonfinite_error(self.key, r0 + bad[0], self.out_name, float(X.abs().max()) if finite else None)
 
     def _accumulate(self, V, out, r0) -> None:
+        import torch
+
         r1 = r0 + V.shape[0]
         self._y_old[r0:r1] = V.to("cpu", torch.float64) @ self._x  # (rows, cols) @ (cols,) -> (rows,)
         self._y_new[r0:r1] = out.to("cpu", torch.float64) @ self._x
@@ -299,16 +320,18 @@ class Merger:
         A^T(B^T x[rows]) to rows `cols`. Neither forms ΔW, so an orientation, scale or index mistake in the
         merged tensor shows up as a large error.
         """
+        import torch
+
         y = self._y_old.clone()
         x = self._x
         for term in self.terms:
             t = term.target
             if t.kind == "full":
-                D = t.delta.to(torch.float64).reshape(self.rows, self.cols)
+                D = as_torch(t.delta).to(torch.float64).reshape(self.rows, self.cols)
                 y += (D @ x) * (term.weight * t.delta_scale)
                 continue
             for b in t.blocks:
-                A, B, c = b.A.double(), b.B.double(), term.weight * b.scale
+                A, B, c = as_torch(b.A).double(), as_torch(b.B).double(), term.weight * b.scale
                 if t.layout in TRANSPOSED:  # (cols_M, r) @ ((r, rows_M) @ (rows_M,)) -> (cols_M,)
                     y[b.cols[0]:b.cols[1]] += (A.T @ (B.T @ x[b.rows[0]:b.rows[1]])) * c
                 else:  # (rows_M, r) @ ((r, cols_M) @ (cols_M,)) -> (rows_M,)
@@ -317,6 +340,17 @@ class Merger:
         ref = max(float(torch.linalg.vector_norm(y)), float(torch.linalg.vector_norm(self._y_old)))
         err = float(torch.linalg.vector_norm(self._y_new - y))
         return err / ref if ref > 0 else err
+
+
+def nonfinite_error(key: str, row: int, out_name: str, overflow: float | None) -> NumericError:
+    """The refusal of a merged tensor with a NaN or Inf at `row`; `overflow` is the largest merged value when
+    every float32 value was finite (so the output dtype overflowed), else None."""
+    if overflow is not None:
+        return NumericError(f"target \"{escape(key)}\": merged value {overflow:.6g} (row {row}) overflows "
+                            f"{out_name}; pass --dtype float32 or --dtype bfloat16 to widen the output, or lower "
+                            "--scale")
+    return NumericError(f"target \"{escape(key)}\": merged tensor has NaN or Inf at row {row}; check the base and "
+                        "the adapter (`loratool inspect --stats`)")
 
 
 def merge_tensor(W: torch.Tensor, key: str, terms: Sequence[Term], out_dtype: str | None = None, *,
@@ -329,7 +363,9 @@ def merge_tensor(W: torch.Tensor, key: str, terms: Sequence[Term], out_dtype: st
     base = dtype_name(W.dtype)
     m = Merger(key, tuple(W.shape), base, terms, out_dtype or base, device=device, probe=probe)
     V = W.reshape(m.rows, m.cols)
-    blocks = [m.block(V[i:i + m.block_rows], i).clone() for i in range(0, m.rows, m.block_rows)]
+    import torch
+
+    blocks = [m.block(V[a:b], a).clone() for a, b in row_spans(m.rows, m.block_rows)]
     merged = torch.cat(blocks).reshape(W.shape)
     return merged, (m.probe_error() if probe else None)
 
@@ -345,5 +381,5 @@ def merge_state_dict(state: Mapping[str, torch.Tensor], plan: Plan, out_dtype: s
     return new, errors
 
 
-__all__ = ["Term", "Plan", "plan_merge", "Merger", "merge_tensor", "merge_state_dict", "row_view_shape",
+__all__ = ["Term", "Plan", "plan_merge", "Merger", "nonfinite_error", "can_fold", "is_power_of_two", "merge_tensor", "merge_state_dict", "row_view_shape",
            "FLOAT_DTYPES", "BLOCK_BYTES"]
