@@ -147,83 +147,74 @@ def identical(a: Path, b: Path) -> tuple[int, int]:
 
 
 def kernel() -> dict:
-    """Per-element cost of each step of one merged block (single thread, min of 5 passes over a 5632 x 2048
-    bf16 target in 1 MiB float32 blocks), the cost of `import torch`, and how many float32 elements of B @ A
-    numpy (OpenBLAS) rounds differently from torch."""
-    import torch
+    """Per-element cost of each step of one merged block on the numpy route (single thread, min of 5 passes
+    over a 5632 x 2048 bf16 target in 1 MiB float32 blocks), the start-up cost of `import torch` against
+    loading torch's BLAS alone, and how many float32 elements of B @ A numpy's own BLAS (OpenBLAS) rounds
+    differently from torch (the reason the route calls torch's MKL)."""
+    import numpy as np
 
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
+    from loratool.hostarray import first_nonfinite, from_f32, to_f32
+    from loratool.ops import blas
+
+    assert blas.available(), "torch's MKL sgemm is not loadable here"
+    blas.single_threaded()
+    g = np.random.default_rng(0)
     R, C, rows = 5632, 2048, (1 << 20) // (2048 * 4)
-    B, A = torch.randn(R, 16, generator=g) * 0.01, torch.randn(16, C, generator=g) / 45
-    W = (torch.randn(R, C, generator=g) * 0.02).bfloat16()
-    X, D, O = torch.empty(rows, C), torch.empty(rows, C), torch.empty(rows, C, dtype=torch.bfloat16)
-    steps = {"bf16->f32": lambda i: X.copy_(W[i:i + rows]), "B@A (r=16)": lambda i: torch.mm(B[i:i + rows], A, out=D),
-             "scale": lambda i: D.mul_(0.37), "add": lambda i: X.add_(D), "f32->bf16": lambda i: O.copy_(X),
-             "finite check": lambda i: float(X.sum())}
+    B = (g.standard_normal((R, 16)) * 0.01).astype(np.float32)
+    A = (g.standard_normal((16, C)) / 45).astype(np.float32)
+    W = np.empty((R, C), np.uint16)
+    from_f32((g.standard_normal((R, C)) * 0.02).astype(np.float32), "BF16", W)
+    X, D, T = (np.empty((rows, C), t) for t in (np.float32, np.float32, np.uint32))
+    O = np.empty((rows, C), np.uint16)
+    steps = {"bf16->f32": lambda i: to_f32(W[i:i + rows], "BF16", X),
+             "B@A (r=16, torch's sgemm)": lambda i: blas.gemm_f32(B[i:i + rows], A, D),
+             "scale": lambda i: np.multiply(D, np.float32(0.37), out=D), "add": lambda i: np.add(X, D, out=X),
+             "f32->bf16": lambda i: from_f32(X, "BF16", O, T), "finite check": lambda i: first_nonfinite(O, "BF16")}
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(5):
         acc = dict.fromkeys(steps, 0.0)
-        for i in range(0, R, rows):
+        for i in range(0, R - rows + 1, rows):
             for name, fn in steps.items():
                 t = time.perf_counter()
                 fn(i)
                 acc[name] += time.perf_counter() - t
         best = {k: min(best[k], acc[k]) for k in steps}
-    ns = {k: round(v / (R * C) * 1e9, 3) for k, v in best.items()}
-    t = time.perf_counter()
-    subprocess.run([PY, "-c", "import torch"], check=True)
-    imp = time.perf_counter() - t
-    t = time.perf_counter()
-    subprocess.run([PY, "-c", "pass"], check=True)
-    imp -= time.perf_counter() - t
-    differ = int((torch.from_numpy(B.numpy() @ A.numpy()) != B @ A).sum())
-    return {"ns_per_element": ns, "total_ns_per_element": round(sum(ns.values()), 3), "import_torch_s": round(imp, 2),
+    n = (R // rows) * rows * C
+    ns = {k: round(v / n * 1e9, 3) for k, v in best.items()}
+
+    def start(code):
+        t = time.perf_counter()
+        subprocess.run([PY, "-c", code], check=True)
+        return time.perf_counter() - t
+
+    empty = min(start("pass") for _ in range(3))
+    imp = min(start("import torch") for _ in range(3)) - empty
+    lib = min(start("from loratool.ops import blas; assert blas.available()") for _ in range(3)) - empty
+    full = np.empty((R, C), np.float32)
+    blas.gemm_f32(B, A, full)
+    differ = int((B @ A != full).sum())
+    return {"ns_per_element": ns, "total_ns_per_element": round(sum(ns.values()), 3),
+            "import_torch_s": round(imp, 2), "load_torch_blas_s": round(lib, 2),
             "numpy_vs_torch_BA_differing": differ, "elements": R * C, "load_avg": os.getloadavg()[0]}
 
 
-PHASES_SCRIPT = """
-import json, os, sys, time
-T0 = time.perf_counter()
-marks = []
-def mark(name):
-    r = os.times()
-    marks.append((name, round(time.perf_counter() - T0, 2), round(r.user + r.system, 2)))
-from loratool.io.stream import open_stream, Rewriter
-from loratool.cli.merge_cmd import _unlikely_targets, _load
-base_path, adapter, out = sys.argv[1:4]
-base = open_stream(base_path)
-rw = Rewriter(base, out, "folder", fsync=False)
-rw.__enter__()
-rw.start_copy(early=_unlikely_targets([adapter]))
-mark("opened, background copy started")
-import torch
-torch.set_num_threads(1)  # as run_merge does
-mark("torch imported")
-with rw._cv:
-    copied = sum(v == "copied" for v in rw._state.values())
-from loratool.ops.merge import plan_merge, Merger
-ad = _load(adapter, base)
-plan = plan_merge([(adapter, ad)], base.info)
-ms = {k: Merger(k, *base.info(k), terms, base.info(k)[1]) for k, terms in plan.terms.items()}
-mark("adapter loaded, planned")
-rw.run(ms)
-rw.commit()
-mark("merged and committed")
-print(json.dumps({"marks (name, wall s, cpu s)": marks, "copied during import": copied,
-                  "tensors": len(base.keys())}))
-"""
-
-
 def phases(base: Path, adapter: Path, out: Path) -> dict:
-    """One merge with timestamps (wall and CPU seconds since start) at each phase, in a fresh process."""
+    """One `loratool merge --no-fsync --json` in a fresh process: its own phase times (seconds since
+    run_merge started), the route it took, and the process's wall, CPU and peak RSS."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"])
-    r = subprocess.run([PY, "-c", PHASES_SCRIPT, str(base), str(adapter), str(out)], capture_output=True, text=True)
+    t = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", PY, "-m", "loratool", "merge", str(base), str(adapter),
+                        "-o", str(out), "--no-fsync", "--json"], capture_output=True, text=True)
+    wall = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
-    return {**json.loads(r.stdout), "load_avg": os.getloadavg()[0]}
+    rss, user, sys_ = r.stderr.strip().splitlines()[-1].split()
+    s = json.loads(r.stdout)
+    return {"route": s["route"], "phases_s": s["phases"], "process_wall_s": round(wall, 2),
+            "user_s": float(user), "system_s": float(sys_), "peak_rss_gib": round(int(rss) / 2**20, 3),
+            "load_avg": os.getloadavg()[0]}
 
 
 def main():
@@ -284,6 +275,9 @@ def main():
                      "cpu_s": [round(c, 2) for _, _, c in rs],
                      "peak_rss_gib": round(max(m for _, m, _ in rs) / 2**30, 3), "x_cp": round(med / cp, 2)}
     res["peft_over_loratool"] = round(res["peft"]["median_s"] / res["loratool --no-fsync"]["median_s"], 2)
+    # Each loratool run against the cp run of the same round (they alternate), which cancels slow drifts.
+    for name in ("loratool", "loratool --no-fsync"):
+        res[name]["x_cp_paired"] = [round(w / c, 2) for (w, _, _), (c, _, _) in zip(runs[name], runs["cp"])]
     print(json.dumps(res, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

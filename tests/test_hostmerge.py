@@ -259,3 +259,20 @@ def test_kohya_and_peft_files_take_the_numpy_route_without_torch(tmp_path):
     ref = tmp_path / "ref.safetensors"
     run_merge(tmp_path / "base.safetensors", [tmp_path / "n.safetensors"], ref, engine="torch")
     assert ref.read_bytes() == outs[2]
+
+
+def test_an_early_refusal_exits_cleanly_while_the_blas_loads(tmp_path):
+    """The library loads in a thread from the start of a merge; a refusal a few milliseconds later must
+    still exit with its one line and code (exiting during the library's initialisers aborted the process)."""
+    write_file(tmp_path / "b.safetensors", {"w": rand(4, 4)}, {})
+    t = linear_target("w", out=4, inp=4)
+    save(Adapter({"w": t}), tmp_path / "a.safetensors")
+    (tmp_path / "out.safetensors").write_bytes(b"keep")
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-m", "loratool", "merge", str(tmp_path / "b.safetensors"),
+                            str(tmp_path / "a.safetensors"), "-o", str(tmp_path / "out.safetensors")],
+                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 6, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'out.safetensors'}: already exists; pass "
+                                                 "--overwrite to replace it"]
+    assert (tmp_path / "out.safetensors").read_bytes() == b"keep"

@@ -42,12 +42,16 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
         MismatchError (nothing written) when targets do not fit the base; NumericError on NaN/Inf/overflow or
         a failed probe; FileError, SpecError for unreadable inputs or a refused output.
     """
-    from ..errors import UnsupportedError
     from ..fsutil import check_output
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
     from ..ops import blas
 
     t0 = time.perf_counter()
+    phases = {}  # phase -> seconds since start, in the summary (benchmarks/merge.py --phases reads it)
+
+    def phase(name):
+        phases[name] = round(time.perf_counter() - t0, 3)
+
     adapter_paths = list(adapter_paths)
     if engine not in ("auto", "numpy", "torch"):
         raise ValueError(f"engine {engine!r}: use auto, numpy or torch")
@@ -56,27 +60,26 @@ def run_merge(base_path, adapter_paths, out, *, weights=None, scale=1.0, dtype=N
         # torch is loaded there is less to hide, and targets would be copied only to be overwritten.
         speculate = "torch" not in sys.modules
     if engine != "torch" and device == "cpu":
-        blas.preload()  # dlopen of torch's BLAS, in a thread, while the base headers are read
+        blas.preload()  # dlopen in a thread, without the GIL, while headers and adapters are read
     with open_stream(base_path) as base:
         fmt = output_format(base, out)
         check_output(out, [*base.inputs, *adapter_paths], overwrite)
-        host = engine != "torch" and device == "cpu" and base.kind != "torch" and fmt != "torch" and \
-            blas.available()
-        if engine == "numpy" and not host:
-            raise UnsupportedError("engine numpy needs a safetensors base and output on the CPU, and torch's MKL "
-                                   "BLAS; use engine torch")
+        eligible = engine != "torch" and device == "cpu" and base.kind != "torch" and fmt != "torch"
 
         def out_dtype(key, dt):
             return dtype if dtype is not None and dt in FLOAT_DTYPES else dt
 
-        with Rewriter(base, out, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync, host=host) as rw:
+        with Rewriter(base, out, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync) as rw:
             if speculate:  # into the temporary output only: a refusal below still leaves nothing
                 rw.start_copy(early=_unlikely_targets(adapter_paths))
-            with _torch_threads(device, need=not host):
+            phase("opened")
+            with _torch_threads(device, need=not eligible):  # the torch route: before the adapters' tensor ops
                 summary = _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify,
-                                 allow_partial, device, progress, reader, host)
+                                 allow_partial, device, progress, reader, eligible, phase, engine == "numpy")
+            rw.commit()
+    phase("committed")
     return {"base": str(base_path), "output": str(out), "format": fmt, **summary,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "seconds": round(time.perf_counter() - t0, 3), "phases": phases}
 
 
 @contextlib.contextmanager
@@ -98,15 +101,26 @@ def _torch_threads(device, need: bool = True):
 
 
 def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, allow_partial, device,
-           progress, reader, host) -> dict:
-    """Load, plan, stream and (if asked) verify; commit the output only when everything passed."""
-    from ..errors import NumericError
+           progress, reader, eligible, phase, need_host=False) -> dict:
+    """Load, plan, stream and (if asked) verify; the caller commits the output when everything passed.
+
+    `eligible`: the numpy route may serve this base and output; it is taken when torch's BLAS loaded.
+    """
+    from ..errors import NumericError, UnsupportedError
+    from ..ops import blas
     from ..ops.merge import plan_merge
 
     from .options import load_inputs
 
     reader = {k: v for k, v in (reader or {}).items() if k != "base"}
-    loaded = load_inputs(adapter_paths, {**reader, "host": host} if host else reader, base=base.reader)
+    # With `host`, safetensors adapters are read into numpy (no torch); the torch route converts them.
+    loaded = load_inputs(adapter_paths, {**reader, "host": True} if eligible else reader, base=base.reader)
+    phase("adapters loaded")
+    host = rw.host = eligible and blas.available()
+    if need_host and not host:
+        raise UnsupportedError("engine numpy needs a safetensors base and output on the CPU, and torch's MKL BLAS; "
+                               "use engine torch")
+    phase("route chosen")
     adapters = [(str(p), a) for p, a in zip(adapter_paths, loaded)]
     plan = plan_merge(adapters, base.info, weights=weights, scale=scale, unmerge=unmerge,
                       allow_partial=allow_partial)
@@ -125,10 +139,12 @@ def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, 
 
         mergers[key] = Merger(key, shape, dt, terms, odt, device=device, probe=verify)
     torch_mergers = host and any(not getattr(m, "host", False) for m in mergers.values())
+    phase("planned")
     if progress is not None:
         progress(0, total=rw.total_bytes)
     with _torch_threads(device, need=torch_mergers):  # (set already on the torch route)
         stats = rw.run(mergers, progress)
+    phase("merged")
     errors = {k: m.probe_error() for k, m in mergers.items()} if verify else {}
     bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * EPS[out_dtype(k, base.info(k)[1])]}
     if bad:
@@ -136,14 +152,13 @@ def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, 
         raise NumericError(f"target \"{k}\": --verify probe error {bad[k]:.3g} is above {VERIFY_EPS} x the "
                            f"output dtype's epsilon ({len(bad)} target(s) fail); the merge is wrong, nothing was "
                            "written; please report it")
-    rw.commit()
     worst = max(errors, key=errors.get) if errors else None
     return {
         "adapters": [str(p) for p in adapter_paths], "operation": "unmerge" if unmerge else "merge",
         "targets": plan.n_targets, "terms": sum(len(v) for v in plan.terms.values()), "skipped": plan.skipped,
         "tensors": stats["tensors"], "bytes": stats["bytes"],
         "verify": {"max_rel_error": errors[worst], "target": worst} if worst else None,
-        "probe_errors": errors,
+        "probe_errors": errors, "route": "numpy" if host else "torch",
     }
 
 

@@ -23,6 +23,20 @@ _state: dict = {}
 _lock = threading.Lock()
 
 
+def _dlopen(path: str):
+    """Load a shared library through the C library's dlopen, called without the GIL (ctypes.CDLL holds it
+    for the whole load), lazily bound; falls back to ctypes.CDLL."""
+    try:
+        fn = ctypes.CDLL(None).dlopen
+    except (OSError, AttributeError):
+        return ctypes.CDLL(path)
+    fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+    handle = fn(os.fsencode(path), os.RTLD_LAZY | os.RTLD_LOCAL)
+    if not handle:
+        raise OSError(f"cannot load {path}")
+    return ctypes.CDLL(path, handle=handle)
+
+
 def _load():
     spec = importlib.util.find_spec("torch")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
@@ -33,7 +47,7 @@ def _load():
         if not os.path.exists(path):
             continue
         try:
-            lib = ctypes.CDLL(path)  # the same object torch._C links against: one copy per process
+            lib = _dlopen(path)  # the same object torch._C links against: one copy per process
             # MKL's own thread control next to sgemm_ says the BLAS is MKL (torch's BLAS_INFO=mkl builds).
             gemm, set_local = lib.sgemm_, lib.MKL_Set_Num_Threads_Local
         except (OSError, AttributeError):
@@ -44,12 +58,14 @@ def _load():
 
 
 def preload() -> None:
-    """Start loading the library in a background thread (dlopen releases the GIL), so that it overlaps
-    other start-up work; `available()` waits for it."""
+    """Start loading the library in a background thread, so that it overlaps other start-up work that holds
+    no loader lock (reading headers and adapters; import extension modules first); `available()` waits."""
     with _lock:
         if "thread" in _state or "fns" in _state:
             return
-        t = threading.Thread(target=_resolve, name="loratool-blas", daemon=True)
+        # Not a daemon: the interpreter waits for it before exiting. Exiting while the library's static
+        # initializers run in this thread would run its destructors against a half-built library (abort).
+        t = threading.Thread(target=_resolve, name="loratool-blas", daemon=False)
         _state["thread"] = t
         t.start()
 
@@ -68,6 +84,14 @@ def available() -> bool:
     if "fns" not in _state:
         _resolve()
     return _state["fns"] is not None
+
+
+def loaded() -> bool:
+    """True when this process has loaded the library (after waiting for a load in progress)."""
+    t = _state.get("thread")
+    if t is not None:
+        t.join()
+    return _state.get("fns") is not None
 
 
 def single_threaded() -> None:
@@ -100,4 +124,4 @@ def gemm_f32(X, Y, out) -> None:
                      ref(c_int(ldb)), ref(c_float(0.0)), ctypes.c_void_p(out.ctypes.data), ref(c_int(ldc)))
 
 
-__all__ = ["available", "preload", "single_threaded", "gemm_f32"]
+__all__ = ["available", "loaded", "preload", "single_threaded", "gemm_f32"]
