@@ -5,7 +5,8 @@ svd   On the matrix shapes of an 8B Llama (4096x4096 q/o, 1024x4096 k/v, 14336x4
       4096x14336 down), a seeded ΔW with a realistic spectrum: a rank-64 signal with singular values
       exp(-i/16) plus Gaussian noise of half the signal's Frobenius norm (noise is 20% of the energy).
       Times `torch.linalg.svd(ΔW, full_matrices=False)` (what kohya, PEFT and mergekit run) once per shape,
-      and loratool's `randomized_svd` with extract's defaults (sketch 2k, 2 power iterations) at ranks 16
+      and loratool's `randomized_svd` as extract's CPU route runs it (numpy, ops/svd_host.py; sketch 2k,
+      2 power iterations) at ranks 16
       and 64 (median of 3). Reports the time ratio and the ratio of each method's relative Frobenius error
       (measured on the truncated factors, float64 sums) to the Eckart-Young optimum (from the full SVD).
 e2e   The merge benchmark's synthetic ~1.1B Llama (benchmarks/merge.py builds it, cached) as the base, and a
@@ -55,7 +56,9 @@ def spectrum_matrix(m: int, n: int, seed: int, r: int = 64, decay: float = 16.0,
 
 
 def rel_error(M, B, A) -> float:
-    from loratool.ops.extract import residual_squares, sum_squares
+    """Relative Frobenius error of numpy factors (float32 products, float64 sums)."""
+    from loratool.ops.extract_host import residual_squares
+    from loratool.ops.svd_host import sum_squares
 
     return math.sqrt(residual_squares(M, B, A) / sum_squares(M))
 
@@ -63,24 +66,25 @@ def rel_error(M, B, A) -> float:
 def bench_svd(reps: int = 3, iterations=None) -> list[dict]:
     import torch
 
-    from loratool.ops.svd import DEFAULT_POWER_ITERATIONS, randomized_svd, seed_for, sketch_size
+    from loratool.ops.svd_host import DEFAULT_POWER_ITERATIONS, randomized_svd, seed_for, sketch_size
 
     rows = []
     for si, (m, n) in enumerate(SHAPES):
-        M = spectrum_matrix(m, n, seed=si)
-        E = float(M.double().square().sum())
+        Mt = spectrum_matrix(m, n, seed=si)
+        M = Mt.numpy()  # extract's CPU route: numpy (ops/svd_host.py)
+        E = float(Mt.double().square().sum())
         t = time.perf_counter()
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(Mt, full_matrices=False)
         t_full = time.perf_counter() - t
         for k, q in [(k, q) for k in RANKS for q in (iterations or [DEFAULT_POWER_ITERATIONS])]:
             optimum = math.sqrt(max(E - float(S[:k].double().square().sum()), 0.0) / E)
-            full_err = rel_error(M, U[:, :k] * S[:k], Vh[:k])
+            full_err = rel_error(M, (U[:, :k] * S[:k]).numpy(), Vh[:k].numpy())
             l = sketch_size(k, m, n)
             times = []
             for _ in range(reps):
                 t = time.perf_counter()
                 Ur, Sr, Vhr = randomized_svd(M, l, seed_for(0, f"{m}x{n}"), q)
-                B, A = Ur[:, :k] * Sr[:k], Vhr[:k].clone()
+                B, A = Ur[:, :k] * Sr[:k], Vhr[:k].copy()
                 times.append(time.perf_counter() - t)
             t_rand = statistics.median(times)
             err = rel_error(M, B, A)
@@ -91,7 +95,7 @@ def bench_svd(reps: int = 3, iterations=None) -> list[dict]:
                    "loratool_rel_error": round(err, 6), "error_ratio": round(err / optimum, 5)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-        del U, S, Vh, M
+        del U, S, Vh, M, Mt
     return rows
 
 
@@ -101,7 +105,7 @@ def bench_set(device: str, layers: int, rank: int = 16) -> dict:
     matrices are made on the device first (spectrum as above, seeded per matrix)."""
     import torch
 
-    from loratool.ops.extract import residual_squares, sum_squares
+    from loratool.ops.extract_torch import residual_squares, sum_squares
     from loratool.ops.svd import DEFAULT_POWER_ITERATIONS, randomized_svd, seed_for, sketch_size
 
     shapes = {(4096, 4096): 2 * layers, (1024, 4096): 2 * layers, (14336, 4096): 2 * layers, (4096, 14336): layers}
@@ -216,31 +220,33 @@ def bench_e2e(work: Path, rounds: int) -> dict:
 
 
 def breakdown(work: Path) -> dict:
-    """Where an end-to-end run's time goes: torch import (own process), the reader alone (read, compare,
-    subtract, sum of squares), and the whole in-process extraction with and without the read-ahead thread."""
+    """Where an end-to-end run's time goes, in this process: the reader alone (map, subtract in float32, sum of
+    squares; its own two threads), the SVDs alone (extract's factorisation of every delta, read beforehand one
+    at a time and not timed), and the whole in-process extraction (reading ahead while factorising)."""
     from loratool.io.base import open_base
     from loratool.ops import extract as ex
+    from loratool.ops import extract_host as exh
 
-    t = time.perf_counter()
-    subprocess.run([PY, "-c", "import torch"], check=True)
-    imp = time.perf_counter() - t
     ft, base = open_base(work / "extract" / "ft"), open_base(work / "merge" / "base")
     opts = ex.ExtractOptions(rank=16)
     entries = ex.plan(ft, base, opts)
-    ex.READ_AHEAD = False
     t = time.perf_counter()
-    r = ex._Reader(ft, base, entries)
-    for e, d, changed, _, _ in r:
+    r = exh._Reader(ft, base, entries, ahead=False)
+    for _, d, _, _ in r:
         r.release(d)
     reader = time.perf_counter() - t
-    out = {"python_import_torch_s": round(imp, 2), "reader_alone_s": round(reader, 2)}
-    for ahead in (False, True):
-        ex.READ_AHEAD = ahead
-        t = time.perf_counter()
-        ex.extract(ft, base, opts)
-        out[f"extract_in_process_read_ahead_{ahead}_s"] = round(time.perf_counter() - t, 2)
-    ex.READ_AHEAD = None
-    return out
+    svd = 0.0
+    r = exh._Reader(ft, base, [e for e in entries if e.role == "matrix"], ahead=False)
+    for e, d, changed, E in r:
+        if changed and E:
+            t = time.perf_counter()
+            exh.factorize(exh._view(e, d), e, E, opts)
+            svd += time.perf_counter() - t
+        r.release(d)
+    t = time.perf_counter()
+    ex.extract(ft, base, opts)
+    return {"reader_alone_s": round(reader, 2), "svds_alone_s": round(svd, 2),
+            "extract_in_process_s": round(time.perf_counter() - t, 2)}
 
 
 def main():

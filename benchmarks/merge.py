@@ -6,6 +6,7 @@ seed, saved as a sharded Hugging Face folder, and a rank-16 PEFT adapter (float3
 non-zero A and B) on all seven projections. Then times, alternately and as whole processes:
 
   cp        cp -r base out                                   (the I/O floor)
+  cp + sync cp -r base out && sync out/*                     (the durable floor: loratool fsyncs by default)
   loratool  python -m loratool merge base adapter -o out     (default: fsync; and --no-fsync, as cp)
   peft      load bf16 model, PeftModel.from_pretrained, merge_and_unload, save_pretrained
 
@@ -239,9 +240,11 @@ def main():
         return
     size = sum(p.stat().st_size for p in base.iterdir())
     out = work / "out"
-    runs = {"cp": [], "loratool": [], "loratool --no-fsync": [], "peft": []}
+    runs = {"cp": [], "cp + sync": [], "loratool": [], "loratool --no-fsync": [], "peft": []}
     cmds = {
         "cp": ["cp", "-r", str(base), str(out)],
+        # The durable floor for loratool's default, which fsyncs its output before the rename.
+        "cp + sync": ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(base), str(out)],
         "loratool": [PY, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out), "-q"],
         "loratool --no-fsync": [PY, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out), "-q",
                                 "--no-fsync"],
@@ -276,8 +279,9 @@ def main():
                      "peak_rss_gib": round(max(m for _, m, _ in rs) / 2**30, 3), "x_cp": round(med / cp, 2)}
     res["peft_over_loratool"] = round(res["peft"]["median_s"] / res["loratool --no-fsync"]["median_s"], 2)
     # Each loratool run against the cp run of the same round (they alternate), which cancels slow drifts.
-    for name in ("loratool", "loratool --no-fsync"):
-        res[name]["x_cp_paired"] = [round(w / c, 2) for (w, _, _), (c, _, _) in zip(runs[name], runs["cp"])]
+    for name, ref in (("loratool", "cp + sync"), ("loratool --no-fsync", "cp")):
+        res[name]["x_" + ref.replace(" + ", "_")] = round(res[name]["median_s"] / res[ref]["median_s"], 2)
+        res[name]["paired_ratios"] = [round(w / c, 2) for (w, _, _), (c, _, _) in zip(runs[name], runs[ref])]
     print(json.dumps(res, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

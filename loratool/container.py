@@ -266,7 +266,12 @@ def read_all(path, hdr: Header, *, host: bool = False) -> dict:
 # ---- writer --------------------------------------------------------------------------------------------
 
 def tensor_bytes(t) -> memoryview:
-    """Little-endian bytes of a tensor, without a copy when it is already contiguous on the CPU."""
+    """Little-endian bytes of a tensor (torch, or numpy / hostarray.HostTensor), without a copy when it is
+    already contiguous on the CPU."""
+    if hasattr(t, "__array_interface__") and not hasattr(t, "detach"):  # numpy: no torch import
+        import numpy as np
+
+        return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
     import torch
 
     t = t.detach().to("cpu").contiguous().reshape(-1)
@@ -288,12 +293,16 @@ def build_header(entries: list[tuple[str, str, tuple, int]], metadata: dict[str,
 
 
 def write_file(path, tensors: dict, metadata: dict[str, str]) -> int:
-    """Write tensors (name -> torch.Tensor) sorted by name, atomically. Returns the bytes written."""
+    """Write tensors (name -> torch.Tensor or hostarray.HostTensor) sorted by name, atomically. Returns the
+    bytes written."""
     from .fsutil import atomic_file
+
+    def st_dtype(t):
+        return t.st_dtype if hasattr(t, "st_dtype") else dtype_name(t.dtype)
 
     names = sorted(tensors)
     blobs = [tensor_bytes(tensors[n]) for n in names]
-    entries = [(n, dtype_name(tensors[n].dtype), tuple(tensors[n].shape), len(b)) for n, b in zip(names, blobs)]
+    entries = [(n, st_dtype(tensors[n]), tuple(tensors[n].shape), len(b)) for n, b in zip(names, blobs)]
     header = build_header(entries, metadata)
     with atomic_file(path) as f:
         f.write(struct.pack("<Q", len(header)))

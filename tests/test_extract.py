@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from loratool.errors import MismatchError, NumericError
+from loratool.hostarray import as_torch
 from loratool.ops import extract as ex
-from loratool.ops.extract import ExtractOptions, extract, plan, sum_squares
+from loratool.ops import extract_host as exh
+from loratool.ops import extract_torch as ext
+from loratool.ops.extract import ExtractOptions, extract, plan
+from loratool.ops.extract_torch import sum_squares
 from loratool.ops.linalg import delta_tensor
 from loratool.ops.svd import exact_svd, quantile, randomized_svd, seed_for
 
@@ -181,7 +185,8 @@ def test_unchanged_skipped_vectors_listed_or_stored_whole():
 def test_compare_only_tensors_are_compared_in_pieces(monkeypatch):
     # Pairs are read in pieces; a change in the embedding's last piece is seen, and deltas are assembled
     # from pieces exactly.
-    monkeypatch.setattr(ex, "_CHUNK_ELEMENTS", 48)
+    monkeypatch.setattr(exh, "_CHUNK_ELEMENTS", 48)  # the CPU route (numpy)
+    monkeypatch.setattr(ext, "_CHUNK_ELEMENTS", 48)
     base = {"lin.weight": torch.randn(20, 16, generator=g(1)), "model.embed_tokens.weight": torch.randn(64, 16)}
     ft = dict(base)
     ft["lin.weight"] = base["lin.weight"] + low_rank(20, 16, 2, seed=3)
@@ -195,14 +200,15 @@ def test_compare_only_tensors_are_compared_in_pieces(monkeypatch):
     assert extract(ft, base, ExtractOptions(rank=2)).unchanged == 1
 
 
-@pytest.mark.parametrize("ahead", [False, True])  # in line (the CPU default) and in a thread (the CUDA default)
+@pytest.mark.parametrize("ahead", [False, True])  # in line and in a thread (the CUDA default)
 def test_read_ahead_arena_wraps_around_and_every_delta_is_intact(monkeypatch, ahead):
-    monkeypatch.setattr(ex, "_ARENA_MIN_BYTES", 0)  # the arena holds only the biggest delta: constant wrapping
-    monkeypatch.setattr(ex, "READ_AHEAD", ahead)
+    """The torch route's arena (CUDA, and batch_bytes on the CPU)."""
+    monkeypatch.setattr(ext, "_ARENA_MIN_BYTES", 0)  # the arena holds only the biggest delta: constant wrapping
+    monkeypatch.setattr(ext, "READ_AHEAD", ahead)
     sizes = [(30, 20), (12, 8), (40, 24), (7, 5), (30, 20), (40, 24), (9, 9)]
     deltas = {f"l{i}.weight": low_rank(m, n, 2, seed=300 + i) for i, (m, n) in enumerate(sizes)}
     ft, base = pair(**deltas)
-    r = extract(ft, base, ExtractOptions(rank=2))
+    r = extract(ft, base, ExtractOptions(rank=2, batch_bytes=1))
     for k, D in deltas.items():
         assert rel(delta_tensor(r.adapter.targets[k]), D) < F32_REL, k
 
@@ -210,7 +216,7 @@ def test_read_ahead_arena_wraps_around_and_every_delta_is_intact(monkeypatch, ah
 def test_a_read_error_in_the_reader_thread_reaches_the_caller(monkeypatch):
     from loratool.errors import FileError
 
-    monkeypatch.setattr(ex, "READ_AHEAD", True)
+    monkeypatch.setattr(ext, "READ_AHEAD", True)
 
     class Failing(ex._MappingSource):
         def read_into(self, key, out, start=0):
@@ -221,13 +227,13 @@ def test_a_read_error_in_the_reader_thread_reaches_the_caller(monkeypatch):
     deltas = {f"l{i}.weight": low_rank(20, 10, 1, seed=400 + i) for i in range(6)}
     ft, base = pair(**deltas)
     with pytest.raises(FileError, match=re.escape('ft: file ended 12 bytes early while reading "l3.weight"')):
-        extract(Failing(ft), base, ExtractOptions(rank=1))
+        extract(Failing(ft), base, ExtractOptions(rank=1, batch_bytes=1))
 
 
 def test_arena_is_a_fifo_ring():
     import threading
 
-    a = ex._Arena(1024, pin=False)
+    a = ext._Arena(1024, pin=False)
     stop = threading.Event()
     p1, _ = a.alloc(64, stop)  # 256 bytes
     p2, _ = a.alloc(128, stop)  # 512 bytes
@@ -249,7 +255,7 @@ def test_bf16_models_computed_in_float32():
     ft = {"w": (base["w"].float() + D).bfloat16()}
     true = ft["w"].float() - base["w"].float()  # the delta the files actually hold
     t = extract(ft, base, ExtractOptions(rank=48)).adapter.targets["w"]
-    assert t.dtype == "BF16" and t.blocks[0].A.dtype == torch.float32
+    assert t.dtype == "BF16" and as_torch(t.blocks[0].A).dtype == torch.float32
     assert rel(delta_tensor(t), true) < F32_REL
 
 
@@ -307,7 +313,7 @@ def test_budget_with_a_cast_measures_the_stored_factors_in_a_second_pass():
     r = extract(ft, base, ExtractOptions(max_params=6 * 160, rank=8, dtype="bfloat16"))
     assert r.summary["parameters"] <= 6 * 160
     for k, t in r.adapter.targets.items():
-        assert t.blocks[0].A.dtype == torch.bfloat16
+        assert as_torch(t.blocks[0].A).dtype == torch.bfloat16
         assert abs(t.info["rel_error"] - rel(delta_tensor(t), ft[k] - base[k])) < 1e-5
 
 
@@ -331,8 +337,9 @@ def test_seeded_and_batched_results_agree_with_single_matrix_results():
     batched = extract(ft, base, ExtractOptions(rank=5, seed=7, batch_bytes=1 << 30))  # the CUDA code path, on CPU
     for k in ms:
         a, b, c = (x.adapter.targets[k].blocks[0] for x in (one, again, batched))
-        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
-        assert rel(c.B @ c.A, a.B @ a.A) < 1e-5
+        assert torch.equal(as_torch(a.A), as_torch(b.A)) and torch.equal(as_torch(a.B), as_torch(b.B))
+        # numpy (the CPU route) and torch (batched) draw the same sketch: the same factors to float32 rounding
+        assert rel(c.B @ c.A, as_torch(a.B) @ as_torch(a.A)) < 1e-5
         assert abs(one.adapter.targets[k].info["rel_error"] - batched.adapter.targets[k].info["rel_error"]) < 1e-6
 
 

@@ -55,6 +55,22 @@ def read_safetensors(path, host: bool = False) -> tuple[dict, dict]:
     return read_all(path, hdr, host=host), dict(hdr.metadata)
 
 
+def torch_factors(adapter):
+    """The adapter with every HostTensor (numpy) factor or delta turned into a torch tensor, for writers
+    that compute with torch."""
+    from dataclasses import replace
+
+    from ..hostarray import as_torch
+
+    targets = []
+    for t in adapter:
+        if t.kind == "full":
+            targets.append(replace(t, delta=as_torch(t.delta)))
+        else:
+            targets.append(t.with_blocks(replace(b, A=as_torch(b.A), B=as_torch(b.B)) for b in t.blocks))
+    return adapter.replace_targets(targets)
+
+
 def read_torch(path) -> dict:
     """A flat state dict from a torch file, loaded with weights_only=True and nothing else.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..container import (Header, TensorInfo, escape, pread_exact, pread_into, read_header, read_tensor,
                          tensor_bytes, torch_dtype)
+from .. import spec
 from ..errors import FileError, SpecError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -48,6 +49,18 @@ class BaseModel:
         flat = self.read(key).reshape(-1)
         out.copy_(flat[start:start + out.numel()])
         return out
+
+    def locate(self, key: str) -> tuple[int, int, int] | None:
+        """(open file descriptor, byte offset, byte length) of the tensor's data in a file, for readers that map
+        it instead of copying it; None when the tensor is not stored as raw bytes in one file."""
+        return None
+
+    def read_bytes_into(self, key: str, buf, start: int = 0) -> None:
+        """Fill the writable byte buffer `buf` with the little-endian bytes of the flattened tensor from element
+        `start` on (len(buf) bytes, a whole number of elements): a torch-free read into a numpy buffer."""
+        t = self.read(key)
+        size = t.element_size()
+        buf[:] = tensor_bytes(t).cast("B")[start * size:start * size + len(buf)]
 
     def close(self) -> None:
         pass
@@ -107,6 +120,20 @@ class SafetensorsBase(BaseModel):
                    where=f"{self.path}: ")
         return out
 
+    def locate(self, key):
+        t = self.header.tensors[key]
+        if self.header.data_start + t.end > os.fstat(self._fd).st_size:
+            raise FileError(f"{self.path}: is shorter than its header says; was it modified while reading?")
+        return self._fd, self.header.data_start + t.begin, t.nbytes
+
+    def read_bytes_into(self, key, buf, start: int = 0) -> None:
+        t = self.header.tensors[key]
+        size = spec.DTYPE_SIZES[t.dtype]
+        if start < 0 or len(buf) % size or start * size + len(buf) > t.nbytes:
+            raise ValueError(f"read_bytes_into: {len(buf)} bytes from element {start} outside tensor of {t.numel}")
+        pread_into(self._fd, memoryview(buf).cast("B"), self.header.data_start + t.begin + start * size,
+                   what=f"\"{escape(key)}\"", where=f"{self.path}: ")
+
     def close(self):
         if self._fd is not None:
             os.close(self._fd)
@@ -160,6 +187,12 @@ class ShardedBase(BaseModel):
 
     def read_into(self, key, out, start: int = 0):
         return self._where[key].read_into(key, out, start)
+
+    def read_bytes_into(self, key, buf, start: int = 0) -> None:
+        self._where[key].read_bytes_into(key, buf, start)
+
+    def locate(self, key):
+        return self._where[key].locate(key)
 
     def sha256(self, key):
         return self._where[key].sha256(key)

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..adapter import Adapter, Block, Target, alpha_for_scale
 from ..container import escape, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import base_keys, check_unknown, read_safetensors
+from ._common import base_keys, check_unknown, read_safetensors, torch_factors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
 NAME = re.compile(r"^(?P<name>[^.]+)\.(?:(?P<f>lora_down|lora_up)(?:\.(?P<i>0|[1-9][0-9]{0,4}))?\.weight"
@@ -275,7 +275,7 @@ def save(adapter: Adapter, path, *, prefix: str = "lora_unet_") -> int:
     """
     import torch
 
-    tensors = plan(adapter, prefix)
+    tensors = plan(torch_factors(adapter), prefix)
     for n, x in tensors.items():
         if x is None:
             raise SpecError(f"{path}: tensor \"{escape(n)}\" was never loaded; load the adapter with its tensors first")

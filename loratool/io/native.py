@@ -85,7 +85,8 @@ def save(adapter: Adapter, path) -> int:
             raise SpecError(f"{path}: tensor \"{n}\" was never loaded; load the adapter with its tensors first")
         if not x.is_floating_point():
             raise SpecError(f"{path}: tensor \"{n}\" is {x.dtype}; factors must be floating point")
-        tensors[n] = x.detach().to("cpu").contiguous()
+        if not hasattr(x, "st_dtype"):  # a HostTensor (numpy) is written as it is, without torch
+            tensors[n] = x.detach().to("cpu").contiguous()
     for t in adapter:
         for b in t.blocks:
             if not math.isfinite(b.alpha):

@@ -38,7 +38,7 @@ from ..adapter import Adapter, Target, alpha_for_scale, scale_of, whole_target
 from ..container import _no_constant, escape, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, base_keys, check_unknown, finite_number, listing, positive_int, read_safetensors,
-                      read_torch, require_dir_or_file)
+                      read_torch, require_dir_or_file, torch_factors)
 from .native import _check_finite, _num, tensors_of
 
 CONFIG_NAME = "adapter_config.json"
@@ -505,7 +505,7 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
                 raise SpecError(f"target \"{escape(t.key)}\": factors were never loaded; load the adapter with its "
                                 "tensors first")
     _check_finite(adapter, tensors_of(adapter), str(path))
-    cfg, tensors = plan(adapter, base_model_name_or_path)
+    cfg, tensors = plan(torch_factors(adapter), base_model_name_or_path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}
     meta["format"] = "pt"

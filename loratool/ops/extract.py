@@ -1,8 +1,14 @@
 """Extract a LoRA adapter from a finetuned model and its base: ΔW = W_ft - W_base, truncated SVD per target.
 
-Streaming: the two models are read one tensor pair at a time into buffers this module reuses (with CUDA a
+Streaming: the two models are read one tensor pair at a time into buffers that are reused (with CUDA a
 reader thread fills the next pair while the current one is factorised), so neither model is ever whole in
 memory.
+
+Two routes compute the same thing: on the CPU, numpy (ops/extract_host.py: numpy's BLAS, which is 1.5-2x
+faster than torch's for these thin products here, and no `import torch`, which costs 2-4 s); on CUDA, or
+with `batch_bytes` (the batched code path), torch (ops/extract_torch.py). Both draw the same Gaussian
+sketches (ops/svd_host.py), so they agree to float32 rounding. This module holds what they share: options,
+the plan, rank rules, the global budget and the result.
 
 Per tensor, by its shape, name and the options (`plan`):
   2-D weight            a matrix target, layout "linear" (or "fan_in_fan_out" when a hint says GPT-2 Conv1D)
@@ -39,25 +45,20 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import torch
 
 from .. import spec
-from ..adapter import Adapter, Target, matrix_shape, whole_target
-from ..container import dtype_name, escape, torch_dtype
+from ..adapter import Adapter, matrix_shape, whole_target
+from ..container import dtype_name, escape
 from ..errors import MismatchError, NumericError
-from .linalg import from_base_layout
-from .svd import (DEFAULT_POWER_ITERATIONS, exact_svd, gaussian_sketch, prefers_exact, quantile, randomized_svd,
-                  resolve_device, seed_for, sketch_size)
+from .svd_host import DEFAULT_POWER_ITERATIONS, prefers_exact, seed_for, sketch_size
 
 FLOAT_DTYPES = spec.FLOAT_DTYPES
-OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --dtype -> safetensors dtype name
 DEFAULT_BUDGET_CAP = 64
 ENERGY_START_RANK = 32  # first sketch rank for --energy / --threshold; grows x4 until the criterion is met
 DIRECT_RESIDUAL_BELOW = 3e-2  # relative error under which the residual is computed, not derived
@@ -126,12 +127,13 @@ class ExtractResult:
     summary: dict
 
 
+
 # ---- inputs ------------------------------------------------------------------------------------------------
 
 class _MappingSource:
-    """A plain mapping of name -> tensor seen through the base-reader interface (keys, info, read_into)."""
+    """A plain mapping of name -> torch tensor seen through the base-reader interface (keys, info, read_into)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+    def __init__(self, tensors: Mapping[str, Any]):
         self._t = tensors
 
     def keys(self):
@@ -144,6 +146,15 @@ class _MappingSource:
     def read_into(self, key, out, start=0):
         out.copy_(self._t[key].reshape(-1)[start:start + out.numel()])
         return out
+
+    def read_bytes_into(self, key, buf, start=0):
+        """Little-endian bytes of elements [start, ...) into `buf` (a writable byte buffer)."""
+        from ..container import tensor_bytes
+
+        t = self._t[key]
+        raw = tensor_bytes(t).cast("B")
+        size = t.element_size()
+        buf[:] = raw[start * size:start * size + len(buf)]
 
 
 def _source(obj):
@@ -225,227 +236,37 @@ def plan(ft, base, opts: ExtractOptions, names=("finetuned", "base")) -> list[En
     return entries
 
 
-# ---- streaming reader ----------------------------------------------------------------------------------------
-
-_CHUNK_ELEMENTS = 1 << 22  # a pair is read, compared and subtracted in pieces of this many elements
-_ARENA_MIN_BYTES = 1 << 27  # the deltas read ahead share an arena of at least 128 MiB (more for a bigger matrix)
-_ALIGN = 64
-# Read and subtract in a thread while the previous pair is factorised: on for CUDA, where the CPU is free
-# while the GPU computes. On the CPU both sides compete for the same cores, and reading in line measured
-# 0.3-1.0 s faster on the 1.1 B benchmark (benchmarks/README.md). None: that automatic choice.
-READ_AHEAD: bool | None = None
-
-
-def _same_bits(f: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality of two pieces of the same dtype (numpy's compare runs at memory speed; torch.equal
-    is several times slower). Pieces of different dtypes count as different: the delta's norm decides."""
-    if f.dtype != b.dtype:
-        return False
-    fb, bb = f.view(torch.uint8).numpy(), b.view(torch.uint8).numpy()
-    if fb.size % 8 == 0:
-        fb, bb = fb.view("u8"), bb.view("u8")
-    return bool(np.array_equal(fb, bb))
-
-
-class _Arena:
-    """One float32 buffer the reader carves deltas from in FIFO order (a ring), so that read-ahead costs
-    no allocation per tensor and the resident memory stays at the arena's size."""
-
-    def __init__(self, nbytes: int, pin: bool):
-        self.size = nbytes
-        self.buf = torch.empty(nbytes // 4, dtype=torch.float32, pin_memory=pin)
-        self.live: list[tuple[int, int]] = []  # (start, stop) in bytes, in allocation order
-        self.head = 0
-        self.cond = threading.Condition()
-
-    def _place(self, n: int) -> int | None:
-        if not self.live:
-            return 0 if n <= self.size else None
-        tail = self.live[0][0]
-        if self.head > tail or (self.head == tail and not self.live):
-            if self.head + n <= self.size:
-                return self.head
-            return 0 if n <= tail else None
-        return self.head if self.head + n <= tail else None
-
-    def alloc(self, numel: int, stop: threading.Event):
-        n = -(-numel * 4 // _ALIGN) * _ALIGN
-        with self.cond:
-            while True:
-                pos = self._place(n)
-                if pos is not None:
-                    break
-                if stop.is_set():
-                    return None
-                self.cond.wait(0.1)
-            self.live.append((pos, pos + n))
-            self.head = pos + n
-        return pos, self.buf[pos // 4:pos // 4 + numel]
-
-    def free(self, pos: int):
-        with self.cond:
-            self.live = [x for x in self.live if x[0] != pos]
-            if not self.live:
-                self.head = 0
-            self.cond.notify_all()
-
-
-class _Reader:
-    """Reads pairs (in a thread ahead of the consumer when `ahead`) and turns each changed one into its
-    float32 delta.
-
-    Yields (entry, delta, changed, energy, Y): `delta` is ft - base, flat float32, a view into the arena, for
-    every changed whole entry (hand it back with `release(delta)` once used), energy its exact sum of squares
-    and Y its first sketch M @ Omega when `sketch` asks for one (both formed piece by piece while the piece is
-    in cache); None for unchanged entries and compare-only ones. Pairs are read in pieces into small reused buffers, so memory stays at the arena.
-    """
-
-    def __init__(self, ft, base, entries: list[Entry], pin: bool = False,
-                 sketch: Callable[[Entry], tuple[int, int] | None] | None = None, ahead: bool = False):
-        self.ft, self.base, self.entries = ft, base, entries
-        self.ahead = ahead if READ_AHEAD is None else READ_AHEAD
-        self.sketch = sketch or (lambda e: None)  # entry -> (l, seed) of its first sketch, formed while reading
-        biggest = max((e.numel * 4 for e in entries if e.whole), default=0)
-        self.arena = _Arena(max(biggest, _ARENA_MIN_BYTES) if biggest else _ALIGN, pin)
-        widest = 8
-        self.fbuf = torch.empty(_CHUNK_ELEMENTS * widest, dtype=torch.uint8)
-        self.bbuf = torch.empty(_CHUNK_ELEMENTS * widest, dtype=torch.uint8)
-        self.tmp = torch.empty(_CHUNK_ELEMENTS, dtype=torch.float32)
-        self.out: queue.Queue = queue.Queue(maxsize=64)
-        self.stop = threading.Event()
-        self.pos: dict[int, int] = {}  # data_ptr of a handed-out delta -> its arena position
-        self.thread = threading.Thread(target=self._run, name="loratool-extract-reader", daemon=True)
-
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _pieces(self, e: Entry, row: int = 1):
-        """Pieces of at most _CHUNK_ELEMENTS elements, each a whole number of `row`-element rows."""
-        fd, bd = torch_dtype(e.ft_dtype), torch_dtype(e.base_dtype)
-        step = max(1, _CHUNK_ELEMENTS // row) * row
-        for start in range(0, e.numel, step):
-            n = min(step, e.numel - start)
-            f = self.fbuf[:n * fd.itemsize].view(fd)
-            b = self.bbuf[:n * bd.itemsize].view(bd)
-            self.ft.read_into(e.key, f, start)
-            self.base.read_into(e.key, b, start)
-            yield start, n, f, b
-
-    def _run(self):
-        try:
-            for item in self._produce():
-                self._put(item)
-            self._put(None)
-        except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
-            self._put(exc)
-
-    def _produce(self):
-        for e in self.entries:
-            if self.stop.is_set():
-                return
-            if not e.whole:
-                changed = any(not _same_bits(f, b) for _, _, f, b in self._pieces(e))
-                yield (e, None, changed, None, None)
-                continue
-            got = self.arena.alloc(e.numel, self.stop)
-            if got is None:
-                return
-            pos, delta = got
-            changed, energy = False, 0.0
-            sk = self.sketch(e)
-            cols = e.matrix_shape[1] if sk is not None else 1
-            if sk is not None:  # rows of M are rows of the flat delta (linear, conv): Y = M @ Omega by pieces
-                Omega = gaussian_sketch(cols, sk[0], [sk[1]], "cpu")[0]  # (n, l)
-                Y = torch.empty(e.matrix_shape[0], sk[0], dtype=torch.float32)  # (m, l)
-            for start, n, f, b in self._pieces(e, cols):
-                changed = changed or not _same_bits(f, b)
-                d = delta[start:start + n]
-                d.copy_(f)
-                if b.dtype == torch.float32:
-                    d.sub_(b)
-                else:
-                    t = self.tmp[:n]
-                    t.copy_(b)
-                    d.sub_(t)
-                energy += sum_squares(d)
-                if sk is not None:
-                    torch.mm(d.view(-1, cols), Omega, out=Y[start // cols:(start + n) // cols])  # in cache
-            if not changed:
-                self.arena.free(pos)
-                yield (e, None, False, None, None)
-                continue
-            with self.arena.cond:
-                self.pos[delta.data_ptr()] = pos
-            yield (e, delta, True, energy, Y if sk is not None else None)
-
-    def release(self, delta):
-        if delta is not None:
-            with self.arena.cond:
-                pos = self.pos.pop(delta.data_ptr())
-            self.arena.free(pos)
-
-    def __iter__(self):
-        if not self.ahead:
-            yield from self._produce()
-            return
-        self.thread.start()
-        try:
-            while True:
-                item = self.out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.stop.set()
-            self.thread.join()
-
-
-# ---- numerics ------------------------------------------------------------------------------------------------
-
-def sum_squares(x: torch.Tensor) -> float:
-    """sum(x^2) of a float32 tensor, accurate to ~1e-9: float32 norms over rows of <= 1024, summed in float64."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    main = n - n % 1024
-    total = 0.0
-    if main:
-        total += float(torch.linalg.vector_norm(flat[:main].view(-1, 1024), dim=1).double().square().sum())
-    if n > main:
-        total += float(torch.linalg.vector_norm(flat[main:].double()) ** 2)
-    return total
-
-
 @dataclass
 class _Factors:
     """Top singular triplets of one matrix view, before the rank is final."""
 
     entry: Entry
-    U: torch.Tensor  # (m, l) float32
-    S: torch.Tensor  # (l,) float32, descending
-    Vh: torch.Tensor  # (l, n) float32
+    U: Any  # (m, l) float32: a numpy array, or a torch tensor on the torch route
+    S: Any  # (l,) float32, descending
+    Vh: Any  # (l, n) float32
     energy: float  # ||M||_F^2
     method: str  # "randomized" or "exact"
     info: dict = field(default_factory=dict)
 
 
-def _select(S: torch.Tensor, E: float, opts: ExtractOptions, complete: bool) -> int | None:
+def _np64(S) -> np.ndarray:
+    """Singular values as a float64 numpy array, from numpy or from a torch tensor on any device."""
+    if hasattr(S, "detach"):
+        S = S.detach().cpu().numpy()
+    return np.asarray(S, dtype=np.float64)
+
+
+def _select(S, E: float, opts: ExtractOptions, complete: bool) -> int | None:
     """The rank chosen from the computed singular values, or None when the sketch must grow first."""
+    s = _np64(S)
     if opts.energy is not None:
-        cum = torch.cumsum(S.double() ** 2, 0)
-        hit = (cum >= opts.energy * E).nonzero()
+        hit = np.nonzero(np.cumsum(s ** 2) >= opts.energy * E)[0]
         if len(hit):
             return int(hit[0]) + 1
-        return S.numel() if complete else None
+        return s.size if complete else None
     if opts.threshold is not None:
-        j = int((S >= opts.threshold).sum())
-        return j if (j < S.numel() or complete) else None
+        j = int((s >= opts.threshold).sum())
+        return j if (j < s.size or complete) else None
     raise AssertionError("fixed ranks are chosen before the SVD")
 
 
@@ -467,101 +288,19 @@ def first_sketch(e: Entry, opts: ExtractOptions) -> tuple[int, int] | None:
     return None if prefers_exact(l, m, n) else (l, seed_for(opts.seed, e.key))
 
 
-def factorize_batch(Ms: torch.Tensor, entries: list[Entry], energies: list[float], opts: ExtractOptions,
-                    Y: torch.Tensor | None = None) -> list[_Factors]:
-    """Top singular triplets of each matrix of a batch Ms (b, m, n) float32, enough for the rank rule.
-
-    Y, when given, is the first sketch (b, m, l) of `first_sketch` (formed by the reader)."""
-    b, m, n = Ms.shape
-    k = _fixed_rank(opts)
-    seeds = [seed_for(opts.seed, e.key) for e in entries]
-    if k is not None:
-        k = min(k, m, n)
-        l = sketch_size(k, m, n, opts.oversample)
-        if prefers_exact(l, m, n):
-            U, S, Vh = exact_svd(Ms)
-            method = "exact"
-        else:
-            U, S, Vh = randomized_svd(Ms, l, seeds, _p(opts), Y=Y)
-            method = "randomized"
-        return [_Factors(e, U[i], S[i], Vh[i], energies[i], method) for i, e in enumerate(entries)]
-    out = []
-    for i, e in enumerate(entries):  # adaptive ranks differ per matrix: one at a time
-        M, kk = Ms[i], min(ENERGY_START_RANK, m, n)
-        Yi = None if Y is None else Y[i]
-        while True:
-            l = sketch_size(kk, m, n, opts.oversample)
-            if prefers_exact(l, m, n):
-                U, S, Vh = exact_svd(M)
-                out.append(_Factors(e, U, S, Vh, energies[i], "exact"))
-                break
-            U, S, Vh = randomized_svd(M, l, seeds[i], _p(opts), Y=Yi)
-            Yi = None  # a bigger sketch next time, if any
-            if _select(S, energies[i], opts, complete=False) is not None:
-                out.append(_Factors(e, U, S, Vh, energies[i], "randomized"))
-                break
-            kk *= 4
-    return out
-
-
-def _clamp(B: torch.Tensor, A: torch.Tensor, q: float):
-    """kohya's clamp: hi = quantile of all factor values at q; both factors clamped to [-hi, hi]."""
-    hi = quantile(torch.cat([B.reshape(-1), A.reshape(-1)]), q)
-    return B.clamp(-hi, hi), A.clamp(-hi, hi)
-
-
-def finish(f: _Factors, k: int, opts: ExtractOptions, M: torch.Tensor | None = None):
-    """Truncate to rank k, clamp and cast; measure the error. Returns (B, A, report) on the CPU.
-
-    M is the float32 matrix view; it is needed only when the residual must be computed directly
-    (`needs_residual`).
-    """
-    e = f.entry
-    m, n = e.matrix_shape
-    B = f.U[:, :k] * f.S[:k]  # (m, k) * (k,) -> (m, k): B = U diag(S)
-    A = f.Vh[:k].clone()  # (k, n); a copy, so the sketch's (l, n) storage is not kept alive
-    if opts.clamp_quantile is not None and k > 0:
-        B, A = _clamp(B, A, opts.clamp_quantile)
-    dt = OUT_DTYPES[opts.dtype]
-    B, A = B.to(dt), A.to(dt)
-    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-        raise NumericError(f"target \"{escape(e.key)}\": factors overflow {opts.dtype}; use --dtype bfloat16 or "
-                           "float32")
-    E = f.energy
-    err2 = max(E - float(f.S[:k].double().square().sum()), 0.0)
-    if needs_residual(f, k, opts):
-        if M is None:
-            raise AssertionError("residual needs the matrix")
-        err2 = residual_squares(M, B.float(), A.float())
-    rel = math.sqrt(err2 / E) if E > 0 else 0.0
-    report = {"rank": k, "rel_error": rel, "energy": max(0.0, 1.0 - err2 / E) if E > 0 else 1.0,
-              "norm": math.sqrt(E), "method": f.method}
-    return B.cpu(), A.cpu(), report
-
-
-def residual_squares(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
-    """||M - B A||_F^2, by row blocks of about 4M elements (never a second m x n buffer)."""
-    m, n = M.shape
-    rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    total = 0.0
-    for r0 in range(0, m, rows):
-        R = B[r0:r0 + rows] @ A  # (rows, k) @ (k, n) -> (rows, n)
-        R.sub_(M[r0:r0 + rows])
-        total += sum_squares(R)
-    return total
+def kept_energy(f: _Factors, k: int) -> float:
+    """sum(S[:k]^2) in float64."""
+    return float((_np64(f.S[:k]) ** 2).sum())
 
 
 def needs_residual(f: _Factors, k: int, opts: ExtractOptions) -> bool:
+    """Whether the error of the rank-k factors must be measured on M (clamped or cast factors, or an error
+    small enough that E - sum S^2 would cancel) instead of derived from the singular values."""
     if opts.clamp_quantile is not None or opts.dtype != "float32":
         return k > 0
     E = f.energy
-    err2 = max(E - float(f.S[:k].double().square().sum()), 0.0)
+    err2 = max(E - kept_energy(f, k), 0.0)
     return E > 0 and err2 < DIRECT_RESIDUAL_BELOW ** 2 * E
-
-
-def _view(e: Entry, flat: torch.Tensor) -> torch.Tensor:
-    """The (out, in) matrix view of a flat delta in the base tensor's layout (adapter.py docstring)."""
-    return from_base_layout(e, flat.view(e.shape))  # an Entry has the layout and matrix_shape it reads
 
 
 def _check_finite(e: Entry, E: float, names):
@@ -577,14 +316,15 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
     """Extract an adapter from two models given as base readers (io.base.open_base) or mappings of tensors.
 
     Args:
-        ft, base: the finetuned and the base model; any object with keys(), info(key) and read_into(key, out,
-            start), or a plain mapping of name -> tensor.
+        ft, base: the finetuned and the base model; any object with keys(), info(key), read_into(key, out,
+            start) and read_bytes_into(key, buf, start) (io.base readers), or a plain mapping of name -> tensor.
         opts: the rank rule and the rest (ExtractOptions).
         names: how messages name the two models (their paths).
         progress: called once with advance=0, total=<tensor pairs>, then with advance=1 after every pair.
     Returns:
         ExtractResult with the adapter (targets keyed by the base tensors' keys, per-target reports in
-        Target.info, the run's report in adapter.info["extract"]).
+        Target.info, the run's report in adapter.info["extract"]). On the CPU route the factors are
+        hostarray.HostTensors (numpy); hostarray.as_torch turns one into a torch tensor.
     Raises:
         MismatchError: the models do not pair up (missing tensor, shape mismatch).
         NumericError: a difference is not finite, or the factors overflow the output dtype.
@@ -598,135 +338,43 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
     if opts.dtype not in OUT_DTYPES:
         raise ValueError(f"dtype {opts.dtype!r} is not one of {sorted(OUT_DTYPES)}")
     ft, base = _source(ft), _source(base)
-    device = resolve_device(opts.device)
     entries = plan(ft, base, opts, names)
     tick = progress or (lambda **kw: None)
     tick(advance=0, total=len(entries))
-
-    full_targets: list[Target] = []
-    pending: list[_Factors] = []  # budget mode: factors waiting for the global rank choice
-    done: dict[str, tuple] = {}  # key -> (B, A, report)
-    not_extracted: list[dict] = []
-    unchanged = 0
-    budget = opts.max_params is not None
-
-    batching = device.type == "cuda" or opts.batch_bytes is not None
-    batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else (1 << 30)
-    groups: dict[tuple, list] = {}
-
-    def emit(fs: list[_Factors], Ms):
-        for i, f in enumerate(fs):
-            if budget:  # keep the cap's triplets on the CPU; the global budget picks the ranks at the end
-                kcap = min(_fixed_rank(opts), *f.entry.matrix_shape)
-                f.U, f.S, f.Vh = (x.cpu().clone() for x in (f.U[:, :kcap], f.S[:kcap], f.Vh[:kcap]))
-                pending.append(f)
-                continue
-            if opts.rank is not None:
-                k = min(opts.rank, *f.entry.matrix_shape)
-            else:
-                k = _select(f.S, f.energy, opts, complete=True)
-            done[f.entry.key] = finish(f, k, opts, Ms[i])
-
-    def flush(shape_key):
-        items = groups.pop(shape_key)
-        Ms = torch.stack([x[1] for x in items])  # (b, m, n) on the device
-        emit(factorize_batch(Ms, [x[0] for x in items], [x[2] for x in items], opts), Ms)
-
-    def sketch(e: Entry):
-        # The reader forms the first sketch only where rows of M are rows of the flat delta, and only on
-        # the single-matrix CPU path (a batch forms its sketches on the device).
-        if batching or e.role != "matrix" or e.layout not in ("linear", "conv") or \
-                e.matrix_shape[1] > _CHUNK_ELEMENTS:
-            return None
-        return first_sketch(e, opts)
-
-    reader = _Reader(ft, base, entries, pin=device.type == "cuda", sketch=sketch, ahead=device.type == "cuda")
-    copier = _Copier(device) if batching else None
-
-    for e, Mf, changed, E, Y in reader:
-        tick(advance=1)
-        if not changed:
-            unchanged += 1
-            continue
-        if e.role in ("embedding", "vector", "nonfloat"):
-            reason = {"embedding": "embedding (pass --embeddings to factorise it, or --keep-full to store it)",
-                      "vector": "not a matrix (pass --keep-full to store it whole)",
-                      "nonfloat": f"not floating point ({e.ft_dtype}); cannot be stored as a delta"}[e.role]
-            not_extracted.append({"key": e.key, "shape": list(e.shape), "reason": reason})
-            continue
-        if batching:  # the device keeps its own copy; the arena's space goes back to the reader at once
-            host = Mf
-            Mf = copier.to_device(host)
-            reader.release(host)
-        _check_finite(e, E, names)
-        if E == 0.0 or e.role == "full":
-            delta = None
-            if E > 0.0:
-                delta = Mf.view(e.shape).to("cpu", OUT_DTYPES[opts.dtype], copy=True)
-                full_targets.append(Target(key=e.key, kind="full", layout="full", shape=e.shape, delta=delta,
-                                           delta_scale=1.0, dtype=e.base_dtype,
-                                           info={"norm": math.sqrt(E), "rel_error": _cast_error(Mf, delta, E)}))
-            else:  # bitwise different, numerically equal (-0.0 and 0.0, or a dtype change)
-                unchanged += 1
-            if not batching:
-                reader.release(Mf)
-            continue
-        if batching:
-            skey = (e.matrix_shape,)
-            groups.setdefault(skey, []).append((e, _view(e, Mf), E))
-            if sum(x[0].numel for x in groups[skey]) * 4 >= batch_bytes:
-                flush(skey)
-            continue
-        M = _view(e, Mf).unsqueeze(0)  # (1, m, n), a view into the reader's arena
-        emit(factorize_batch(M, [e], [E], opts, None if Y is None else Y.unsqueeze(0)), M)
-        reader.release(Mf)
-    for skey in list(groups):
-        flush(skey)
-
-    dropped: list[str] = []
-    if budget:
-        ranks = _budget_ranks(pending, opts.max_params)
-        redo = []
-        for f in pending:
-            k = ranks[f.entry.key]
-            if k == 0:
-                dropped.append(f.entry.key)
-                not_extracted.append({"key": f.entry.key, "shape": list(f.entry.shape),
-                                      "reason": f"rank 0 under --max-params {opts.max_params}"})
-                continue
-            if needs_residual(f, k, opts):
-                redo.append((f, k))
-            else:
-                done[f.entry.key] = finish(f, k, opts)
-        if redo:
-            _second_pass(ft, base, redo, opts, done, device)
-
+    if opts.device == "cpu" and opts.batch_bytes is None:
+        from . import extract_host as route
+    else:
+        from . import extract_torch as route
+    done, full_targets, not_extracted, unchanged, dropped = route.run(ft, base, entries, opts, names, tick)
     return _result(entries, done, full_targets, not_extracted, unchanged, opts, names, dropped)
 
 
-class _Copier:
-    """A device copy of a delta from the reader's arena. On CUDA the host-to-device copy runs on its own
-    stream from the pinned arena, while the reader thread preads the next pairs and earlier batches compute."""
-
-    def __init__(self, device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self.stream is None:
-            return host.clone()
-        compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.stream):
-            d = host.to(self.device, non_blocking=True)
-        self.stream.synchronize()  # the arena's space goes back to the reader once its bytes are on the device
-        d.record_stream(compute)  # the allocator must not hand this block to the copy stream too early
-        return d
+def not_extracted_reason(e: Entry) -> str:
+    """Why a changed tensor of this role is listed instead of stored."""
+    return {"embedding": "embedding (pass --embeddings to factorise it, or --keep-full to store it)",
+            "vector": "not a matrix (pass --keep-full to store it whole)",
+            "nonfloat": f"not floating point ({e.ft_dtype}); cannot be stored as a delta"}[e.role]
 
 
-def _cast_error(Mf: torch.Tensor, delta: torch.Tensor, E: float) -> float:
-    if E == 0:
-        return 0.0
-    return math.sqrt(sum_squares(delta.to(Mf.device, torch.float32).reshape(-1) - Mf) / E)
+def budget_finish(pending: list[_Factors], opts: ExtractOptions, done: dict, not_extracted: list[dict],
+                  finish: Callable) -> tuple[list, list[str]]:
+    """Apply the global --max-params budget to the pending factors: finish those whose error is derived,
+    list those left at rank 0. Returns (the (factors, rank) pairs whose error needs a second read, dropped keys)."""
+    ranks = _budget_ranks(pending, opts.max_params)
+    redo, dropped = [], []
+    for f in pending:
+        k = ranks[f.entry.key]
+        if k == 0:
+            dropped.append(f.entry.key)
+            not_extracted.append({"key": f.entry.key, "shape": list(f.entry.shape),
+                                  "reason": f"rank 0 under --max-params {opts.max_params}"})
+            continue
+        if needs_residual(f, k, opts):
+            redo.append((f, k))
+        else:
+            done[f.entry.key] = finish(f, k, opts)
+    return redo, dropped
+
 
 
 def _budget_ranks(pending: list[_Factors], max_params: int) -> dict[str, int]:
@@ -735,7 +383,7 @@ def _budget_ranks(pending: list[_Factors], max_params: int) -> dict[str, int]:
     for f in pending:
         m, n = f.entry.matrix_shape
         cost = m + n
-        S2 = (f.S.double() ** 2).tolist()
+        S2 = (_np64(f.S) ** 2).tolist()
         for i, s2 in enumerate(S2):
             items.append((-s2 / cost, f.entry.key, i, cost))
     items.sort()
@@ -750,15 +398,11 @@ def _budget_ranks(pending: list[_Factors], max_params: int) -> dict[str, int]:
     return ranks
 
 
-def _second_pass(ft, base, redo, opts, done, device):
-    """Re-read the pairs whose error must be measured on the final (clamped or cast) factors."""
-    by_key = {f.entry.key: (f, k) for f, k in redo}
-    entries = [f.entry for f, _ in redo]
-    reader = _Reader(ft, base, entries)
-    for e, Mf, changed, _, _ in reader:
-        f, k = by_key[e.key]
-        done[e.key] = finish(f, k, opts, _view(e, Mf).to(device))
-        reader.release(Mf)
+def _contiguous(x):
+    """x in C order, keeping its type (torch tensor, numpy array or HostTensor)."""
+    if hasattr(x, "contiguous"):
+        return x.contiguous()
+    return x if x.flags.c_contiguous else x.copy()
 
 
 def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, dropped) -> ExtractResult:
@@ -771,7 +415,7 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
             not_extracted.append({"key": key, "shape": list(e.shape),
                                   "reason": f"no singular value >= --threshold {opts.threshold}"})
             continue
-        targets.append(whole_target(key, e.layout, e.shape, A.contiguous(), B.contiguous(), alpha=rep["rank"],
+        targets.append(whole_target(key, e.layout, e.shape, _contiguous(A), _contiguous(B), alpha=rep["rank"],
                                     dtype=e.base_dtype, info=dict(rep)))
         rows.append({"key": key, "layout": e.layout, "shape": list(e.shape), **rep})
     for t in full_targets:
@@ -802,5 +446,6 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
                          summary=summary)
 
 
-__all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints", "sum_squares",
-           "factorize_batch", "finish", "EMBEDDING_MODULES", "GPT2_CONV1D"]
+__all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints", "first_sketch",
+           "needs_residual", "kept_energy", "not_extracted_reason", "budget_finish", "OUT_DTYPES", "EMBEDDING_MODULES",
+           "GPT2_CONV1D"]

@@ -9,10 +9,12 @@ import math
 import torch
 
 from ..adapter import Block, Target
+from ..hostarray import as_torch
 
 
 def f32(x: torch.Tensor, device=None) -> torch.Tensor:
-    """Float32 copy (or view) on `device` (default: where it is)."""
+    """Float32 copy (or view) on `device` (default: where it is); a HostTensor (numpy) is converted."""
+    x = as_torch(x)
     return x.to(device=device if device is not None else x.device, dtype=torch.float32)
 
 

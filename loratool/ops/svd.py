@@ -19,15 +19,13 @@ Everything here is float32 in, float32 out; shapes are written where they arise.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
 from ..errors import UnsupportedError
-
-DEFAULT_POWER_ITERATIONS = 1  # measured within 1% of the optimum at ranks 16 and 64 (benchmarks/README.md)
-
+from . import svd_host
+from .svd_host import DEFAULT_POWER_ITERATIONS, SHIFT, default_oversample, prefers_exact, seed_for, sketch_size
 
 def resolve_device(name: str) -> torch.device:
     """The one place that turns a --device value into a torch.device.
@@ -44,31 +42,6 @@ def resolve_device(name: str) -> torch.device:
     raise UnsupportedError(f"--device {name}: unknown device; use cpu or cuda")
 
 
-def seed_for(seed: int, name: str) -> int:
-    """A 63-bit seed derived from the user's seed and a matrix's name (stable across runs and platforms)."""
-    h = hashlib.sha256(f"{int(seed)}\0{name}".encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
-def default_oversample(k: int) -> int:
-    """Oversampling p for target rank k: p = k (FORMATS.md, "Known algebra"), at least 8."""
-    return max(int(k), 8)
-
-
-def sketch_size(k: int, m: int, n: int, oversample: int | None = None) -> int:
-    """Columns l = k + p of the sketch, never more than min(m, n)."""
-    p = default_oversample(k) if oversample is None else int(oversample)
-    return min(int(k) + p, m, n)
-
-
-def prefers_exact(l: int, m: int, n: int) -> bool:
-    """True when an exact SVD is the better choice: the sketch would span at least half of the small side.
-
-    Past that point the randomized method does about as much work as the exact one and gains nothing.
-    """
-    return 2 * l >= min(m, n)
-
-
 def exact_svd(M: torch.Tensor):
     """Thin SVD of M (..., m, n) float32: U (..., m, r), S (..., r), Vh (..., r, n), r = min(m, n).
 
@@ -82,20 +55,17 @@ def exact_svd(M: torch.Tensor):
 
 
 def gaussian_sketch(n: int, l: int, seeds: list[int], device) -> torch.Tensor:
-    """Test matrices Ω (b, n, l), one per seed, drawn on the CPU (device-independent) in float32."""
+    """Test matrices Ω (b, n, l), one per seed, drawn on the CPU by svd_host.gaussian_sketch (so the numpy
+    route and every device use the same Ω) in float32."""
     out = torch.empty(len(seeds), n, l, dtype=torch.float32)
     for i, s in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(s))
-        out[i] = torch.randn(n, l, generator=g, dtype=torch.float32)
+        out[i] = torch.from_numpy(svd_host.gaussian_sketch(n, l, s))
     return out.to(device)
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of Y (..., m, l) -> Q (..., m, l) (reduced Householder QR)."""
     return torch.linalg.qr(Y, mode="reduced")[0]
-
-
-SHIFT = 1e-5  # relative diagonal shift of the Cholesky QR between power iterations
 
 
 def _normalize(Y: torch.Tensor) -> torch.Tensor:
