@@ -186,7 +186,7 @@ def timed(cmd: list[str]) -> tuple[float, int, str]:
     return wall, rss, r.stderr
 
 
-def bench_e2e(work: Path, rounds: int) -> dict:
+def bench_e2e(work: Path, rounds: int, power_iterations: int | None = None) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import merge  # the merge benchmark's model builder (shared cache)
 
@@ -201,8 +201,9 @@ def bench_e2e(work: Path, rounds: int) -> dict:
         subprocess.run(["sync"])
         cps.append(timed(["cp", "-r", str(base), str(out_cp)])[:2])
         subprocess.run(["sync"])
+        extra = [] if power_iterations is None else ["--power-iterations", str(power_iterations)]
         wall, rss, err = timed([PY, "-m", "loratool", "extract", str(ft), str(base), "--rank", "16", "-o", str(out),
-                                "-q", "--json"])
+                                "-q", "--json", *extra])
         runs.append((wall, rss))
         print(f"round {i}: cp {cps[-1][0]:.2f} s, extract {wall:.2f} s, peak RSS {rss / 2**30:.3f} GiB",
               file=sys.stderr, flush=True)
@@ -216,7 +217,8 @@ def bench_e2e(work: Path, rounds: int) -> dict:
             "cp_median_s": round(cp_med, 2), "extract_median_s": round(ex_med, 2),
             "ratio_to_cp": round(ex_med / cp_med, 2), "peak_rss_gib": round(max(r for _, r in runs) / 2**30, 3),
             "targets": info["targets"], "parameters": info["parameters"], "rel_error": round(info["rel_error"], 5),
-            "energy": round(info["energy"], 5), "not_extracted": len(info["not_extracted"])}
+            "energy": round(info["energy"], 5), "not_extracted": len(info["not_extracted"]),
+            "power_iterations": info["power_iterations"]}
 
 
 def breakdown(work: Path) -> dict:
@@ -253,6 +255,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--svd", action="store_true", help="randomized vs full SVD on 8B-Llama shapes")
     ap.add_argument("--e2e", action="store_true", help="end-to-end extract of the ~1.1B pair vs cp -r")
+    ap.add_argument("--e2e-power-iterations", type=int, default=None, help="pass --power-iterations to the e2e extract")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--power-iterations", default=None, help="comma list for --svd (default: extract's default)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/loratool-bench"))
@@ -268,7 +271,7 @@ def main():
         res["svd"] = bench_svd(iterations=[int(x) for x in a.power_iterations.split(",")]
                                if a.power_iterations else None)
     if a.e2e:
-        res["e2e"] = bench_e2e(a.work, a.rounds)
+        res["e2e"] = bench_e2e(a.work, a.rounds, a.e2e_power_iterations)
     if a.breakdown:
         res["breakdown"] = breakdown(a.work)
     if a.set_device:

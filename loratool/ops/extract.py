@@ -22,7 +22,8 @@ tensor that changed and is not in the adapter is in the result's `not_extracted`
 
 Numerics, per matrix view M (out, in), all in float32 (spec section 5 of STYLE.md):
   ||M||_F^2   exact: row norms in float32, summed in float64 (a flat float32 norm loses 1e-3 on 16M values).
-  SVD         randomized (ops/svd.py) when the sketch is under half the small side, exact otherwise.
+  SVD         randomized (ops/svd_host.py; ops/svd.py on CUDA) when the sketch is under half the small side,
+              exact otherwise.
   factors     B = U_k diag(S_k) (out, k), A = Vh_k (k, in), alpha = k, scale rule "standard": scale 1
               (the placement of kohya's and PEFT's extractors; A has orthonormal rows).
   error       rel_error = ||M - B A||_F / ||M||_F. For float32 factors without clamping this is
