@@ -46,6 +46,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -53,7 +55,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .. import spec
-from ..adapter import Adapter, matrix_shape, whole_target
+from ..adapter import Adapter, Target, matrix_shape, whole_target
 from ..container import dtype_name, escape
 from ..errors import MismatchError, NumericError
 from .svd_host import DEFAULT_POWER_ITERATIONS, prefers_exact, seed_for, sketch_size
@@ -304,6 +306,85 @@ def needs_residual(f: _Factors, k: int, opts: ExtractOptions) -> bool:
     return E > 0 and err2 < DIRECT_RESIDUAL_BELOW ** 2 * E
 
 
+def read_ahead(produce: Callable[[], Any], stop: threading.Event, depth: int = 1):
+    """Iterate `produce()` (a generator function) in a thread, up to `depth` items ahead of the caller.
+
+    An exception in the thread is raised in the caller's. Leaving the loop early sets `stop`, which `produce`
+    checks wherever it may wait, and joins the thread.
+    """
+    out: queue.Queue = queue.Queue(maxsize=depth)
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run() -> None:
+        try:
+            for item in produce():
+                put(item)
+            put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            put(exc)
+
+    thread = threading.Thread(target=run, name="loratool-extract-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def residual_squares_by_rows(M, B, A, sum_squares: Callable[[Any], float], chunk: int) -> float:
+    """||M - B A||_F^2 by row blocks of about `chunk` elements (never a second m x n buffer); M, B, A numpy
+    arrays or torch tensors alike, `sum_squares` the route's."""
+    m, n = M.shape
+    rows = max(1, chunk // max(n, 1))
+    total = 0.0
+    for r0 in range(0, m, rows):
+        R = B[r0:r0 + rows] @ A  # (rows, k) @ (k, n) -> (rows, n)
+        R -= M[r0:r0 + rows]
+        total += sum_squares(R)
+    return total
+
+
+def full_target(e: Entry, delta, E: float, rel_error: float):
+    """A changed tensor stored whole (--keep-full, or a vector): its delta, cast to the output dtype, and its
+    report (norm, and the relative error of the cast)."""
+    return Target(key=e.key, kind="full", layout="full", shape=e.shape, delta=delta, delta_scale=1.0,
+                  dtype=e.base_dtype, info={"norm": math.sqrt(E), "rel_error": rel_error})
+
+
+def factor_report(f: _Factors, k: int, opts: ExtractOptions, residual: Callable[[], float] | None) -> dict:
+    """The report of the rank-k factors: error from the singular values, or `residual()` (||M - B A||_F^2 of the
+    stored factors) where `needs_residual` says so (callers without the matrix pass None)."""
+    E = f.energy
+    if needs_residual(f, k, opts):
+        if residual is None:
+            raise AssertionError("residual needs the matrix")
+        err2 = residual()
+    else:
+        err2 = max(E - kept_energy(f, k), 0.0)
+    rel = math.sqrt(err2 / E) if E > 0 else 0.0
+    return {"rank": k, "rel_error": rel, "energy": max(0.0, 1.0 - err2 / E) if E > 0 else 1.0,
+            "norm": math.sqrt(E), "method": f.method}
+
+
+def overflow_error(e: Entry, opts: ExtractOptions) -> NumericError:
+    return NumericError(f"target \"{escape(e.key)}\": factors overflow {opts.dtype}; use --dtype bfloat16 or "
+                        "float32")
+
+
 def _check_finite(e: Entry, E: float, names):
     if not math.isfinite(E):
         raise NumericError(f"{names[0]}: tensor \"{escape(e.key)}\": the difference with {names[1]} is not finite "
@@ -448,5 +529,5 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
 
 
 __all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints", "first_sketch",
-           "needs_residual", "kept_energy", "not_extracted_reason", "budget_finish", "OUT_DTYPES", "EMBEDDING_MODULES",
-           "GPT2_CONV1D"]
+           "needs_residual", "kept_energy", "factor_report", "overflow_error", "not_extracted_reason",
+           "budget_finish", "read_ahead", "full_target", "residual_squares_by_rows", "OUT_DTYPES", "EMBEDDING_MODULES", "GPT2_CONV1D"]

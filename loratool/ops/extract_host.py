@@ -13,18 +13,16 @@ import contextlib
 import math
 import mmap
 import os
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..adapter import Target
-from ..container import escape
-from ..errors import NumericError
 from ..hostarray import NP_DTYPES, HostTensor, first_nonfinite, from_f32, to_f32
 from .extract import (ENERGY_START_RANK, OUT_DTYPES, Entry, ExtractOptions, _check_finite, _Factors, _fixed_rank, _p,
-                      _select, budget_finish, kept_energy, needs_residual, not_extracted_reason)
+                      _select, budget_finish, factor_report, full_target, not_extracted_reason, overflow_error, read_ahead,
+                      residual_squares_by_rows)
 from .svd_host import exact_svd, prefers_exact, quantile, randomized_svd, seed_for, sketch_size, \
     sum_squares
 
@@ -160,38 +158,8 @@ class _Reader:
 
     def __iter__(self):
         if len(self.slots) < 2:
-            yield from self._produce()
-            return
-        out: queue.Queue = queue.Queue(maxsize=1)
-
-        def run():
-            try:
-                for item in self._produce():
-                    while not self.stop.is_set():
-                        try:
-                            out.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                out.put(None)
-            except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-                out.put(exc)
-
-        thread = threading.Thread(target=run, name="loratool-extract-reader", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.stop.set()
-            with contextlib.suppress(queue.Empty):
-                out.get_nowait()  # unblock a producer waiting to put
-            thread.join()
+            return self._produce()
+        return read_ahead(self._produce, self.stop)
 
 
 def _view(e: Entry, flat: np.ndarray) -> np.ndarray:
@@ -243,30 +211,14 @@ def finish(f: _Factors, k: int, opts: ExtractOptions, M: np.ndarray | None = Non
     st = OUT_DTYPES[opts.dtype]
     B, A = _cast(B, st), _cast(A, st)
     if first_nonfinite(np.asarray(B), st) is not None or first_nonfinite(np.asarray(A), st) is not None:
-        raise NumericError(f"target \"{escape(e.key)}\": factors overflow {opts.dtype}; use --dtype bfloat16 or "
-                           "float32")
-    E = f.energy
-    err2 = max(E - kept_energy(f, k), 0.0)
-    if needs_residual(f, k, opts):
-        if M is None:
-            raise AssertionError("residual needs the matrix")
-        err2 = residual_squares(M, B.float32(), A.float32())
-    rel = math.sqrt(err2 / E) if E > 0 else 0.0
-    report = {"rank": k, "rel_error": rel, "energy": max(0.0, 1.0 - err2 / E) if E > 0 else 1.0,
-              "norm": math.sqrt(E), "method": f.method}
-    return B, A, report
+        raise overflow_error(e, opts)
+    residual = None if M is None else (lambda: residual_squares(M, B.float32(), A.float32()))
+    return B, A, factor_report(f, k, opts, residual)
 
 
 def residual_squares(M: np.ndarray, B: np.ndarray, A: np.ndarray) -> float:
     """||M - B A||_F^2, by row blocks of about 4M elements (never a second m x n buffer)."""
-    m, n = M.shape
-    rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    total = 0.0
-    for r0 in range(0, m, rows):
-        R = B[r0:r0 + rows] @ A  # (rows, k) @ (k, n) -> (rows, n)
-        np.subtract(R, M[r0:r0 + rows], out=R)
-        total += sum_squares(R)
-    return total
+    return residual_squares_by_rows(M, B, A, sum_squares, _CHUNK_ELEMENTS)
 
 
 def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
@@ -294,9 +246,7 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
                     if E > 0.0:
                         delta = _cast(Mf.reshape(e.shape), OUT_DTYPES[opts.dtype])
                         err = math.sqrt(sum_squares(delta.float32().reshape(-1) - Mf) / E)
-                        full_targets.append(Target(key=e.key, kind="full", layout="full", shape=e.shape, delta=delta,
-                                                   delta_scale=1.0, dtype=e.base_dtype,
-                                                   info={"norm": math.sqrt(E), "rel_error": err}))
+                        full_targets.append(full_target(e, delta, E, err))
                     else:  # bitwise different, numerically equal (-0.0 and 0.0, or a dtype change)
                         unchanged += 1
                     continue

@@ -8,7 +8,6 @@ and returned on the CPU as torch tensors. The numerics are those of the module d
 from __future__ import annotations
 
 import math
-import queue
 import threading
 from typing import Callable
 
@@ -16,10 +15,10 @@ import numpy as np
 import torch
 
 from ..adapter import Target
-from ..container import escape, torch_dtype
-from ..errors import NumericError
+from ..container import torch_dtype
 from .extract import (ENERGY_START_RANK, OUT_DTYPES, Entry, ExtractOptions, _check_finite, _Factors, _fixed_rank, _p,
-                      _select, budget_finish, first_sketch, kept_energy, needs_residual, not_extracted_reason)
+                      _select, budget_finish, factor_report, first_sketch, full_target, not_extracted_reason, overflow_error,
+                      read_ahead, residual_squares_by_rows)
 from .linalg import from_base_layout
 from .svd import exact_svd, gaussian_sketch, prefers_exact, quantile, randomized_svd, resolve_device, seed_for, \
     sketch_size
@@ -110,18 +109,8 @@ class _Reader:
         self.fbuf = torch.empty(_CHUNK_ELEMENTS * widest, dtype=torch.uint8)
         self.bbuf = torch.empty(_CHUNK_ELEMENTS * widest, dtype=torch.uint8)
         self.tmp = torch.empty(_CHUNK_ELEMENTS, dtype=torch.float32)
-        self.out: queue.Queue = queue.Queue(maxsize=64)
         self.stop = threading.Event()
         self.pos: dict[int, int] = {}  # data_ptr of a handed-out delta -> its arena position
-        self.thread = threading.Thread(target=self._run, name="loratool-extract-reader", daemon=True)
-
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
 
     def _pieces(self, e: Entry, row: int = 1):
         """Pieces of at most _CHUNK_ELEMENTS elements, each a whole number of `row`-element rows."""
@@ -134,14 +123,6 @@ class _Reader:
             self.ft.read_into(e.key, f, start)
             self.base.read_into(e.key, b, start)
             yield start, n, f, b
-
-    def _run(self):
-        try:
-            for item in self._produce():
-                self._put(item)
-            self._put(None)
-        except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
-            self._put(exc)
 
     def _produce(self):
         for e in self.entries:
@@ -190,20 +171,8 @@ class _Reader:
 
     def __iter__(self):
         if not self.ahead:
-            yield from self._produce()
-            return
-        self.thread.start()
-        try:
-            while True:
-                item = self.out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.stop.set()
-            self.thread.join()
+            return self._produce()
+        return read_ahead(self._produce, self.stop, depth=64)
 
 
 def sum_squares(x: torch.Tensor) -> float:
@@ -277,30 +246,14 @@ def finish(f: _Factors, k: int, opts: ExtractOptions, M: torch.Tensor | None = N
     dt = torch_dtype(OUT_DTYPES[opts.dtype])
     B, A = B.to(dt), A.to(dt)
     if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-        raise NumericError(f"target \"{escape(e.key)}\": factors overflow {opts.dtype}; use --dtype bfloat16 or "
-                           "float32")
-    E = f.energy
-    err2 = max(E - kept_energy(f, k), 0.0)
-    if needs_residual(f, k, opts):
-        if M is None:
-            raise AssertionError("residual needs the matrix")
-        err2 = residual_squares(M, B.float(), A.float())
-    rel = math.sqrt(err2 / E) if E > 0 else 0.0
-    report = {"rank": k, "rel_error": rel, "energy": max(0.0, 1.0 - err2 / E) if E > 0 else 1.0,
-              "norm": math.sqrt(E), "method": f.method}
-    return B.cpu(), A.cpu(), report
+        raise overflow_error(e, opts)
+    residual = None if M is None else (lambda: residual_squares(M, B.float(), A.float()))
+    return B.cpu(), A.cpu(), factor_report(f, k, opts, residual)
 
 
 def residual_squares(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
     """||M - B A||_F^2, by row blocks of about 4M elements (never a second m x n buffer)."""
-    m, n = M.shape
-    rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    total = 0.0
-    for r0 in range(0, m, rows):
-        R = B[r0:r0 + rows] @ A  # (rows, k) @ (k, n) -> (rows, n)
-        R.sub_(M[r0:r0 + rows])
-        total += sum_squares(R)
-    return total
+    return residual_squares_by_rows(M, B, A, sum_squares, _CHUNK_ELEMENTS)
 
 
 def _view(e: Entry, flat: torch.Tensor) -> torch.Tensor:
@@ -370,9 +323,7 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
             delta = None
             if E > 0.0:
                 delta = Mf.view(e.shape).to("cpu", torch_dtype(OUT_DTYPES[opts.dtype]), copy=True)
-                full_targets.append(Target(key=e.key, kind="full", layout="full", shape=e.shape, delta=delta,
-                                           delta_scale=1.0, dtype=e.base_dtype,
-                                           info={"norm": math.sqrt(E), "rel_error": _cast_error(Mf, delta, E)}))
+                full_targets.append(full_target(e, delta, E, _cast_error(Mf, delta, E)))
             else:  # bitwise different, numerically equal (-0.0 and 0.0, or a dtype change)
                 unchanged += 1
             if not batching:

@@ -314,32 +314,42 @@ class Merger:
         self._y_new[r0:r1] = out.to("cpu", torch.float64) @ self._x
 
     def probe_error(self) -> float:
-        """Relative error ||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||), in float64.
-
-        In the row view a direct block adds B(A x[cols]) to rows `rows`; a transposed one (V = M^T) adds
-        A^T(B^T x[rows]) to rows `cols`. Neither forms ΔW, so an orientation, scale or index mistake in the
-        merged tensor shows up as a large error.
-        """
+        """Relative error ||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||), in float64
+        (`probe_relative_error`)."""
         import torch
 
-        y = self._y_old.clone()
-        x = self._x
-        for term in self.terms:
-            t = term.target
-            if t.kind == "full":
-                D = as_torch(t.delta).to(torch.float64).reshape(self.rows, self.cols)
-                y += (D @ x) * (term.weight * t.delta_scale)
-                continue
-            for b in t.blocks:
-                A, B, c = as_torch(b.A).double(), as_torch(b.B).double(), term.weight * b.scale
-                if t.layout in TRANSPOSED:  # (cols_M, r) @ ((r, rows_M) @ (rows_M,)) -> (cols_M,)
-                    y[b.cols[0]:b.cols[1]] += (A.T @ (B.T @ x[b.rows[0]:b.rows[1]])) * c
-                else:  # (rows_M, r) @ ((r, cols_M) @ (cols_M,)) -> (rows_M,)
-                    y[b.rows[0]:b.rows[1]] += (B @ (A @ x[b.cols[0]:b.cols[1]])) * c
-        # Relative to the larger of Wx and the expected W'x: unmerging cancels, and rounding scales with both.
-        ref = max(float(torch.linalg.vector_norm(y)), float(torch.linalg.vector_norm(self._y_old)))
-        err = float(torch.linalg.vector_norm(self._y_new - y))
-        return err / ref if ref > 0 else err
+        return probe_relative_error(self.terms, self._y_old, self._y_new, self._x, self.rows, self.cols,
+                                    lambda t: as_torch(t).to(torch.float64))
+
+
+def probe_relative_error(terms: Sequence[Term], y_old, y_new, x, rows: int, cols: int, to64) -> float:
+    """||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||) in the row view, from y_old = Wx and
+    y_new = W'x; `to64` turns a factor or delta into a float64 array of x's kind (numpy or torch).
+
+    In the row view a direct block adds B(A x[cols]) to rows `rows`; a transposed one (V = M^T) adds
+    A^T(B^T x[rows]) to rows `cols`. Neither forms ΔW, so an orientation, scale or index mistake in the
+    merged tensor shows up as a large error.
+    """
+    y = y_old + 0  # a copy, of either kind
+    for term in terms:
+        t = term.target
+        if t.kind == "full":
+            y += (to64(t.delta).reshape(rows, cols) @ x) * (term.weight * t.delta_scale)
+            continue
+        for b in t.blocks:
+            A, B, c = to64(b.A), to64(b.B), term.weight * b.scale
+            if t.layout in TRANSPOSED:  # (cols_M, r) @ ((r, rows_M) @ (rows_M,)) -> (cols_M,)
+                y[b.cols[0]:b.cols[1]] += (A.T @ (B.T @ x[b.rows[0]:b.rows[1]])) * c
+            else:  # (rows_M, r) @ ((r, cols_M) @ (cols_M,)) -> (rows_M,)
+                y[b.rows[0]:b.rows[1]] += (B @ (A @ x[b.cols[0]:b.cols[1]])) * c
+
+    def norm(v) -> float:
+        return math.sqrt(float((v * v).sum()))
+
+    # Relative to the larger of Wx and the expected W'x: unmerging cancels, and rounding scales with both.
+    ref = max(norm(y), norm(y_old))
+    err = norm(y_new - y)
+    return err / ref if ref > 0 else err
 
 
 def nonfinite_error(key: str, row: int, out_name: str, overflow: float | None) -> NumericError:
@@ -381,5 +391,5 @@ def merge_state_dict(state: Mapping[str, torch.Tensor], plan: Plan, out_dtype: s
     return new, errors
 
 
-__all__ = ["Term", "Plan", "plan_merge", "Merger", "nonfinite_error", "can_fold", "is_power_of_two", "merge_tensor", "merge_state_dict", "row_view_shape",
-           "FLOAT_DTYPES", "BLOCK_BYTES"]
+__all__ = ["Term", "Plan", "plan_merge", "Merger", "nonfinite_error", "can_fold", "probe_relative_error",
+           "is_power_of_two", "merge_tensor", "merge_state_dict", "row_view_shape", "FLOAT_DTYPES", "BLOCK_BYTES"]

@@ -24,7 +24,7 @@ from ..adapter import GEMM_MIN_ROWS, block_rows_for
 from ..hostarray import HOST_DTYPES, NP_DTYPES, as_f32, first_nonfinite, from_f32, to_f32
 from . import blas
 from .merge import BLOCK_BYTES, PROBE_SEED, TRANSPOSED, Term, can_fold, is_power_of_two, nonfinite_error, \
-    row_view_shape
+    probe_relative_error, row_view_shape
 
 
 def host_route(base_dtype: str, out_dtype: str, device: str = "cpu") -> bool:
@@ -171,24 +171,8 @@ class HostMerger:
 
     def probe_error(self) -> float:
         """As ops.merge.Merger.probe_error, in float64 numpy (factors widened from their float32 values)."""
-        y = self._y_old.copy()
-        x = self._x
-        for term in self.terms:
-            t = term.target
-            if t.kind == "full":
-                D = as_f32(t.delta).astype(np.float64).reshape(self.rows, self.cols)
-                y += (D @ x) * (term.weight * t.delta_scale)
-                continue
-            for b in t.blocks:
-                A, B = as_f32(b.A).astype(np.float64), as_f32(b.B).astype(np.float64)
-                c = term.weight * b.scale
-                if t.layout in TRANSPOSED:  # (cols_M, r) @ ((r, rows_M) @ (rows_M,)) -> (cols_M,)
-                    y[b.cols[0]:b.cols[1]] += (A.T @ (B.T @ x[b.rows[0]:b.rows[1]])) * c
-                else:  # (rows_M, r) @ ((r, cols_M) @ (cols_M,)) -> (rows_M,)
-                    y[b.rows[0]:b.rows[1]] += (B @ (A @ x[b.cols[0]:b.cols[1]])) * c
-        ref = max(float(np.linalg.norm(y)), float(np.linalg.norm(self._y_old)))
-        err = float(np.linalg.norm(self._y_new - y))
-        return err / ref if ref > 0 else err
+        return probe_relative_error(self.terms, self._y_old, self._y_new, self._x, self.rows, self.cols,
+                                    lambda t: as_f32(t).astype(np.float64))
 
 
 __all__ = ["HostMerger", "host_route"]
