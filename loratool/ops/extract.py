@@ -58,7 +58,7 @@ from .. import spec
 from ..adapter import Adapter, Target, matrix_shape, whole_target
 from ..container import dtype_name, escape
 from ..errors import MismatchError, NumericError
-from .svd_host import DEFAULT_POWER_ITERATIONS, prefers_exact, seed_for, sketch_size
+from .svd_host import DEFAULT_POWER_ITERATIONS
 
 FLOAT_DTYPES = spec.FLOAT_DTYPES
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --dtype -> safetensors dtype name
@@ -281,14 +281,6 @@ def _fixed_rank(opts: ExtractOptions) -> int | None:
 
 def _p(opts):
     return opts.power_iterations if opts.power_iterations is not None else DEFAULT_POWER_ITERATIONS
-
-
-def first_sketch(e: Entry, opts: ExtractOptions) -> tuple[int, int] | None:
-    """(l, seed) of the first randomized sketch of a matrix entry; None when it takes an exact SVD."""
-    m, n = e.matrix_shape
-    k = min(_fixed_rank(opts) or ENERGY_START_RANK, m, n)
-    l = sketch_size(k, m, n, opts.oversample)
-    return None if prefers_exact(l, m, n) else (l, seed_for(opts.seed, e.key))
 
 
 def kept_energy(f: _Factors, k: int) -> float:
@@ -528,6 +520,6 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
                          summary=summary)
 
 
-__all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints", "first_sketch",
+__all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints",
            "needs_residual", "kept_energy", "factor_report", "overflow_error", "not_extracted_reason",
            "budget_finish", "read_ahead", "full_target", "residual_squares_by_rows", "OUT_DTYPES", "EMBEDDING_MODULES", "GPT2_CONV1D"]

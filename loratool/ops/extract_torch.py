@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable
 
 import numpy as np
 import torch
@@ -17,10 +16,10 @@ import torch
 from ..adapter import Target
 from ..container import torch_dtype
 from .extract import (ENERGY_START_RANK, OUT_DTYPES, Entry, ExtractOptions, _check_finite, _Factors, _fixed_rank, _p,
-                      _select, budget_finish, factor_report, first_sketch, full_target, not_extracted_reason, overflow_error,
+                      _select, budget_finish, factor_report, full_target, not_extracted_reason, overflow_error,
                       read_ahead, residual_squares_by_rows)
 from .linalg import from_base_layout
-from .svd import exact_svd, gaussian_sketch, prefers_exact, quantile, randomized_svd, resolve_device, seed_for, \
+from .svd import exact_svd, prefers_exact, quantile, randomized_svd, resolve_device, seed_for, \
     sketch_size
 
 # ---- streaming reader ----------------------------------------------------------------------------------------
@@ -92,17 +91,15 @@ class _Reader:
     """Reads pairs (in a thread ahead of the consumer when `ahead`) and turns each changed one into its
     float32 delta.
 
-    Yields (entry, delta, changed, energy, Y): `delta` is ft - base, flat float32, a view into the arena, for
+    Yields (entry, delta, changed, energy): `delta` is ft - base, flat float32, a view into the arena, for
     every changed whole entry (hand it back with `release(delta)` once used), energy its exact sum of squares
-    and Y its first sketch M @ Omega when `sketch` asks for one (both formed piece by piece while the piece is
-    in cache); None for unchanged entries and compare-only ones. Pairs are read in pieces into small reused buffers, so memory stays at the arena.
+    (formed piece by piece while the piece is in cache); None for unchanged entries and compare-only ones.
+    Pairs are read in pieces into small reused buffers, so memory stays at the arena.
     """
 
-    def __init__(self, ft, base, entries: list[Entry], pin: bool = False,
-                 sketch: Callable[[Entry], tuple[int, int] | None] | None = None, ahead: bool = False):
+    def __init__(self, ft, base, entries: list[Entry], pin: bool = False, ahead: bool = False):
         self.ft, self.base, self.entries = ft, base, entries
         self.ahead = ahead if READ_AHEAD is None else READ_AHEAD
-        self.sketch = sketch or (lambda e: None)  # entry -> (l, seed) of its first sketch, formed while reading
         biggest = max((e.numel * 4 for e in entries if e.whole), default=0)
         self.arena = _Arena(max(biggest, _ARENA_MIN_BYTES) if biggest else _ALIGN, pin)
         widest = 8
@@ -112,12 +109,11 @@ class _Reader:
         self.stop = threading.Event()
         self.pos: dict[int, int] = {}  # data_ptr of a handed-out delta -> its arena position
 
-    def _pieces(self, e: Entry, row: int = 1):
-        """Pieces of at most _CHUNK_ELEMENTS elements, each a whole number of `row`-element rows."""
+    def _pieces(self, e: Entry):
+        """Pieces of at most _CHUNK_ELEMENTS elements."""
         fd, bd = torch_dtype(e.ft_dtype), torch_dtype(e.base_dtype)
-        step = max(1, _CHUNK_ELEMENTS // row) * row
-        for start in range(0, e.numel, step):
-            n = min(step, e.numel - start)
+        for start in range(0, e.numel, _CHUNK_ELEMENTS):
+            n = min(_CHUNK_ELEMENTS, e.numel - start)
             f = self.fbuf[:n * fd.itemsize].view(fd)
             b = self.bbuf[:n * bd.itemsize].view(bd)
             self.ft.read_into(e.key, f, start)
@@ -130,19 +126,14 @@ class _Reader:
                 return
             if not e.whole:
                 changed = any(not _same_bits(f, b) for _, _, f, b in self._pieces(e))
-                yield (e, None, changed, None, None)
+                yield (e, None, changed, None)
                 continue
             got = self.arena.alloc(e.numel, self.stop)
             if got is None:
                 return
             pos, delta = got
             changed, energy = False, 0.0
-            sk = self.sketch(e)
-            cols = e.matrix_shape[1] if sk is not None else 1
-            if sk is not None:  # rows of M are rows of the flat delta (linear, conv): Y = M @ Omega by pieces
-                Omega = gaussian_sketch(cols, sk[0], [sk[1]], "cpu")[0]  # (n, l)
-                Y = torch.empty(e.matrix_shape[0], sk[0], dtype=torch.float32)  # (m, l)
-            for start, n, f, b in self._pieces(e, cols):
+            for start, n, f, b in self._pieces(e):
                 changed = changed or not _same_bits(f, b)
                 d = delta[start:start + n]
                 d.copy_(f)
@@ -153,15 +144,13 @@ class _Reader:
                     t.copy_(b)
                     d.sub_(t)
                 energy += sum_squares(d)
-                if sk is not None:
-                    torch.mm(d.view(-1, cols), Omega, out=Y[start // cols:(start + n) // cols])  # in cache
             if not changed:
                 self.arena.free(pos)
-                yield (e, None, False, None, None)
+                yield (e, None, False, None)
                 continue
             with self.arena.cond:
                 self.pos[delta.data_ptr()] = pos
-            yield (e, delta, True, energy, Y if sk is not None else None)
+            yield (e, delta, True, energy)
 
     def release(self, delta):
         if delta is not None:
@@ -188,11 +177,9 @@ def sum_squares(x: torch.Tensor) -> float:
     return total
 
 
-def factorize_batch(Ms: torch.Tensor, entries: list[Entry], energies: list[float], opts: ExtractOptions,
-                    Y: torch.Tensor | None = None) -> list[_Factors]:
-    """Top singular triplets of each matrix of a batch Ms (b, m, n) float32, enough for the rank rule.
-
-    Y, when given, is the first sketch (b, m, l) of `first_sketch` (formed by the reader)."""
+def factorize_batch(Ms: torch.Tensor, entries: list[Entry], energies: list[float],
+                    opts: ExtractOptions) -> list[_Factors]:
+    """Top singular triplets of each matrix of a batch Ms (b, m, n) float32, enough for the rank rule."""
     b, m, n = Ms.shape
     k = _fixed_rank(opts)
     seeds = [seed_for(opts.seed, e.key) for e in entries]
@@ -203,21 +190,19 @@ def factorize_batch(Ms: torch.Tensor, entries: list[Entry], energies: list[float
             U, S, Vh = exact_svd(Ms)
             method = "exact"
         else:
-            U, S, Vh = randomized_svd(Ms, l, seeds, _p(opts), Y=Y)
+            U, S, Vh = randomized_svd(Ms, l, seeds, _p(opts))
             method = "randomized"
         return [_Factors(e, U[i], S[i], Vh[i], energies[i], method) for i, e in enumerate(entries)]
     out = []
     for i, e in enumerate(entries):  # adaptive ranks differ per matrix: one at a time
         M, kk = Ms[i], min(ENERGY_START_RANK, m, n)
-        Yi = None if Y is None else Y[i]
         while True:
             l = sketch_size(kk, m, n, opts.oversample)
             if prefers_exact(l, m, n):
                 U, S, Vh = exact_svd(M)
                 out.append(_Factors(e, U, S, Vh, energies[i], "exact"))
                 break
-            U, S, Vh = randomized_svd(M, l, seeds[i], _p(opts), Y=Yi)
-            Yi = None  # a bigger sketch next time, if any
+            U, S, Vh = randomized_svd(M, l, seeds[i], _p(opts))
             if _select(S, energies[i], opts, complete=False) is not None:
                 out.append(_Factors(e, U, S, Vh, energies[i], "randomized"))
                 break
@@ -264,7 +249,9 @@ def _view(e: Entry, flat: torch.Tensor) -> torch.Tensor:
 # ---- the operation -------------------------------------------------------------------------------------------
 
 def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
-    """The torch route of ops.extract.extract: returns (done, full targets, not extracted, unchanged, dropped)."""
+    """The torch route of ops.extract.extract (CUDA, or `batch_bytes` on the CPU): same-shaped matrices are
+    stacked into batches of up to `batch_bytes` (default 1 GiB) on the device. Returns (done, full targets,
+    not extracted, unchanged, dropped)."""
     device = resolve_device(opts.device)
     full_targets: list[Target] = []
     pending: list[_Factors] = []  # budget mode: factors waiting for the global rank choice
@@ -273,7 +260,6 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
     unchanged = 0
     budget = opts.max_params is not None
 
-    batching = device.type == "cuda" or opts.batch_bytes is not None
     batch_bytes = opts.batch_bytes if opts.batch_bytes is not None else (1 << 30)
     groups: dict[tuple, list] = {}
 
@@ -295,18 +281,10 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
         Ms = torch.stack([x[1] for x in items])  # (b, m, n) on the device
         emit(factorize_batch(Ms, [x[0] for x in items], [x[2] for x in items], opts), Ms)
 
-    def sketch(e: Entry):
-        # The reader forms the first sketch only where rows of M are rows of the flat delta, and only on
-        # the single-matrix CPU path (a batch forms its sketches on the device).
-        if batching or e.role != "matrix" or e.layout not in ("linear", "conv") or \
-                e.matrix_shape[1] > _CHUNK_ELEMENTS:
-            return None
-        return first_sketch(e, opts)
+    reader = _Reader(ft, base, entries, pin=device.type == "cuda", ahead=device.type == "cuda")
+    copier = _Copier(device)
 
-    reader = _Reader(ft, base, entries, pin=device.type == "cuda", sketch=sketch, ahead=device.type == "cuda")
-    copier = _Copier(device) if batching else None
-
-    for e, Mf, changed, E, Y in reader:
+    for e, Mf, changed, E in reader:
         tick(advance=1)
         if not changed:
             unchanged += 1
@@ -314,10 +292,9 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
         if e.role in ("embedding", "vector", "nonfloat"):
             not_extracted.append({"key": e.key, "shape": list(e.shape), "reason": not_extracted_reason(e)})
             continue
-        if batching:  # the device keeps its own copy; the arena's space goes back to the reader at once
-            host = Mf
-            Mf = copier.to_device(host)
-            reader.release(host)
+        host = Mf  # the device keeps its own copy; the arena's space goes back to the reader at once
+        Mf = copier.to_device(host)
+        reader.release(host)
         _check_finite(e, E, names)
         if E == 0.0 or e.role == "full":
             delta = None
@@ -326,18 +303,11 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
                 full_targets.append(full_target(e, delta, E, _cast_error(Mf, delta, E)))
             else:  # bitwise different, numerically equal (-0.0 and 0.0, or a dtype change)
                 unchanged += 1
-            if not batching:
-                reader.release(Mf)
             continue
-        if batching:
-            skey = (e.matrix_shape,)
-            groups.setdefault(skey, []).append((e, _view(e, Mf), E))
-            if sum(x[0].numel for x in groups[skey]) * 4 >= batch_bytes:
-                flush(skey)
-            continue
-        M = _view(e, Mf).unsqueeze(0)  # (1, m, n), a view into the reader's arena
-        emit(factorize_batch(M, [e], [E], opts, None if Y is None else Y.unsqueeze(0)), M)
-        reader.release(Mf)
+        skey = (e.matrix_shape,)
+        groups.setdefault(skey, []).append((e, _view(e, Mf), E))
+        if sum(x[0].numel for x in groups[skey]) * 4 >= batch_bytes:
+            flush(skey)
     for skey in list(groups):
         flush(skey)
 
@@ -347,8 +317,6 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
         if redo:
             _second_pass(ft, base, redo, opts, done, device)
     return done, full_targets, not_extracted, unchanged, dropped
-
-
 
 
 class _Copier:
@@ -381,7 +349,7 @@ def _second_pass(ft, base, redo, opts, done, device):
     by_key = {f.entry.key: (f, k) for f, k in redo}
     entries = [f.entry for f, _ in redo]
     reader = _Reader(ft, base, entries)
-    for e, Mf, changed, _, _ in reader:
+    for e, Mf, _, _ in reader:
         f, k = by_key[e.key]
         done[e.key] = finish(f, k, opts, _view(e, Mf).to(device))
         reader.release(Mf)

@@ -86,8 +86,7 @@ def _normalize(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(R, Y, upper=True, left=False)  # Y R^-1 (..., m, l)
 
 
-def randomized_svd(M: torch.Tensor, l: int, seeds: list[int] | int, n_iter: int = DEFAULT_POWER_ITERATIONS,
-                   Y: torch.Tensor | None = None):
+def randomized_svd(M: torch.Tensor, l: int, seeds: list[int] | int, n_iter: int = DEFAULT_POWER_ITERATIONS):
     """Approximate top-l SVD of M by randomized subspace iteration (Halko et al. 2011, algorithm 4.4).
 
     Args:
@@ -96,8 +95,6 @@ def randomized_svd(M: torch.Tensor, l: int, seeds: list[int] | int, n_iter: int 
         l: sketch columns (target rank plus oversampling), 1 <= l <= min(m, n).
         seeds: one seed per matrix of the batch (an int for a single matrix); see `seed_for`.
         n_iter: power iterations; each multiplies by M^T then M and re-orthonormalises.
-        Y: the sketch M @ Ω when the caller already has it (extract forms it piece by piece while each
-           piece is in cache), with Ω = gaussian_sketch(n, l, seeds).
     Returns:
         U (..., m, l), S (..., l) descending, Vh (..., l, n), all float32, with U and Vh orthonormal.
         U = Q Ub with Q an orthonormal basis of the sketch, so for any j the rank-j truncation
@@ -114,13 +111,10 @@ def randomized_svd(M: torch.Tensor, l: int, seeds: list[int] | int, n_iter: int 
         raise ValueError(f"randomized_svd: {len(seeds)} seeds for {M.shape[0] if batched else 1} matrices")
     if not 1 <= l <= min(m, n):
         raise ValueError(f"randomized_svd: sketch size {l} outside 1..{min(m, n)}")
-    if Y is None:
-        Omega = gaussian_sketch(n, l, seeds, M.device)  # (b, n, l)
-        if not batched:
-            Omega = Omega[0]
-        Y = M @ Omega  # (b, m, n) @ (b, n, l) -> (b, m, l)
-    elif Y.ndim == 3 and not batched:
-        Y = Y[0]
+    Omega = gaussian_sketch(n, l, seeds, M.device)  # (b, n, l)
+    if not batched:
+        Omega = Omega[0]
+    Y = M @ Omega  # (b, m, n) @ (b, n, l) -> (b, m, l)
     for _ in range(n_iter):
         Z = _normalize(M.mT @ _normalize(Y))  # (b, n, m) @ (b, m, l) -> (b, n, l)
         Y = M @ Z  # (b, m, n) @ (b, n, l) -> (b, m, l)
