@@ -28,10 +28,11 @@ def _dlopen(path: str):
     for the whole load), lazily bound; falls back to ctypes.CDLL."""
     try:
         fn = ctypes.CDLL(None).dlopen
-    except (OSError, AttributeError):
+        flags = os.RTLD_LAZY | os.RTLD_LOCAL
+    except (OSError, AttributeError, TypeError):  # no C-library dlopen here (not a POSIX system)
         return ctypes.CDLL(path)
     fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
-    handle = fn(os.fsencode(path), os.RTLD_LAZY | os.RTLD_LOCAL)
+    handle = fn(os.fsencode(path), flags)
     if not handle:
         raise OSError(f"cannot load {path}")
     return ctypes.CDLL(path, handle=handle)
