@@ -1,10 +1,10 @@
 """The CPU route of `extract` (ops/extract.py) on numpy: no `import torch`, numpy's BLAS for the products.
 
-One tensor pair at a time: both are read with pread in pieces of 4M elements into reused byte buffers,
-compared bit for bit, widened to float32 and subtracted into one reused delta buffer (the largest matrix's
-size); the sum of squares and the first sketch M @ Ω are formed piece by piece while the piece is in cache.
-Then the randomized (or exact) SVD of ops/svd_host.py, and the factors, cast once to the output dtype, as
-hostarray.HostTensors. The numerics are those of ops/extract.py's module docstring, step for step.
+One tensor pair at a time: both are mapped from the page cache in 2 MiB pieces (pread where a source cannot
+be mapped), widened to float32 and subtracted into a reused delta buffer by one thread per core, and the sum
+of squares is formed piece by piece while the piece is in cache; a reader thread prepares the next pair while
+this one is factorised. Then the randomized (or exact) SVD of ops/svd_host.py, and the factors, cast once to
+the output dtype, as hostarray.HostTensors. The numerics are those of ops/extract.py's module docstring.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def finish(f: _Factors, k: int, opts: ExtractOptions, M: np.ndarray | None = Non
 
 
 def residual_squares(M: np.ndarray, B: np.ndarray, A: np.ndarray) -> float:
-    """||M - B A||_F^2, by row blocks of about 4M elements (never a second m x n buffer)."""
+    """||M - B A||_F^2, by row blocks of about _CHUNK_ELEMENTS elements (never a second m x n buffer)."""
     return residual_squares_by_rows(M, B, A, sum_squares, _CHUNK_ELEMENTS)
 
 
