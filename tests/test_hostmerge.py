@@ -276,3 +276,34 @@ def test_an_early_refusal_exits_cleanly_while_the_blas_loads(tmp_path):
         assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'out.safetensors'}: already exists; pass "
                                                  "--overwrite to replace it"]
     assert (tmp_path / "out.safetensors").read_bytes() == b"keep"
+
+
+@needs_blas
+def test_torch_file_adapters_merge_on_the_numpy_route(tmp_path):
+    """A loralib .pt and a PEFT folder with adapter_model.bin are read with torch; the merge itself still takes
+    the numpy route, with the same bytes as the torch route (the readers' `host` option is not a user option)."""
+    from loratool.io import peft
+
+    t = linear_target("model.layers.0.self_attn.q_proj.weight", out=70, inp=10, rank=3, alpha=6.0)
+    write_file(tmp_path / "base.safetensors", {t.key: rand(70, 10, seed=3, dtype=torch.bfloat16)}, {})
+    b = t.blocks[0]
+    torch.save({"model.layers.0.self_attn.q_proj.lora_A": b.A, "model.layers.0.self_attn.q_proj.lora_B": b.B},
+               tmp_path / "lora.pt")
+    peft.save(Adapter({t.key: t}), tmp_path / "peft")
+    sd = load_st_file(tmp_path / "peft" / "adapter_model.safetensors")
+    (tmp_path / "peft" / "adapter_model.safetensors").unlink()
+    torch.save(sd, tmp_path / "peft" / "adapter_model.bin")
+    for ad, opts in [(tmp_path / "lora.pt", {"alpha": 6.0}), (tmp_path / "peft", {})]:
+        outs = []
+        for engine in ("numpy", "torch"):
+            out = tmp_path / f"{ad.stem}-{engine}.safetensors"
+            s = run_merge(tmp_path / "base.safetensors", [ad], out, engine=engine, reader=opts)
+            assert s["route"] == engine and s["targets"] == 1
+            outs.append(out.read_bytes())
+        assert outs[0] == outs[1], ad
+
+
+def load_st_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -114,7 +114,7 @@ def _merge(base, rw, adapter_paths, out_dtype, weights, scale, unmerge, verify, 
 
     reader = {k: v for k, v in (reader or {}).items() if k != "base"}
     # With `host`, safetensors adapters are read into numpy (no torch); the torch route converts them.
-    loaded = load_inputs(adapter_paths, {**reader, "host": True} if eligible else reader, base=base.reader)
+    loaded = load_inputs(adapter_paths, reader, base=base.reader, host=eligible)
     phase("adapters loaded")
     host = rw.host = eligible and blas.available()
     if need_host and not host:
