@@ -307,3 +307,24 @@ def load_st_file(path):
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+@needs_blas
+def test_dora_and_saved_whole_tensors_merge_on_both_routes_alike(tmp_path):
+    """DoRA modules and saved whole tensors are computed with torch inside the PEFT reader even on the numpy
+    route; the merged bytes equal the torch route's."""
+    from safetensors.torch import save_file
+
+    from models import base_state_dict, peft_model, tiny_llama
+
+    model = tiny_llama(layers=1)
+    save_file(base_state_dict(model), str(tmp_path / "base.safetensors"))
+    pm = peft_model(model, target_modules=["q_proj", "down_proj"], use_dora=True, modules_to_save=["lm_head"])
+    pm.save_pretrained(str(tmp_path / "peft"))
+    outs = []
+    for engine in ("numpy", "torch"):
+        out = tmp_path / f"{engine}.safetensors"
+        s = run_merge(tmp_path / "base.safetensors", [tmp_path / "peft"], out, engine=engine)
+        assert s["route"] == engine and s["targets"] >= 2
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
