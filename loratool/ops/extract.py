@@ -423,6 +423,17 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
     return _result(entries, done, full_targets, not_extracted, unchanged, opts, names, dropped)
 
 
+def triage(e: Entry, changed: bool, not_extracted: list[dict]) -> str | None:
+    """What becomes of a pair the reader hands over: "unchanged" (bitwise equal), "listed" (changed but only
+    reported: appended to `not_extracted`), or None (its delta is stored)."""
+    if not changed:
+        return "unchanged"
+    if e.role in ("embedding", "vector", "nonfloat"):
+        not_extracted.append({"key": e.key, "shape": list(e.shape), "reason": not_extracted_reason(e)})
+        return "listed"
+    return None
+
+
 def not_extracted_reason(e: Entry) -> str:
     """Why a changed tensor of this role is listed instead of stored."""
     return {"embedding": "embedding (pass --embeddings to factorise it, or --keep-full to store it)",
@@ -521,5 +532,5 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
 
 
 __all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints",
-           "needs_residual", "kept_energy", "factor_report", "overflow_error", "not_extracted_reason",
+           "needs_residual", "kept_energy", "factor_report", "overflow_error", "not_extracted_reason", "triage",
            "budget_finish", "read_ahead", "full_target", "residual_squares_by_rows", "OUT_DTYPES", "EMBEDDING_MODULES", "GPT2_CONV1D"]

@@ -21,8 +21,8 @@ import numpy as np
 from ..adapter import Target
 from ..hostarray import NP_DTYPES, HostTensor, first_nonfinite, from_f32, to_f32
 from .extract import (ENERGY_START_RANK, OUT_DTYPES, Entry, ExtractOptions, _check_finite, _Factors, _fixed_rank, _p,
-                      _select, budget_finish, factor_report, full_target, not_extracted_reason, overflow_error, read_ahead,
-                      residual_squares_by_rows)
+                      _select, budget_finish, factor_report, full_target, overflow_error, read_ahead,
+                      residual_squares_by_rows, triage)
 from .svd_host import exact_svd, prefers_exact, quantile, randomized_svd, seed_for, sketch_size, \
     sum_squares
 
@@ -236,11 +236,10 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
         for e, Mf, changed, E in reader:
             try:
                 tick(advance=1)
-                if not changed:
+                fate = triage(e, changed, not_extracted)
+                if fate == "unchanged":
                     unchanged += 1
-                    continue
-                if e.role in ("embedding", "vector", "nonfloat"):
-                    not_extracted.append({"key": e.key, "shape": list(e.shape), "reason": not_extracted_reason(e)})
+                if fate is not None:
                     continue
                 _check_finite(e, E, names)
                 if E == 0.0 or e.role == "full":

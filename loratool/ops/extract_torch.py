@@ -16,8 +16,8 @@ import torch
 from ..adapter import Target
 from ..container import torch_dtype
 from .extract import (ENERGY_START_RANK, OUT_DTYPES, Entry, ExtractOptions, _check_finite, _Factors, _fixed_rank, _p,
-                      _select, budget_finish, factor_report, full_target, not_extracted_reason, overflow_error,
-                      read_ahead, residual_squares_by_rows)
+                      _select, budget_finish, factor_report, full_target, overflow_error,
+                      read_ahead, residual_squares_by_rows, triage)
 from .linalg import from_base_layout
 from .svd import exact_svd, prefers_exact, quantile, randomized_svd, resolve_device, seed_for, \
     sketch_size
@@ -286,11 +286,10 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
 
     for e, Mf, changed, E in reader:
         tick(advance=1)
-        if not changed:
+        fate = triage(e, changed, not_extracted)
+        if fate == "unchanged":
             unchanged += 1
-            continue
-        if e.role in ("embedding", "vector", "nonfloat"):
-            not_extracted.append({"key": e.key, "shape": list(e.shape), "reason": not_extracted_reason(e)})
+        if fate is not None:
             continue
         host = Mf  # the device keeps its own copy; the arena's space goes back to the reader at once
         Mf = copier.to_device(host)

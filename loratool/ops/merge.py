@@ -23,7 +23,7 @@ import threading
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .. import spec
 from ..adapter import GEMM_MIN_ROWS, Adapter, Target, block_rows_for, row_spans
@@ -124,17 +124,19 @@ def row_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 @dataclass
 class _Piece:
-    """One block in row-view coordinates: V[r0:r1, c0:c1] += coef * delta(rows i0:i1 of the piece)."""
+    """One block in row-view coordinates: V[r0:r1, c0:c1] += coef * delta(rows i0:i1 of the piece).
+
+    The factors are torch tensors here; ops.merge_host's subclass holds float32 numpy arrays."""
 
     r0: int
     r1: int
     c0: int
     c1: int
     coef: float
-    B: torch.Tensor | None = None  # (n_rows_M, r): lora block
-    A: torch.Tensor | None = None  # (r, n_cols_M)
+    B: Any = None  # (n_rows_M, r): lora block
+    A: Any = None  # (r, n_cols_M)
     transposed: bool = False
-    D: torch.Tensor | None = None  # full delta, as the row view (rows, cols)
+    D: Any = None  # full delta, as the row view (rows, cols)
 
     def delta(self, i0: int, i1: int, work: torch.Tensor) -> torch.Tensor:
         """coef x the delta of V rows [i0, i1) (absolute, inside [r0, r1)) over columns [c0, c1).

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import threading
 import zlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..adapter import GEMM_MIN_ROWS, block_rows_for
 from ..hostarray import HOST_DTYPES, NP_DTYPES, as_f32, first_nonfinite, from_f32, to_f32
-from . import blas
+from . import blas, merge
 from .merge import BLOCK_BYTES, PROBE_SEED, TRANSPOSED, Term, can_fold, is_power_of_two, nonfinite_error, \
     probe_relative_error, row_view_shape
 
@@ -32,19 +31,8 @@ def host_route(base_dtype: str, out_dtype: str, device: str = "cpu") -> bool:
     return device == "cpu" and base_dtype in HOST_DTYPES and out_dtype in HOST_DTYPES and blas.available()
 
 
-@dataclass
-class _Piece:
-    """V[r0:r1, c0:c1] += coef * delta, as ops.merge._Piece, on float32 numpy arrays."""
-
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-    coef: np.float32
-    B: np.ndarray | None = None  # (n_rows_M, r)
-    A: np.ndarray | None = None  # (r, n_cols_M)
-    transposed: bool = False
-    D: np.ndarray | None = None  # full delta as the row view (rows, cols)
+class _Piece(merge._Piece):
+    """ops.merge._Piece on float32 numpy arrays (coef a numpy float32), with torch's sgemm for the product."""
 
     def delta(self, i0: int, i1: int, work: np.ndarray) -> np.ndarray:
         a, b = i0 - self.r0, i1 - self.r0
