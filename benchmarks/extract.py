@@ -25,6 +25,7 @@ set   (`--set cuda`) the whole 8B set, 224 matrices, through the batched randomi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -222,33 +223,38 @@ def bench_e2e(work: Path, rounds: int, power_iterations: int | None = None) -> d
 
 
 def breakdown(work: Path) -> dict:
-    """Where an end-to-end run's time goes, in this process: the reader alone (map, subtract in float32, sum of
-    squares; its own two threads), the SVDs alone (extract's factorisation of every delta, read beforehand one
-    at a time and not timed), and the whole in-process extraction (reading ahead while factorising)."""
+    """Where an end-to-end run's time goes, in this process: the lanes reading alone (pread, widen, subtract,
+    sum of squares and the first sketch, one pair per lane), the same with the SVDs, and the whole in-process
+    extraction (with the output's factors and report)."""
     from loratool.io.base import open_base
+    from loratool.ops import blas_threads
     from loratool.ops import extract as ex
     from loratool.ops import extract_host as exh
 
     ft, base = open_base(work / "extract" / "ft"), open_base(work / "merge" / "base")
     opts = ex.ExtractOptions(rank=16)
-    entries = ex.plan(ft, base, opts)
-    t = time.perf_counter()
-    r = exh._Reader(ft, base, entries, ahead=False)
-    for _, d, _, _ in r:
-        r.release(d)
-    reader = time.perf_counter() - t
-    svd = 0.0
-    r = exh._Reader(ft, base, [e for e in entries if e.role == "matrix"], ahead=False)
-    for e, d, changed, E in r:
-        if changed and E:
+    entries = [e for e in ex.plan(ft, base, opts) if e.whole]
+    lanes, per_lane = exh.lane_plan()
+    sizes = exh.slot_sizes(entries, lanes)
+
+    def read(s, e, delta):
+        exh._subtract(ft, base, e, delta, s, opts)
+
+    def read_and_factorize(s, e, delta):
+        E, Y = exh._subtract(ft, base, e, delta, s, opts)
+        if E and e.role == "matrix":
+            exh.factorize(exh._view(e, delta), e, E, opts, Y)
+
+    res = {"lanes": lanes, "blas_threads_per_lane": per_lane}
+    with blas_threads.limit(per_lane) if per_lane else contextlib.nullcontext():
+        for name, fn in (("read_s", read), ("read_and_svd_s", read_and_factorize)):
             t = time.perf_counter()
-            exh.factorize(exh._view(e, d), e, E, opts)
-            svd += time.perf_counter() - t
-        r.release(d)
+            exh.run_lanes(entries, fn, lanes, sizes)
+            res[name] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     ex.extract(ft, base, opts)
-    return {"reader_alone_s": round(reader, 2), "svds_alone_s": round(svd, 2),
-            "extract_in_process_s": round(time.perf_counter() - t, 2)}
+    res["extract_in_process_s"] = round(time.perf_counter() - t, 2)
+    return res
 
 
 def main():

@@ -4,6 +4,7 @@ streaming, and the library's refusals. CLI behaviour is in test_extract_cli.py."
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -384,6 +385,140 @@ def test_cuda_agrees_with_cpu():
             assert rel(delta_tensor(b), delta_tensor(a)) < 1e-4
             assert abs(a.info["rel_error"] - b.info["rel_error"]) < 1e-4
 
+
+# ---- lanes: the CPU route's pairs on one thread per core ---------------------------------------------------------
+
+def lanes_pair():
+    """Pairs of every kind a lane handles: matrices of several shapes (sketched as they are read, or exact),
+    a conv kernel, a fan_in_fan_out weight, an unchanged one, a listed vector and embedding."""
+    deltas = {"a.weight": noisy(96, 64, seed=70), "b.weight": noisy(40, 130, seed=71),
+              "c.weight": low_rank(12, 10, 2, seed=72), "conv.weight": low_rank(16, 36, 3, seed=73).reshape(16, 4, 3, 3),
+              "h.c_attn.weight": noisy(64, 48, seed=74), "d.weight": noisy(200, 24, seed=75)}
+    ft, base = pair(**deltas)
+    base["same.weight"] = ft["same.weight"] = torch.randn(30, 20, generator=g(76))
+    base["n.bias"], ft["n.bias"] = torch.zeros(8), torch.ones(8)
+    base["model.embed_tokens.weight"] = torch.randn(50, 8, generator=g(77))
+    ft["model.embed_tokens.weight"] = base["model.embed_tokens.weight"] + 1
+    return ft, base
+
+
+@pytest.mark.parametrize("opts", [ExtractOptions(rank=4, fan_in_fan_out=("*.c_attn.weight",)),
+                                  ExtractOptions(energy=0.9), ExtractOptions(max_params=900, rank=6, dtype="bfloat16"),
+                                  ExtractOptions(rank=3, keep_full=True, clamp_quantile=0.99)])
+def test_lanes_give_the_same_result_as_one_lane(monkeypatch, opts):
+    monkeypatch.setattr(exh, "_CHUNK_ELEMENTS", 256)  # several pieces per pair, rows shorter than a piece
+    ft, base = lanes_pair()
+    runs = []
+    for lanes in (1, 3):
+        monkeypatch.setattr(exh, "lane_plan", lambda lanes=lanes: (lanes, 1))
+        runs.append(extract(ft, base, opts))
+    one, three = runs
+    assert one.rows == three.rows and one.not_extracted == three.not_extracted and one.unchanged == three.unchanged
+    assert one.unchanged == 1  # the unchanged pair; the changed vector and embedding listed or stored whole:
+    whole = {k for k, t in one.adapter.targets.items() if t.kind == "full"}
+    assert whole == ({"n.bias", "model.embed_tokens.weight"} if opts.keep_full else set())
+    listed = {x["key"] for x in one.not_extracted if not x["reason"].startswith("rank 0")}
+    assert listed == (set() if opts.keep_full else {"n.bias", "model.embed_tokens.weight"})
+    assert one.adapter.targets.keys() == three.adapter.targets.keys()
+    for k, t in one.adapter.targets.items():
+        u = three.adapter.targets[k]
+        if t.kind == "full":
+            assert torch.equal(as_torch(t.delta), as_torch(u.delta))
+            continue
+        assert torch.equal(as_torch(t.blocks[0].A), as_torch(u.blocks[0].A))
+        assert torch.equal(as_torch(t.blocks[0].B), as_torch(u.blocks[0].B))
+
+
+def test_sketch_formed_while_reading_is_the_product_with_the_same_test_matrix(monkeypatch):
+    """The first sketch M @ Omega, formed on row pieces as they are read, is the product that randomized_svd
+    would form, and the factors it leads to are those of the plain route (float32 rounding apart)."""
+    from loratool.ops.svd_host import gaussian_sketch, seed_for as np_seed_for
+
+    monkeypatch.setattr(exh, "_CHUNK_ELEMENTS", 200)  # 3 rows of 64 per piece, and a short last piece
+    D = noisy(100, 64, seed=80)
+    ft, base = pair(w=D)
+    src_ft, src_base = ex._source(ft), ex._source(base)
+    opts = ExtractOptions(rank=5)
+    e = plan(ft, base, opts)[0]
+    delta = np.empty(e.numel, np.float32)
+    E, Y = exh._subtract(src_ft, src_base, e, delta, exh._Scratch(), opts)
+    M = delta.reshape(100, 64)
+    assert np.array_equal(M, (ft["w"] - base["w"]).numpy())
+    assert E == pytest.approx(float(D.double().square().sum()), rel=1e-6)
+    l = exh.first_sketch(e, opts)
+    assert Y.shape == (100, l)
+    np.testing.assert_allclose(Y, M @ gaussian_sketch(64, l, np_seed_for(0, "w")), rtol=1e-5, atol=1e-5)
+    fused, plain = exh.factorize(M, e, E, opts, Y), exh.factorize(M, e, E, opts)
+    np.testing.assert_allclose(fused.S, plain.S, rtol=1e-5)
+    # a transposed view (fan_in_fan_out) or a row longer than a piece: no sketch while reading
+    assert exh._subtract(src_ft, src_base, ex.Entry("w", (100, 64), "F32", "F32", "matrix", "fan_in_fan_out"),
+                         delta, exh._Scratch(), opts)[1] is None
+    monkeypatch.setattr(exh, "_CHUNK_ELEMENTS", 32)
+    assert exh._subtract(src_ft, src_base, e, delta, exh._Scratch(), opts)[1] is None
+
+
+def test_run_lanes_keeps_order_and_never_holds_more_than_its_slots():
+    import threading
+    import time
+
+    sizes = [5, 50, 7, 20, 3, 50, 8, 9, 1, 40]
+    entries = [ex.Entry(f"e{i}", (n,), "F32", "F32", "full") for i, n in enumerate(sizes)]
+    entries.insert(3, ex.Entry("listed", (4,), "F32", "F32", "vector"))  # compared only: no slot
+    assert exh.slot_sizes(entries, 3) == [50, 50, 50]  # AHEAD_BYTES: the further slots hold the largest here
+    slots = [50, 20, 20]  # a tight set: the 40s and 50s must wait for the big slot
+    live, peak, lock, ticks = [0], [0], threading.Lock(), []
+
+    def handle(s, e, delta):
+        if not e.whole:
+            assert delta is None
+            return e.key
+        assert delta.size == e.numel
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        delta[:] = len(e.key)
+        time.sleep(0.01)
+        try:
+            assert (delta == len(e.key)).all()  # no other lane wrote into this slot meanwhile
+        finally:
+            with lock:
+                live[0] -= 1
+        return e.key
+
+    out = exh.run_lanes(entries, handle, 3, slots, tick=lambda **kw: ticks.append(kw))
+    assert out == [e.key for e in entries]
+    assert len(ticks) == len(entries) and 2 <= peak[0] <= 3
+
+
+def test_run_lanes_reports_the_first_failing_pair_in_order():
+    import time
+
+    entries = [ex.Entry(f"e{i}", (4,), "F32", "F32", "full") for i in range(12)]
+    started = []
+
+    def handle(s, e, delta):
+        started.append(e.key)
+        if e.key == "e2":
+            time.sleep(0.05)  # fails last in time, first in order
+            raise ValueError("e2 failed")
+        if e.key in ("e3", "e4"):
+            raise ValueError(f"{e.key} failed")
+        return e.key
+
+    with pytest.raises(ValueError, match="^e2 failed$"):
+        exh.run_lanes(entries, handle, 3, [4, 4, 4])
+    assert "e11" not in started  # no pair is begun after a failure
+
+
+def test_blas_threads_limit_is_restored():
+    from loratool.ops import blas_threads
+
+    if not blas_threads.controllable():
+        pytest.skip("this numpy's BLAS has no thread control (the CPU route then runs one lane)")
+    before = blas_threads.threads()
+    with blas_threads.limit(1) as on:
+        assert on and blas_threads.threads() == 1
+    assert blas_threads.threads() == before
 
 # ---- refusals -----------------------------------------------------------------------------------------------
 

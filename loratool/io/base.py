@@ -50,11 +50,6 @@ class BaseModel:
         out.copy_(flat[start:start + out.numel()])
         return out
 
-    def locate(self, key: str) -> tuple[int, int, int] | None:
-        """(open file descriptor, byte offset, byte length) of the tensor's data in a file, for readers that map
-        it instead of copying it; None when the tensor is not stored as raw bytes in one file."""
-        return None
-
     def read_bytes_into(self, key: str, buf, start: int = 0) -> None:
         """Fill the writable byte buffer `buf` with the little-endian bytes of the flattened tensor from element
         `start` on (len(buf) bytes, a whole number of elements): a torch-free read into a numpy buffer."""
@@ -120,12 +115,6 @@ class SafetensorsBase(BaseModel):
                    where=f"{self.path}: ")
         return out
 
-    def locate(self, key):
-        t = self.header.tensors[key]
-        if self.header.data_start + t.end > os.fstat(self._fd).st_size:
-            raise FileError(f"{self.path}: is shorter than its header says; was it modified while reading?")
-        return self._fd, self.header.data_start + t.begin, t.nbytes
-
     def read_bytes_into(self, key, buf, start: int = 0) -> None:
         t = self.header.tensors[key]
         size = spec.DTYPE_SIZES[t.dtype]
@@ -190,9 +179,6 @@ class ShardedBase(BaseModel):
 
     def read_bytes_into(self, key, buf, start: int = 0) -> None:
         self._where[key].read_bytes_into(key, buf, start)
-
-    def locate(self, key):
-        return self._where[key].locate(key)
 
     def sha256(self, key):
         return self._where[key].sha256(key)

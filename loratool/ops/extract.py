@@ -1,8 +1,8 @@
 """Extract a LoRA adapter from a finetuned model and its base: ΔW = W_ft - W_base, truncated SVD per target.
 
-Streaming: the two models are read one tensor pair at a time into buffers that are reused (with CUDA a
-reader thread fills the next pair while the current one is factorised), so neither model is ever whole in
-memory.
+Streaming: the two models are read one tensor pair at a time into buffers that are reused (on the CPU one
+thread per core reads a pair and factorises it; with CUDA a reader thread fills the next pair while the
+current one is factorised), so neither model is ever whole in memory.
 
 Two routes compute the same thing: on the CPU, numpy (ops/extract_host.py: numpy's BLAS, which is 1.5-2x
 faster than torch's for these thin products here, and no `import torch`, which costs 2-4 s); on CUDA, or
@@ -46,8 +46,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -298,45 +296,6 @@ def needs_residual(f: _Factors, k: int, opts: ExtractOptions) -> bool:
     return E > 0 and err2 < DIRECT_RESIDUAL_BELOW ** 2 * E
 
 
-def read_ahead(produce: Callable[[], Any], stop: threading.Event, depth: int = 1):
-    """Iterate `produce()` (a generator function) in a thread, up to `depth` items ahead of the caller.
-
-    An exception in the thread is raised in the caller's. Leaving the loop early sets `stop`, which `produce`
-    checks wherever it may wait, and joins the thread.
-    """
-    out: queue.Queue = queue.Queue(maxsize=depth)
-
-    def put(item) -> None:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def run() -> None:
-        try:
-            for item in produce():
-                put(item)
-            put(None)
-        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-            put(exc)
-
-    thread = threading.Thread(target=run, name="loratool-extract-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 def residual_squares_by_rows(M, B, A, sum_squares: Callable[[Any], float], chunk: int) -> float:
     """||M - B A||_F^2 by row blocks of about `chunk` elements (never a second m x n buffer); M, B, A numpy
     arrays or torch tensors alike, `sum_squares` the route's."""
@@ -533,4 +492,4 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
 
 __all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints",
            "needs_residual", "kept_energy", "factor_report", "overflow_error", "not_extracted_reason", "triage",
-           "budget_finish", "read_ahead", "full_target", "residual_squares_by_rows", "OUT_DTYPES", "EMBEDDING_MODULES", "GPT2_CONV1D"]
+           "budget_finish", "full_target", "residual_squares_by_rows", "OUT_DTYPES", "EMBEDDING_MODULES", "GPT2_CONV1D"]

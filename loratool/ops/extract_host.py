@@ -1,166 +1,224 @@
 """The CPU route of `extract` (ops/extract.py) on numpy: no `import torch`, numpy's BLAS for the products.
 
-One tensor pair at a time: both are mapped from the page cache in 2 MiB pieces (pread where a source cannot
-be mapped), widened to float32 and subtracted into a reused delta buffer by one thread per core, and the sum
-of squares is formed piece by piece while the piece is in cache; a reader thread prepares the next pair while
-this one is factorised. Then the randomized (or exact) SVD of ops/svd_host.py, and the factors, cast once to
-the output dtype, as hostarray.HostTensors. The numerics are those of ops/extract.py's module docstring.
+Lanes: the pairs are taken in order by one thread per core (at most MAX_LANES), each of which reads its pair
+and factorises it, with numpy's BLAS held to one thread per lane (ops/blas_threads.py), so that each core
+runs one product at a time: no core runs a reader and a product together, no BLAS thread waits for another.
+On the 2-core machine of benchmarks/README.md this is 1.5x faster end to end than one reader thread beside
+products spread over both cores. The main thread is the first lane; where the BLAS's threads cannot be set,
+there is one lane and the BLAS keeps its own threads.
+
+A lane reads a pair in pieces of about _CHUNK_ELEMENTS elements (pread into the lane's buffers; a mapping
+of the file would cost each lane page faults and TLB shootdowns), widens both to float32, subtracts into a
+delta buffer and sums the squares while the piece is in the cache. For a randomized SVD of a row-major
+matrix view, the pieces are whole rows and the first sketch M @ Omega is formed piece by piece there too, so
+that the delta is read from memory once less. Delta buffers come from a fixed set of slots (the largest
+delta, and one of at most LANE_SLOT_BYTES, or of the size most pairs need, per further lane), handed out in
+the order of the pairs, so that peak memory is bounded and the run cannot starve. Every pair's result
+depends on that pair alone, and results are gathered in the order of the pairs: the output does not depend
+on the number of lanes. Errors too: when pairs fail, the first failing pair in order is the one reported.
+
+Then the randomized (or exact) SVD of ops/svd_host.py, and the factors, cast once to the output dtype, as
+hostarray.HostTensors. The numerics are those of ops/extract.py's module docstring.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import mmap
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 
 from ..adapter import Target
 from ..hostarray import NP_DTYPES, HostTensor, first_nonfinite, from_f32, to_f32
+from . import blas_threads
 from .extract import (ENERGY_START_RANK, OUT_DTYPES, Entry, ExtractOptions, _check_finite, _Factors, _fixed_rank, _p,
-                      _select, budget_finish, factor_report, full_target, overflow_error, read_ahead,
-                      residual_squares_by_rows, triage)
-from .svd_host import exact_svd, prefers_exact, quantile, randomized_svd, seed_for, sketch_size, \
-    sum_squares
+                      _select, budget_finish, factor_report, full_target, overflow_error, residual_squares_by_rows,
+                      triage)
+from .svd_host import exact_svd, gaussian_sketch, prefers_exact, quantile, randomized_svd, seed_for, \
+    sketch_size, sum_squares
 
-_CHUNK_ELEMENTS = 1 << 19  # pieces of a pair read, subtracted and summed at once: 2 MiB of float32, so that the
-# passes over a piece stay in the cache (0.3-0.6 s faster end to end than 4M-element pieces, benchmarks/README.md)
-
-
-AHEAD_BYTES = 1 << 26  # the read-ahead slot: deltas up to 64 MiB (every projection of an 8B model but the head)
+_CHUNK_ELEMENTS = 1 << 18  # a piece of a pair: 1 MiB of float32 delta, so that the passes over it stay in cache
+LANE_SLOT_BYTES = 1 << 26  # each further lane's delta slot holds at least 64 MiB (every projection of a 1B model)
+MAX_LANES = 4  # more lanes multiply the slots' memory; past 4 cores, each lane's products get more threads
 
 
-class _Reader:
-    """Yields (entry, delta, changed, energy) per entry; hand each delta back with `release(delta)`.
+def lane_plan() -> tuple[int, int | None]:
+    """(lanes, BLAS threads per lane): one lane per core up to MAX_LANES, the cores shared among them; one lane
+    and the BLAS's own threads (None) where there is a single core or the BLAS cannot be told."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if cores < 2 or not blas_threads.controllable():
+        return 1, None
+    lanes = min(cores, MAX_LANES)
+    return lanes, max(1, cores // lanes)
 
-    `delta` (flat float32 ft - base) lives in one of two slots: one of the largest delta's size, one of at most
-    AHEAD_BYTES. With `ahead`, a thread reads the next pair into the free slot while the caller factorises the
-    current one (reading is memory-bound, the products compute-bound: they share two cores well), so peak
-    memory is the largest delta plus 64 MiB. The pieces of a pair are mapped, subtracted and summed by one
-    thread per core (mmap reads and numpy release the GIL); the energy is summed in piece order, so the result
-    does not depend on the threads. (The first sketch M @ Omega is one product afterwards: numpy's BLAS runs it
-    faster than piece by piece here.)"""
 
-    def __init__(self, ft, base, entries: list[Entry], workers: int | None = None, ahead: bool = True):
-        self.ft, self.base, self.entries = ft, base, entries
-        biggest = max((e.numel for e in entries if e.whole), default=0)
-        self.slots = [np.empty(biggest, np.float32)]
-        if ahead and biggest:
-            self.slots.append(np.empty(min(biggest, AHEAD_BYTES // 4), np.float32))
-        self.free = list(range(len(self.slots)))
-        self.cond = threading.Condition()
-        self.stop = threading.Event()
-        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
-        self._local = threading.local()
+def slot_sizes(entries: list[Entry], lanes: int) -> list[int]:
+    """float32 elements of each delta slot: the largest delta, then one per further lane holding at least
+    LANE_SLOT_BYTES, or the delta size that all but the largest eighth of the pairs fit (never more than the
+    largest)."""
+    sizes = sorted((e.numel for e in entries if e.whole), reverse=True)
+    if not sizes:
+        return []
+    common = sizes[len(sizes) // 8]
+    other = min(sizes[0], max(LANE_SLOT_BYTES // 4, common))
+    return [sizes[0]] + [other] * (lanes - 1)
 
-    def _bufs(self):
-        b = getattr(self._local, "bufs", None)
-        if b is None:  # per thread: two raw buffers (8-byte dtypes at most) and a float32 one
-            b = self._local.bufs = (np.empty(_CHUNK_ELEMENTS * 8, np.uint8), np.empty(_CHUNK_ELEMENTS * 8, np.uint8),
-                                    np.empty(_CHUNK_ELEMENTS, np.float32))
-        return b
 
-    @contextlib.contextmanager
-    def _raw(self, src, key: str, dtype: str, start: int, n: int, buf):
-        """Elements [start, start + n) of a tensor as raw numpy values: a read-only mapping of just those bytes
-        of the page cache when the source can say where they are (no copy; unmapped right after), else a
-        pread into `buf`."""
-        size = np.dtype(NP_DTYPES[dtype]).itemsize
-        where = src.locate(key) if hasattr(src, "locate") else None
-        if where is None or n * size < mmap.ALLOCATIONGRANULARITY:
-            raw = buf[:n * size]
-            src.read_bytes_into(key, memoryview(raw), start)
-            yield raw.view(NP_DTYPES[dtype])
-            return
-        fd, offset, _ = where
-        pos = offset + start * size
-        lo = pos - pos % mmap.ALLOCATIONGRANULARITY
-        mm = mmap.mmap(fd, pos + n * size - lo, access=mmap.ACCESS_READ, offset=lo)
-        try:
-            view = memoryview(mm)[pos - lo:]
-            arr = np.frombuffer(view, dtype=NP_DTYPES[dtype], count=n)
-            yield arr
-            del arr
-            view.release()
-        finally:
-            with contextlib.suppress(BufferError):  # a view kept by a traceback: closed when collected
-                mm.close()
+class _Scratch:
+    """One lane's piece buffers: two raw ones (8-byte dtypes at most) and a float32 one."""
 
-    def _read(self, e: Entry, start: int, n: int):
-        fbuf, bbuf, tmp = self._bufs()
-        stack = contextlib.ExitStack()
-        f = stack.enter_context(self._raw(self.ft, e.key, e.ft_dtype, start, n, fbuf))
-        b = stack.enter_context(self._raw(self.base, e.key, e.base_dtype, start, n, bbuf))
-        return stack, f, b, tmp[:n]
+    def __init__(self):
+        self.f = np.empty(_CHUNK_ELEMENTS * 8, np.uint8)
+        self.b = np.empty(_CHUNK_ELEMENTS * 8, np.uint8)
+        self.t = np.empty(_CHUNK_ELEMENTS, np.float32)
 
-    def _compare(self, e: Entry, start: int, n: int) -> bool:
-        stack, f, b, _ = self._read(e, start, n)
-        with stack:
-            return e.ft_dtype != e.base_dtype or not np.array_equal(f.view(np.uint8), b.view(np.uint8))
 
-    def _subtract(self, e: Entry, start: int, n: int, delta) -> float:
-        """delta[start:start + n] = ft - base in float32; returns its sum of squares.
+def run_lanes(entries: list[Entry], handle: Callable[[_Scratch, Entry, Any], Any], lanes: int,
+              sizes: list[int], tick: Callable[..., Any] = lambda **kw: None) -> list:
+    """handle(scratch, entry, delta) for every entry on `lanes` threads (the caller's is the first); returns
+    the results in the order of `entries`.
 
-        Bitwise equality is not tested here: an unchanged pair has a zero delta, which the caller counts as
-        unchanged; only a pair whose difference is not finite is compared afterwards, to tell NaNs in the same
-        places (unchanged) from a real non-finite difference."""
-        stack, f, b, t = self._read(e, start, n)
-        d = delta[start:start + n]
-        with stack:
-            to_f32(f, e.ft_dtype, d)
-            to_f32(b, e.base_dtype, t)
-            np.subtract(d, t, out=d)
-        return sum_squares(d)
+    `delta` is a float32 buffer of entry.numel elements (a slot of `sizes`) for entries read whole, None for
+    the others; it is handed back to the slots when `handle` returns, so a result must not keep it. Entries
+    are claimed in order, and a lane waits for a slot that fits before claiming, so that slots are handed out
+    in order too (the largest slot always comes free). After an error, no further entry is claimed, the lanes
+    finish the entries they hold, and the error of the first failing entry in order is raised."""
+    slots = [np.empty(s, np.float32) for s in sizes]
+    free = list(range(len(slots)))
+    cond = threading.Condition()
+    out: list = [None] * len(entries)
+    errors: dict[int, BaseException] = {}
+    pos = [0]
+    stop = threading.Event()
+    ticking = threading.Lock()
 
-    def _slot(self, numel: int) -> int | None:
-        """A free slot that holds `numel` float32 values (the smallest that does), waiting for one; None when
-        stopped."""
-        with self.cond:
+    def claim():
+        with cond:
             while True:
-                fits = [i for i in self.free if self.slots[i].size >= numel]
-                if fits:
-                    i = min(fits, key=lambda j: self.slots[j].size)
-                    self.free.remove(i)
-                    return i
-                if self.stop.is_set():
+                i = pos[0]
+                if stop.is_set() or i >= len(entries):
                     return None
-                self.cond.wait(0.1)
+                if not entries[i].whole:
+                    pos[0] += 1
+                    return i, None
+                fits = [j for j in free if slots[j].size >= entries[i].numel]
+                if fits:
+                    j = min(fits, key=lambda x: slots[x].size)
+                    free.remove(j)
+                    pos[0] += 1
+                    return i, j
+                cond.wait()
 
-    def release(self, delta) -> None:
-        """Hand a delta's slot back to the reader."""
-        if delta is None:
-            return
-        with self.cond:
-            for i, buf in enumerate(self.slots):
-                if np.shares_memory(buf, delta):
-                    self.free.append(i)
-            self.cond.notify_all()
+    def lane():
+        scratch = _Scratch()
+        while (c := claim()) is not None:
+            i, j = c
+            e = entries[i]
+            try:
+                out[i] = handle(scratch, e, None if j is None else slots[j][:e.numel])
+                with ticking:
+                    tick(advance=1)
+            except BaseException as exc:  # raised in the caller's thread, in entry order
+                with cond:
+                    errors[i] = exc
+                    stop.set()
+                    cond.notify_all()
+                return
+            finally:
+                if j is not None:
+                    with cond:
+                        free.append(j)
+                        cond.notify_all()
 
-    def _produce(self):
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for e in self.entries:
-                spans = [(a, min(_CHUNK_ELEMENTS, e.numel - a)) for a in range(0, e.numel, _CHUNK_ELEMENTS)]
-                if not e.whole:
-                    yield e, None, any(pool.map(lambda p: self._compare(e, *p), spans)), None
-                    continue
-                i = self._slot(e.numel)
-                if i is None:
-                    return
-                delta = self.slots[i][:e.numel]
-                E = math.fsum(pool.map(lambda p: self._subtract(e, *p, delta), spans))  # in piece order
-                if not math.isfinite(E) and not any(pool.map(lambda p: self._compare(e, *p), spans)):
-                    self.release(delta)
-                    yield e, None, False, None  # NaN or Inf in the same places of both: unchanged
-                    continue
-                yield e, delta, True, E
+    threads = [threading.Thread(target=lane, name=f"loratool-extract-lane-{n}", daemon=True)
+               for n in range(1, max(1, lanes))]
+    for t in threads:
+        t.start()
+    try:
+        lane()
+        for t in threads:
+            t.join()
+    except BaseException:  # an interrupt: the other lanes finish the pairs they hold, then stop
+        stop.set()
+        with cond:
+            cond.notify_all()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[min(errors)]
+    return out
 
-    def __iter__(self):
-        if len(self.slots) < 2:
-            return self._produce()
-        return read_ahead(self._produce, self.stop)
+
+# ---- reading a pair ---------------------------------------------------------------------------------------------
+
+def _raw(src, key: str, dtype: str, start: int, n: int, buf: np.ndarray) -> np.ndarray:
+    """Elements [start, start + n) of a tensor as raw numpy values, read into `buf`."""
+    raw = buf[:n * np.dtype(NP_DTYPES[dtype]).itemsize]
+    src.read_bytes_into(key, memoryview(raw), start)
+    return raw.view(NP_DTYPES[dtype])
+
+
+def _spans(numel: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(step, numel - a)) for a in range(0, numel, step)]
+
+
+def _changed(ft, base, e: Entry, s: _Scratch) -> bool:
+    """Whether the pair differs bitwise (a dtype change counts as a change), compared piece by piece."""
+    if e.ft_dtype != e.base_dtype:
+        return True
+    for a, n in _spans(e.numel, _CHUNK_ELEMENTS):
+        f = _raw(ft, e.key, e.ft_dtype, a, n, s.f)
+        b = _raw(base, e.key, e.base_dtype, a, n, s.b)
+        if not np.array_equal(f.view(np.uint8), b.view(np.uint8)):
+            return True
+    return False
+
+
+def first_sketch(e: Entry, opts: ExtractOptions) -> int | None:
+    """Columns of the first randomized sketch of this matrix, or None when its SVD is exact."""
+    m, n = e.matrix_shape
+    k = _fixed_rank(opts)
+    kk = min(k if k is not None else ENERGY_START_RANK, m, n)
+    l = sketch_size(kk, m, n, opts.oversample)
+    return None if prefers_exact(l, m, n) else l
+
+
+def _subtract(ft, base, e: Entry, delta: np.ndarray, s: _Scratch, opts: ExtractOptions, sketch: bool = True):
+    """delta = ft - base in float32, piece by piece; returns (||delta||^2, Y) with Y = M @ Omega, the first
+    sketch of the matrix view M (formed on the pieces while they are in cache), or None where the pieces are
+    not whole rows of M (transposed layouts, rows longer than a piece) or the SVD will be exact.
+
+    The energy is summed in piece order (float64). Bitwise equality is not tested here: an unchanged pair
+    has a zero delta, which the caller counts as unchanged."""
+    Y = omega = None
+    step = _CHUNK_ELEMENTS
+    if sketch and e.role == "matrix" and e.layout in ("linear", "conv"):
+        m, n = e.matrix_shape
+        l = first_sketch(e, opts) if n <= _CHUNK_ELEMENTS else None
+        if l is not None:
+            omega = gaussian_sketch(n, l, seed_for(opts.seed, e.key))  # the one randomized_svd would draw
+            Y = np.empty((m, l), np.float32)
+            step = (_CHUNK_ELEMENTS // n) * n
+    energy = 0.0
+    for a, n_el in _spans(e.numel, step):
+        d = delta[a:a + n_el]
+        to_f32(_raw(ft, e.key, e.ft_dtype, a, n_el, s.f), e.ft_dtype, d)
+        t = s.t[:n_el]
+        to_f32(_raw(base, e.key, e.base_dtype, a, n_el, s.b), e.base_dtype, t)
+        np.subtract(d, t, out=d)
+        energy += sum_squares(d)
+        if Y is not None:
+            rows = d.reshape(-1, omega.shape[0])  # (rows, n) @ (n, l) -> (rows, l)
+            r0 = a // omega.shape[0]
+            np.matmul(rows, omega, out=Y[r0:r0 + rows.shape[0]])
+    return energy, Y
 
 
 def _view(e: Entry, flat: np.ndarray) -> np.ndarray:
@@ -171,26 +229,27 @@ def _view(e: Entry, flat: np.ndarray) -> np.ndarray:
     return W.reshape(e.matrix_shape)
 
 
-def factorize(M: np.ndarray, e: Entry, E: float, opts: ExtractOptions) -> _Factors:
-    """Top singular triplets of the matrix view M (m, n), enough for the rank rule (see ops.extract_torch)."""
+# ---- factorising --------------------------------------------------------------------------------------------------
+
+def factorize(M: np.ndarray, e: Entry, E: float, opts: ExtractOptions, Y: np.ndarray | None = None) -> _Factors:
+    """Top singular triplets of the matrix view M (m, n), enough for the rank rule (see ops.extract_torch).
+    `Y`: the first sketch M @ Omega when already formed (see _subtract)."""
     m, n = M.shape
     seed = seed_for(opts.seed, e.key)
-    k = _fixed_rank(opts)
-    if k is not None:
-        k = min(k, m, n)
-        l = sketch_size(k, m, n, opts.oversample)
-        if prefers_exact(l, m, n):
-            return _Factors(e, *exact_svd(M), E, "exact")
-        return _Factors(e, *randomized_svd(M, l, seed, _p(opts)), E, "randomized")
+    l = first_sketch(e, opts)
+    if l is None:
+        return _Factors(e, *exact_svd(M), E, "exact")
+    if _fixed_rank(opts) is not None:
+        return _Factors(e, *randomized_svd(M, l, seed, _p(opts), Y=Y), E, "randomized")
     kk = min(ENERGY_START_RANK, m, n)
     while True:  # adaptive ranks: grow the sketch x4 until the rule is decided
-        l = sketch_size(kk, m, n, opts.oversample)
-        if prefers_exact(l, m, n):
-            return _Factors(e, *exact_svd(M), E, "exact")
-        U, S, Vh = randomized_svd(M, l, seed, _p(opts))
+        U, S, Vh = randomized_svd(M, l, seed, _p(opts), Y=Y)
         if _select(S, E, opts, complete=False) is not None:
             return _Factors(e, U, S, Vh, E, "randomized")
         kk *= 4
+        l, Y = sketch_size(kk, m, n, opts.oversample), None
+        if prefers_exact(l, m, n):
+            return _Factors(e, *exact_svd(M), E, "exact")
 
 
 def _cast(x: np.ndarray, dtype: str) -> HostTensor:
@@ -222,6 +281,41 @@ def residual_squares(M: np.ndarray, B: np.ndarray, A: np.ndarray) -> float:
     return residual_squares_by_rows(M, B, A, sum_squares, _CHUNK_ELEMENTS)
 
 
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+def _pair(ft, base, opts: ExtractOptions, names, budget: bool):
+    """The lanes' work on one pair: returns what becomes of it, as (kind, value) with kind one of
+    "unchanged", "listed" (value: the not_extracted record), "full" (a Target), "done" ((B, A, report)) and
+    "pending" (factors for the global budget)."""
+
+    def handle(s: _Scratch, e: Entry, delta):
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite deltas are refused by name below
+            if delta is None:
+                listed: list[dict] = []
+                fate = triage(e, _changed(ft, base, e, s), listed)
+                return ("unchanged", None) if fate == "unchanged" else ("listed", listed[0])
+            E, Y = _subtract(ft, base, e, delta, s, opts)
+            if not math.isfinite(E) and not _changed(ft, base, e, s):
+                return "unchanged", None  # NaN or Inf in the same places of both
+            if E == 0.0:  # bitwise equal, or numerically (-0.0 and 0.0, a dtype change)
+                return "unchanged", None
+            _check_finite(e, E, names)
+            if e.role == "full":
+                d = _cast(delta.reshape(e.shape), OUT_DTYPES[opts.dtype])
+                err = math.sqrt(sum_squares(d.float32().reshape(-1) - delta) / E)
+                return "full", full_target(e, d, E, err)
+            M = _view(e, delta)
+            f = factorize(M, e, E, opts, Y)
+            if budget:  # keep the cap's triplets; the global budget picks the ranks at the end
+                kcap = min(_fixed_rank(opts), *e.matrix_shape)
+                f.U, f.S, f.Vh = np.array(f.U[:, :kcap]), np.array(f.S[:kcap]), np.array(f.Vh[:kcap])
+                return "pending", f
+            k = min(opts.rank, *e.matrix_shape) if opts.rank is not None else _select(f.S, E, opts, complete=True)
+            return "done", finish(f, k, opts, M)
+
+    return handle
+
+
 def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
     """The numpy route of ops.extract.extract: returns (done, full targets, not extracted, unchanged, dropped)."""
     full_targets: list[Target] = []
@@ -230,49 +324,34 @@ def run(ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
     not_extracted: list[dict] = []
     unchanged = 0
     budget = opts.max_params is not None
-
-    reader = _Reader(ft, base, entries)
-    with np.errstate(over="ignore", invalid="ignore"):  # non-finite deltas are refused by name below
-        for e, Mf, changed, E in reader:
-            try:
-                tick(advance=1)
-                fate = triage(e, changed, not_extracted)
-                if fate == "unchanged":
-                    unchanged += 1
-                if fate is not None:
-                    continue
-                _check_finite(e, E, names)
-                if E == 0.0 or e.role == "full":
-                    if E > 0.0:
-                        delta = _cast(Mf.reshape(e.shape), OUT_DTYPES[opts.dtype])
-                        err = math.sqrt(sum_squares(delta.float32().reshape(-1) - Mf) / E)
-                        full_targets.append(full_target(e, delta, E, err))
-                    else:  # bitwise different, numerically equal (-0.0 and 0.0, or a dtype change)
-                        unchanged += 1
-                    continue
-                M = _view(e, Mf)
-                f = factorize(M, e, E, opts)
-                if budget:  # keep the cap's triplets; the global budget picks the ranks at the end
-                    kcap = min(_fixed_rank(opts), *e.matrix_shape)
-                    f.U, f.S, f.Vh = np.array(f.U[:, :kcap]), np.array(f.S[:kcap]), np.array(f.Vh[:kcap])
-                    pending.append(f)
-                    continue
-                k = min(opts.rank, *e.matrix_shape) if opts.rank is not None else _select(f.S, E, opts, complete=True)
-                done[e.key] = finish(f, k, opts, M)
-            finally:
-                reader.release(Mf)  # the slot goes back to the read-ahead
+    lanes, per_lane = lane_plan()
+    with blas_threads.limit(per_lane) if per_lane else contextlib.nullcontext():
+        outcomes = run_lanes(entries, _pair(ft, base, opts, names, budget), lanes, slot_sizes(entries, lanes), tick)
+        for e, (kind, value) in zip(entries, outcomes):
+            if kind == "unchanged":
+                unchanged += 1
+            elif kind == "listed":
+                not_extracted.append(value)
+            elif kind == "full":
+                full_targets.append(value)
+            elif kind == "pending":
+                pending.append(value)
+            else:
+                done[e.key] = value
 
         dropped: list[str] = []
         if budget:
             redo, dropped = budget_finish(pending, opts, done, not_extracted, finish)
             if redo:  # re-read the pairs whose error must be measured on the final (clamped or cast) factors
                 by_key = {f.entry.key: (f, k) for f, k in redo}
-                again = _Reader(ft, base, [f.entry for f, _ in redo], ahead=False)
-                for e, Mf, _, _ in again:
+                again = [f.entry for f, _ in redo]
+
+                def measure(s: _Scratch, e: Entry, delta):
                     f, k = by_key[e.key]
-                    done[e.key] = finish(f, k, opts, _view(e, Mf))
-                    again.release(Mf)
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        _subtract(ft, base, e, delta, s, opts, sketch=False)
+                        return finish(f, k, opts, _view(e, delta))
+
+                for e, value in zip(again, run_lanes(again, measure, lanes, slot_sizes(again, lanes))):
+                    done[e.key] = value
     return done, full_targets, not_extracted, unchanged, dropped
-
-
-__all__ = ["run", "factorize", "finish", "residual_squares"]

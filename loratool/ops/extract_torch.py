@@ -8,7 +8,9 @@ and returned on the CPU as torch tensors. The numerics are those of the module d
 from __future__ import annotations
 
 import math
+import queue
 import threading
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from ..adapter import Target
 from ..container import torch_dtype
 from .extract import (ENERGY_START_RANK, OUT_DTYPES, Entry, ExtractOptions, _check_finite, _Factors, _fixed_rank, _p,
                       _select, budget_finish, factor_report, full_target, overflow_error,
-                      read_ahead, residual_squares_by_rows, triage)
+                      residual_squares_by_rows, triage)
 from .linalg import from_base_layout
 from .svd import exact_svd, prefers_exact, quantile, randomized_svd, resolve_device, seed_for, \
     sketch_size
@@ -85,6 +87,45 @@ class _Arena:
             if not self.live:
                 self.head = 0
             self.cond.notify_all()
+
+
+def read_ahead(produce: Callable[[], Any], stop: threading.Event, depth: int = 1):
+    """Iterate `produce()` (a generator function) in a thread, up to `depth` items ahead of the caller.
+
+    An exception in the thread is raised in the caller's. Leaving the loop early sets `stop`, which `produce`
+    checks wherever it may wait, and joins the thread.
+    """
+    out: queue.Queue = queue.Queue(maxsize=depth)
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run() -> None:
+        try:
+            for item in produce():
+                put(item)
+            put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            put(exc)
+
+    thread = threading.Thread(target=run, name="loratool-extract-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _Reader:

@@ -136,13 +136,15 @@ def _thin_svd_wide(P: np.ndarray):
     return Ur, S, Vrh @ Q2.T  # (l, l) @ (l, n) -> (l, n)
 
 
-def randomized_svd(M: np.ndarray, l: int, seed: int, n_iter: int = DEFAULT_POWER_ITERATIONS):
+def randomized_svd(M: np.ndarray, l: int, seed: int, n_iter: int = DEFAULT_POWER_ITERATIONS,
+                   Y: np.ndarray | None = None):
     """Approximate top-l SVD of M (m, n) float32 by randomized subspace iteration (Halko et al. 2011, 4.4).
 
     Args:
         M: (m, n) float32; may be a transposed view.
         l: sketch columns (target rank plus oversampling), 1 <= l <= min(m, n).
         seed: see `seed_for`. n_iter: power iterations, each by M^T then M, re-orthonormalised.
+        Y: the first sketch M @ gaussian_sketch(n, l, seed) (m, l) when the caller has formed it already.
     Returns:
         U (m, l), S (l,) descending, Vh (l, n), float32, U and Vh orthonormal; U = Q Ub with Q an orthonormal
         basis of the sketch, so ||M - U_j diag(S_j) Vh_j||_F^2 = ||M||_F^2 - sum S[:j]^2 for every j.
@@ -150,7 +152,8 @@ def randomized_svd(M: np.ndarray, l: int, seed: int, n_iter: int = DEFAULT_POWER
     m, n = M.shape
     if not 1 <= l <= min(m, n):
         raise ValueError(f"randomized_svd: sketch size {l} outside 1..{min(m, n)}")
-    Y = M @ gaussian_sketch(n, l, seed)  # (m, n) @ (n, l) -> (m, l)
+    if Y is None:
+        Y = M @ gaussian_sketch(n, l, seed)  # (m, n) @ (n, l) -> (m, l)
     # M^T Q is formed as (Q^T M)^T: numpy's BLAS runs Q^T @ M about 1.35x faster than M.T @ Q.
     for _ in range(n_iter):
         Z = _normalize((_normalize(Y).T @ M).T)  # (l, m) @ (m, n) -> (l, n), seen as (n, l)
