@@ -6,7 +6,7 @@ svd   On the matrix shapes of an 8B Llama (4096x4096 q/o, 1024x4096 k/v, 14336x4
       exp(-i/16) plus Gaussian noise of half the signal's Frobenius norm (noise is 20% of the energy).
       Times `torch.linalg.svd(ΔW, full_matrices=False)` (what kohya, PEFT and mergekit run) once per shape,
       and loratool's `randomized_svd` as extract's CPU route runs it (numpy, ops/svd_host.py; sketch 2k,
-      2 power iterations) at ranks 16
+      extract's default power iterations unless --power-iterations) at ranks 16
       and 64 (median of 3). Reports the time ratio and the ratio of each method's relative Frobenius error
       (measured on the truncated factors, float64 sums) to the Eckart-Young optimum (from the full SVD).
 e2e   The merge benchmark's synthetic ~1.1B Llama (benchmarks/merge.py builds it, cached) as the base, and a
@@ -15,6 +15,11 @@ e2e   The merge benchmark's synthetic ~1.1B Llama (benchmarks/merge.py builds it
       `cp -r base out` and `python -m loratool extract ft base --rank 16 -o out.safetensors -q`, with peak
       RSS from /usr/bin/time.
 
+lanes (`--lanes`) GFLOP/s of the thin products on one thread, on all threads, and one per core side by
+      side: why the CPU route runs one pair per core (ops/extract_host.py).
+variants (`--variants`) error ratios of cheaper sketch variants (three passes, k + 8, block Krylov).
+breakdown (`--breakdown`) the lanes reading alone, reading and factorising, and the whole extraction, in
+      process.
 set   (`--set cuda`) the whole 8B set, 224 matrices, through the batched randomized SVD as
       `extract --device cuda` runs it; compute time only.
 
@@ -257,6 +262,97 @@ def breakdown(work: Path) -> dict:
     return res
 
 
+def bench_lanes(reps: int = 10) -> list[dict]:
+    """Why extract's CPU route runs one pair per core: GFLOP/s of the thin products of a rank-16 sketch (M by
+    32 columns, both directions: M @ Z and Q^T @ M) with numpy's BLAS on one thread, on all threads, and as
+    one single-threaded product per core side by side (ops/extract_host.py's lanes), for a q_proj-sized and
+    an up_proj-sized M of the 1.1B model."""
+    import threading
+
+    import numpy as np
+
+    from loratool.ops import blas_threads
+
+    cores = len(os.sched_getaffinity(0))
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, n in ((2048, 2048), (5632, 2048)):
+        work = [(rng.standard_normal((m, n), dtype=np.float32), rng.standard_normal((n, 32), dtype=np.float32),
+                 rng.standard_normal((32, m), dtype=np.float32)) for _ in range(cores)]
+        flop = 2 * 2 * m * n * 32 * reps
+
+        def products(M, Z, Qt):
+            for _ in range(reps):
+                M @ Z
+                Qt @ M
+
+        def rate(fn, streams):
+            fn()
+            t = time.perf_counter()
+            fn()
+            return round(streams * flop / (time.perf_counter() - t) / 1e9, 1)
+
+        def side_by_side():
+            ts = [threading.Thread(target=products, args=w) for w in work]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+
+        row = {"shape": f"{m}x{n}", "cores": cores, "all_threads_gflops": rate(lambda: products(*work[0]), 1)}
+        with blas_threads.limit(1):
+            row["one_thread_gflops"] = rate(lambda: products(*work[0]), 1)
+            row["one_per_core_side_by_side_gflops"] = rate(side_by_side, cores)
+        rows.append(row)
+    return rows
+
+
+def bench_variants(ranks=RANKS) -> list[dict]:
+    """Error ratios to the optimum of sketch variants cheaper than extract's (4 passes over M, sketch 2k),
+    on two of the 8B shapes (spectrum as --svd; the optimum from float64 eigenvalues of the small Gram):
+    three passes (the basis Z after one half iteration, then M Z Z^T), a sketch of k + 8 columns, and block
+    Krylov ([Q0, M M^T Q0] with l = 1.5k, then the projection: 5 passes of l columns)."""
+    import numpy as np
+
+    from loratool.ops import svd_host as sh
+
+    def three_passes(M, l, seed):
+        m, n = M.shape
+        Zt = np.random.default_rng(seed).standard_normal((l, m), dtype=np.float32) @ M  # (l, n)
+        Z = sh._normalize(Zt.T)
+        Q = sh._orth(M @ Z)
+        Ub, S, Vh = sh._thin_svd_wide(Q.T @ M)
+        return S
+
+    def block_krylov(M, l, seed):
+        Q0 = sh._orth(M @ sh.gaussian_sketch(M.shape[1], l, seed))
+        K = sh._orth(np.hstack([Q0, M @ sh._normalize((Q0.T @ M).T)]))
+        return sh._thin_svd_wide(K.T @ M)[1]
+
+    rows = []
+    for si, (m, n) in enumerate([(1024, 4096), (4096, 4096)]):
+        M = spectrum_matrix(m, n, seed=si).numpy()
+        M64 = M.astype(np.float64)
+        E = float((M64 ** 2).sum())
+        ev = np.sort(np.linalg.eigvalsh(M64 @ M64.T if m <= n else M64.T @ M64))[::-1]
+        del M64
+        for k in ranks:
+            opt = math.sqrt(max(E - ev[:k].sum(), 0.0) / E)
+
+            def ratio(S):
+                return round(math.sqrt(max(E - float((S[:k].astype(np.float64) ** 2).sum()), 0.0) / E) / opt, 5)
+
+            seed = sh.seed_for(0, f"{m}x{n}")
+            row = {"shape": f"{m}x{n}", "rank": k,
+                   "default": ratio(sh.randomized_svd(M, 2 * k, seed)[1]),
+                   "three_passes": ratio(three_passes(M, 2 * k, seed)),
+                   "sketch_k_plus_8": ratio(sh.randomized_svd(M, k + 8, seed)[1]),
+                   "block_krylov_1.5k": ratio(block_krylov(M, k + k // 2, seed))}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--svd", action="store_true", help="randomized vs full SVD on 8B-Llama shapes")
@@ -267,6 +363,8 @@ def main():
     ap.add_argument("--work", type=Path, default=Path("/tmp/loratool-bench"))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--breakdown", action="store_true", help="time import, reader and in-process extract")
+    ap.add_argument("--lanes", action="store_true", help="thin-product GFLOP/s: one thread, all, one per core")
+    ap.add_argument("--variants", action="store_true", help="error ratios of cheaper sketch variants")
     ap.add_argument("--set", dest="set_device", help="time the whole 8B set (224 matrices) on this device")
     ap.add_argument("--layers", type=int, default=32, help="layers in --set (32 for 8B)")
     a = ap.parse_args()
@@ -280,6 +378,10 @@ def main():
         res["e2e"] = bench_e2e(a.work, a.rounds, a.e2e_power_iterations)
     if a.breakdown:
         res["breakdown"] = breakdown(a.work)
+    if a.lanes:
+        res["lanes"] = bench_lanes()
+    if a.variants:
+        res["variants"] = bench_variants()
     if a.set_device:
         res["set"] = bench_set(a.set_device, a.layers)
     res["load_after"] = os.getloadavg()[0]

@@ -2,14 +2,14 @@
 
 extract's CPU route factorises several matrices at once, one per thread ("lanes", ops/extract_host.py). Each
 lane then wants its products on one core: a BLAS that also spreads every product over all cores runs
-lanes x cores threads on the cores, and the thin products of a randomized SVD are the ones that gain least
-from more threads (on the 2-core machine of benchmarks/README.md, one 2048 x 2048 by 32 product runs at
-37 GFLOP/s on one core and at 46-57 on two; two of them, one per core, at 60-71 together).
+lanes x cores threads on the cores. And two thin products side by side, one per core, run at least as fast
+as one on all cores (benchmarks/README.md, `extract.py --lanes`: a 2048 x 2048 by 32 product runs at 36-48
+GFLOP/s on one core and 58-70 on two; two of them side by side at 59-83 together).
 
 numpy does not say which BLAS it links, so the library is found among those the process has loaded
 (/proc/self/maps on Linux, numpy's own wheel folder elsewhere) and asked by its own names: OpenBLAS
 (numpy's wheels: `scipy_openblas_*64_`, or a system `openblas_*`) or MKL (conda's numpy). Anything else (Apple's
-Accelerate, BLIS) gives `None`, and the caller runs one lane.
+Accelerate, BLIS) makes `controllable()` False, and the caller runs one lane.
 """
 
 from __future__ import annotations

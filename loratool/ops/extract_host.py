@@ -3,17 +3,17 @@
 Lanes: the pairs are taken in order by one thread per core (at most MAX_LANES), each of which reads its pair
 and factorises it, with numpy's BLAS held to one thread per lane (ops/blas_threads.py), so that each core
 runs one product at a time: no core runs a reader and a product together, no BLAS thread waits for another.
-On the 2-core machine of benchmarks/README.md this is 1.5x faster end to end than one reader thread beside
-products spread over both cores. The main thread is the first lane; where the BLAS's threads cannot be set,
-there is one lane and the BLAS keeps its own threads.
+On the 2-core machine of benchmarks/README.md this is about 1.5x faster end to end than one reader thread
+beside products spread over both cores. The main thread is the first lane; where the BLAS's threads cannot
+be set, there is one lane and the BLAS keeps its own threads.
 
 A lane reads a pair in pieces of about _CHUNK_ELEMENTS elements (pread into the lane's buffers; a mapping
 of the file would cost each lane page faults and TLB shootdowns), widens both to float32, subtracts into a
 delta buffer and sums the squares while the piece is in the cache. For a randomized SVD of a row-major
 matrix view, the pieces are whole rows and the first sketch M @ Omega is formed piece by piece there too, so
 that the delta is read from memory once less. Delta buffers come from a fixed set of slots (the largest
-delta, and one of at most LANE_SLOT_BYTES, or of the size most pairs need, per further lane), handed out in
-the order of the pairs, so that peak memory is bounded and the run cannot starve. Every pair's result
+delta, and one of LANE_SLOT_BYTES or of the size most pairs need, whichever is larger, per further lane),
+handed out in the order of the pairs, so that peak memory is bounded and the run cannot starve. Every pair's result
 depends on that pair alone, and results are gathered in the order of the pairs: the output does not depend
 on the number of lanes. Errors too: when pairs fail, the first failing pair in order is the one reported.
 
