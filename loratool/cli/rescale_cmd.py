@@ -57,7 +57,7 @@ def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet, *
 
     opts = reader_options_of(reader)
     check_output(output, [path, opts["base"]], overwrite)
-    adapter = load_adapter(path, **opts)
+    adapter = load_adapter(path, flags={"alpha": "--lora-alpha"}, **opts)
     with Progress("rescale", total=len(adapter), enabled=not (quiet or json_)) as progress:
         res = run(adapter, scale=scale, alpha=alpha, rank=rank, energy=energy, progress=progress)
     nbytes = save(res.adapter, output)

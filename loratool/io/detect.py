@@ -60,7 +60,7 @@ def accepted_options(dialect: str) -> set[str]:
     return set(inspect.signature(importlib.import_module(DIALECTS[dialect]).load).parameters) - {"path"}
 
 
-def load_adapter(path, *, dialect: str | None = None, strict: bool = True, **options):
+def load_adapter(path, *, dialect: str | None = None, strict: bool = True, flags: dict | None = None, **options):
     """Read an adapter of any supported dialect into the in-memory model.
 
     Args:
@@ -69,6 +69,8 @@ def load_adapter(path, *, dialect: str | None = None, strict: bool = True, **opt
         options: dialect-specific options (for example `base` for kohya names, `alpha` for loralib).
         strict: refuse a set option the dialect does not take (False drops it: for commands reading several
             adapters of different dialects, which check that some input takes each option).
+        flags: the command-line flag of an option where it is not "--" + its name (rescale's --lora-alpha),
+            for the refusal's message.
     Raises:
         SpecError, FileError, UnsupportedError: as the dialect's reader says.
     """
@@ -80,6 +82,6 @@ def load_adapter(path, *, dialect: str | None = None, strict: bool = True, **opt
     accepted = accepted_options(name)
     extra = [k for k, v in options.items() if k not in accepted and v not in (None, False, (), [])]
     if extra and strict:
-        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
-        raise UnsupportedError(f"{path}: is a {name} adapter, which does not take {flags}; drop the option")
+        named = ", ".join((flags or {}).get(k, "--" + k.replace("_", "-")) for k in sorted(extra))
+        raise UnsupportedError(f"{path}: is a {name} adapter, which does not take {named}; drop the option")
     return importlib.import_module(DIALECTS[name]).load(path, **{k: v for k, v in options.items() if k in accepted})
