@@ -192,7 +192,7 @@ def timed(cmd: list[str]) -> tuple[float, int, str]:
     return wall, rss, r.stderr
 
 
-def bench_e2e(work: Path, rounds: int, power_iterations: int | None = None) -> dict:
+def bench_e2e(work: Path, rounds: int, power_iterations: int | None = None, device: str = "cpu") -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import merge  # the merge benchmark's model builder (shared cache)
 
@@ -207,7 +207,8 @@ def bench_e2e(work: Path, rounds: int, power_iterations: int | None = None) -> d
         subprocess.run(["sync"])
         cps.append(timed(["cp", "-r", str(base), str(out_cp)])[:2])
         subprocess.run(["sync"])
-        extra = [] if power_iterations is None else ["--power-iterations", str(power_iterations)]
+        extra = ([] if power_iterations is None else ["--power-iterations", str(power_iterations)]) + \
+            ([] if device == "cpu" else ["--device", device])
         wall, rss, err = timed([PY, "-m", "loratool", "extract", str(ft), str(base), "--rank", "16", "-o", str(out),
                                 "-q", "--json", *extra])
         runs.append((wall, rss))
@@ -224,7 +225,7 @@ def bench_e2e(work: Path, rounds: int, power_iterations: int | None = None) -> d
             "ratio_to_cp": round(ex_med / cp_med, 2), "peak_rss_gib": round(max(r for _, r in runs) / 2**30, 3),
             "targets": info["targets"], "parameters": info["parameters"], "rel_error": round(info["rel_error"], 5),
             "energy": round(info["energy"], 5), "not_extracted": len(info["not_extracted"]),
-            "power_iterations": info["power_iterations"]}
+            "power_iterations": info["power_iterations"], "device": device}
 
 
 def breakdown(work: Path) -> dict:
@@ -358,6 +359,7 @@ def main():
     ap.add_argument("--svd", action="store_true", help="randomized vs full SVD on 8B-Llama shapes")
     ap.add_argument("--e2e", action="store_true", help="end-to-end extract of the ~1.1B pair vs cp -r")
     ap.add_argument("--e2e-power-iterations", type=int, default=None, help="pass --power-iterations to the e2e extract")
+    ap.add_argument("--e2e-device", default="cpu", help="pass --device to the e2e extract")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--power-iterations", default=None, help="comma list for --svd (default: extract's default)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/loratool-bench"))
@@ -375,7 +377,7 @@ def main():
         res["svd"] = bench_svd(iterations=[int(x) for x in a.power_iterations.split(",")]
                                if a.power_iterations else None)
     if a.e2e:
-        res["e2e"] = bench_e2e(a.work, a.rounds, a.e2e_power_iterations)
+        res["e2e"] = bench_e2e(a.work, a.rounds, a.e2e_power_iterations, a.e2e_device)
     if a.breakdown:
         res["breakdown"] = breakdown(a.work)
     if a.lanes:
