@@ -6,6 +6,8 @@ import click
 
 from .options import dialect_options, reader_options_of
 
+LORA_ALPHA_FLAG = "--lora-alpha"  # loralib's --alpha, renamed here: rescale has an --alpha of its own
+
 
 @click.command()
 @click.argument("path", type=click.Path(exists=False, dir_okay=True))
@@ -20,7 +22,7 @@ from .options import dialect_options, reader_options_of
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (the per-target report).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-@dialect_options(alpha_flag="--lora-alpha")
+@dialect_options(alpha_flag=LORA_ALPHA_FLAG)
 def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet, **reader):
     """Rescale an adapter: strength exactly (--scale, --alpha) or rank optimally (--rank, --energy).
 
@@ -57,7 +59,7 @@ def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet, *
 
     opts = reader_options_of(reader)
     check_output(output, [path, opts["base"]], overwrite)
-    adapter = load_adapter(path, flags={"alpha": "--lora-alpha"}, **opts)
+    adapter = load_adapter(path, flags={"alpha": LORA_ALPHA_FLAG}, **opts)
     with Progress("rescale", total=len(adapter), enabled=not (quiet or json_)) as progress:
         res = run(adapter, scale=scale, alpha=alpha, rank=rank, energy=energy, progress=progress)
     nbytes = save(res.adapter, output)
