@@ -1,0 +1,159 @@
+"""The one device layer: where arithmetic runs, and the dozen array functions the algorithms use there.
+
+An algorithm is written once against a `Device`: on the CPU its arrays are numpy arrays (no torch import);
+with `--device cuda` they are torch tensors on the GPU, through array-api-compat's torch namespace, so the
+same lines run on both. Inputs and outputs cross the boundary as numpy arrays (`asarray`, `to_numpy`).
+
+`session(name)` is the one place a device is chosen and prepared: it resolves the name once, and on CUDA
+turns TF32 off for the call (TF32 rounds float32 products to 10 mantissa bits, so GPU results would differ
+from the CPU's) and restores the previous setting afterwards. `blas_threads(n)` limits the CPU BLAS with
+threadpoolctl for a block of code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from .errors import UnsupportedError
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where arrays live and arithmetic runs. `xp` is the array namespace (array-api-compat) of that place."""
+
+    name: str  # "cpu" or "cuda" / "cuda:N"
+    xp: Any
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.name == "cpu"
+
+    def asarray(self, x, dtype: str | None = "F32"):
+        """x (numpy or torch) as an array of this device, in `dtype` (a safetensors name; None keeps x's)."""
+        if self.is_cpu:
+            a = dtypes.as_numpy(x)
+            return a if dtype is None or a.dtype == dtypes.np_dtype(dtype) else a.astype(dtypes.np_dtype(dtype))
+        t = dtypes.to_torch(x if dtypes.is_torch(x) else np.ascontiguousarray(dtypes.as_numpy(x)))
+        t = t.to(self.name, non_blocking=False)
+        return t if dtype is None else t.to(dtypes.torch_dtype(dtype))
+
+    def to_numpy(self, x) -> np.ndarray:
+        """A numpy array (on the host) of x."""
+        return dtypes.as_numpy(x)
+
+    def empty(self, shape, dtype: str = "F32"):
+        if self.is_cpu:
+            return np.empty(shape, dtypes.np_dtype(dtype))
+        import torch
+
+        return torch.empty(shape, dtype=dtypes.torch_dtype(dtype), device=self.name)
+
+    def zeros(self, shape, dtype: str = "F32"):
+        return self.xp.zeros(shape, dtype=self._dtype(dtype), device=self._device())
+
+    def matmul(self, a, b, out=None):
+        """a @ b, written into `out` when given (no allocation in a hot loop)."""
+        if self.is_cpu:
+            return np.matmul(a, b, out=out)
+        import torch
+
+        return torch.mm(a, b, out=out) if out is not None else a @ b
+
+    def sum_squares(self, x) -> float:
+        """Σ x² in float64 (exact enough for norms of float32 data of any size)."""
+        if self.is_cpu:
+            x = np.asarray(x).reshape(-1)
+            return float(np.dot(x.astype(np.float64), x.astype(np.float64))) if x.dtype != np.float64 \
+                else float(np.dot(x, x))
+        import torch
+
+        x = x.reshape(-1).to(torch.float64)
+        return float(torch.dot(x, x))
+
+    def synchronize(self) -> None:
+        if not self.is_cpu:
+            import torch
+
+            torch.cuda.synchronize(self.name)
+
+    def _dtype(self, name: str):
+        return dtypes.np_dtype(name) if self.is_cpu else dtypes.torch_dtype(name)
+
+    def _device(self):
+        return None if self.is_cpu else self.name
+
+
+def _numpy_namespace():
+    import array_api_compat.numpy as xp
+
+    return xp
+
+
+CPU = None  # set on first use: the CPU Device
+
+
+def cpu() -> Device:
+    """The CPU device (numpy)."""
+    global CPU
+    if CPU is None:
+        CPU = Device("cpu", _numpy_namespace())
+    return CPU
+
+
+def resolve(name: str | None) -> Device:
+    """The Device for a user's `--device` value ("cpu", "cuda", "cuda:N"; None means cpu).
+
+    Raises:
+        UnsupportedError: CUDA was asked for and is not available (or the name is not a device).
+    """
+    if name in (None, "cpu"):
+        return cpu()
+    if not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise UnsupportedError(f"--device {name}: use cpu or cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UnsupportedError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    import array_api_compat.torch as xp
+
+    return Device(name, xp)
+
+
+@contextlib.contextmanager
+def session(name: str | None):
+    """Resolve `name` once and yield its Device; on CUDA, TF32 is off inside and restored on the way out."""
+    dev = resolve(name)
+    if dev.is_cpu:
+        yield dev
+        return
+    import torch
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield dev
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """Limit numpy's BLAS to `n` threads inside the block (threadpoolctl); None leaves it alone."""
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+__all__ = ["Device", "DEVICES", "cpu", "resolve", "session", "blas_threads"]
