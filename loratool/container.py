@@ -297,8 +297,10 @@ def write_file(path, tensors: dict, metadata: dict[str, str]) -> int:
     bytes written."""
     from .fsutil import atomic_file
 
+    from .dtypes import st_name
+
     def st_dtype(t):
-        return t.st_dtype if hasattr(t, "st_dtype") else dtype_name(t.dtype)
+        return t.st_dtype if hasattr(t, "st_dtype") else st_name(t.dtype)
 
     names = sorted(tensors)
     blobs = [tensor_bytes(tensors[n]) for n in names]
