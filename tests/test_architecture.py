@@ -16,7 +16,7 @@ PKG = ROOT / "loratool"
 # Layers in import order (STYLE.md section 2): a module may import only from its own layer or lower ones.
 LAYERS = [
     {"spec", "errors"},
-    {"fsutil", "container", "hostarray"},
+    {"fsutil", "container", "hostarray", "dtypes", "device"},
     {"adapter"},
     {"validation"},
     {"io", "ops"},
