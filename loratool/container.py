@@ -248,6 +248,23 @@ def read_tensor(fd: int, data_start: int, info: TensorInfo):
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
+def read_array(fd: int, data_start: int, info: TensorInfo):
+    """Read one tensor with pread into a numpy array this process owns (ml_dtypes for BF16 and FP8; no torch)."""
+    from .dtypes import from_buffer
+
+    return from_buffer(pread_exact(fd, info.nbytes, data_start + info.begin), info.dtype, info.shape)
+
+
+def read_arrays(path, hdr: Header, names=None) -> dict:
+    """Tensors of a checked header (all, or those in `names`), name -> numpy array, read with pread."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        return {name: read_array(fd, hdr.data_start, info) for name, info in hdr.tensors.items()
+                if names is None or name in names}
+    finally:
+        os.close(fd)
+
+
 def read_all(path, hdr: Header, *, host: bool = False) -> dict:
     """Every tensor of a checked header, name -> torch.Tensor (or hostarray.HostTensor with `host`: no
     torch import), read with pread."""
