@@ -48,6 +48,24 @@ class Device:
         """A numpy array (on the host) of x."""
         return dtypes.as_numpy(x)
 
+    def widen(self, V, dtype: str = "F32", out=None):
+        """Host rows V (numpy, any float dtype) as a `dtype` array of this device; on the CPU, copied into
+        `out` (a preallocated array of V's shape) when given, so a hot loop allocates nothing."""
+        if self.is_cpu and out is not None:
+            np.copyto(out, V, casting="unsafe")  # exact from F16/BF16; F64 -> F32 rounds to nearest even
+            return out
+        return self.asarray(V, dtype)
+
+    def narrow(self, X, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """X rounded once to dtype `name` (nearest even, NaN and Inf kept), on the host: into `out` when given."""
+        if self.is_cpu:
+            return X if X.dtype == dtypes.np_dtype(name) else dtypes.cast(X, name, out)
+        y = dtypes.from_torch(X.to(dtypes.torch_dtype(name)))
+        if out is None:
+            return y
+        np.copyto(out, y)
+        return out
+
     def empty(self, shape, dtype: str = "F32"):
         if self.is_cpu:
             return np.empty(shape, dtypes.np_dtype(dtype))

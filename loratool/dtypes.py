@@ -29,10 +29,13 @@ _NAMES = {dt: name for name, dt in NP_DTYPES.items()}
 
 # The largest finite value of each float dtype a merge writes: a float32 value beyond it rounds to Inf.
 # (bfloat16 rounds to nearest even, so values up to half an ulp past its max still round down to it.)
+# The values are the first that round to Inf: the largest finite value plus half its ulp (a tie rounds to
+# even, away from the largest value, whose mantissa is odd).
 FINITE_MAX = {
-    "F16": 65504.0 + 16.0,  # half an ulp (32) past 65504, exclusive, still rounds down
+    "F16": 65504.0 + 2.0 ** 4,
     "BF16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max) + 2.0 ** 119,
-    "F32": float(np.finfo(np.float32).max), "F64": float(np.finfo(np.float64).max),
+    "F32": float(np.finfo(np.float32).max) + 2.0 ** 103,
+    "F64": math.inf,
 }
 EPS = {"F16": 2.0 ** -10, "BF16": 2.0 ** -7, "F32": 2.0 ** -23, "F64": 2.0 ** -52}
 
@@ -144,9 +147,9 @@ def cast(x: np.ndarray, name: str, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def out_of_range(x: np.ndarray, name: str) -> float | None:
-    """None when every value of the float array x is finite and rounds to a finite value of dtype `name`;
-    else the largest magnitude (NaN when x holds a NaN or Inf). Two reductions, no temporary."""
-    if x.size == 0:
+    """None when every value of the float array x (numpy or torch) is finite and rounds to a finite value of
+    dtype `name`; else the largest magnitude (NaN when x holds a NaN or Inf). Two reductions, no temporary."""
+    if math.prod(x.shape) == 0:
         return None
     lo, hi = float(x.min()), float(x.max())  # NaN propagates through both
     if not (math.isfinite(lo) and math.isfinite(hi)):

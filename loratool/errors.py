@@ -18,6 +18,12 @@ class LoraToolError(Exception):
         self.findings = list(findings or [])
 
 
+class UsageError(LoraToolError):
+    """A command-line or call mistake: an option that does not apply, values that do not go together."""
+
+    exit_code = 2
+
+
 class SpecError(LoraToolError):
     """A file breaks the loratool spec or the rules of the dialect it was read as."""
 

@@ -12,9 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from ..container import (Header, TensorInfo, escape, pread_exact, pread_into, read_header, read_tensor,
-                         tensor_bytes, torch_dtype)
-from .. import spec
+from .. import dtypes, spec
+from ..container import Header, TensorInfo, escape, pread_exact, pread_into, read_array, read_header
 from ..errors import FileError, SpecError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -35,27 +34,18 @@ class BaseModel:
         raise NotImplementedError
 
     def read(self, key: str):
-        """The tensor, as a torch.Tensor the caller owns."""
+        """The tensor, as a numpy array (ml_dtypes for BF16 and FP8)."""
         raise NotImplementedError
 
     def sha256(self, key: str) -> str:
-        return hashlib.sha256(tensor_bytes(self.read(key))).hexdigest()
-
-    def read_into(self, key: str, out, start: int = 0):
-        """Copy elements [start, start + out.numel()) of the flattened tensor into `out` (1-D, same dtype).
-
-        Lets a caller stream a tensor in pieces into buffers it reuses (no allocation per read).
-        """
-        flat = self.read(key).reshape(-1)
-        out.copy_(flat[start:start + out.numel()])
-        return out
+        return hashlib.sha256(_bytes(self.read(key))).hexdigest()
 
     def read_bytes_into(self, key: str, buf, start: int = 0) -> None:
         """Fill the writable byte buffer `buf` with the little-endian bytes of the flattened tensor from element
-        `start` on (len(buf) bytes, a whole number of elements): a torch-free read into a numpy buffer."""
+        `start` on (len(buf) bytes, a whole number of elements): a read into a buffer the caller reuses."""
         t = self.read(key)
-        size = t.element_size()
-        buf[:] = tensor_bytes(t).cast("B")[start * size:start * size + len(buf)]
+        size = t.dtype.itemsize
+        buf[:] = _bytes(t)[start * size:start * size + len(buf)]
 
     def close(self) -> None:
         pass
@@ -90,7 +80,7 @@ class SafetensorsBase(BaseModel):
         return None if t is None else (t.shape, t.dtype)
 
     def read(self, key):
-        return read_tensor(self._fd, self.header.data_start, self.header.tensors[key])
+        return read_array(self._fd, self.header.data_start, self.header.tensors[key])
 
     def raw(self, key) -> bytearray:
         t = self.header.tensors[key]
@@ -98,22 +88,6 @@ class SafetensorsBase(BaseModel):
 
     def sha256(self, key):
         return hashlib.sha256(self.raw(key)).hexdigest()
-
-    def read_into(self, key, out, start: int = 0):
-        """pread elements [start, start + out.numel()) straight into `out` (1-D, contiguous, same dtype)."""
-        import torch
-
-        t = self.header.tensors[key]
-        size = out.element_size()
-        n = out.numel()
-        if out.dtype != torch_dtype(t.dtype) or not out.is_contiguous():
-            raise ValueError(f"read_into: out must be a contiguous {t.dtype} tensor, not {out.dtype}")
-        if start < 0 or start + n > t.numel:
-            raise ValueError(f"read_into: elements [{start}, {start + n}) outside tensor of {t.numel}")
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        pread_into(self._fd, view, self.header.data_start + t.begin + start * size, what=f"\"{escape(key)}\"",
-                   where=f"{self.path}: ")
-        return out
 
     def read_bytes_into(self, key, buf, start: int = 0) -> None:
         t = self.header.tensors[key]
@@ -174,9 +148,6 @@ class ShardedBase(BaseModel):
     def read(self, key):
         return self._where[key].read(key)
 
-    def read_into(self, key, out, start: int = 0):
-        return self._where[key].read_into(key, out, start)
-
     def read_bytes_into(self, key, buf, start: int = 0) -> None:
         self._where[key].read_bytes_into(key, buf, start)
 
@@ -220,13 +191,18 @@ class TorchBase(BaseModel):
         return list(self._sd)
 
     def info(self, key):
-        from ..container import dtype_name
-
         t = self._sd.get(key)
-        return None if t is None else (tuple(t.shape), dtype_name(t.dtype))
+        return None if t is None else (tuple(t.shape), dtypes.st_name(t.dtype))
 
     def read(self, key):
-        return self._sd[key]
+        return dtypes.from_torch(self._sd[key])  # a view of torch's (memory-mapped) storage, no copy
+
+
+def _bytes(a) -> memoryview:
+    """The little-endian bytes of a numpy array, flat (a view when it is contiguous)."""
+    import numpy as np
+
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
 def open_base(path) -> BaseModel:

@@ -8,9 +8,9 @@ every tensor keeps its offset: tensors nobody transforms are copied as raw bytes
 (copy_file_range), never decoded, and transformed tensors are written in place with pwrite.
 
 Reads use pread into small buffers (never mmap: a mapped shard counts every touched page in the RSS).
-Transforms are duck-typed objects with `block_rows` and `block(V, r0) -> tensor` (see ops.merge.Merger); a
-transform with `host = True` gets numpy views of the raw values and returns numpy (ops.merge_host):
-io never imports ops. torch is imported only when a tensor is transformed or a torch file is involved.
+Transforms are duck-typed objects with `block_rows` and `block(V, r0) -> array` (see ops.merge.Merger) that
+take numpy row blocks of the source (ml_dtypes for BF16) and return numpy rows of the output dtype: io never
+imports ops. torch is imported only when a torch file is read or written.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..adapter import row_spans
 from ..container import Header, TensorInfo, build_header, escape
 from ..errors import FileError, SpecError
 from ..fsutil import atomic_dir, atomic_file, check_output
-from ..hostarray import HOST_DTYPES, NP_DTYPES, from_f32, to_f32
+from .. import dtypes
 from .base import INDEX_NAME, TORCH_SUFFIXES, ShardedBase, SafetensorsBase, TorchBase, open_base
 
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call: lets a cancel or a progress update in between
@@ -303,9 +303,8 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, cancel=No
 
 
 @contextlib.contextmanager
-def _mapped(e: Entry, host: bool = False):
-    """The source tensor of `e` as a (rows, cols) view of a private read mapping of its bytes only: a torch
-    tensor, or with `host` a numpy array of its raw values (hostarray.NP_DTYPES).
+def _mapped(e: Entry):
+    """The source tensor of `e` as a (rows, cols) numpy view of a private read mapping of its bytes only.
 
     Only this tensor's pages are mapped, and only while it is being transformed, so the resident set stays
     bounded by the largest tensor rather than growing with every shard touched.
@@ -321,15 +320,8 @@ def _mapped(e: Entry, host: bool = False):
     try:
         with contextlib.suppress(AttributeError, OSError):
             mm.madvise(mmap.MADV_SEQUENTIAL)
-        view = memoryview(mm)[start - lo:]
-        if host:
-            W = np.frombuffer(view, dtype=NP_DTYPES[e.src_dtype]).reshape(e.rows_cols)
-        else:
-            import torch
-
-            from ..container import torch_dtype
-
-            W = torch.frombuffer(view, dtype=torch_dtype(e.src_dtype)).view(*e.rows_cols)
+        view = memoryview(mm)[start - lo:start - lo + t.nbytes]
+        W = dtypes.from_buffer(view, e.src_dtype, e.rows_cols)
         try:
             yield W
         finally:
@@ -344,36 +336,25 @@ def _mapped(e: Entry, host: bool = False):
 # ---- the rewriter ---------------------------------------------------------------------------------------
 
 class _Cast:
-    """The transform of a tensor that only changes dtype (under --dtype)."""
+    """The transform of a tensor that only changes dtype (under --dtype): rounded once, nearest even.
+
+    Raises (from block): NumericError when a finite value overflows the new dtype (naming the tensor).
+    """
 
     def __init__(self, entry: Entry, block_bytes: int = 1 << 22):
-        from ..container import torch_dtype
-
-        self.dtype = torch_dtype(entry.dtype)
+        self.key, self.dst = entry.key, entry.dtype
         rows, cols = entry.rows_cols
         self.block_rows = max(1, min(rows, block_bytes // max(1, cols * 4)))
 
     def block(self, V, r0):
-        return V.to(self.dtype)
+        if dtypes.is_float(self.dst) and dtypes.is_float(dtypes.dtype_of(V)):
+            big = dtypes.out_of_range(V, self.dst)
+            if big is not None and not math.isnan(big):
+                from ..errors import NumericError
 
-
-class _HostCast:
-    """_Cast on numpy arrays between float16, bfloat16 and float32 (through float32, as torch converts)."""
-
-    host = True
-
-    def __init__(self, entry: Entry, block_bytes: int = 1 << 22):
-        self.src, self.dst = entry.src_dtype, entry.dtype
-        rows, cols = entry.rows_cols
-        self.block_rows = max(1, min(rows, block_bytes // max(1, cols * 4)))
-
-    def block(self, V, r0):
-        X = np.empty(V.shape, np.float32)
-        to_f32(V, self.src, X)
-        out = np.empty(V.shape, NP_DTYPES[self.dst])
-        with np.errstate(over="ignore"):  # float32 -> float16 overflows to Inf, as torch's cast does
-            from_f32(X, self.dst, out)
-        return out
+                raise NumericError(f"tensor \"{escape(self.key)}\": value {big:.6g} overflows {self.dst}; choose "
+                                   "a wider --dtype")
+        return dtypes.cast(V, self.dst)
 
 
 class Rewriter:
@@ -387,9 +368,8 @@ class Rewriter:
     """
 
     def __init__(self, base: StreamBase, out, fmt: str, *, out_dtype: Callable[[str, str], str] | None = None,
-                 overwrite: bool = False, fsync: bool = True, workers: int | None = None, host: bool = False):
+                 overwrite: bool = False, fsync: bool = True, workers: int | None = None):
         self.base, self.out, self.fmt = base, Path(out), fmt
-        self.host = host  # casts under --dtype on numpy (no torch import) where the dtypes allow
         self.out_dtype = out_dtype or (lambda key, dt: dt)
         self.overwrite, self.fsync = overwrite, fsync
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -521,8 +501,7 @@ class Rewriter:
             for e in of.entries:
                 tf = transforms.get(e.key)
                 if tf is None and e.dtype != e.src_dtype:
-                    host = self.host and e.src is not None and {e.src_dtype, e.dtype} <= set(HOST_DTYPES)
-                    tf = _HostCast(e) if host else _Cast(e)
+                    tf = _Cast(e)
                 if tf is not None or e.src is None:
                     jobs_tf.append((fd, e, tf))  # tf None: a torch source, written from the tensor's bytes
                 else:
@@ -570,31 +549,22 @@ class Rewriter:
         osize = spec.DTYPE_SIZES[e.dtype]
         if e.nbytes == 0:
             return  # a zero-element tensor has no bytes to write
-        if e.src is None:  # torch base: the tensor is memory-mapped by torch.load
+        if e.src is None:  # torch base: the tensor is memory-mapped by torch.load, seen here through numpy
             W = self.base.read(e.key).reshape(rows, cols)
             if tf is None:
-                from ..container import tensor_bytes
-
-                pwrite_all(fd, tensor_bytes(W), e.offset)
+                pwrite_all(fd, np.ascontiguousarray(W).reshape(-1).view(np.uint8), e.offset)
                 done(e.nbytes)
                 return
             self._blocks(fd, e, tf, W, osize, done)
             return
-        host = getattr(tf, "host", False)
-        with _mapped(e, host) as W:  # (rows, cols) over the page cache: no read copy; unmapped right after
+        with _mapped(e) as W:  # (rows, cols) over the page cache: no read copy; unmapped right after
             self._blocks(fd, e, tf, W, osize, done)
             del W  # every view of the mapping must be gone before it closes
 
     def _blocks(self, fd, e: Entry, tf, W, osize: int, done) -> None:
         rows, cols = e.rows_cols
         for r0, r1 in row_spans(rows, tf.block_rows):
-            outb = tf.block(W[r0:r1], r0)
-            if isinstance(outb, np.ndarray):
-                data = np.ascontiguousarray(outb).reshape(-1).view(np.uint8)
-            else:
-                import torch
-
-                data = outb.contiguous().view(-1).view(torch.uint8).numpy()
+            data = np.ascontiguousarray(tf.block(W[r0:r1], r0)).reshape(-1).view(np.uint8)
             off = e.offset + r0 * cols * osize
             pwrite_all(fd, data, off)
             if self.fsync:
@@ -616,10 +586,10 @@ class Rewriter:
             if tf is not None:
                 rows = 1 if W.ndim == 0 else W.shape[0]
                 V = W.reshape(rows, -1)
-                blocks = [tf.block(V[a:b], a).clone() for a, b in row_spans(rows, tf.block_rows)]
-                W = torch.cat(blocks).reshape(W.shape)
-            state[key] = W
-            progress(W.numel() * W.element_size())
+                W = np.concatenate([tf.block(V[a:b], a).copy() for a, b in row_spans(rows, tf.block_rows)])
+                W = W.reshape(tuple(self.base.info(key)[0]))
+            state[key] = dtypes.to_torch(W)
+            progress(W.nbytes)
         dest = self._tmpdir / self.base.torch_base.path.name if self.fmt == "folder" else self.out
         fobj = self._stack.enter_context(atomic_file(dest, fsync=self.fsync))
         torch.save(state, fobj)

@@ -1,8 +1,9 @@
 """Merge adapters into base tensors, and take them out again: W' = W ± Σ w_i ΔW_i (FORMATS.md, "Operations").
 
-Pure math on torch tensors; no file I/O. `plan_merge` checks every adapter target against the base and
-groups the terms by base key; a `Merger` turns row blocks of one base tensor into row blocks of the merged
-tensor, so a streaming writer never holds more than a cache-sized block of float32.
+Pure math on arrays; no file I/O. `plan_merge` checks every adapter target against the base and groups the
+terms by base key; a `Merger` turns row blocks of one base tensor into row blocks of the merged tensor, so a
+streaming writer never holds more than a cache-sized block of float32. It is written once against the device
+layer (`loratool.device`): numpy on the CPU, torch on CUDA, the same lines.
 
 Coordinates. A base tensor W of shape (d0, d1, ...) is cut along its first dimension: its *row view* is
 V = W.reshape(d0, -1) (a 0-d or 1-d tensor is one column). The adapter's matrix view M (adapter.py) is
@@ -10,10 +11,12 @@ V itself for "linear" and "conv", and V^T for "fan_in_fan_out" and "embedding". 
 s·B @ A to M[rows, cols] therefore adds s·(B @ A) to V[rows, cols] (direct) or s·(B @ A)^T to
 V[cols, rows] (transposed).
 
-Arithmetic. Each delta is computed in float32 as (B @ A) then multiplied by its coefficient, added to
-the float32 base block, and the sum is cast once to the output dtype: the same operations, in the
-same order, as PEFT's unsafe `merge` (`weight.data += transpose(B @ A) * scaling`), so a single adapter
-at weight 1 reproduces PEFT's merged weights bit for bit. A float64 base is merged in float64.
+Arithmetic. Each delta is computed in float32 as (B @ A) then multiplied by its coefficient, added to the
+float32 base block, and the sum is rounded once to the output dtype (round to nearest even, ml_dtypes):
+the operations of PEFT's `merge` (`weight.data += transpose(B @ A) * scaling`) in the same order. Another
+BLAS may sum the r products of an element in another order, so a merged value can differ from PEFT's by one
+unit in the last place of the output dtype, never more (tests/test_merge.py measures it). A float64 base is
+merged in float64.
 """
 
 from __future__ import annotations
@@ -23,20 +26,19 @@ import threading
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-from .. import spec
-from ..adapter import GEMM_MIN_ROWS, Adapter, Target, block_rows_for, row_spans
-from ..container import dtype_name, escape, torch_dtype
+import numpy as np
+
+from .. import dtypes, spec
+from ..adapter import Target, block_rows_for, row_spans
+from ..container import escape
+from ..device import Device, cpu
 from ..errors import MismatchError, NumericError
-from ..hostarray import as_torch
-
-if TYPE_CHECKING:
-    import torch
 
 FLOAT_DTYPES = spec.FLOAT_DTYPES
 TRANSPOSED = ("fan_in_fan_out", "embedding")
-BLOCK_BYTES = 1 << 20  # float32 bytes of one row block: stays in L2, and ~100 us of work per torch call
+BLOCK_BYTES = 1 << 20  # float32 bytes of one row block: stays in L2 while it is widened, added and rounded
 PROBE_SEED = 0x10A7
 
 
@@ -124,215 +126,150 @@ def row_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 @dataclass
 class _Piece:
-    """One block in row-view coordinates: V[r0:r1, c0:c1] += coef * delta(rows i0:i1 of the piece).
-
-    The factors are torch tensors here; ops.merge_host's subclass holds float32 numpy arrays."""
+    """One block in row-view coordinates: V[r0:r1, c0:c1] += coef * delta(rows i0:i1 of the piece)."""
 
     r0: int
     r1: int
     c0: int
     c1: int
     coef: float
-    B: Any = None  # (n_rows_M, r): lora block
+    B: Any = None  # (n_rows_M, r): lora block, on the merger's device
     A: Any = None  # (r, n_cols_M)
     transposed: bool = False
     D: Any = None  # full delta, as the row view (rows, cols)
 
-    def delta(self, i0: int, i1: int, work: torch.Tensor) -> torch.Tensor:
+    def delta(self, dev: Device, i0: int, i1: int, work):
         """coef x the delta of V rows [i0, i1) (absolute, inside [r0, r1)) over columns [c0, c1).
 
-        `work` is scratch of at least (i1 - i0) x (c1 - c0) elements; the result may live in it.
-        The product is rounded before the scaling, as PEFT's `(B @ A) * scaling`.
+        `work` is flat scratch of at least (i1 - i0) x (c1 - c0) elements; the result lives in it. The product is
+        rounded before the scaling, as PEFT's `(B @ A) * scaling`.
         """
-        import torch
-
         a, b = i0 - self.r0, i1 - self.r0
+        n = (b - a) * (self.c1 - self.c0)
         if self.D is not None:
-            return torch.mul(self.D[a:b], self.coef, out=work[:(b - a) * (self.c1 - self.c0)].view(b - a, -1))
-        if self.transposed:
+            D = work[:n].reshape(b - a, self.c1 - self.c0)
+            D[...] = self.D[a:b]
+        elif self.transposed:
             # V rows are M columns: (n_rows_M, r) @ (r, b - a) -> (n_rows_M, b - a), then ^T, as PEFT's transpose.
-            D = torch.mm(self.B, self.A[:, a:b], out=work[:(b - a) * self.B.shape[0]].view(self.B.shape[0], b - a))
-            return (D.mul_(self.coef) if self.coef != 1.0 else D).T
-        # (b - a, r) @ (r, n_cols_M) -> (b - a, n_cols_M)
-        D = torch.mm(self.B[a:b], self.A, out=work[:(b - a) * self.A.shape[1]].view(b - a, self.A.shape[1]))
-        return D.mul_(self.coef) if self.coef != 1.0 else D
+            D = dev.matmul(self.B, self.A[:, a:b], out=work[:n].reshape(self.B.shape[0], b - a))
+        else:  # (b - a, r) @ (r, n_cols_M) -> (b - a, n_cols_M)
+            D = dev.matmul(self.B[a:b], self.A, out=work[:n].reshape(b - a, self.A.shape[1]))
+        if self.coef != 1.0:
+            D *= self.coef
+        return D.T if self.transposed else D
 
 
-def _pieces(terms: Sequence[Term], compute, device) -> list[_Piece]:
-    out = []  # factors read by the numpy route (HostTensor) are converted here
+def _pieces(terms: Sequence[Term], dev: Device, compute: str) -> list[_Piece]:
+    out = []
     for term in terms:
         t = term.target
         if t.kind == "full":
             rows, cols = row_view_shape(t.shape)
-            D = as_torch(t.delta).to(device=device, dtype=compute).reshape(rows, cols)
+            D = dev.asarray(t.delta, compute).reshape(rows, cols)
             out.append(_Piece(0, rows, 0, cols, term.weight * t.delta_scale, D=D))
             continue
         tr = t.layout in TRANSPOSED
         for b in t.blocks:
-            A = as_torch(b.A).to(device=device, dtype=compute)  # (r, n_cols_M)
-            B = as_torch(b.B).to(device=device, dtype=compute)  # (n_rows_M, r)
+            A = dev.asarray(b.A, compute)  # (r, n_cols_M)
+            B = dev.asarray(b.B, compute)  # (n_rows_M, r)
             (r0, r1), (c0, c1) = (b.cols, b.rows) if tr else (b.rows, b.cols)
-            coef = term.weight * b.scale
-            B, coef = _fold_power_of_two(B, A, coef)
-            out.append(_Piece(r0, r1, c0, c1, coef, B=B, A=A, transposed=tr))
+            out.append(_Piece(r0, r1, c0, c1, term.weight * b.scale, B=B, A=A, transposed=tr))
     return out
-
-
-def is_power_of_two(coef: float) -> bool:
-    """±2^k other than 1 (multiplying by 1 needs no pass to save)."""
-    return coef != 1.0 and math.frexp(coef)[0] in (0.5, -0.5)
-
-
-def can_fold(coef: float, b_span: tuple[float, float], a_span: tuple[float, float], rank: int) -> bool:
-    """Whether a power-of-two coefficient (alpha = 2r gives 2) can be folded into B, saving a pass per block.
-
-    Scaling by 2^k commutes with every rounding of B @ A (products, sums, FMAs) as long as no value is
-    subnormal or overflows: then (2^k B) @ A == (B @ A) * 2^k bit for bit. The fold is allowed only when the
-    factors' magnitudes rule that out: every nonzero product is at least 2^-100 (so every nonzero partial
-    sum, a multiple of its ulp, is normal) and every sum of r products stays below 2^100.
-    b_span, a_span: (smallest nonzero, largest) magnitude of B and of A.
-    """
-    if not is_power_of_two(coef):
-        return False
-    (blo, bhi), (alo, ahi) = b_span, a_span
-    small = blo * alo * min(1.0, abs(coef))
-    big = bhi * ahi * rank * max(1.0, abs(coef))
-    return math.isfinite(big) and small >= 2.0 ** -100 and big < 2.0 ** 100
-
-
-def _fold_power_of_two(B: torch.Tensor, A: torch.Tensor, coef: float) -> tuple[torch.Tensor, float]:
-    """(B * coef, 1.0) when `can_fold` allows it, else (B, coef)."""
-    import torch
-
-    if not is_power_of_two(coef) or B.dtype != torch.float32 or B.numel() == 0 or A.numel() == 0:
-        return B, coef
-
-    def span(x):  # (smallest nonzero, largest) magnitude, without a boolean-mask gather (slow)
-        a = x.abs()
-        hi = float(a.max())
-        return (float(torch.where(a > 0, a, math.inf).min()), hi) if hi > 0 else (1.0, 1.0)
-
-    if not can_fold(coef, span(B), span(A), A.shape[0]):
-        return B, coef
-    return B * coef, 1.0
 
 
 _local = threading.local()
 
 
-def _scratch(numel: int, compute, out_dtype, device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-thread scratch, grown on demand and reused across tensors: no allocation or page fault per block."""
-    import torch
-
+def _scratch(numel: int, dev: Device, compute: str, out_name: str):
+    """Per-thread buffers (rows in the compute dtype, a delta, the rounded output), grown on demand and reused
+    across tensors: no block allocates or faults in fresh pages."""
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
-    key = (compute, out_dtype, str(device))
+    key = (dev.name, compute, out_name)
     have = bufs.get(key)
-    if have is None or have[1].numel() < numel:
-        have = bufs[key] = ([torch.empty(numel, dtype=compute, device=device) for _ in range(2)],
-                            torch.empty(numel, dtype=out_dtype))
+    if have is None or have[0].shape[0] < numel:
+        have = bufs[key] = (dev.empty((numel,), compute), dev.empty((numel,), compute),
+                            np.empty(numel, dtypes.np_dtype(out_name)))
     return have
 
 
 class Merger:
     """Merge the terms of one base key into that tensor, one row block at a time.
 
-    Call `block(V, r0)` with consecutive row blocks of the base's row view (any float dtype, on any device);
-    it returns the merged rows in `out_dtype`, on the CPU. With `probe=True` it also accumulates
-    W'x and Wx for a seeded random x, and `probe_error()` compares W'x with Wx + Σ coef·B(Ax).
+    Call `block(V, r0)` with consecutive row blocks of the base's row view (numpy, any float dtype); it returns
+    the merged rows as a numpy array of `out_dtype`. With `probe=True` it also accumulates W'x and Wx for a
+    seeded random x, and `probe_error()` compares W'x with Wx + Σ coef·B(Ax).
 
     Raises (from block): NumericError naming the key when a merged value is NaN/Inf or overflows out_dtype.
     """
 
     def __init__(self, key: str, shape, base_dtype: str, terms: Sequence[Term], out_dtype: str, *,
-                 device: str = "cpu", probe: bool = False, block_bytes: int = BLOCK_BYTES):
-        import torch
-
+                 device: Device | None = None, probe: bool = False, block_bytes: int = BLOCK_BYTES):
         self.key, self.shape = key, tuple(shape)
         self.rows, self.cols = row_view_shape(self.shape)
         self.terms = list(terms)
         self.out_name = out_dtype
-        self.out_dtype = torch_dtype(out_dtype)
-        self.compute = torch.float64 if "F64" in (base_dtype, out_dtype) else torch.float32
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            # TF32 would round the factors to 10 mantissa bits; the merge must equal the CPU result.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        self.pieces = _pieces(self.terms, self.compute, self.device)
-        esize = 8 if self.compute == torch.float64 else 4
-        self.block_rows = block_rows_for(self.rows, self.cols, block_bytes, esize)
+        self.dev = device or cpu()
+        self.compute = "F64" if "F64" in (base_dtype, out_dtype) else "F32"
+        self.pieces = _pieces(self.terms, self.dev, self.compute)
+        self.block_rows = block_rows_for(self.rows, self.cols, block_bytes, 8 if self.compute == "F64" else 4)
         self.probe = probe
         if probe:
-            g = torch.Generator().manual_seed(PROBE_SEED ^ zlib.crc32(key.encode("utf-8", "surrogatepass")))
-            self._x = torch.randn(self.cols, generator=g, dtype=torch.float64)  # probe in the row view: V'x
-            self._y_new = torch.zeros(self.rows, dtype=torch.float64)
-            self._y_old = torch.zeros(self.rows, dtype=torch.float64)
+            rng = np.random.default_rng(PROBE_SEED ^ zlib.crc32(key.encode("utf-8", "surrogatepass")))
+            self._x = rng.standard_normal(self.cols)  # float64 probe in the row view: V'x
+            self._y_new = np.zeros(self.rows)
+            self._y_old = np.zeros(self.rows)
 
-    def block(self, V: torch.Tensor, r0: int) -> torch.Tensor:
-        """Merged rows [r0, r0 + len(V)) of the row view, in out_dtype on the CPU.
+    def block(self, V: np.ndarray, r0: int) -> np.ndarray:
+        """Merged rows [r0, r0 + len(V)) of the row view, in out_dtype.
 
-        The returned tensor is this thread's scratch: use it (write it out) before the next call.
+        The returned array is this thread's scratch: use it (write it out) before the next call.
         """
-        n = V.shape[0]
+        dev, n, cols = self.dev, V.shape[0], self.cols
         r1 = r0 + n
-        work, out_buf = _scratch((self.block_rows + GEMM_MIN_ROWS) * self.cols, self.compute, self.out_dtype,
-                                 self.device)
-        X = work[0][:n * self.cols].view(n, self.cols)
-        X.copy_(V)  # (n, cols): the one float32 copy of the base rows (a mixed-dtype add is slower)
+        rows_buf, work, out_buf = _scratch((self.block_rows + 64) * cols, dev, self.compute, self.out_name)
+        X = dev.widen(V, self.compute, rows_buf[:n * cols].reshape(n, cols))  # the one widened copy of the rows
+        if self.probe:
+            self._y_old[r0:r1] = dev.to_numpy(X) @ self._x  # (n, cols) @ (cols,) -> (n,), in float64
         for p in self.pieces:
             i0, i1 = max(r0, p.r0), min(r1, p.r1)
             if i0 < i1:
-                X[i0 - r0:i1 - r0, p.c0:p.c1] += p.delta(i0, i1, work[1])
-        out = out_buf[:n * self.cols].view(n, self.cols)
-        out.copy_(X)  # the one rounding to the output dtype
-        self._check(out, X, r0)
+                X[i0 - r0:i1 - r0, p.c0:p.c1] += p.delta(dev, i0, i1, work)
+        big = dtypes.out_of_range(X, self.out_name)
+        if big is not None:
+            raise nonfinite_error(self.key, r0 + _first_bad_row(dev.to_numpy(X), self.out_name), self.out_name,
+                                  None if math.isnan(big) else big)
+        out = dev.narrow(X, self.out_name, out_buf[:n * cols].reshape(n, cols))  # the one rounding
         if self.probe:
-            self._accumulate(V, out, r0)
+            self._y_new[r0:r1] = out.astype(np.float64) @ self._x
         return out
-
-    def _check(self, out: torch.Tensor, X: torch.Tensor, r0: int) -> None:
-        import torch
-
-        # One cheap reduction over the float32 block: NaN/Inf propagate into a min/max (and into a sum, which
-        # overflows only for values near the float32 limit); only a suspicious block is examined element-wise.
-        if self.out_dtype == torch.float16:
-            lo, hi = torch.aminmax(X)
-            ok = math.isfinite(float(lo)) and math.isfinite(float(hi)) and max(-float(lo), float(hi)) <= 65504.0
-        else:
-            ok = math.isfinite(float(X.sum()))
-        if ok or bool(torch.isfinite(out).all()):
-            return
-        bad = (~torch.isfinite(out)).nonzero()[0].tolist()
-        finite = bool(torch.isfinite(X).all())
-        raise nonfinite_error(self.key, r0 + bad[0], self.out_name, float(X.abs().max()) if finite else None)
-
-    def _accumulate(self, V, out, r0) -> None:
-        import torch
-
-        r1 = r0 + V.shape[0]
-        self._y_old[r0:r1] = V.to("cpu", torch.float64) @ self._x  # (rows, cols) @ (cols,) -> (rows,)
-        self._y_new[r0:r1] = out.to("cpu", torch.float64) @ self._x
 
     def probe_error(self) -> float:
         """Relative error ||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||), in float64
         (`probe_relative_error`)."""
-        import torch
-
-        return probe_relative_error(self.terms, self._y_old, self._y_new, self._x, self.rows, self.cols,
-                                    lambda t: as_torch(t).to(torch.float64))
+        return probe_relative_error(self.terms, self._y_old, self._y_new, self._x, self.rows, self.cols)
 
 
-def probe_relative_error(terms: Sequence[Term], y_old, y_new, x, rows: int, cols: int, to64) -> float:
+def _first_bad_row(X: np.ndarray, out_name: str) -> int:
+    """The first row of X holding a NaN, an Inf, or a value that overflows `out_name`."""
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(X) < dtypes.FINITE_MAX[out_name])
+    return int(np.argmax(bad.any(axis=1)))
+
+
+def probe_relative_error(terms: Sequence[Term], y_old, y_new, x, rows: int, cols: int) -> float:
     """||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||) in the row view, from y_old = Wx and
-    y_new = W'x; `to64` turns a factor or delta into a float64 array of x's kind (numpy or torch).
+    y_new = W'x (float64 numpy).
 
     In the row view a direct block adds B(A x[cols]) to rows `rows`; a transposed one (V = M^T) adds
     A^T(B^T x[rows]) to rows `cols`. Neither forms ΔW, so an orientation, scale or index mistake in the
     merged tensor shows up as a large error.
     """
-    y = y_old + 0  # a copy, of either kind
+    def to64(a):
+        return dtypes.as_numpy(a).astype(np.float64)
+
+    y = y_old.copy()
     for term in terms:
         t = term.target
         if t.kind == "full":
@@ -344,13 +281,9 @@ def probe_relative_error(terms: Sequence[Term], y_old, y_new, x, rows: int, cols
                 y[b.cols[0]:b.cols[1]] += (A.T @ (B.T @ x[b.rows[0]:b.rows[1]])) * c
             else:  # (rows_M, r) @ ((r, cols_M) @ (cols_M,)) -> (rows_M,)
                 y[b.rows[0]:b.rows[1]] += (B @ (A @ x[b.cols[0]:b.cols[1]])) * c
-
-    def norm(v) -> float:
-        return math.sqrt(float((v * v).sum()))
-
     # Relative to the larger of Wx and the expected W'x: unmerging cancels, and rounding scales with both.
-    ref = max(norm(y), norm(y_old))
-    err = norm(y_new - y)
+    ref = max(float(np.linalg.norm(y)), float(np.linalg.norm(y_old)))
+    err = float(np.linalg.norm(y_new - y))
     return err / ref if ref > 0 else err
 
 
@@ -365,26 +298,25 @@ def nonfinite_error(key: str, row: int, out_name: str, overflow: float | None) -
                         "the adapter (`loratool inspect --stats`)")
 
 
-def merge_tensor(W: torch.Tensor, key: str, terms: Sequence[Term], out_dtype: str | None = None, *,
-                 device: str = "cpu", probe: bool = False) -> tuple[torch.Tensor, float | None]:
-    """Merge `terms` into the whole tensor W (for in-memory bases and tests).
+def merge_tensor(W, key: str, terms: Sequence[Term], out_dtype: str | None = None, *,
+                 device: Device | None = None, probe: bool = False) -> tuple[np.ndarray, float | None]:
+    """Merge `terms` into the whole tensor W (numpy or torch; for in-memory bases and tests).
 
     Returns:
-        (merged tensor of W's shape in out_dtype (default W's dtype), probe relative error or None).
+        (merged numpy array of W's shape in out_dtype (default W's dtype), probe relative error or None).
     """
-    base = dtype_name(W.dtype)
+    W = dtypes.as_numpy(W)
+    base = dtypes.dtype_of(W)
     m = Merger(key, tuple(W.shape), base, terms, out_dtype or base, device=device, probe=probe)
     V = W.reshape(m.rows, m.cols)
-    import torch
-
-    blocks = [m.block(V[a:b], a).clone() for a, b in row_spans(m.rows, m.block_rows)]
-    merged = torch.cat(blocks).reshape(W.shape)
-    return merged, (m.probe_error() if probe else None)
+    merged = np.concatenate([m.block(V[a:b], a).copy() for a, b in row_spans(m.rows, m.block_rows)])
+    return merged.reshape(W.shape), (m.probe_error() if probe else None)
 
 
-def merge_state_dict(state: Mapping[str, torch.Tensor], plan: Plan, out_dtype: str | None = None, *,
-                     device: str = "cpu", probe: bool = False) -> tuple[dict, dict]:
-    """Merge a plan into an in-memory state dict. Returns (new state dict, key -> probe error)."""
+def merge_state_dict(state, plan: Plan, out_dtype: str | None = None, *, device: Device | None = None,
+                     probe: bool = False) -> tuple[dict, dict]:
+    """Merge a plan into an in-memory state dict (name -> numpy or torch). Returns (new state dict of numpy
+    arrays for the merged keys, key -> probe error)."""
     new, errors = dict(state), {}
     for key, terms in plan.terms.items():
         new[key], e = merge_tensor(state[key], key, terms, out_dtype, device=device, probe=probe)
@@ -393,5 +325,5 @@ def merge_state_dict(state: Mapping[str, torch.Tensor], plan: Plan, out_dtype: s
     return new, errors
 
 
-__all__ = ["Term", "Plan", "plan_merge", "Merger", "nonfinite_error", "can_fold", "probe_relative_error",
-           "is_power_of_two", "merge_tensor", "merge_state_dict", "row_view_shape", "FLOAT_DTYPES", "BLOCK_BYTES"]
+__all__ = ["Term", "Plan", "plan_merge", "Merger", "nonfinite_error", "probe_relative_error", "merge_tensor",
+           "merge_state_dict", "row_view_shape", "FLOAT_DTYPES", "BLOCK_BYTES"]

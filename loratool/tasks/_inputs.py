@@ -1,0 +1,31 @@
+"""Reading the adapters a task was given, each with the reader options its dialect takes."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+
+
+def load_adapters(paths, options: dict | None = None, base=None) -> list:
+    """Read several adapters of any dialects.
+
+    Args:
+        paths: adapter files or folders.
+        options: reader options the user set (see `io.detect.load_adapter`); each is handed to the inputs whose
+            dialect takes it.
+        base: a base model the task has anyway (merge's BASE), handed to every reader that takes one.
+    Raises:
+        UsageError: an option the user set is taken by none of the inputs' dialects.
+        SpecError, FileError, UnsupportedError: as the readers say.
+    """
+    from ..io.detect import accepted_options, detect, load_adapter
+
+    options = {k: v for k, v in (options or {}).items() if v not in (None, False, (), [])}
+    dialects = [detect(p) for p in paths]
+    taken = set().union(*(accepted_options(d) for d in dialects))
+    unused = sorted(k for k in options if k not in taken)
+    if unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise UsageError(f"no input is of a dialect that takes {flags}; drop the option")
+    if base is not None:
+        options["base"] = base
+    return [load_adapter(p, dialect=d, strict=False, **options) for p, d in zip(paths, dialects)]
