@@ -486,3 +486,14 @@ def test_tensor_in_two_shards_is_refused(tmp_path):
     with pytest.raises(SpecError, match=re.escape(f'"{key}" is in shard {other} but the index does not map it')):
         run_merge(base, [ad], tmp_path / "out")
     no_output(tmp_path, tmp_path / "out")
+
+
+def test_output_suffix_chooses_the_format_and_unknown_ones_are_refused(tmp_path):
+    tensors, ad, want = small_case(tmp_path)
+    write_file(tmp_path / "b.safetensors", tensors, {})
+    r = CliRunner().invoke(cli, ["merge", str(tmp_path / "b.safetensors"), str(ad), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "not as .gguf" in r.output
+    assert not (tmp_path / "m.gguf").exists()
+    s = run_merge(tmp_path / "b.safetensors", [ad], str(tmp_path / "newdir") + "/")
+    assert s.format == "folder" and sorted(p.name for p in (tmp_path / "newdir").iterdir()) == ["model.safetensors"]
+    assert_like_peft(load_st(tmp_path / "newdir" / "model.safetensors"), want)

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .. import dtypes, spec
+from .. import spec
 from ..container import Header, TensorInfo, escape, pread_exact, pread_into, read_array, read_header
 from ..errors import FileError, SpecError
 
@@ -191,11 +191,15 @@ class TorchBase(BaseModel):
         return list(self._sd)
 
     def info(self, key):
+        from ..dtypes import st_name
+
         t = self._sd.get(key)
-        return None if t is None else (tuple(t.shape), dtypes.st_name(t.dtype))
+        return None if t is None else (tuple(t.shape), st_name(t.dtype))
 
     def read(self, key):
-        return dtypes.from_torch(self._sd[key])  # a view of torch's (memory-mapped) storage, no copy
+        from ..dtypes import from_torch
+
+        return from_torch(self._sd[key])  # a view of torch's (memory-mapped) storage, no copy
 
 
 def _bytes(a) -> memoryview:

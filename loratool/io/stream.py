@@ -160,16 +160,28 @@ def open_stream(path) -> StreamBase:
 
 
 def output_format(base: StreamBase, out) -> str:
-    """"safetensors" or "torch" for a single file, "folder" for a folder mirroring the base folder.
+    """"safetensors" or "torch" for a single file, "folder" for a folder.
 
-    A name ending in .safetensors or .pt/.pth/.bin chooses that format; any other name keeps the base's:
-    a folder stays a folder (same sharding), a file stays the same kind of file.
+    The one place a model output's format is chosen: a name ending in .safetensors or .pt/.pth/.bin chooses
+    that format; a name ending in "/", or an existing folder, is a folder (holding `model.safetensors`, or the
+    base folder's files and sharding); any other name without a suffix keeps the base's kind.
+
+    Raises:
+        UsageError: the name has a suffix this writer cannot write (.gguf, .ckpt, ...).
     """
-    suffix = Path(out).suffix
-    if suffix == ".safetensors":
+    from ..errors import UsageError
+
+    text = os.fspath(out)
+    p = Path(text)
+    if text.endswith(("/", os.sep)) or p.is_dir():
+        return "folder"
+    if p.suffix == ".safetensors":
         return "safetensors"
-    if suffix in TORCH_SUFFIXES:
+    if p.suffix in TORCH_SUFFIXES:
         return "torch"
+    if p.suffix:
+        raise UsageError(f"{text}: a model is written as .safetensors, .pt/.pth/.bin or a folder, not as "
+                         f"{escape(p.suffix)}; choose one of those names")
     if base.folder is not None:
         return "folder"
     return "torch" if base.kind == "torch" else "safetensors"
@@ -243,8 +255,9 @@ def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str])
         ents = [entry(k, f, t) for k, t in sorted(f.header.tensors.items(), key=lambda kv: kv[1].begin)]
         per_file.append((f, ents))
     if fmt == "folder" or len(per_file) == 1:
-        return [_layout(f.name if fmt == "folder" else "", ents, f.header.metadata, f.raw_header)
-                for f, ents in per_file]
+        # A single-file base written as a folder holds model.safetensors, as Hugging Face names it.
+        return [_layout(("model.safetensors" if base.folder is None else f.name) if fmt == "folder" else "", ents,
+                        f.header.metadata, f.raw_header) for f, ents in per_file]
     meta = {}
     for f, _ in per_file:
         meta.update(f.header.metadata)
@@ -590,7 +603,8 @@ class Rewriter:
                 W = W.reshape(tuple(self.base.info(key)[0]))
             state[key] = dtypes.to_torch(W)
             progress(W.nbytes)
-        dest = self._tmpdir / self.base.torch_base.path.name if self.fmt == "folder" else self.out
+        name = self.base.torch_base.path.name if self.base.folder is not None else "pytorch_model.bin"
+        dest = self._tmpdir / name if self.fmt == "folder" else self.out
         fobj = self._stack.enter_context(atomic_file(dest, fsync=self.fsync))
         torch.save(state, fobj)
         fobj.flush()
@@ -599,7 +613,7 @@ class Rewriter:
 
     def commit(self) -> None:
         """Copy the base folder's other files, write the index, and move the output into place."""
-        if self.fmt == "folder":
+        if self.fmt == "folder" and self.base.folder is not None:
             self._copy_folder_files()
         self._committed = True
         self._stack.close()
