@@ -20,7 +20,7 @@ LAYERS = [
     {"adapter"},
     {"validation"},
     {"io", "ops"},
-    {"api"},
+    {"api", "tasks"},
     {"cli", "__init__", "__main__"},
 ]
 
