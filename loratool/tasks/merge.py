@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,7 +51,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
 
     Args:
         base: a .safetensors file, a .pt/.pth/.bin state dict, or a Hugging Face folder (sharded or not).
-        adapters: adapter paths of any dialect loratool reads.
+        adapters: an adapter path, or several, of any dialect loratool reads.
         output: the output file or folder; a .safetensors or .pt/.pth/.bin name picks that format, any other
             name keeps the base's.
         weights: one weight per adapter (default 1 each). scale: multiplies every weight.
@@ -82,7 +83,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     def phase(name):
         phases[name] = round(time.perf_counter() - t0, 3)
 
-    adapters = [str(p) for p in adapters]
+    adapters = [str(adapters)] if isinstance(adapters, (str, os.PathLike)) else [str(p) for p in adapters]
     out_name = _dtype_name(dtype)
     if weights is not None and len(weights) != len(adapters):
         raise UsageError(f"--weights has {len(weights)} values for {len(adapters)} adapters; give one weight per "
