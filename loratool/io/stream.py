@@ -16,8 +16,6 @@ imports ops. torch is imported only when a torch file is read or written.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -266,24 +264,14 @@ def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str])
 
 # ---- low-level writes -----------------------------------------------------------------------------------
 
-def _libc_sync_file_range():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
-
-
 def start_writeback(fd: int, offset: int, n: int) -> None:
-    """Ask the kernel to start writing [offset, offset + n) to disk now (Linux; a no-op elsewhere), so the
-    final fsync waits for little and disk writes overlap the arithmetic."""
-    if _SYNC_FILE_RANGE is not None and n > 0:
-        _SYNC_FILE_RANGE(fd, offset, n, 2)  # SYNC_FILE_RANGE_WRITE: start, do not wait
+    """Ask the kernel to start writing [offset, offset + n) to disk now, without waiting, so the final fsync
+    waits for little and disk writes overlap the arithmetic. On Linux, POSIX_FADV_DONTNEED starts the
+    writeback of the range's dirty pages and lets their clean copies go once written: the output is never
+    read back, and a model larger than the page cache does not push the inputs out of it. Elsewhere a no-op."""
+    if n > 0 and hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
