@@ -182,7 +182,7 @@ def test_cuda_without_a_gpu_is_one_error_line(files):
     d, _, _ = files
     code, _, err = run("extract", "ft.safetensors", "base.safetensors", "--rank", "2", "--device", "cuda", cwd=d)
     assert code == 7
-    assert err == "error: --device cuda: torch sees no CUDA device on this machine; use --device cpu\n"
+    assert err == "error: --device cuda: no CUDA device is available here; use --device cpu\n"  # loratool.device
 
 
 def test_gpt2_folder_config_makes_conv1d_fan_in_fan_out(tmp_path):
