@@ -6,9 +6,13 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .adapter import Adapter
 from .validation import Report, check_base, check_values, validate_header
+
+if TYPE_CHECKING:
+    from .ops.extract import ExtractResult
 
 
 def validate_file(path, base=None, read_data: bool = True) -> Report:
@@ -163,7 +167,7 @@ def extract_files(finetuned, base, *, output=None, to: str = "loratool", rank: i
                   targets=(), fan_in_fan_out=None, embeddings: bool = False, keep_full: bool = False,
                   device: str = "cpu", dtype: str | None = None, clamp_quantile: float | None = None, seed: int = 0,
                   oversample: int | None = None, power_iterations: int | None = None, overwrite: bool = False,
-                  progress=None):
+                  progress=None) -> ExtractResult:
     """Extract a LoRA adapter from a finetuned model and its base, and write it (ops/extract.py has the method).
 
     Args:

@@ -663,13 +663,17 @@ def test_randomized_svd_shapes_orthonormality_and_wide_exact_svd():
     assert rel(torch.from_numpy((U2 * S2) @ Vh2), torch.from_numpy(M.T.copy())) < F32_REL
 
 
-def test_orthonormal_basis_of_an_exactly_low_rank_sketch_falls_back_to_householder():
+def test_orthonormal_basis_of_an_exactly_low_rank_sketch_falls_back_to_householder(monkeypatch):
     """A sketch of a rank-3 matrix by 12 columns is rank-deficient: Cholesky QR fails or is not orthonormal,
     and the Householder QR still gives an orthonormal basis, so the factors are exact."""
     from loratool.ops import svd
 
+    calls = []
+    householder = svd._householder
+    monkeypatch.setattr(svd, "_householder", lambda dev, Y: calls.append(Y.shape) or householder(dev, Y))
     M = low_rank(80, 60, 3, seed=62).numpy()
     Q = svd._orth(CPU, M @ gaussian_sketch(60, 12, 1))
+    assert calls == [(80, 12)]
     assert np.abs(Q.T @ Q - np.eye(12)).max() <= svd.ORTHO_TOL
     U, S, Vh = randomized_svd(CPU, M, 12, seed_for(0, "low"))
     assert rel(torch.from_numpy((U[:, :3] * S[:3]) @ Vh[:3]), torch.from_numpy(M)) < F32_REL
