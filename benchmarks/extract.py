@@ -30,7 +30,6 @@ set   (`--set cuda`) the whole 8B set, 224 matrices, through the randomized SVD 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
