@@ -5,7 +5,7 @@ svd   On the matrix shapes of an 8B Llama (4096x4096 q/o, 1024x4096 k/v, 14336x4
       4096x14336 down), a seeded ΔW with a realistic spectrum: a rank-64 signal with singular values
       exp(-i/16) plus Gaussian noise of half the signal's Frobenius norm (noise is 20% of the energy).
       Times `torch.linalg.svd(ΔW, full_matrices=False)` (what kohya, PEFT and mergekit run) once per shape,
-      and loratool's `randomized_svd` as extract's CPU route runs it (numpy, ops/svd_host.py; sketch 2k,
+      and loratool's `randomized_svd` as extract runs it on the CPU (ops/svd.py on numpy; sketch 2k,
       extract's default power iterations unless --power-iterations) at ranks 16
       and 64 (median of 3). Reports the time ratio and the ratio of each method's relative Frobenius error
       (measured on the truncated factors, float64 sums) to the Eckart-Young optimum (from the full SVD).
@@ -16,12 +16,12 @@ e2e   The merge benchmark's synthetic ~1.1B Llama (benchmarks/merge.py builds it
       RSS from /usr/bin/time.
 
 lanes (`--lanes`) GFLOP/s of the thin products on one thread, on all threads, and one per core side by
-      side: why the CPU route runs one pair per core (ops/extract_host.py).
+      side: why extract runs one pair per core (ops/extract_run.py).
 variants (`--variants`) error ratios of cheaper sketch variants (three passes, k + 8, block Krylov).
 breakdown (`--breakdown`) the lanes reading alone, reading and factorising, and the whole extraction, in
       process.
-set   (`--set cuda`) the whole 8B set, 224 matrices, through the batched randomized SVD as
-      `extract --device cuda` runs it; compute time only.
+set   (`--set cuda`) the whole 8B set, 224 matrices, through the randomized SVD as `extract --device cuda`
+      runs it (one matrix at a time, on the device); compute time only.
 
     flock /tmp/loratool-bench.lock /work/venv/bin/python benchmarks/extract.py --svd --e2e --rounds 3
     python benchmarks/extract.py --set cuda          # on a machine with a GPU
@@ -30,7 +30,6 @@ set   (`--set cuda`) the whole 8B set, 224 matrices, through the batched randomi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -63,21 +62,22 @@ def spectrum_matrix(m: int, n: int, seed: int, r: int = 64, decay: float = 16.0,
 
 def rel_error(M, B, A) -> float:
     """Relative Frobenius error of numpy factors (float32 products, float64 sums)."""
-    from loratool.ops.extract_host import residual_squares
-    from loratool.ops.svd_host import sum_squares
+    from loratool.device import cpu
+    from loratool.ops.svd import residual_squares, sum_squares
 
-    return math.sqrt(residual_squares(M, B, A) / sum_squares(M))
+    return math.sqrt(residual_squares(cpu(), M, B, A) / sum_squares(cpu(), M))
 
 
 def bench_svd(reps: int = 3, iterations=None) -> list[dict]:
     import torch
 
-    from loratool.ops.svd_host import DEFAULT_POWER_ITERATIONS, randomized_svd, seed_for, sketch_size
+    from loratool.device import cpu
+    from loratool.ops.svd import DEFAULT_POWER_ITERATIONS, randomized_svd, seed_for, sketch_size
 
     rows = []
     for si, (m, n) in enumerate(SHAPES):
         Mt = spectrum_matrix(m, n, seed=si)
-        M = Mt.numpy()  # extract's CPU route: numpy (ops/svd_host.py)
+        M = Mt.numpy()  # extract on the CPU: numpy
         E = float(Mt.double().square().sum())
         t = time.perf_counter()
         U, S, Vh = torch.linalg.svd(Mt, full_matrices=False)
@@ -89,7 +89,7 @@ def bench_svd(reps: int = 3, iterations=None) -> list[dict]:
             times = []
             for _ in range(reps):
                 t = time.perf_counter()
-                Ur, Sr, Vhr = randomized_svd(M, l, seed_for(0, f"{m}x{n}"), q)
+                Ur, Sr, Vhr = randomized_svd(cpu(), M, l, seed_for(0, f"{m}x{n}"), q)
                 B, A = Ur[:, :k] * Sr[:k], Vhr[:k].copy()
                 times.append(time.perf_counter() - t)
             t_rand = statistics.median(times)
@@ -106,38 +106,38 @@ def bench_svd(reps: int = 3, iterations=None) -> list[dict]:
 
 
 def bench_set(device: str, layers: int, rank: int = 16) -> dict:
-    """The 8B set (7 matrices x `layers`) through loratool's batched randomized SVD on `device`, as
-    `extract --device` runs it: same-shaped matrices stacked in batches of at most 1 GiB. Compute only: the
+    """The 8B set (7 matrices x `layers`) through loratool's randomized SVD on `device`, as `extract --device`
+    runs it: one matrix at a time, the factors B = U diag(S), A = Vh left on the device. Compute only: the
     matrices are made on the device first (spectrum as above, seeded per matrix)."""
-    import torch
-
-    from loratool.ops.extract_torch import residual_squares, sum_squares
-    from loratool.ops.svd import DEFAULT_POWER_ITERATIONS, randomized_svd, seed_for, sketch_size
+    from loratool.device import session
+    from loratool.ops.svd import DEFAULT_POWER_ITERATIONS, randomized_svd, residual_squares, seed_for, \
+        sketch_size, sum_squares
 
     shapes = {(4096, 4096): 2 * layers, (1024, 4096): 2 * layers, (14336, 4096): 2 * layers, (4096, 14336): layers}
-    batches = []
-    for (m, n), count in shapes.items():
-        per = max(1, (1 << 30) // (m * n * 4))
-        for i in range(0, count, per):
-            b = min(per, count - i)
-            Ms = torch.stack([spectrum_matrix(m, n, seed=1000 * m + n + i + j, device=device) for j in range(b)])
-            batches.append(((m, n), Ms, [seed_for(0, f"{m}x{n}.{i + j}") for j in range(b)]))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    results = []
-    for (m, n), Ms, seeds in batches:
-        U, S, Vh = randomized_svd(Ms, sketch_size(rank, m, n), seeds, DEFAULT_POWER_ITERATIONS)
-        results.append((U[..., :rank] * S[..., None, :rank], Vh[..., :rank, :]))
-    sync()
-    compute = time.perf_counter() - t
-    worst = 0.0
-    for ((m, n), Ms, _), (B, A) in zip(batches[:2], results[:2]):
-        for i in range(Ms.shape[0]):
-            worst = max(worst, math.sqrt(residual_squares(Ms[i], B[i], A[i]) / sum_squares(Ms[i])))
-    return {"device": device, "matrices": sum(shapes.values()), "rank": rank, "compute_s": round(compute, 3),
-            "max_rel_error_first_batches": round(worst, 5),
-            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
+    with session(device) as dev:
+        work = []
+        for (m, n), count in shapes.items():
+            for i in range(count):
+                M = spectrum_matrix(m, n, seed=1000 * m + n + i, device="cpu" if dev.is_cpu else dev.name)
+                work.append(((m, n), M.numpy() if dev.is_cpu else M, seed_for(0, f"{m}x{n}.{i}")))
+        dev.synchronize()
+        t = time.perf_counter()
+        results = []
+        for (m, n), M, seed in work:
+            U, S, Vh = randomized_svd(dev, M, sketch_size(rank, m, n), seed, DEFAULT_POWER_ITERATIONS)
+            results.append((U[:, :rank] * S[:rank], Vh[:rank]))
+        dev.synchronize()
+        compute = time.perf_counter() - t
+        worst = 0.0
+        for ((m, n), M, _), (B, A) in zip(work[::2 * layers], results[::2 * layers]):  # one of each shape
+            worst = max(worst, math.sqrt(residual_squares(dev, M, B, A) / sum_squares(dev, M)))
+        gpu = None
+        if not dev.is_cpu:
+            import torch
+
+            gpu = torch.cuda.get_device_name(dev.name)
+    return {"device": device, "matrices": len(work), "rank": rank, "compute_s": round(compute, 3),
+            "max_rel_error_one_per_shape": round(worst, 5), "gpu": gpu}
 
 
 def build_finetune(base: Path, ft: Path, seed: int = 1) -> Path:
@@ -232,30 +232,31 @@ def breakdown(work: Path) -> dict:
     """Where an end-to-end run's time goes, in this process: the lanes reading alone (pread, widen, subtract,
     sum of squares and the first sketch, one pair per lane), the same with the SVDs, and the whole in-process
     extraction (with the output's factors and report)."""
+    from loratool.device import blas_threads, cpu
     from loratool.io.base import open_base
-    from loratool.ops import blas_threads
     from loratool.ops import extract as ex
-    from loratool.ops import extract_host as exh
+    from loratool.ops import extract_run as lanes
 
     ft, base = open_base(work / "extract" / "ft"), open_base(work / "merge" / "base")
     opts = ex.ExtractOptions(rank=16)
+    dev = cpu()
     entries = [e for e in ex.plan(ft, base, opts) if e.whole]
-    lanes, per_lane = exh.lane_plan()
-    sizes = exh.slot_sizes(entries, lanes)
+    n_lanes, per_lane = lanes.lane_plan()
+    sizes = lanes.slot_sizes(entries, n_lanes)
 
     def read(s, e, delta):
-        exh._subtract(ft, base, e, delta, s, opts)
+        lanes.subtract(ft, base, e, delta, s, ex.sketch_while_reading(dev, e, opts))
 
     def read_and_factorize(s, e, delta):
-        E, Y = exh._subtract(ft, base, e, delta, s, opts)
+        E, Y = lanes.subtract(ft, base, e, delta, s, ex.sketch_while_reading(dev, e, opts))
         if E and e.role == "matrix":
-            exh.factorize(exh._view(e, delta), e, E, opts, Y)
+            ex.factorize(dev, ex._view(dev.xp, e, delta), e, E, opts, Y)
 
-    res = {"lanes": lanes, "blas_threads_per_lane": per_lane}
-    with blas_threads.limit(per_lane) if per_lane else contextlib.nullcontext():
+    res = {"lanes": n_lanes, "blas_threads_per_lane": per_lane}
+    with blas_threads(per_lane):
         for name, fn in (("read_s", read), ("read_and_svd_s", read_and_factorize)):
             t = time.perf_counter()
-            exh.run_lanes(entries, fn, lanes, sizes)
+            lanes.run_lanes(entries, fn, n_lanes, sizes)
             res[name] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     ex.extract(ft, base, opts)
@@ -266,13 +267,13 @@ def breakdown(work: Path) -> dict:
 def bench_lanes(reps: int = 10) -> list[dict]:
     """Why extract's CPU route runs one pair per core: GFLOP/s of the thin products of a rank-16 sketch (M by
     32 columns, both directions: M @ Z and Q^T @ M) with numpy's BLAS on one thread, on all threads, and as
-    one single-threaded product per core side by side (ops/extract_host.py's lanes), for a q_proj-sized and
+    one single-threaded product per core side by side (ops/extract_run.py's lanes), for a q_proj-sized and
     an up_proj-sized M of the 1.1B model."""
     import threading
 
     import numpy as np
 
-    from loratool.ops import blas_threads
+    from loratool.device import blas_threads
 
     cores = len(os.sched_getaffinity(0))
     rng = np.random.default_rng(0)
@@ -301,7 +302,7 @@ def bench_lanes(reps: int = 10) -> list[dict]:
                 t.join()
 
         row = {"shape": f"{m}x{n}", "cores": cores, "all_threads_gflops": rate(lambda: products(*work[0]), 1)}
-        with blas_threads.limit(1):
+        with blas_threads(1):
             row["one_thread_gflops"] = rate(lambda: products(*work[0]), 1)
             row["one_per_core_side_by_side_gflops"] = rate(side_by_side, cores)
         rows.append(row)
@@ -315,20 +316,23 @@ def bench_variants(ranks=RANKS) -> list[dict]:
     Krylov ([Q0, M M^T Q0] with l = 1.5k, then the projection: 5 passes of l columns)."""
     import numpy as np
 
-    from loratool.ops import svd_host as sh
+    from loratool.device import cpu
+    from loratool.ops import svd as sh
+
+    dev = cpu()
 
     def three_passes(M, l, seed):
         m, n = M.shape
         Zt = np.random.default_rng(seed).standard_normal((l, m), dtype=np.float32) @ M  # (l, n)
-        Z = sh._normalize(Zt.T)
-        Q = sh._orth(M @ Z)
-        Ub, S, Vh = sh._thin_svd_wide(Q.T @ M)
+        Z = sh._normalize(dev, Zt.T)
+        Q = sh._orth(dev, M @ Z)
+        Ub, S, Vh = sh._thin_svd_wide(dev, Q.T @ M)
         return S
 
     def block_krylov(M, l, seed):
-        Q0 = sh._orth(M @ sh.gaussian_sketch(M.shape[1], l, seed))
-        K = sh._orth(np.hstack([Q0, M @ sh._normalize((Q0.T @ M).T)]))
-        return sh._thin_svd_wide(K.T @ M)[1]
+        Q0 = sh._orth(dev, M @ sh.gaussian_sketch(M.shape[1], l, seed))
+        K = sh._orth(dev, np.hstack([Q0, M @ sh._normalize(dev, (Q0.T @ M).T)]))
+        return sh._thin_svd_wide(dev, K.T @ M)[1]
 
     rows = []
     for si, (m, n) in enumerate([(1024, 4096), (4096, 4096)]):
@@ -345,9 +349,9 @@ def bench_variants(ranks=RANKS) -> list[dict]:
 
             seed = sh.seed_for(0, f"{m}x{n}")
             row = {"shape": f"{m}x{n}", "rank": k,
-                   "default": ratio(sh.randomized_svd(M, 2 * k, seed)[1]),
+                   "default": ratio(sh.randomized_svd(dev, M, 2 * k, seed)[1]),
                    "three_passes": ratio(three_passes(M, 2 * k, seed)),
-                   "sketch_k_plus_8": ratio(sh.randomized_svd(M, k + 8, seed)[1]),
+                   "sketch_k_plus_8": ratio(sh.randomized_svd(dev, M, k + 8, seed)[1]),
                    "block_krylov_1.5k": ratio(block_krylov(M, k + k // 2, seed))}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@
 # device tool's folder; /tmp/loratool-gpu elsewhere) as it finishes, so a run cut short keeps what it did:
 #   1. device.txt        the card's name, torch's and numpy's versions
 #   2. gpu-tests.log     the tests marked gpu: CUDA agrees with the CPU (extract's factors, merge's bytes)
-#   3. extract-set.json  the 8B-shaped set (224 matrices) through the batched randomized SVD at rank 16,
+#   3. extract-set.json  the 8B-shaped set (224 matrices) through the randomized SVD at rank 16, one by one,
 #                        compute time only (issue 6's bar: under 2 s)
 #   4. e2e-*.json        (E2E=1, the default) extract of the merge benchmark's 1.1B pair, whole processes,
 #                        --device cuda and the CPU route, one round each, beside `cp -r`

@@ -1,12 +1,18 @@
-"""Library entry points behind `validate` and `inspect`: plain data in, plain data out, no printing."""
+"""Library entry points behind `validate`, `inspect` and `extract`: plain data in, plain data out, no printing."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .adapter import Adapter
 from .validation import Report, check_base, check_values, validate_header
+
+if TYPE_CHECKING:
+    from .ops.extract import ExtractResult
 
 
 def validate_file(path, base=None, read_data: bool = True) -> Report:
@@ -115,3 +121,120 @@ def target_stats(adapter: Adapter) -> dict[str, dict]:
         out[t.key] = {"norm": frobenius_norm(t), "rank90": energy_rank(S, 0.90), "rank99": energy_rank(S, 0.99),
                       "nonfinite": 0}
     return out
+
+
+# ---- extract -------------------------------------------------------------------------------------------------
+
+def _stem(p) -> str:
+    path = Path(p)
+    if path.is_dir() or not path.suffix:
+        name = path.resolve().name
+    elif path.name in ("model.safetensors", "pytorch_model.bin"):
+        name = path.resolve().parent.name
+    else:
+        name = path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def default_extract_output(finetuned, base, rank=None, energy=None, threshold=None, max_params=None,
+                           to: str = "loratool") -> Path:
+    """FINETUNED-minus-BASE-<rule> in the current folder (r16, e0.9, t0.01 or p1000000); a folder for PEFT."""
+    rule = (f"p{max_params}" if max_params is not None else f"r{rank}" if rank is not None else
+            f"e{energy:g}" if energy is not None else f"t{threshold:g}")
+    name = f"{_stem(finetuned)}-minus-{_stem(base)}-{rule}"
+    return Path(name if to == "peft" else name + ".safetensors")
+
+
+def _for_writers(adapter: Adapter) -> Adapter:
+    """The adapter with its numpy factors tagged as hostarray.HostTensors, the form io's writers take today.
+    Remove once the writers take plain numpy arrays (issue 11)."""
+    from dataclasses import replace
+
+    from .dtypes import dtype_of
+    from .hostarray import HostTensor
+
+    def tag(x):
+        name = dtype_of(x)
+        return HostTensor(x.view("u2") if name == "BF16" else x, name)
+
+    targets = [replace(t, delta=tag(t.delta)) if t.kind == "full" else
+               t.with_blocks(replace(b, A=tag(b.A), B=tag(b.B)) for b in t.blocks) for t in adapter]
+    return adapter.replace_targets(targets)
+
+
+def extract_files(finetuned, base, *, output=None, to: str = "loratool", rank: int | None = None,
+                  energy: float | None = None, threshold: float | None = None, max_params: int | None = None,
+                  targets=(), fan_in_fan_out=None, embeddings: bool = False, keep_full: bool = False,
+                  device: str = "cpu", dtype: str | None = None, clamp_quantile: float | None = None, seed: int = 0,
+                  oversample: int | None = None, power_iterations: int | None = None, overwrite: bool = False,
+                  progress=None) -> ExtractResult:
+    """Extract a LoRA adapter from a finetuned model and its base, and write it (ops/extract.py has the method).
+
+    Args:
+        finetuned, base: paths of the two models: .safetensors files, Hugging Face folders (sharded or not) or
+            .pt/.pth/.bin state dicts, in any combination.
+        output: the file (a folder for PEFT) to write; None names it FINETUNED-minus-BASE-<rule> in the current
+            folder (`default_extract_output`).
+        to: "loratool", "peft" or "kohya".
+        rank, energy, threshold, max_params: the rank rule, exactly one (rank may cap max_params).
+        targets: globs of the tensor keys to consider (default: all).
+        fan_in_fan_out: globs of 2-D weights stored (in, out); None reads the hint of a folder's config.json
+            (GPT-2 Conv1D).
+        embeddings, keep_full: factorise embeddings; store changed vectors (and unfactorised embeddings) whole.
+        device: "cpu" or "cuda" (loratool.device). dtype: "float32" (None), "bfloat16" or "float16".
+        clamp_quantile, seed, oversample, power_iterations: see ops.extract.ExtractOptions.
+        overwrite: replace an existing output.
+        progress: called with advance=0, total=<tensor pairs>, then advance=1 per pair.
+    Returns:
+        ops.extract.ExtractResult, with `output` and `bytes` (written) set.
+    Raises:
+        ValueError: no rank rule or more than one.
+        FileError: an input is missing, or the output exists (without `overwrite`) or is an input.
+        SpecError: an input is not a model loratool can read.
+        MismatchError: the models do not pair up.
+        NumericError: a difference is not finite, factors overflow `dtype`, or nothing changed enough to write.
+        UnsupportedError: the device is not available, or the output dialect cannot hold the adapter.
+    """
+    from .errors import NumericError
+    from .fsutil import check_output
+    from .io.base import open_base
+    from .ops.extract import ExtractOptions, extract, model_hints
+
+    opts = ExtractOptions(rank=rank, energy=energy, threshold=threshold, max_params=max_params,
+                          targets=tuple(targets),
+                          fan_in_fan_out=model_hints(finetuned, base) if fan_in_fan_out is None else tuple(fan_in_fan_out),
+                          embeddings=embeddings, keep_full=keep_full, clamp_quantile=clamp_quantile,
+                          dtype=dtype or "float32", seed=seed, oversample=oversample,
+                          power_iterations=power_iterations, device=device)
+    opts.check()
+    if to not in ("loratool", "peft", "kohya"):
+        raise ValueError(f"to={to!r} is not one of loratool, peft, kohya")
+    out = Path(output) if output is not None else default_extract_output(finetuned, base, rank, energy, threshold,
+                                                                          max_params, to)
+    ft_model = open_base(finetuned)
+    try:
+        base_model = open_base(base)
+    except BaseException:
+        ft_model.close()
+        raise
+    with ft_model, base_model:
+        check_output(out, [*ft_model.files, *base_model.files], overwrite)
+        result = extract(ft_model, base_model, opts, names=(str(finetuned), str(base)), progress=progress)
+    if not result.adapter.targets:
+        raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
+                           f"{len(result.not_extracted)} changed ones were not factorised; nothing was written")
+    adapter = _for_writers(result.adapter)
+    if to == "loratool":
+        from .io.native import save
+
+        result.bytes = save(adapter, out)
+    elif to == "peft":
+        from .io.peft import save
+
+        result.bytes = save(adapter, out, overwrite=overwrite, base_model_name_or_path=str(base))
+    else:
+        from .io.kohya import save
+
+        result.bytes = save(adapter, out)
+    result.output = out
+    return result

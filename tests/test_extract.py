@@ -3,23 +3,24 @@ streaming, and the library's refusals. CLI behaviour is in test_extract_cli.py."
 
 import math
 import re
+from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
+from loratool import device as devices
+from loratool.dtypes import as_f32
 from loratool.errors import MismatchError, NumericError
-from loratool.hostarray import as_torch
 from loratool.ops import extract as ex
-from loratool.ops import extract_host as exh
-from loratool.ops import extract_torch as ext
+from loratool.ops import extract_run as lanes
 from loratool.ops.extract import ExtractOptions, extract, plan
-from loratool.ops.extract_torch import sum_squares
-from loratool.ops.linalg import delta_tensor
-from loratool.ops.svd import exact_svd, quantile, randomized_svd, seed_for
+from loratool.ops.svd import exact_svd, gaussian_sketch, quantile, randomized_svd, seed_for, sum_squares
 
 F32_REL = 1e-5  # float32 recovery of an exactly low-rank delta: relative Frobenius error
 EY_FACTOR = 1.01  # randomized error within 1% of the Eckart-Young optimum
+CPU = devices.cpu()
 
 
 def g(seed):
@@ -40,8 +41,27 @@ def noisy(m, n, seed, r=6, noise=0.3):
     return S + N * (noise * S.norm() / N.norm())
 
 
+def delta_tensor(t):
+    """ΔW of a target in the base tensor's shape, float32 torch, computed here from its numpy factors
+    (adapter.py's layouts: M[rows, cols] += scale B A on the matrix view)."""
+    if t.kind == "full":
+        return torch.from_numpy(as_f32(t.delta)) * t.delta_scale
+    M = torch.zeros(t.matrix_shape)
+    for b in t.blocks:
+        M[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] += \
+            (torch.from_numpy(as_f32(b.B)) @ torch.from_numpy(as_f32(b.A))) * b.scale  # (rows, r) @ (r, cols)
+    if t.layout in ("fan_in_fan_out", "embedding"):
+        return M.T
+    return M.reshape(t.shape)
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
 def merged(base, result):
-    """base + ΔW of every target: the merge, computed with ops/linalg.delta_tensor."""
+    """base + ΔW of every target: the merge."""
     out = {k: v.clone() for k, v in base.items()}
     for t in result.adapter:
         out[t.key] = (out[t.key].float() + delta_tensor(t)).to(out[t.key].dtype)
@@ -212,8 +232,7 @@ def test_unchanged_skipped_vectors_listed_or_stored_whole():
 def test_compare_only_tensors_are_compared_in_pieces(monkeypatch):
     # Pairs are read in pieces; a change in the embedding's last piece is seen, and deltas are assembled
     # from pieces exactly.
-    monkeypatch.setattr(exh, "_CHUNK_ELEMENTS", 48)  # the CPU route (numpy)
-    monkeypatch.setattr(ext, "_CHUNK_ELEMENTS", 48)
+    monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 48)
     base = {"lin.weight": torch.randn(20, 16, generator=g(1)), "model.embed_tokens.weight": torch.randn(64, 16)}
     ft = dict(base)
     ft["lin.weight"] = base["lin.weight"] + low_rank(20, 16, 2, seed=3)
@@ -227,53 +246,34 @@ def test_compare_only_tensors_are_compared_in_pieces(monkeypatch):
     assert extract(ft, base, ExtractOptions(rank=2)).unchanged == 1
 
 
-@pytest.mark.parametrize("ahead", [False, True])  # in line and in a thread (the CUDA default)
-def test_read_ahead_arena_wraps_around_and_every_delta_is_intact(monkeypatch, ahead):
-    """The torch route's arena (CUDA, and batch_bytes on the CPU)."""
-    monkeypatch.setattr(ext, "_ARENA_MIN_BYTES", 0)  # the arena holds only the biggest delta: constant wrapping
-    monkeypatch.setattr(ext, "READ_AHEAD", ahead)
+def test_slots_are_reused_across_pairs_of_every_size_and_every_delta_is_intact(monkeypatch):
+    """Three lanes share slots that hold only the biggest delta: pairs of other sizes wait for a slot and
+    reuse it; no delta is written into a slot another lane still reads."""
+    monkeypatch.setattr(lanes, "LANE_SLOT_BYTES", 0)
+    monkeypatch.setattr(lanes, "lane_plan", lambda: (3, 1))
     sizes = [(30, 20), (12, 8), (40, 24), (7, 5), (30, 20), (40, 24), (9, 9)]
     deltas = {f"l{i}.weight": low_rank(m, n, 2, seed=300 + i) for i, (m, n) in enumerate(sizes)}
     ft, base = pair(**deltas)
-    r = extract(ft, base, ExtractOptions(rank=2, batch_bytes=1))
+    r = extract(ft, base, ExtractOptions(rank=2))
     for k, D in deltas.items():
         assert rel(delta_tensor(r.adapter.targets[k]), D) < F32_REL, k
 
 
-def test_a_read_error_in_the_reader_thread_reaches_the_caller(monkeypatch):
+def test_a_read_error_in_another_lane_reaches_the_caller(monkeypatch):
     from loratool.errors import FileError
 
-    monkeypatch.setattr(ext, "READ_AHEAD", True)
+    monkeypatch.setattr(lanes, "lane_plan", lambda: (3, 1))
 
     class Failing(ex._MappingSource):
-        def read_into(self, key, out, start=0):
+        def read_bytes_into(self, key, buf, start=0):
             if key == "l3.weight":
                 raise FileError("ft: file ended 12 bytes early while reading \"l3.weight\"")
-            return super().read_into(key, out, start)
+            return super().read_bytes_into(key, buf, start)
 
     deltas = {f"l{i}.weight": low_rank(20, 10, 1, seed=400 + i) for i in range(6)}
     ft, base = pair(**deltas)
     with pytest.raises(FileError, match=re.escape('ft: file ended 12 bytes early while reading "l3.weight"')):
-        extract(Failing(ft), base, ExtractOptions(rank=1, batch_bytes=1))
-
-
-def test_arena_is_a_fifo_ring():
-    import threading
-
-    a = ext._Arena(1024, pin=False)
-    stop = threading.Event()
-    p1, _ = a.alloc(64, stop)  # 256 bytes
-    p2, _ = a.alloc(128, stop)  # 512 bytes
-    assert (p1, p2) == (0, 256)
-    stop.set()
-    assert a.alloc(128, stop) is None  # 512 more do not fit while both are live
-    a.free(p1)
-    assert a.alloc(64, stop)[0] == 768  # the end still has room
-    p4, _ = a.alloc(64, stop)  # the end is full: wraps to the front, where p1 was
-    assert p4 == 0
-    assert a.alloc(8, stop) is None  # the front is full up to p2
-    a.free(p2)
-    assert a.alloc(8, stop)[0] == 256
+        extract(Failing(ft), base, ExtractOptions(rank=1))
 
 
 def test_bf16_models_computed_in_float32():
@@ -282,7 +282,7 @@ def test_bf16_models_computed_in_float32():
     ft = {"w": (base["w"].float() + D).bfloat16()}
     true = ft["w"].float() - base["w"].float()  # the delta the files actually hold
     t = extract(ft, base, ExtractOptions(rank=48)).adapter.targets["w"]
-    assert t.dtype == "BF16" and as_torch(t.blocks[0].A).dtype == torch.float32
+    assert t.dtype == "BF16" and t.blocks[0].A.dtype == np.float32
     assert rel(delta_tensor(t), true) < F32_REL
 
 
@@ -340,35 +340,63 @@ def test_budget_with_a_cast_measures_the_stored_factors_in_a_second_pass():
     r = extract(ft, base, ExtractOptions(max_params=6 * 160, rank=8, dtype="bfloat16"))
     assert r.summary["parameters"] <= 6 * 160
     for k, t in r.adapter.targets.items():
-        assert as_torch(t.blocks[0].A).dtype == torch.bfloat16
+        assert t.blocks[0].A.dtype == ml_dtypes.bfloat16 and t.blocks[0].B.dtype == ml_dtypes.bfloat16
         assert abs(t.info["rel_error"] - rel(delta_tensor(t), ft[k] - base[k])) < 1e-5
 
 
 def test_budget_ranks_greedy_takes_prefixes_by_energy_per_parameter():
     e1 = ex.Entry("a", (10, 10), "F32", "F32", "matrix", "linear")  # cost 20 per triplet
     e2 = ex.Entry("b", (30, 10), "F32", "F32", "matrix", "linear")  # cost 40 per triplet
-    f1 = ex._Factors(e1, None, torch.tensor([3.0, 2.0, 0.1]), None, 0.0, "exact")
-    f2 = ex._Factors(e2, None, torch.tensor([4.0, 3.0, 1.0]), None, 0.0, "exact")
+    f1 = ex._Factors(e1, None, np.array([3.0, 2.0, 0.1], np.float32), None, 0.0, "exact")
+    f2 = ex._Factors(e2, None, np.array([4.0, 3.0, 1.0], np.float32), None, 0.0, "exact")
     # densities: a: 9/20=.45, 4/20=.2, .0005; b: 16/40=.4, 9/40=.225, 1/40=.025
     assert ex._budget_ranks([f1, f2], 20 + 40 + 40) == {"a": 1, "b": 2}
     assert ex._budget_ranks([f1, f2], 19) == {"a": 0, "b": 0}
 
 
-# ---- determinism, batching ----------------------------------------------------------------------------------
+# ---- determinism, devices -----------------------------------------------------------------------------------
 
-def test_seeded_and_batched_results_agree_with_single_matrix_results():
+def torch_on_cpu(monkeypatch):
+    """Make `device.session` hand out the device layer's torch namespace on the CPU: the code CUDA runs
+    (torch arrays, the sketch formed on the device), checked on a machine without a GPU."""
+    import contextlib
+
+    import array_api_compat.torch as xp
+
+    dev = devices.Device("cpu:0", xp)  # not "cpu": the torch side of every Device method
+    assert not dev.is_cpu
+    monkeypatch.setattr(devices, "session", lambda name: contextlib.nullcontext(dev))
+
+
+def test_seeded_results_repeat_and_the_torch_device_layer_agrees_with_numpy(monkeypatch):
     ms = {f"l{i}.weight": noisy(96, 64, seed=40 + i) for i in range(3)}
+    ms["conv.weight"] = low_rank(16, 8 * 9, 3, seed=60).reshape(16, 8, 3, 3)
     ft, base = pair(**ms)
-    one = extract(ft, base, ExtractOptions(rank=5, seed=7))
-    again = extract(ft, base, ExtractOptions(rank=5, seed=7))
-    batched = extract(ft, base, ExtractOptions(rank=5, seed=7, batch_bytes=1 << 30))  # the CUDA code path, on CPU
-    for k in ms:
-        a, b, c = (x.adapter.targets[k].blocks[0] for x in (one, again, batched))
-        assert torch.equal(as_torch(a.A), as_torch(b.A)) and torch.equal(as_torch(a.B), as_torch(b.B))
-        # numpy (the CPU route) and torch (batched) draw the same sketch: the same factors to float32 rounding
-        assert rel(c.B @ c.A, as_torch(a.B) @ as_torch(a.A)) < 1e-5
-        # float32 rounding: the routes orthonormalise differently (Cholesky QR on numpy, Householder on torch)
-        assert abs(one.adapter.targets[k].info["rel_error"] - batched.adapter.targets[k].info["rel_error"]) < 1e-5
+    for opts in (dict(rank=5), dict(energy=0.9)):
+        one = extract(ft, base, ExtractOptions(seed=7, **opts))
+        again = extract(ft, base, ExtractOptions(seed=7, **opts))
+        with monkeypatch.context() as mp:
+            torch_on_cpu(mp)
+            other = extract(ft, base, ExtractOptions(seed=7, **opts))
+        for k in ms:
+            a, b, c = (x.adapter.targets[k] for x in (one, again, other))
+            assert same_bits(a.blocks[0].A, b.blocks[0].A) and same_bits(a.blocks[0].B, b.blocks[0].B)
+            assert c.blocks[0].A.dtype == np.float32 and isinstance(c.blocks[0].A, np.ndarray)
+            # the same sketch (drawn on the host) and the same algorithm: the same factors to float32 rounding
+            assert a.rank == c.rank if "rank" in opts else abs(a.rank - c.rank) <= 1  # an energy boundary may tie
+            assert rel(delta_tensor(c), delta_tensor(a)) < 1e-5
+            assert abs(a.info["rel_error"] - c.info["rel_error"]) < 1e-5
+
+
+def test_torch_device_layer_budget_cast_and_clamp_measure_the_stored_factors(monkeypatch):
+    M = noisy(90, 70, seed=33)
+    ft, base = pair(w=M, v=low_rank(90, 70, 2, seed=35))
+    torch_on_cpu(monkeypatch)
+    for opts in (ExtractOptions(max_params=6 * 160, rank=8, dtype="bfloat16"),
+                 ExtractOptions(rank=6, clamp_quantile=0.9)):
+        r = extract(ft, base, opts)
+        for k, t in r.adapter.targets.items():
+            assert abs(t.info["rel_error"] - rel(delta_tensor(t), ft[k] - base[k])) < 1e-5
 
 
 @pytest.mark.gpu
@@ -406,11 +434,11 @@ def lanes_pair():
                                   ExtractOptions(energy=0.9), ExtractOptions(max_params=900, rank=6, dtype="bfloat16"),
                                   ExtractOptions(rank=3, keep_full=True, clamp_quantile=0.99)])
 def test_lanes_give_the_same_result_as_one_lane(monkeypatch, opts):
-    monkeypatch.setattr(exh, "_CHUNK_ELEMENTS", 256)  # several pieces per pair, rows shorter than a piece
+    monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 256)  # several pieces per pair, rows shorter than a piece
     ft, base = lanes_pair()
     runs = []
-    for lanes in (1, 3):
-        monkeypatch.setattr(exh, "lane_plan", lambda lanes=lanes: (lanes, 1))
+    for n in (1, 3):
+        monkeypatch.setattr(lanes, "lane_plan", lambda n=n: (n, 1))
         runs.append(extract(ft, base, opts))
     one, three = runs
     assert one.rows == three.rows and one.not_extracted == three.not_extracted and one.unchanged == three.unchanged
@@ -423,38 +451,40 @@ def test_lanes_give_the_same_result_as_one_lane(monkeypatch, opts):
     for k, t in one.adapter.targets.items():
         u = three.adapter.targets[k]
         if t.kind == "full":
-            assert torch.equal(as_torch(t.delta), as_torch(u.delta))
+            assert same_bits(t.delta, u.delta)
             continue
-        assert torch.equal(as_torch(t.blocks[0].A), as_torch(u.blocks[0].A))
-        assert torch.equal(as_torch(t.blocks[0].B), as_torch(u.blocks[0].B))
+        assert same_bits(t.blocks[0].A, u.blocks[0].A)
+        assert same_bits(t.blocks[0].B, u.blocks[0].B)
 
 
 def test_sketch_formed_while_reading_is_the_product_with_the_same_test_matrix(monkeypatch):
     """The first sketch M @ Omega, formed on row pieces as they are read, is the product that randomized_svd
     would form, and the factors it leads to are those of the plain route (float32 rounding apart)."""
-    from loratool.ops.svd_host import gaussian_sketch, seed_for as np_seed_for
-
-    monkeypatch.setattr(exh, "_CHUNK_ELEMENTS", 200)  # 3 rows of 64 per piece, and a short last piece
+    monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 200)  # 3 rows of 64 per piece, and a short last piece
     D = noisy(100, 64, seed=80)
     ft, base = pair(w=D)
     src_ft, src_base = ex._source(ft), ex._source(base)
     opts = ExtractOptions(rank=5)
     e = plan(ft, base, opts)[0]
+    omega = ex.sketch_while_reading(CPU, e, opts)
+    l = ex.first_sketch(e, opts)
+    assert omega.shape == (64, l) and np.array_equal(omega, gaussian_sketch(64, l, seed_for(0, "w")))
     delta = np.empty(e.numel, np.float32)
-    E, Y = exh._subtract(src_ft, src_base, e, delta, exh._Scratch(), opts)
+    E, Y = lanes.subtract(src_ft, src_base, e, delta, lanes.Scratch(), omega)
     M = delta.reshape(100, 64)
     assert np.array_equal(M, (ft["w"] - base["w"]).numpy())
     assert E == pytest.approx(float(D.double().square().sum()), rel=1e-6)
-    l = exh.first_sketch(e, opts)
     assert Y.shape == (100, l)
-    np.testing.assert_allclose(Y, M @ gaussian_sketch(64, l, np_seed_for(0, "w")), rtol=1e-5, atol=1e-5)
-    fused, plain = exh.factorize(M, e, E, opts, Y), exh.factorize(M, e, E, opts)
+    np.testing.assert_allclose(Y, M @ omega, rtol=1e-5, atol=1e-5)
+    fused, plain = ex.factorize(CPU, M, e, E, opts, Y), ex.factorize(CPU, M, e, E, opts)
     np.testing.assert_allclose(fused.S, plain.S, rtol=1e-5)
-    # a transposed view (fan_in_fan_out) or a row longer than a piece: no sketch while reading
-    assert exh._subtract(src_ft, src_base, ex.Entry("w", (100, 64), "F32", "F32", "matrix", "fan_in_fan_out"),
-                         delta, exh._Scratch(), opts)[1] is None
-    monkeypatch.setattr(exh, "_CHUNK_ELEMENTS", 32)
-    assert exh._subtract(src_ft, src_base, e, delta, exh._Scratch(), opts)[1] is None
+    # a transposed view (fan_in_fan_out), an exact SVD, or a row longer than a piece: no sketch while reading
+    assert ex.sketch_while_reading(CPU, ex.Entry("w", (100, 64), "F32", "F32", "matrix", "fan_in_fan_out"),
+                                   opts) is None
+    assert ex.sketch_while_reading(CPU, e, ExtractOptions(rank=20)) is None  # sketch 40 >= 64 / 2: exact
+    assert lanes.subtract(src_ft, src_base, e, delta, lanes.Scratch())[1] is None
+    monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 32)
+    assert ex.sketch_while_reading(CPU, e, opts) is None
 
 
 def test_run_lanes_keeps_order_and_never_holds_more_than_its_slots():
@@ -464,7 +494,7 @@ def test_run_lanes_keeps_order_and_never_holds_more_than_its_slots():
     sizes = [5, 50, 7, 20, 3, 50, 8, 9, 1, 40]
     entries = [ex.Entry(f"e{i}", (n,), "F32", "F32", "full") for i, n in enumerate(sizes)]
     entries.insert(3, ex.Entry("listed", (4,), "F32", "F32", "vector"))  # compared only: no slot
-    assert exh.slot_sizes(entries, 3) == [50, 50, 50]  # AHEAD_BYTES: the further slots hold the largest here
+    assert lanes.slot_sizes(entries, 3) == [50, 50, 50]  # AHEAD_BYTES: the further slots hold the largest here
     slots = [50, 20, 20]  # a tight set: the 40s and 50s must wait for the big slot
     live, peak, lock, ticks = [0], [0], threading.Lock(), []
 
@@ -485,7 +515,7 @@ def test_run_lanes_keeps_order_and_never_holds_more_than_its_slots():
                 live[0] -= 1
         return e.key
 
-    out = exh.run_lanes(entries, handle, 3, slots, tick=lambda **kw: ticks.append(kw))
+    out = lanes.run_lanes(entries, handle, 3, slots, tick=lambda **kw: ticks.append(kw))
     assert out == [e.key for e in entries]
     assert len(ticks) == len(entries) and 2 <= peak[0] <= 3
 
@@ -506,19 +536,57 @@ def test_run_lanes_reports_the_first_failing_pair_in_order():
         return e.key
 
     with pytest.raises(ValueError, match="^e2 failed$"):
-        exh.run_lanes(entries, handle, 3, [4, 4, 4])
+        lanes.run_lanes(entries, handle, 3, [4, 4, 4])
     assert "e11" not in started  # no pair is begun after a failure
 
 
-def test_blas_threads_limit_is_restored():
-    from loratool.ops import blas_threads
+def test_blas_threads_are_limited_per_lane_during_the_run_and_restored(monkeypatch):
+    from threadpoolctl import threadpool_info
 
-    if not blas_threads.controllable():
-        pytest.skip("this numpy's BLAS has no thread control (the CPU route then runs one lane)")
-    before = blas_threads.threads()
-    with blas_threads.limit(1) as on:
-        assert on and blas_threads.threads() == 1
-    assert blas_threads.threads() == before
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "threadpoolctl sees no BLAS in numpy (the run would keep one lane)"
+    seen = []
+    real = lanes.run_lanes
+
+    def spy(*args, **kw):
+        seen.append(blas_threads())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lanes, "lane_plan", lambda: (2, 1))
+    monkeypatch.setattr(lanes, "run_lanes", spy)
+    ft, base = pair(w=low_rank(30, 20, 2, seed=90))
+    extract(ft, base, ExtractOptions(rank=2))
+    assert seen and all(n == 1 for n in seen[0])
+    assert blas_threads() == before
+
+
+def test_the_cpu_route_never_imports_torch(tmp_path):
+    """Files in, adapter out, on the CPU: numpy, ml_dtypes and threadpoolctl only."""
+    import subprocess
+    import sys
+
+    from loratool.container import write_file
+
+    rng = np.random.default_rng(0)
+    base = {"a.weight": rng.standard_normal((64, 48), dtype=np.float32).astype(ml_dtypes.bfloat16),
+            "a.bias": np.zeros(64, np.float32)}
+    ft = {"a.weight": (base["a.weight"].astype(np.float32)
+                       + rng.standard_normal((64, 2), dtype=np.float32) @ rng.standard_normal((2, 48), dtype=np.float32)
+                       ).astype(ml_dtypes.bfloat16), "a.bias": np.ones(64, np.float32)}
+    write_file(tmp_path / "base.safetensors", base, {})
+    write_file(tmp_path / "ft.safetensors", ft, {})
+    code = ("import sys; from loratool.api import extract_files; "
+            f"r = extract_files({str(tmp_path / 'ft.safetensors')!r}, {str(tmp_path / 'base.safetensors')!r}, "
+            f"output={str(tmp_path / 'a.safetensors')!r}, rank=2, keep_full=True, dtype='bfloat16'); "
+            "assert r.bytes > 0 and r.summary['targets'] == 1, r.summary; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
 
 # ---- refusals -----------------------------------------------------------------------------------------------
 
@@ -566,12 +634,12 @@ def test_float16_overflow_of_factors_is_refused():
 @pytest.mark.parametrize("q", [0.0, 0.01, 0.5, 0.9, 0.99, 1.0])
 def test_quantile_matches_torch_quantile(q):
     x = torch.randn(10_001, generator=g(5))
-    assert quantile(x, q) == pytest.approx(float(torch.quantile(x, q)), rel=1e-6, abs=1e-7)
+    assert quantile(x.numpy(), q) == pytest.approx(float(torch.quantile(x, q)), rel=1e-6, abs=1e-7)
 
 
 def test_quantile_works_above_torch_quantile_limit():
     n = (1 << 24) + 3  # torch.quantile raises above 2^24 elements
-    x = torch.arange(n, dtype=torch.float32).flip(0)  # sorted input: quickselect (kthvalue) goes quadratic here
+    x = np.arange(n, dtype=np.float32)[::-1]  # sorted input: a plain quickselect goes quadratic here
     assert quantile(x, 0.5) == pytest.approx((n - 1) / 2, rel=1e-7)
     assert quantile(x, 0.99) == pytest.approx(0.99 * (n - 1), rel=1e-7)
     assert quantile(x, 1e-5) == pytest.approx(1e-5 * (n - 1), rel=1e-6)
@@ -580,16 +648,32 @@ def test_quantile_works_above_torch_quantile_limit():
 def test_sum_squares_is_accurate_where_float32_norms_are_not():
     x = torch.randn(1 << 22, generator=g(1)) * 0.01 + 0.003
     exact = float(x.double().square().sum())
-    assert abs(sum_squares(x) - exact) / exact < 1e-8
-    assert abs(sum_squares(x[:1000]) - float(x[:1000].double().square().sum())) < 1e-9
+    assert abs(sum_squares(CPU, x.numpy()) - exact) / exact < 1e-8
+    assert abs(sum_squares(CPU, x[:1000].numpy()) - float(x[:1000].double().square().sum())) < 1e-9
 
 
 def test_randomized_svd_shapes_orthonormality_and_wide_exact_svd():
-    M = noisy(200, 120, seed=61)
-    U, S, Vh = randomized_svd(M, 20, seed_for(0, "m"))
+    M = noisy(200, 120, seed=61).numpy()
+    U, S, Vh = randomized_svd(CPU, M, 20, seed_for(0, "m"))
     assert U.shape == (200, 20) and S.shape == (20,) and Vh.shape == (20, 120)
-    assert float((U.T @ U - torch.eye(20)).abs().max()) < 1e-5 and float((Vh @ Vh.T - torch.eye(20)).abs().max()) < 1e-5
+    assert np.abs(U.T @ U - np.eye(20)).max() < 1e-5 and np.abs(Vh @ Vh.T - np.eye(20)).max() < 1e-5
     assert bool((S[:-1] >= S[1:]).all())
-    U2, S2, Vh2 = exact_svd(M.T)  # wide: decomposed as its transpose
+    U2, S2, Vh2 = exact_svd(CPU, M.T)  # wide: decomposed as its transpose
     assert U2.shape == (120, 120) and Vh2.shape == (120, 200)
-    assert rel((U2 * S2) @ Vh2, M.T) < F32_REL
+    assert rel(torch.from_numpy((U2 * S2) @ Vh2), torch.from_numpy(M.T.copy())) < F32_REL
+
+
+def test_orthonormal_basis_of_an_exactly_low_rank_sketch_falls_back_to_householder(monkeypatch):
+    """A sketch of a rank-3 matrix by 12 columns is rank-deficient: Cholesky QR fails or is not orthonormal,
+    and the Householder QR still gives an orthonormal basis, so the factors are exact."""
+    from loratool.ops import svd
+
+    calls = []
+    householder = svd._householder
+    monkeypatch.setattr(svd, "_householder", lambda dev, Y: calls.append(Y.shape) or householder(dev, Y))
+    M = low_rank(80, 60, 3, seed=62).numpy()
+    Q = svd._orth(CPU, M @ gaussian_sketch(60, 12, 1))
+    assert calls == [(80, 12)]
+    assert np.abs(Q.T @ Q - np.eye(12)).max() <= svd.ORTHO_TOL
+    U, S, Vh = randomized_svd(CPU, M, 12, seed_for(0, "low"))
+    assert rel(torch.from_numpy((U[:, :3] * S[:3]) @ Vh[:3]), torch.from_numpy(M)) < F32_REL

@@ -182,7 +182,7 @@ def test_cuda_without_a_gpu_is_one_error_line(files):
     d, _, _ = files
     code, _, err = run("extract", "ft.safetensors", "base.safetensors", "--rank", "2", "--device", "cuda", cwd=d)
     assert code == 7
-    assert err == "error: --device cuda: torch sees no CUDA device on this machine; use --device cpu\n"
+    assert err == "error: --device cuda: no CUDA device is available here; use --device cpu\n"  # loratool.device
 
 
 def test_gpt2_folder_config_makes_conv1d_fan_in_fan_out(tmp_path):
@@ -225,3 +225,22 @@ def test_to_peft_writes_a_folder_peft_reads_back(files):
 def test_help_has_an_example():
     code, out, _ = run("extract", "--help")
     assert code == 0 and "Example:" in out and "--max-params" in out
+
+
+def test_extract_files_is_the_library_call_behind_the_command(files):
+    from loratool.api import extract_files
+
+    d, ft, base = files
+    ticks = []
+    r = extract_files(d / "ft.safetensors", d / "base.safetensors", output=d / "lib.safetensors", rank=4,
+                      progress=lambda **kw: ticks.append(kw))
+    assert r.output == d / "lib.safetensors" and r.bytes == (d / "lib.safetensors").stat().st_size
+    assert ticks[0] == {"advance": 0, "total": 4} and ticks[1:] == [{"advance": 1}] * 4
+    a = load(r.output)
+    assert sorted(a.targets) == sorted(r.adapter.targets) == ["model.layers.0.mlp.down_proj.weight",
+                                                              "model.layers.0.q_proj.weight"]
+    for k, t in a.targets.items():
+        assert rel(delta_tensor(t), ft[k] - base[k]) < F32_REL
+    with pytest.raises(ValueError, match="choose exactly one of rank, energy, threshold or max_params"):
+        extract_files(d / "ft.safetensors", d / "base.safetensors", output=d / "x.safetensors")
+    assert not (d / "x.safetensors").exists()

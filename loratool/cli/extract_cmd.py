@@ -2,29 +2,7 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import click
-
-
-def _stem(p: str) -> str:
-    path = Path(p)
-    if path.is_dir() or not path.suffix:
-        name = path.resolve().name
-    elif path.name in ("model.safetensors", "pytorch_model.bin"):
-        name = path.resolve().parent.name
-    else:
-        name = path.stem
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-
-
-def default_output(finetuned: str, base: str, rank, energy, threshold, max_params, to: str) -> Path:
-    """FINETUNED-minus-BASE-<rule> in the current folder: r16, e0.9, t0.01 or p1000000."""
-    rule = (f"p{max_params}" if max_params is not None else f"r{rank}" if rank is not None else
-            f"e{energy:g}" if energy is not None else f"t{threshold:g}")
-    name = f"{_stem(finetuned)}-minus-{_stem(base)}-{rule}"
-    return Path(name if to == "peft" else name + ".safetensors")
 
 
 @click.command()
@@ -51,7 +29,7 @@ def default_output(finetuned: str, base: str, rank, energy, threshold, max_param
 @click.option("--keep-full", is_flag=True, help="Store changed biases, norms (and embeddings, without "
               "--embeddings) whole as full targets instead of listing them.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where the SVDs run; cuda batches same-shaped matrices.")
+              help="Where the SVDs run (the same algorithm on both).")
 @click.option("--to", "to", type=click.Choice(["loratool", "peft", "kohya"]), default="loratool", show_default=True,
               help="Output dialect.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
@@ -84,9 +62,7 @@ def extract(finetuned, base, output, rank, energy, threshold, max_params, target
 
         loratool extract ft/ base/ --rank 64 --max-params 20000000 --keep-full --to peft -o adapter/
     """
-    from ..fsutil import check_output
-    from ..io.base import open_base
-    from ..ops.extract import ExtractOptions, extract as run, model_hints
+    from ..api import extract_files
     from .render import Progress
 
     chosen = [n for n, v in (("--energy", energy), ("--threshold", threshold)) if v is not None]
@@ -98,49 +74,19 @@ def extract(finetuned, base, output, rank, energy, threshold, max_params, target
         raise click.UsageError("choose exactly one of --rank, --energy, --threshold or --max-params (--rank "
                                "may be added to --max-params as a per-target cap)"
                                + (f"; got {', '.join(chosen)}" if chosen else ""))
-
-    out_path = Path(output) if output else default_output(finetuned, base, rank, energy, threshold, max_params, to)
-
-    ft_model = open_base(finetuned)
-    try:
-        base_model = open_base(base)
-    except BaseException:
-        ft_model.close()
-        raise
-    with ft_model, base_model:
-        check_output(out_path, [*ft_model.files, *base_model.files], overwrite)
-        opts = ExtractOptions(rank=rank, energy=energy, threshold=threshold, max_params=max_params,
-                              targets=tuple(targets),
-                              fan_in_fan_out=tuple(fan_in_fan_out) or model_hints(finetuned, base),
-                              embeddings=embeddings, keep_full=keep_full, clamp_quantile=clamp_quantile,
-                              dtype=dtype, seed=seed, oversample=oversample, power_iterations=power_iterations,
-                              device=device)
-        with Progress("extract", None, enabled=not (quiet or json_)) as bar:
-            result = run(ft_model, base_model, opts, names=(str(finetuned), str(base)), progress=bar)
-    if not result.adapter.targets:
-        from ..errors import NumericError
-
-        raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
-                           f"{len(result.not_extracted)} changed ones were not factorised; nothing was written")
-    if to == "loratool":
-        from ..io.native import save
-
-        nbytes = save(result.adapter, out_path)
-    elif to == "peft":
-        from ..io.peft import save
-
-        nbytes = save(result.adapter, out_path, overwrite=overwrite, base_model_name_or_path=str(base))
-    else:
-        from ..io.kohya import save
-
-        nbytes = save(result.adapter, out_path)
-    _render(result, out_path, nbytes, json_)
+    with Progress("extract", None, enabled=not (quiet or json_)) as bar:
+        result = extract_files(finetuned, base, output=output, to=to, rank=rank, energy=energy, threshold=threshold,
+                               max_params=max_params, targets=targets, fan_in_fan_out=fan_in_fan_out or None,
+                               embeddings=embeddings, keep_full=keep_full, device=device, dtype=dtype,
+                               clamp_quantile=clamp_quantile, seed=seed, oversample=oversample,
+                               power_iterations=power_iterations, overwrite=overwrite, progress=bar)
+    _render(result, json_)
 
 
-def _render(result, out_path, nbytes, json_):
+def _render(result, json_):
     from .render import emit_json, err, fmt_bytes, out, table
 
-    s = result.summary
+    s, out_path, nbytes = result.summary, result.output, result.bytes
     if json_:
         emit_json({"output": str(out_path), "bytes": nbytes, **s, "per_target": result.rows})
         return

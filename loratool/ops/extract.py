@@ -1,14 +1,9 @@
 """Extract a LoRA adapter from a finetuned model and its base: ΔW = W_ft - W_base, truncated SVD per target.
 
-Streaming: the two models are read one tensor pair at a time into buffers that are reused (on the CPU one
-thread per core reads a pair and factorises it; with CUDA a reader thread fills the next pair while the
-current one is factorised), so neither model is ever whole in memory.
-
-Two routes compute the same thing: on the CPU, numpy (ops/extract_host.py: numpy's BLAS, which is 1.5-2x
-faster than torch's for these thin products here, and no `import torch`, which costs 2-4 s); on CUDA, or
-with `batch_bytes` (the batched code path), torch (ops/extract_torch.py). Both draw the same Gaussian
-sketches (ops/svd_host.py), so they agree to float32 rounding. This module holds what they share: options,
-the plan, rank rules, the global budget and the result.
+One route for every device. The two models are read one tensor pair at a time, by one thread per core, into
+buffers that are reused (ops/extract_run.py), so neither model is ever whole in memory; each pair's matrix
+view is factorised by the randomized SVD of ops/svd.py on the chosen device (`loratool.device`: numpy on the
+CPU, where torch is never imported; torch on CUDA), and its factors come back as numpy arrays.
 
 Per tensor, by its shape, name and the options (`plan`):
   2-D weight            a matrix target, layout "linear" (or "fan_in_fan_out" when a hint says GPT-2 Conv1D)
@@ -20,12 +15,14 @@ Per tensor, by its shape, name and the options (`plan`):
 Unchanged tensors (bitwise equal) are skipped and counted. Nothing changed is ever dropped silently: every
 tensor that changed and is not in the adapter is in the result's `not_extracted` list.
 
-Numerics, per matrix view M (out, in), all in float32 (spec section 5 of STYLE.md):
-  ||M||_F^2   exact: row norms in float32, summed in float64 (a flat float32 norm loses 1e-3 on 16M values).
-  SVD         randomized (ops/svd_host.py; ops/svd.py on CUDA) when the sketch is under half the small side,
-              exact otherwise.
+Numerics, per matrix view M (out, in), all in float32 (STYLE.md section 5):
+  ||M||_F^2   exact: float32 rows summed in float64, while the pair is read (a flat float32 norm loses 1e-3
+              on 16M values).
+  SVD         randomized (ops/svd.py) when the sketch is under half the small side, exact otherwise. On the
+              CPU the first sketch M @ Omega is formed while the pair is read.
   factors     B = U_k diag(S_k) (out, k), A = Vh_k (k, in), alpha = k, scale rule "standard": scale 1
-              (the placement of kohya's and PEFT's extractors; A has orthonormal rows).
+              (the placement of kohya's and PEFT's extractors; A has orthonormal rows); float32, or cast
+              once to `dtype` (round to nearest even).
   error       rel_error = ||M - B A||_F / ||M||_F. For float32 factors without clamping this is
               sqrt(||M||^2 - sum S_k^2) / ||M|| (exact: U_k is orthonormal, so B A is the projection U_k U_k^T M);
               the residual is computed directly instead when clamping or a cast changes the factors, or when
@@ -52,11 +49,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .. import spec
+from .. import device as devices
+from .. import dtypes, spec
 from ..adapter import Adapter, Target, matrix_shape, whole_target
-from ..container import dtype_name, escape
+from ..container import escape
 from ..errors import MismatchError, NumericError
-from .svd_host import DEFAULT_POWER_ITERATIONS
+from . import extract_run as lanes
+from . import svd
 
 FLOAT_DTYPES = spec.FLOAT_DTYPES
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --dtype -> safetensors dtype name
@@ -85,13 +84,23 @@ class ExtractOptions:
     fan_in_fan_out: tuple[str, ...] = ()  # globs of 2-D weights stored (in, out) (GPT-2 Conv1D)
     embeddings: bool = False  # factorise embeddings (layout "embedding") instead of listing them
     keep_full: bool = False  # store changed tensors that are not factorised whole, as "full" targets
-    clamp_quantile: float | None = None  # kohya's clamp: both factors to +-quantile(|factor values|, q)
+    clamp_quantile: float | None = None  # kohya's clamp: both factors to +-quantile(factor values, q)
     dtype: str = "float32"  # factor dtype, cast once at the end
     seed: int = 0
     oversample: int | None = None  # sketch columns beyond k; default k (at least 8)
-    power_iterations: int | None = None  # default: DEFAULT_POWER_ITERATIONS
-    device: str = "cpu"
-    batch_bytes: int | None = None  # batch same-shaped matrices up to this many float32 bytes (CUDA default 1 GiB)
+    power_iterations: int | None = None  # default: svd.DEFAULT_POWER_ITERATIONS
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N" (loratool.device.resolve)
+
+    def check(self) -> None:
+        """Raises ValueError unless exactly one rank rule is chosen and the dtype is known."""
+        chosen = [x for x in (self.rank if self.max_params is None else None, self.energy, self.threshold)
+                  if x is not None]
+        if len(chosen) + (self.max_params is not None) != 1:
+            raise ValueError("choose exactly one of rank, energy, threshold or max_params")
+        if self.max_params is not None and (self.energy is not None or self.threshold is not None):
+            raise ValueError("max_params combines only with rank (a per-target cap)")
+        if self.dtype not in OUT_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(OUT_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -121,48 +130,46 @@ class Entry:
 
 @dataclass
 class ExtractResult:
+    """What an extraction made: the adapter (numpy factors), its report, and where it was written."""
+
     adapter: Adapter
     rows: list[dict]  # one per stored target: key, layout, shape, rank, rel_error, energy, norm, method
     not_extracted: list[dict]  # changed tensors not in the adapter: key, shape, reason
     unchanged: int
     summary: dict
-
+    output: Path | None = None  # set by loratool.api.extract_files once written
+    bytes: int = 0
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------
 
 class _MappingSource:
-    """A plain mapping of name -> torch tensor seen through the base-reader interface (keys, info, read_into)."""
+    """A plain mapping of name -> array (numpy, or torch: converted once) seen as a base reader (keys, info,
+    read_bytes_into)."""
 
     def __init__(self, tensors: Mapping[str, Any]):
-        self._t = tensors
+        self._t = {k: dtypes.as_numpy(v) for k, v in tensors.items()}
 
     def keys(self):
         return list(self._t)
 
     def info(self, key):
-        t = self._t.get(key)
-        return None if t is None else (tuple(t.shape), dtype_name(t.dtype))
-
-    def read_into(self, key, out, start=0):
-        out.copy_(self._t[key].reshape(-1)[start:start + out.numel()])
-        return out
+        a = self._t.get(key)
+        return None if a is None else (tuple(a.shape), dtypes.dtype_of(a))
 
     def read_bytes_into(self, key, buf, start=0):
         """Little-endian bytes of elements [start, ...) into `buf` (a writable byte buffer)."""
-        from ..container import tensor_bytes
-
-        t = self._t[key]
-        raw = tensor_bytes(t).cast("B")
-        size = t.element_size()
-        buf[:] = raw[start * size:start * size + len(buf)]
+        a = self._t[key]
+        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        dst = np.asarray(memoryview(buf).cast("B"))
+        dst[:] = raw[start * a.itemsize:start * a.itemsize + dst.size]
 
 
 def _source(obj):
     if isinstance(obj, Mapping):
         return _MappingSource(obj)
-    if not hasattr(obj, "read_into"):
-        raise TypeError(f"{type(obj).__name__} is neither a mapping of tensors nor a base reader")
+    if not hasattr(obj, "read_bytes_into"):
+        raise TypeError(f"{type(obj).__name__} is neither a mapping of arrays nor a base reader")
     return obj
 
 
@@ -237,12 +244,14 @@ def plan(ft, base, opts: ExtractOptions, names=("finetuned", "base")) -> list[En
     return entries
 
 
+# ---- rank rules and reports --------------------------------------------------------------------------------
+
 @dataclass
 class _Factors:
     """Top singular triplets of one matrix view, before the rank is final."""
 
     entry: Entry
-    U: Any  # (m, l) float32: a numpy array, or a torch tensor on the torch route
+    U: Any  # (m, l) float32, an array of the device (numpy once kept for the global budget)
     S: Any  # (l,) float32, descending
     Vh: Any  # (l, n) float32
     energy: float  # ||M||_F^2
@@ -251,10 +260,8 @@ class _Factors:
 
 
 def _np64(S) -> np.ndarray:
-    """Singular values as a float64 numpy array, from numpy or from a torch tensor on any device."""
-    if hasattr(S, "detach"):
-        S = S.detach().cpu().numpy()
-    return np.asarray(S, dtype=np.float64)
+    """Singular values as a float64 numpy array, from an array of any device."""
+    return np.asarray(dtypes.as_numpy(S), dtype=np.float64)
 
 
 def _select(S, E: float, opts: ExtractOptions, complete: bool) -> int | None:
@@ -278,7 +285,7 @@ def _fixed_rank(opts: ExtractOptions) -> int | None:
 
 
 def _p(opts):
-    return opts.power_iterations if opts.power_iterations is not None else DEFAULT_POWER_ITERATIONS
+    return opts.power_iterations if opts.power_iterations is not None else svd.DEFAULT_POWER_ITERATIONS
 
 
 def kept_energy(f: _Factors, k: int) -> float:
@@ -296,26 +303,6 @@ def needs_residual(f: _Factors, k: int, opts: ExtractOptions) -> bool:
     return E > 0 and err2 < DIRECT_RESIDUAL_BELOW ** 2 * E
 
 
-def residual_squares_by_rows(M, B, A, sum_squares: Callable[[Any], float], chunk: int) -> float:
-    """||M - B A||_F^2 by row blocks of about `chunk` elements (never a second m x n buffer); M, B, A numpy
-    arrays or torch tensors alike, `sum_squares` the route's."""
-    m, n = M.shape
-    rows = max(1, chunk // max(n, 1))
-    total = 0.0
-    for r0 in range(0, m, rows):
-        R = B[r0:r0 + rows] @ A  # (rows, k) @ (k, n) -> (rows, n)
-        R -= M[r0:r0 + rows]
-        total += sum_squares(R)
-    return total
-
-
-def full_target(e: Entry, delta, E: float, rel_error: float):
-    """A changed tensor stored whole (--keep-full, or a vector): its delta, cast to the output dtype, and its
-    report (norm, and the relative error of the cast)."""
-    return Target(key=e.key, kind="full", layout="full", shape=e.shape, delta=delta, delta_scale=1.0,
-                  dtype=e.base_dtype, info={"norm": math.sqrt(E), "rel_error": rel_error})
-
-
 def factor_report(f: _Factors, k: int, opts: ExtractOptions, residual: Callable[[], float] | None) -> dict:
     """The report of the rank-k factors: error from the singular values, or `residual()` (||M - B A||_F^2 of the
     stored factors) where `needs_residual` says so (callers without the matrix pass None)."""
@@ -331,66 +318,14 @@ def factor_report(f: _Factors, k: int, opts: ExtractOptions, residual: Callable[
             "norm": math.sqrt(E), "method": f.method}
 
 
-def overflow_error(e: Entry, opts: ExtractOptions) -> NumericError:
-    return NumericError(f"target \"{escape(e.key)}\": factors overflow {opts.dtype}; use --dtype bfloat16 or "
-                        "float32")
+def overflow_error(e: Entry, opts: ExtractOptions, what: str = "factors overflow") -> NumericError:
+    return NumericError(f"target \"{escape(e.key)}\": {what} {opts.dtype}; use --dtype bfloat16 or float32")
 
 
 def _check_finite(e: Entry, E: float, names):
     if not math.isfinite(E):
         raise NumericError(f"{names[0]}: tensor \"{escape(e.key)}\": the difference with {names[1]} is not finite "
                            "(NaN or Inf in a model); nothing was written")
-
-
-# ---- the operation -------------------------------------------------------------------------------------------
-
-def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
-            progress: Callable[..., Any] | None = None) -> ExtractResult:
-    """Extract an adapter from two models given as base readers (io.base.open_base) or mappings of tensors.
-
-    Args:
-        ft, base: the finetuned and the base model; any object with keys(), info(key), read_into(key, out,
-            start) and read_bytes_into(key, buf, start) (io.base readers), or a plain mapping of name -> tensor.
-        opts: the rank rule and the rest (ExtractOptions).
-        names: how messages name the two models (their paths).
-        progress: called once with advance=0, total=<tensor pairs>, then with advance=1 after every pair.
-    Returns:
-        ExtractResult with the adapter (targets keyed by the base tensors' keys, per-target reports in
-        Target.info, the run's report in adapter.info["extract"]). On the CPU route the factors are
-        hostarray.HostTensors (numpy); hostarray.as_torch turns one into a torch tensor.
-    Raises:
-        MismatchError: the models do not pair up (missing tensor, shape mismatch).
-        NumericError: a difference is not finite, or the factors overflow the output dtype.
-    """
-    chosen = [x for x in (opts.rank if opts.max_params is None else None, opts.energy, opts.threshold)
-              if x is not None]
-    if len(chosen) + (opts.max_params is not None) != 1:
-        raise ValueError("choose exactly one of rank, energy, threshold or max_params")
-    if opts.max_params is not None and (opts.energy is not None or opts.threshold is not None):
-        raise ValueError("max_params combines only with rank (a per-target cap)")
-    if opts.dtype not in OUT_DTYPES:
-        raise ValueError(f"dtype {opts.dtype!r} is not one of {sorted(OUT_DTYPES)}")
-    ft, base = _source(ft), _source(base)
-    entries = plan(ft, base, opts, names)
-    tick = progress or (lambda **kw: None)
-    tick(advance=0, total=len(entries))
-    if opts.device == "cpu" and opts.batch_bytes is None:
-        from . import extract_host as route
-    else:
-        from . import extract_torch as route
-    done, full_targets, not_extracted, unchanged, dropped = route.run(ft, base, entries, opts, names, tick)
-    return _result(entries, done, full_targets, not_extracted, unchanged, opts, names, dropped)
-
-
-def triage(e: Entry, changed: bool, not_extracted: list[dict]) -> str | None:
-    """What becomes of a pair the reader hands over: "unchanged" (bitwise equal), "listed" (changed but only
-    reported: appended to `not_extracted`), or None (its delta is stored)."""
-    if not changed:
-        return "unchanged"
-    if e.role in ("embedding", "vector", "nonfloat"):
-        not_extracted.append({"key": e.key, "shape": list(e.shape), "reason": not_extracted_reason(e)})
-        return "listed"
-    return None
 
 
 def not_extracted_reason(e: Entry) -> str:
@@ -400,25 +335,189 @@ def not_extracted_reason(e: Entry) -> str:
             "nonfloat": f"not floating point ({e.ft_dtype}); cannot be stored as a delta"}[e.role]
 
 
-def budget_finish(pending: list[_Factors], opts: ExtractOptions, done: dict, not_extracted: list[dict],
-                  finish: Callable) -> tuple[list, list[str]]:
-    """Apply the global --max-params budget to the pending factors: finish those whose error is derived,
-    list those left at rank 0. Returns (the (factors, rank) pairs whose error needs a second read, dropped keys)."""
+# ---- factorising one pair ----------------------------------------------------------------------------------
+
+def first_sketch(e: Entry, opts: ExtractOptions) -> int | None:
+    """Columns of the first randomized sketch of this matrix, or None when its SVD is exact."""
+    m, n = e.matrix_shape
+    k = _fixed_rank(opts)
+    kk = min(k if k is not None else ENERGY_START_RANK, m, n)
+    l = svd.sketch_size(kk, m, n, opts.oversample)
+    return None if svd.prefers_exact(l, m, n) else l
+
+
+def sketch_while_reading(dev, e: Entry, opts: ExtractOptions) -> np.ndarray | None:
+    """The test matrix Omega (n, l) of the pair's first sketch when it is formed while the pair is read (on the
+    CPU, for a row-major matrix view whose rows fit a piece, and a randomized SVD), else None. It is the one
+    `svd.randomized_svd` would draw. On CUDA the device forms the sketch, faster than the CPU while reading."""
+    if not (dev.is_cpu and e.role == "matrix" and e.layout in ("linear", "conv")):
+        return None
+    n = e.matrix_shape[1]
+    l = first_sketch(e, opts)
+    if l is None or not lanes.sketch_fits(n):
+        return None
+    return svd.gaussian_sketch(n, l, svd.seed_for(opts.seed, e.key))
+
+
+def _view(xp, e: Entry, flat):
+    """The (out, in) matrix view of a flat delta in the base tensor's layout (adapter.py docstring)."""
+    if e.layout in ("fan_in_fan_out", "embedding"):
+        return xp.reshape(flat, e.shape).T
+    return xp.reshape(flat, e.matrix_shape)
+
+
+def factorize(dev, M, e: Entry, E: float, opts: ExtractOptions, Y=None) -> _Factors:
+    """Top singular triplets of the matrix view M (m, n) on `dev`, enough for the rank rule.
+    `Y`: the first sketch M @ Omega when already formed while reading."""
+    m, n = M.shape
+    seed = svd.seed_for(opts.seed, e.key)
+    l = first_sketch(e, opts)
+    if l is None:
+        return _Factors(e, *svd.exact_svd(dev, M), E, "exact")
+    if _fixed_rank(opts) is not None:
+        return _Factors(e, *svd.randomized_svd(dev, M, l, seed, _p(opts), Y=Y), E, "randomized")
+    kk = min(ENERGY_START_RANK, m, n)
+    while True:  # adaptive ranks: grow the sketch x4 until the rule is decided
+        U, S, Vh = svd.randomized_svd(dev, M, l, seed, _p(opts), Y=Y)
+        if _select(S, E, opts, complete=False) is not None:
+            return _Factors(e, U, S, Vh, E, "randomized")
+        kk *= 4
+        l, Y = svd.sketch_size(kk, m, n, opts.oversample), None
+        if svd.prefers_exact(l, m, n):
+            return _Factors(e, *svd.exact_svd(dev, M), E, "exact")
+
+
+def _stored(x: np.ndarray, st: str) -> np.ndarray:
+    """float32 host values as stored: C-contiguous, cast once to `st` (round to nearest even)."""
+    return np.ascontiguousarray(x) if st == "F32" else dtypes.cast(np.ascontiguousarray(x), st)
+
+
+def finish(dev, f: _Factors, k: int, opts: ExtractOptions, M=None):
+    """Truncate to rank k, clamp and cast; measure the error. Returns (B, A, report), B and A numpy arrays.
+
+    M is the float32 matrix view on `dev`; it is needed only when the residual must be computed directly
+    (`needs_residual`).
+
+    Raises:
+        NumericError: the factors overflow the output dtype.
+    """
+    B = np.array(dev.to_numpy(f.U[:, :k] * f.S[:k]), order="C")  # (m, k) * (k,) -> (m, k): B = U diag(S)
+    A = np.array(dev.to_numpy(f.Vh[:k]), order="C")  # (k, n); a copy, so the sketch's (l, n) storage is freed
+    if opts.clamp_quantile is not None and k > 0:
+        hi = svd.quantile(np.concatenate([B.reshape(-1), A.reshape(-1)]), opts.clamp_quantile)
+        np.clip(B, -hi, hi, out=B)
+        np.clip(A, -hi, hi, out=A)
+    st = OUT_DTYPES[opts.dtype]
+    if dtypes.out_of_range(B, st) is not None or dtypes.out_of_range(A, st) is not None:
+        raise overflow_error(f.entry, opts)
+    B, A = _stored(B, st), _stored(A, st)
+    residual = None if M is None else (lambda: svd.residual_squares(dev, M, dev.asarray(B), dev.asarray(A)))
+    return B, A, factor_report(f, k, opts, residual)
+
+
+def _full_target(e: Entry, delta: np.ndarray, E: float, opts: ExtractOptions) -> Target:
+    """A changed tensor stored whole (--keep-full): its delta cast to the output dtype, and its report (norm,
+    and the relative error of the cast)."""
+    st = OUT_DTYPES[opts.dtype]
+    if dtypes.out_of_range(delta, st) is not None:
+        raise overflow_error(e, opts, "its difference overflows")
+    stored = np.array(delta) if st == "F32" else dtypes.cast(delta, st)  # a copy: the slot is reused
+    err2, cpu, step = 0.0, devices.cpu(), lanes.CHUNK_ELEMENTS
+    if st != "F32":
+        for a in range(0, delta.size, step):  # in pieces: no float32 copy of a whole embedding
+            err2 += svd.sum_squares(cpu, stored[a:a + step].astype(np.float32) - delta[a:a + step])
+    return Target(key=e.key, kind="full", layout="full", shape=e.shape, delta=stored.reshape(e.shape),
+                  delta_scale=1.0, dtype=e.base_dtype, info={"norm": math.sqrt(E), "rel_error": math.sqrt(err2 / E)})
+
+
+def _pair(dev, ft, base, opts: ExtractOptions, names, budget: bool):
+    """The lanes' work on one pair: returns what becomes of it, as (kind, value) with kind one of
+    "unchanged", "listed" (value: the not_extracted record), "full" (a Target), "done" ((B, A, report)) and
+    "pending" (host factors for the global budget)."""
+
+    def handle(s: lanes.Scratch, e: Entry, delta):
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite deltas are refused by name below
+            if delta is None:  # compared only
+                if not lanes.changed(ft, base, e, s):
+                    return "unchanged", None
+                return "listed", {"key": e.key, "shape": list(e.shape), "reason": not_extracted_reason(e)}
+            E, Y = lanes.subtract(ft, base, e, delta, s, sketch_while_reading(dev, e, opts))
+            if not math.isfinite(E) and not lanes.changed(ft, base, e, s):
+                return "unchanged", None  # NaN or Inf in the same places of both
+            if E == 0.0:  # bitwise equal, or numerically (-0.0 and 0.0, a dtype change)
+                return "unchanged", None
+            _check_finite(e, E, names)
+            if e.role == "full":
+                return "full", _full_target(e, delta, E, opts)
+            M = _view(dev.xp, e, dev.asarray(delta))  # on the CPU the slot itself; a copy on CUDA
+            f = factorize(dev, M, e, E, opts, Y)
+            if budget:  # keep the cap's triplets on the host; the global budget picks the ranks at the end
+                kcap = min(_fixed_rank(opts), *e.matrix_shape)
+                f.U, f.S, f.Vh = (np.array(dev.to_numpy(x)) for x in (f.U[:, :kcap], f.S[:kcap], f.Vh[:kcap]))
+                return "pending", f
+            k = min(opts.rank, *e.matrix_shape) if opts.rank is not None else _select(f.S, E, opts, complete=True)
+            return "done", finish(dev, f, k, opts, M)
+
+    return handle
+
+
+def _run(dev, ft, base, entries: list[Entry], opts: ExtractOptions, names, tick):
+    """Every pair through the lanes; returns (done, full targets, not extracted, unchanged)."""
+    full_targets: list[Target] = []
+    pending: list[_Factors] = []  # budget mode: factors waiting for the global rank choice
+    done: dict[str, tuple] = {}  # key -> (B, A, report)
+    not_extracted: list[dict] = []
+    unchanged = 0
+    budget = opts.max_params is not None
+    n_lanes, per_lane = lanes.lane_plan()
+    with devices.blas_threads(per_lane):
+        outcomes = lanes.run_lanes(entries, _pair(dev, ft, base, opts, names, budget), n_lanes,
+                                   lanes.slot_sizes(entries, n_lanes), tick)
+        for e, (kind, value) in zip(entries, outcomes):
+            if kind == "unchanged":
+                unchanged += 1
+            elif kind == "listed":
+                not_extracted.append(value)
+            elif kind == "full":
+                full_targets.append(value)
+            elif kind == "pending":
+                pending.append(value)
+            else:
+                done[e.key] = value
+
+        if budget:
+            redo = _budget_finish(pending, opts, done, not_extracted)
+            if redo:  # re-read the pairs whose error must be measured on the final (clamped or cast) factors
+                by_key = {f.entry.key: (f, k) for f, k in redo}
+                again = [f.entry for f, _ in redo]
+
+                def measure(s: lanes.Scratch, e: Entry, delta):
+                    f, k = by_key[e.key]
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        lanes.subtract(ft, base, e, delta, s)
+                        return finish(dev, f, k, opts, _view(dev.xp, e, dev.asarray(delta)))
+
+                for e, value in zip(again, lanes.run_lanes(again, measure, n_lanes, lanes.slot_sizes(again, n_lanes))):
+                    done[e.key] = value
+    return done, full_targets, not_extracted, unchanged
+
+
+def _budget_finish(pending: list[_Factors], opts: ExtractOptions, done: dict, not_extracted: list[dict]):
+    """Apply the global --max-params budget to the pending (host) factors: finish those whose error is derived,
+    list those left at rank 0. Returns the (factors, rank) pairs whose error needs a second read."""
     ranks = _budget_ranks(pending, opts.max_params)
-    redo, dropped = [], []
+    redo = []
     for f in pending:
         k = ranks[f.entry.key]
         if k == 0:
-            dropped.append(f.entry.key)
             not_extracted.append({"key": f.entry.key, "shape": list(f.entry.shape),
                                   "reason": f"rank 0 under --max-params {opts.max_params}"})
             continue
         if needs_residual(f, k, opts):
             redo.append((f, k))
         else:
-            done[f.entry.key] = finish(f, k, opts)
-    return redo, dropped
-
+            done[f.entry.key] = finish(devices.cpu(), f, k, opts)
+    return redo
 
 
 def _budget_ranks(pending: list[_Factors], max_params: int) -> dict[str, int]:
@@ -442,14 +541,40 @@ def _budget_ranks(pending: list[_Factors], max_params: int) -> dict[str, int]:
     return ranks
 
 
-def _contiguous(x):
-    """x in C order, keeping its type (torch tensor, numpy array or HostTensor)."""
-    if hasattr(x, "contiguous"):
-        return x.contiguous()
-    return x if x.flags.c_contiguous else x.copy()
+# ---- the operation -------------------------------------------------------------------------------------------
+
+def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
+            progress: Callable[..., Any] | None = None) -> ExtractResult:
+    """Extract an adapter from two models given as base readers (io.base.open_base) or mappings of arrays.
+
+    Args:
+        ft, base: the finetuned and the base model; any object with keys(), info(key) -> (shape, dtype name)
+            and read_bytes_into(key, buf, start) (io.base readers), or a plain mapping of name -> numpy array
+            or torch tensor.
+        opts: the rank rule, the device and the rest (ExtractOptions).
+        names: how messages name the two models (their paths).
+        progress: called once with advance=0, total=<tensor pairs>, then with advance=1 after every pair.
+    Returns:
+        ExtractResult with the adapter (targets keyed by the base tensors' keys; factors and full deltas are
+        numpy arrays, float32 or the cast `opts.dtype`; per-target reports in Target.info, the run's report in
+        adapter.info["extract"]).
+    Raises:
+        ValueError: the options choose no rank rule or more than one (ExtractOptions.check).
+        UnsupportedError: the device is not available.
+        MismatchError: the models do not pair up (missing tensor, shape mismatch).
+        NumericError: a difference is not finite, or the factors overflow the output dtype.
+    """
+    opts.check()
+    ft, base = _source(ft), _source(base)
+    with devices.session(opts.device) as dev:
+        entries = plan(ft, base, opts, names)
+        tick = progress or (lambda **kw: None)
+        tick(advance=0, total=len(entries))
+        done, full_targets, not_extracted, unchanged = _run(dev, ft, base, entries, opts, names, tick)
+    return _result(entries, done, full_targets, not_extracted, unchanged, opts, names)
 
 
-def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, dropped) -> ExtractResult:
+def _result(entries, done, full_targets, not_extracted, unchanged, opts, names) -> ExtractResult:
     by_key = {e.key: e for e in entries}
     targets, rows = [], []
     for key in sorted(done):
@@ -459,8 +584,8 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
             not_extracted.append({"key": key, "shape": list(e.shape),
                                   "reason": f"no singular value >= --threshold {opts.threshold}"})
             continue
-        targets.append(whole_target(key, e.layout, e.shape, _contiguous(A), _contiguous(B), alpha=rep["rank"],
-                                    dtype=e.base_dtype, info=dict(rep)))
+        targets.append(whole_target(key, e.layout, e.shape, A, B, alpha=rep["rank"], dtype=e.base_dtype,
+                                    info=dict(rep)))
         rows.append({"key": key, "layout": e.layout, "shape": list(e.shape), **rep})
     for t in full_targets:
         rows.append({"key": t.key, "layout": "full", "shape": list(t.shape), "rank": 0,
@@ -473,7 +598,6 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
                  {"rank": opts.rank} if opts.rank is not None else
                  {"energy": opts.energy} if opts.energy is not None else {"threshold": opts.threshold})
     not_extracted.sort(key=lambda r: r["key"])
-    adapter_targets = targets + full_targets
     summary = {
         "finetuned": str(names[0]), "base": str(names[1]), "selection": selection, "seed": opts.seed,
         "oversample": opts.oversample if opts.oversample is not None else "rank (at least 8)",
@@ -484,12 +608,12 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names, 
         "energy": 1.0 - err2 / norm2 if norm2 > 0 else 1.0,
         "not_extracted": not_extracted,
     }
-    adapter = Adapter(targets={t.key: t for t in adapter_targets}, info={"extract": summary})
+    adapter = Adapter(targets={t.key: t for t in targets + full_targets}, info={"extract": summary})
     summary["parameters"] = adapter.n_params
     return ExtractResult(adapter=adapter, rows=rows, not_extracted=not_extracted, unchanged=unchanged,
                          summary=summary)
 
 
-__all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints",
-           "needs_residual", "kept_energy", "factor_report", "overflow_error", "not_extracted_reason", "triage",
-           "budget_finish", "full_target", "residual_squares_by_rows", "OUT_DTYPES", "EMBEDDING_MODULES", "GPT2_CONV1D"]
+__all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints", "factorize", "finish",
+           "first_sketch", "sketch_while_reading", "needs_residual", "kept_energy", "factor_report", "overflow_error",
+           "not_extracted_reason", "OUT_DTYPES", "EMBEDDING_MODULES", "GPT2_CONV1D"]

@@ -1,0 +1,220 @@
+"""How `extract` (ops/extract.py) reads its tensor pairs: lanes, reused buffers, and deltas built piece by piece.
+
+Lanes: the pairs are taken in order by one thread per core (at most MAX_LANES), each of which reads its pair
+and factorises it, with the BLAS held to a share of the cores per lane (`device.blas_threads`, threadpoolctl),
+so that each core runs one product at a time: no core runs a reader and a product together, no BLAS thread
+waits for another. On the 2-core machine of benchmarks/README.md this is about 1.5x faster end to end than
+one reader thread beside products spread over both cores. With CUDA the lanes are the same: one lane reads
+while the device factorises another lane's pair. The main thread is the first lane; where threadpoolctl
+finds no BLAS to limit, there is one lane and the BLAS keeps its own threads.
+
+A lane reads a pair in pieces of CHUNK_ELEMENTS elements (pread into the lane's buffers; a mapping of the
+file would cost each lane page faults and TLB shootdowns), widens both to float32 (ml_dtypes for bfloat16),
+subtracts into a delta buffer and sums the squares while the piece is in the cache. When the caller passes
+the sketch's test matrix, the pieces are whole rows and the first sketch M @ Omega is formed piece by piece
+too, so that the delta is read from memory once less. Delta buffers come from a fixed set of slots (the
+largest delta, and one of LANE_SLOT_BYTES or of the size most pairs need, whichever is larger, per further
+lane), handed out in the order of the pairs, so that peak memory is bounded and the run cannot starve.
+Every pair's result depends on that pair alone, and results are gathered in the order of the pairs: the
+output does not depend on the number of lanes. Errors too: when pairs fail, the first failing pair in order
+is the one reported.
+
+The entries handled here are ops.extract.Entry objects (key, shape, numel, ft_dtype, base_dtype, whole).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import device, dtypes
+from .svd import sum_squares
+
+CHUNK_ELEMENTS = 1 << 18  # a piece of a pair: 1 MiB of float32 delta, so that the passes over it stay in cache
+LANE_SLOT_BYTES = 1 << 26  # each further lane's delta slot holds at least 64 MiB (every projection of a 1B model)
+MAX_LANES = 4  # more lanes multiply the slots' memory; past 4 cores, each lane's products get more threads
+
+
+def _blas_limitable() -> bool:
+    """Whether threadpoolctl finds a BLAS whose threads it can limit (OpenBLAS, MKL, BLIS)."""
+    from threadpoolctl import threadpool_info
+
+    return any(lib.get("user_api") == "blas" for lib in threadpool_info())
+
+
+def lane_plan() -> tuple[int, int | None]:
+    """(lanes, BLAS threads per lane): one lane per core up to MAX_LANES, the cores shared among them; one lane
+    and the BLAS's own threads (None) where there is a single core or the BLAS cannot be limited."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if cores < 2 or not _blas_limitable():
+        return 1, None
+    lanes = min(cores, MAX_LANES)
+    return lanes, max(1, cores // lanes)
+
+
+def slot_sizes(entries: list, lanes: int) -> list[int]:
+    """float32 elements of each delta slot: the largest delta, then one per further lane holding at least
+    LANE_SLOT_BYTES, or the delta size that all but the largest eighth of the pairs fit (never more than the
+    largest)."""
+    sizes = sorted((e.numel for e in entries if e.whole), reverse=True)
+    if not sizes:
+        return []
+    common = sizes[len(sizes) // 8]
+    other = min(sizes[0], max(LANE_SLOT_BYTES // 4, common))
+    return [sizes[0]] + [other] * (lanes - 1)
+
+
+class Scratch:
+    """One lane's piece buffers: two raw ones (8-byte dtypes at most) and a float32 one."""
+
+    def __init__(self):
+        self.f = np.empty(CHUNK_ELEMENTS * 8, np.uint8)
+        self.b = np.empty(CHUNK_ELEMENTS * 8, np.uint8)
+        self.t = np.empty(CHUNK_ELEMENTS, np.float32)
+
+
+def run_lanes(entries: list, handle: Callable[[Scratch, Any, Any], Any], lanes: int, sizes: list[int],
+              tick: Callable[..., Any] = lambda **kw: None) -> list:
+    """handle(scratch, entry, delta) for every entry on `lanes` threads (the caller's is the first); returns
+    the results in the order of `entries`.
+
+    `delta` is a float32 buffer of entry.numel elements (a slot of `sizes`) for entries read whole, None for
+    the others; it is handed back to the slots when `handle` returns, so a result must not keep it. Entries
+    are claimed in order, and a lane waits for a slot that fits before claiming, so that slots are handed out
+    in order too (the largest slot always comes free). After an error, no further entry is claimed, the lanes
+    finish the entries they hold, and the error of the first failing entry in order is raised."""
+    slots = [np.empty(s, np.float32) for s in sizes]
+    free = list(range(len(slots)))
+    cond = threading.Condition()
+    out: list = [None] * len(entries)
+    errors: dict[int, BaseException] = {}
+    pos = [0]
+    stop = threading.Event()
+    ticking = threading.Lock()
+
+    def claim():
+        with cond:
+            while True:
+                i = pos[0]
+                if stop.is_set() or i >= len(entries):
+                    return None
+                if not entries[i].whole:
+                    pos[0] += 1
+                    return i, None
+                fits = [j for j in free if slots[j].size >= entries[i].numel]
+                if fits:
+                    j = min(fits, key=lambda x: slots[x].size)
+                    free.remove(j)
+                    pos[0] += 1
+                    return i, j
+                cond.wait()
+
+    def lane():
+        scratch = Scratch()
+        while (c := claim()) is not None:
+            i, j = c
+            e = entries[i]
+            try:
+                out[i] = handle(scratch, e, None if j is None else slots[j][:e.numel])
+                with ticking:
+                    tick(advance=1)
+            except BaseException as exc:  # raised in the caller's thread, in entry order
+                with cond:
+                    errors[i] = exc
+                    stop.set()
+                    cond.notify_all()
+                return
+            finally:
+                if j is not None:
+                    with cond:
+                        free.append(j)
+                        cond.notify_all()
+
+    threads = [threading.Thread(target=lane, name=f"loratool-extract-lane-{n}", daemon=True)
+               for n in range(1, max(1, lanes))]
+    for t in threads:
+        t.start()
+    try:
+        lane()
+        for t in threads:
+            t.join()
+    except BaseException:  # an interrupt: the other lanes finish the pairs they hold, then stop
+        stop.set()
+        with cond:
+            cond.notify_all()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[min(errors)]
+    return out
+
+
+# ---- reading a pair ---------------------------------------------------------------------------------------------
+
+def _raw(src, key: str, dtype: str, start: int, n: int, buf: np.ndarray) -> np.ndarray:
+    """Elements [start, start + n) of a tensor as numpy values of its dtype, read into `buf`."""
+    dt = dtypes.np_dtype(dtype)
+    raw = buf[:n * dt.itemsize]
+    src.read_bytes_into(key, memoryview(raw), start)
+    return raw.view(dt)
+
+
+def _spans(numel: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(step, numel - a)) for a in range(0, numel, step)]
+
+
+def changed(ft, base, e, s: Scratch) -> bool:
+    """Whether the pair differs bitwise (a dtype change counts as a change), compared piece by piece."""
+    if e.ft_dtype != e.base_dtype:
+        return True
+    for a, n in _spans(e.numel, CHUNK_ELEMENTS):
+        f = _raw(ft, e.key, e.ft_dtype, a, n, s.f)
+        b = _raw(base, e.key, e.base_dtype, a, n, s.b)
+        if not np.array_equal(f.view(np.uint8), b.view(np.uint8)):
+            return True
+    return False
+
+
+def sketch_fits(n: int) -> bool:
+    """Whether rows of n values fit a piece, so that the first sketch can be formed while reading."""
+    return n <= CHUNK_ELEMENTS
+
+
+def subtract(ft, base, e, delta: np.ndarray, s: Scratch, omega: np.ndarray | None = None):
+    """delta = ft - base in float32, piece by piece; returns (||delta||^2, Y).
+
+    With `omega` (n, l), the delta is a row-major (m, n) matrix (n <= CHUNK_ELEMENTS, `sketch_fits`) and
+    Y = delta @ omega (m, l) is formed on the pieces while they are in cache; otherwise Y is None.
+    The energy is summed in piece order (float64). Bitwise equality is not tested here: an unchanged pair
+    has a zero delta, which the caller counts as unchanged."""
+    cpu = device.cpu()
+    Y = None
+    step = CHUNK_ELEMENTS
+    if omega is not None:
+        n = omega.shape[0]
+        Y = np.empty((e.numel // n, omega.shape[1]), np.float32)
+        step = (CHUNK_ELEMENTS // n) * n
+    energy = 0.0
+    for a, n_el in _spans(e.numel, step):
+        d = delta[a:a + n_el]
+        np.copyto(d, _raw(ft, e.key, e.ft_dtype, a, n_el, s.f), casting="unsafe")  # exact widening (F64 rounds)
+        t = s.t[:n_el]
+        np.copyto(t, _raw(base, e.key, e.base_dtype, a, n_el, s.b), casting="unsafe")
+        np.subtract(d, t, out=d)
+        energy += sum_squares(cpu, d)
+        if Y is not None:
+            rows = d.reshape(-1, omega.shape[0])  # (rows, n) @ (n, l) -> (rows, l)
+            r0 = a // omega.shape[0]
+            np.matmul(rows, omega, out=Y[r0:r0 + rows.shape[0]])
+    return energy, Y
+
+
+__all__ = ["CHUNK_ELEMENTS", "LANE_SLOT_BYTES", "MAX_LANES", "lane_plan", "slot_sizes", "Scratch", "run_lanes",
+           "changed", "sketch_fits", "subtract"]
