@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from builders import sample_adapter
+from builders import sample_adapter, torch_delta
 from loratool.cli import cli
 from loratool.io.native import save
 
@@ -44,13 +44,11 @@ def test_inspect_json(adapter_file):
 
 
 def test_inspect_stats_from_factors(adapter_file):
-    from loratool.ops.linalg import delta_tensor
-
     code, out, _ = run("inspect", adapter_file, "--json", "--stats")
     assert code == 0
     rows = {r["target"]: r["stats"] for r in json.loads(out)["per_target"]}
     for t in sample_adapter():
-        dense = delta_tensor(t).double()
+        dense = torch_delta(t).double()
         # Frobenius norm from the factors agrees with the dense norm to float32 rounding.
         assert rows[t.key]["norm"] == pytest.approx(float(dense.norm()), rel=1e-5)
         assert rows[t.key]["nonfinite"] == 0

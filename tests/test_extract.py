@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from builders import torch_delta
 from loratool.errors import MismatchError, NumericError
 from loratool.hostarray import as_torch
 from loratool.ops import extract as ex
@@ -15,7 +16,6 @@ from loratool.ops import extract_host as exh
 from loratool.ops import extract_torch as ext
 from loratool.ops.extract import ExtractOptions, extract, plan
 from loratool.ops.extract_torch import sum_squares
-from loratool.ops.linalg import delta_tensor
 from loratool.ops.svd import exact_svd, quantile, randomized_svd, seed_for
 
 F32_REL = 1e-5  # float32 recovery of an exactly low-rank delta: relative Frobenius error
@@ -44,7 +44,7 @@ def merged(base, result):
     """base + ΔW of every target: the merge, computed with ops/linalg.delta_tensor."""
     out = {k: v.clone() for k, v in base.items()}
     for t in result.adapter:
-        out[t.key] = (out[t.key].float() + delta_tensor(t)).to(out[t.key].dtype)
+        out[t.key] = (out[t.key].float() + torch_delta(t)).to(out[t.key].dtype)
     return out
 
 
@@ -68,7 +68,7 @@ def test_exact_rank4_delta_recovered(rank, shape):
     r = extract(ft, base, ExtractOptions(rank=rank))
     t = r.adapter.targets["layer.weight"]
     assert t.rank == min(rank, *shape)
-    assert rel(delta_tensor(t), D) < F32_REL
+    assert rel(torch_delta(t), D) < F32_REL
     assert t.info["rel_error"] < F32_REL
     assert t.info["energy"] > 1 - F32_REL
     assert r.rows[0]["method"] == ("exact" if shape == (12, 10) else "randomized")
@@ -88,7 +88,7 @@ def signal_plus_noise(m, n, seed, r=32, decay=8.0, noise_energy=0.2):
 def eckart_young_ratio(M, t, k):
     S = torch.linalg.svdvals(M.double())
     optimum = math.sqrt(float((S[k:] ** 2).sum()) / float((S ** 2).sum()))
-    return rel(delta_tensor(t), M) / optimum  # the stored factors' true error, computed here in float64
+    return rel(torch_delta(t), M) / optimum  # the stored factors' true error, computed here in float64
 
 
 @pytest.mark.parametrize("k", [4, 8, 16])
@@ -100,7 +100,7 @@ def test_noisy_delta_within_one_percent_of_eckart_young(k, seed):
     r = extract(ft, base, ExtractOptions(rank=k, seed=seed))
     t = r.adapter.targets["w"]
     assert eckart_young_ratio(M, t, k) <= EY_FACTOR
-    assert abs(t.info["rel_error"] - rel(delta_tensor(t), M)) <= 1e-5  # reported error equals the true error
+    assert abs(t.info["rel_error"] - rel(torch_delta(t), M)) <= 1e-5  # reported error equals the true error
     assert r.rows[0]["method"] == "randomized"
 
 
@@ -120,7 +120,7 @@ def test_reported_error_after_cast_and_clamp_is_the_stored_factors_error():
     ft, base = pair(w=M)
     for opts in (ExtractOptions(rank=6, dtype="bfloat16"), ExtractOptions(rank=6, clamp_quantile=0.9)):
         t = extract(ft, base, opts).adapter.targets["w"]
-        assert abs(t.info["rel_error"] - rel(delta_tensor(t), M)) < 1e-5
+        assert abs(t.info["rel_error"] - rel(torch_delta(t), M)) < 1e-5
 
 
 # ---- layouts: conv, fan_in_fan_out, fused, embeddings ------------------------------------------------------
@@ -130,7 +130,7 @@ def test_conv_kernel_flattened_and_recovered():
     ft, base = pair(**{"unet.conv.weight": D})
     t = extract(ft, base, ExtractOptions(rank=2)).adapter.targets["unet.conv.weight"]
     assert t.layout == "conv" and t.shape == (8, 4, 3, 3) and t.blocks[0].A.shape == (2, 36)
-    assert rel(delta_tensor(t), D) < F32_REL
+    assert rel(torch_delta(t), D) < F32_REL
 
 
 def test_fan_in_fan_out_hint_transposes_the_matrix_view():
@@ -139,7 +139,7 @@ def test_fan_in_fan_out_hint_transposes_the_matrix_view():
     r = extract(ft, base, ExtractOptions(rank=3, fan_in_fan_out=ex.GPT2_CONV1D))
     t = r.adapter.targets["h.0.attn.c_attn.weight"]
     assert t.layout == "fan_in_fan_out" and t.blocks[0].B.shape == (24, 3) and t.blocks[0].A.shape == (3, 40)
-    assert rel(delta_tensor(t), D) < F32_REL
+    assert rel(torch_delta(t), D) < F32_REL
 
 
 def test_fused_qkv_with_two_adapted_blocks_is_recovered_at_their_total_rank():
@@ -151,8 +151,8 @@ def test_fused_qkv_with_two_adapted_blocks_is_recovered_at_their_total_rank():
     ft, base = pair(**{"gpt_neox.layers.0.attention.query_key_value.weight": D})
     t = extract(ft, base, ExtractOptions(rank=4)).adapter.targets[
         "gpt_neox.layers.0.attention.query_key_value.weight"]
-    assert rel(delta_tensor(t), D) < F32_REL
-    assert float(delta_tensor(t)[d:2 * d].abs().max()) < 1e-5 * float(D.abs().max())  # k rows stay unchanged
+    assert rel(torch_delta(t), D) < F32_REL
+    assert float(torch_delta(t)[d:2 * d].abs().max()) < 1e-5 * float(D.abs().max())  # k rows stay unchanged
 
 
 def test_tiny_llama_and_gpt2_merge_of_extract_is_the_finetune():
@@ -184,7 +184,7 @@ def test_embeddings_listed_by_default_factorised_when_asked():
     assert "pass --embeddings" in r.not_extracted[0]["reason"]
     t = extract(ft, base, ExtractOptions(rank=2, embeddings=True)).adapter.targets["model.embed_tokens.weight"]
     assert t.layout == "embedding" and t.blocks[0].A.shape == (2, 50)  # M = W^T: A (r, num_embeddings)
-    assert rel(delta_tensor(t), D) < F32_REL
+    assert rel(torch_delta(t), D) < F32_REL
 
 
 # ---- streaming: unchanged, vectors, full targets ----------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_compare_only_tensors_are_compared_in_pieces(monkeypatch):
     ft["model.embed_tokens.weight"] = emb
     r = extract(ft, base, ExtractOptions(rank=2))
     assert [x["key"] for x in r.not_extracted] == ["model.embed_tokens.weight"]
-    assert rel(delta_tensor(r.adapter.targets["lin.weight"]), ft["lin.weight"] - base["lin.weight"]) < F32_REL
+    assert rel(torch_delta(r.adapter.targets["lin.weight"]), ft["lin.weight"] - base["lin.weight"]) < F32_REL
     ft["model.embed_tokens.weight"] = base["model.embed_tokens.weight"]
     assert extract(ft, base, ExtractOptions(rank=2)).unchanged == 1
 
@@ -237,7 +237,7 @@ def test_read_ahead_arena_wraps_around_and_every_delta_is_intact(monkeypatch, ah
     ft, base = pair(**deltas)
     r = extract(ft, base, ExtractOptions(rank=2, batch_bytes=1))
     for k, D in deltas.items():
-        assert rel(delta_tensor(r.adapter.targets[k]), D) < F32_REL, k
+        assert rel(torch_delta(r.adapter.targets[k]), D) < F32_REL, k
 
 
 def test_a_read_error_in_the_reader_thread_reaches_the_caller(monkeypatch):
@@ -283,7 +283,7 @@ def test_bf16_models_computed_in_float32():
     true = ft["w"].float() - base["w"].float()  # the delta the files actually hold
     t = extract(ft, base, ExtractOptions(rank=48)).adapter.targets["w"]
     assert t.dtype == "BF16" and as_torch(t.blocks[0].A).dtype == torch.float32
-    assert rel(delta_tensor(t), true) < F32_REL
+    assert rel(torch_delta(t), true) < F32_REL
 
 
 # ---- rank rules ---------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_energy_rule_on_randomized_path_grows_the_sketch_until_reached():
     ft, base = pair(w=M)
     r = extract(ft, base, ExtractOptions(energy=0.8))
     t = r.adapter.targets["w"]
-    assert t.info["energy"] >= 0.8 and rel(delta_tensor(t), M) <= math.sqrt(1 - 0.8) + 1e-6
+    assert t.info["energy"] >= 0.8 and rel(torch_delta(t), M) <= math.sqrt(1 - 0.8) + 1e-6
     S2 = torch.linalg.svdvals(M.double()) ** 2
     optimal = int((torch.cumsum(S2, 0) / S2.sum() < 0.8).sum()) + 1
     assert optimal <= t.rank <= optimal + 2  # sketch singular values are slight underestimates
@@ -341,7 +341,7 @@ def test_budget_with_a_cast_measures_the_stored_factors_in_a_second_pass():
     assert r.summary["parameters"] <= 6 * 160
     for k, t in r.adapter.targets.items():
         assert as_torch(t.blocks[0].A).dtype == torch.bfloat16
-        assert abs(t.info["rel_error"] - rel(delta_tensor(t), ft[k] - base[k])) < 1e-5
+        assert abs(t.info["rel_error"] - rel(torch_delta(t), ft[k] - base[k])) < 1e-5
 
 
 def test_budget_ranks_greedy_takes_prefixes_by_energy_per_parameter():
@@ -382,7 +382,7 @@ def test_cuda_agrees_with_cpu():
         for k in ms:
             a, b = cpu.adapter.targets[k], gpu.adapter.targets[k]
             assert a.rank == b.rank if "rank" in opts else abs(a.rank - b.rank) <= 1  # an energy boundary may tie
-            assert rel(delta_tensor(b), delta_tensor(a)) < 1e-4
+            assert rel(torch_delta(b), torch_delta(a)) < 1e-4
             assert abs(a.info["rel_error"] - b.info["rel_error"]) < 1e-4
 
 
