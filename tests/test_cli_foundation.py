@@ -157,6 +157,21 @@ def test_inspect_never_imports_torch(adapter_file):
     assert r.stdout.strip().endswith("NO_TORCH")
 
 
+def test_inspect_stats_of_a_native_file_never_imports_torch(adapter_file):
+    code = ("import sys, json, io, contextlib, runpy; sys.argv=['loratool','inspect',%r,'--json','--stats'];\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n"
+            " try:\n  runpy.run_module('loratool', run_name='__main__')\n"
+            " except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "rows = json.loads(buf.getvalue())['per_target']\n"
+            "assert all(r['stats']['norm'] > 0 for r in rows), rows\n"
+            "print('NO_TORCH')" % str(adapter_file))
+    r = _subprocess("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("NO_TORCH")
+
+
 def test_help_never_imports_torch():
     r = _subprocess("-X", "importtime", "-m", "loratool", "--help")
     assert r.returncode == 0
