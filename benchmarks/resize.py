@@ -2,7 +2,7 @@
 
 The dense route is what kohya's resize (and PEFT's svd combine) do: materialise ΔW = s·B·A (out x in) and
 take torch.linalg.svd of it (full_matrices=False, the cheaper variant), in float32. loratool runs
-`ops.rescale.resize`, which works from the factors only. Both keep 16 singular values.
+`ops.rescale.resize` (numpy), which works from the factors only. Both keep 16 singular values.
 
 Accuracy: the kept singular values of each route are compared with each other and with a float64 reference
 (a factored SVD in float64, exact to ~1e-15 relative), as the largest relative difference over the 16.
@@ -11,7 +11,8 @@ Run (one run, serialised with other benchmarks):
 
     flock /tmp/loratool-bench.lock /work/venv/bin/python benchmarks/resize.py
 
-Options: --shapes 4096x4096,14336x4096  --rank 64  --keep 16  --threads N (default: torch's)  --json
+Options: --shapes 4096x4096,14336x4096  --rank 64  --keep 16  --threads N (torch's and numpy's BLAS threads;
+default: each library's own)  --json
 """
 
 from __future__ import annotations
@@ -21,26 +22,30 @@ import json
 import platform
 import time
 
+import numpy as np
 import torch
 
 from loratool.adapter import Adapter, whole_target
+from loratool.device import blas_threads
 from loratool.ops.linalg import factored_svd, stacked_factors
 from loratool.ops.rescale import resize
 
 
 def make_adapter(shapes, rank: int, seed: int = 0) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
+    """Factors as numpy float32 arrays, as the readers hold them."""
+    rng = np.random.default_rng(seed)
     targets = []
     for i, (out, inp) in enumerate(shapes):
-        A = torch.randn(rank, inp, generator=g) / inp ** 0.5  # (r, in), Kaiming-like
-        B = torch.randn(out, rank, generator=g) * 0.01  # (out, r), a trained-LoRA-like magnitude
+        A = (rng.standard_normal((rank, inp)) / inp ** 0.5).astype(np.float32)  # (r, in), Kaiming-like
+        B = (rng.standard_normal((out, rank)) * 0.01).astype(np.float32)  # (out, r), a trained-LoRA-like magnitude
         targets.append(whole_target(f"layers.{i}.proj_{out}x{inp}.weight", "linear", (out, inp), A, B,
                                     alpha=2.0 * rank))
     return Adapter(targets={t.key: t for t in targets})
 
 
-def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a.double() - b.double()).abs() / b.double().abs()).max())
+def max_rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float((np.abs(a - b) / np.abs(b)).max())
 
 
 def main():
@@ -57,22 +62,23 @@ def main():
     adapter = make_adapter(shapes, args.rank)
 
     t0 = time.perf_counter()
-    res = resize(adapter, rank=args.keep)
+    with blas_threads(args.threads):
+        res = resize(adapter, rank=args.keep)
     t_factored = time.perf_counter() - t0
 
     rows = []
     for t, t_new, row in zip(adapter, res.adapter, res.rows):
         b = t.blocks[0]
         Bs, As = stacked_factors(t)
-        ref = factored_svd(Bs.double(), As.double())[1][:args.keep]  # float64 reference
+        ref = factored_svd(Bs.astype(np.float64), As.astype(np.float64))[1][:args.keep]  # float64 reference
         new_S = factored_svd(*stacked_factors(t_new))[1][:args.keep]  # what the resized block holds
 
         t1 = time.perf_counter()
-        dense = (b.B.float() @ b.A.float()) * b.scale  # (out, r) @ (r, in) -> (out, in)
+        dense = (torch.from_numpy(b.B) @ torch.from_numpy(b.A)) * b.scale  # (out, r) @ (r, in) -> (out, in)
         _, S_dense, _ = torch.linalg.svd(dense, full_matrices=False)
         t_dense = time.perf_counter() - t1
         del dense
-        S_dense = S_dense[:args.keep]
+        S_dense = S_dense[:args.keep].numpy()
 
         rows.append({
             "target": t.key, "shape": list(t.shape), "rank": b.rank, "keep": args.keep,

@@ -52,7 +52,7 @@ def main():
 
     ft = dict(base)
     for t in adapter:
-        ft[t.key] = base[t.key] + delta_tensor(t) + torch.randn(H, H, generator=g) * 1e-4
+        ft[t.key] = base[t.key] + torch.from_numpy(delta_tensor(t)) + torch.randn(H, H, generator=g) * 1e-4
     save_file(ft, str(HERE / "finetuned.safetensors"), metadata={"format": "pt"})
 
 

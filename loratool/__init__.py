@@ -6,6 +6,8 @@ The public API is imported lazily so that `import loratool` (and the CLI's `--he
     adapter = loratool.load("adapter.safetensors")      # any dialect; native, PEFT, kohya, loralib
     report = loratool.validate("adapter.safetensors")   # all findings, never raises on the first
     loratool.save(adapter, "copy.safetensors")          # native format, atomic, deterministic
+    res = loratool.rescale("adapter.safetensors", rank=16)  # or combine([...], method="svd", rank=16)
+    loratool.save(res.adapter, "r16.safetensors")       # res.report() is what the CLI prints
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ _LAZY = {
     "Block": ("loratool.adapter", "Block"),
     "LoraToolError": ("loratool.errors", "LoraToolError"),
     "load": ("loratool.io.detect", "load_adapter"),
-    "save": ("loratool.io.native", "save"),
+    "save": ("loratool.api", "save"),
     "open_base": ("loratool.io.base", "open_base"),
+    "rescale": ("loratool.api", "rescale"),
+    "combine": ("loratool.api", "combine"),
 }
 
 

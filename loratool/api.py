@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
+from dataclasses import replace
 
 from .adapter import Adapter
 from .validation import Report, check_base, check_values, validate_header
@@ -105,15 +106,22 @@ def summary(adapter: Adapter, header=None) -> dict:
 
 
 def target_stats(adapter: Adapter) -> dict[str, dict]:
-    """Per target ||ΔW||_F, ranks for 90% and 99% of the energy and non-finite counts, from the factors."""
-    import torch
+    """Per target ||ΔW||_F, ranks for 90% and 99% of the energy and non-finite counts, from the factors.
 
-    from .ops.linalg import energy_rank, frobenius_norm, singular_values
+    Args:
+        adapter: an adapter with its factors loaded (numpy arrays or torch tensors).
+    Returns:
+        key -> {"norm", "rank90", "rank99", "nonfinite"}; the first three are None for a target with
+        non-finite values.
+    """
+    import numpy as np
+
+    from .ops.linalg import energy_rank, frobenius_norm, numpy_factors, singular_values
 
     out = {}
-    for t in adapter:
+    for t in numpy_factors(adapter):
         tensors = [t.delta] if t.kind == "full" else [x for b in t.blocks for x in (b.A, b.B)]
-        nonfinite = sum(int((~torch.isfinite(x)).sum()) for x in tensors)
+        nonfinite = sum(int(x.size - np.count_nonzero(np.isfinite(x))) for x in tensors)
         if nonfinite:
             out[t.key] = {"norm": None, "rank90": None, "rank99": None, "nonfinite": nonfinite}
             continue
@@ -238,3 +246,129 @@ def extract_files(finetuned, base, *, output=None, to: str = "loratool", rank: i
         result.bytes = save(adapter, out)
     result.output = out
     return result
+# ---- rescale and combine: paths or in-memory adapters in, result objects out -----------------------------
+
+def _set(options: dict) -> list[str]:
+    """The reader options given a value (`flags` only names them in messages)."""
+    return sorted(k for k, v in options.items() if k != "flags" and v not in (None, False, (), []))
+
+
+def _adapter(adapter_or_path, reader_options: dict) -> Adapter:
+    if isinstance(adapter_or_path, Adapter):
+        if _set(reader_options):
+            raise ValueError(f"reader options {', '.join(_set(reader_options))} apply to paths, not to an "
+                             "in-memory Adapter")
+        return adapter_or_path
+    from .io.detect import load_adapter
+
+    return load_adapter(adapter_or_path, **reader_options)
+
+
+def unused_reader_options(paths, reader_options: dict) -> list[str]:
+    """The reader options that are set but taken by no dialect of `paths` (adapter files or folders)."""
+    from .io.detect import accepted_options, detect
+
+    taken = set().union(*(accepted_options(detect(p)) for p in paths))
+    return [k for k in _set(reader_options) if k not in taken]
+
+
+def rescale(adapter_or_path, *, scale: float | None = None, alpha: float | None = None, rank: int | None = None,
+            energy: float | None = None, progress=None, **reader_options):
+    """Rescale an adapter: its strength exactly (scale, alpha) or its rank optimally (rank, energy).
+
+    Give exactly one of scale, alpha, rank and energy; ops/rescale.py says what each does. Nothing is
+    written: save `result.adapter` with `save`.
+
+    Args:
+        adapter_or_path: an in-memory Adapter, or the path of an adapter of any dialect loratool reads.
+        scale: ΔW' = scale · ΔW exactly. alpha: every block's alpha set to this value.
+        rank: at most this many singular values per block group. energy: the fewest that keep this fraction.
+        progress: optional callable progress(advance, total=None), called per target.
+        reader_options: for a path, the options of io.detect.load_adapter (base, allow_unknown, and loralib's
+            r, enable_lora, fan_in_fan_out; flags names an option's command-line flag in messages). loralib's
+            alpha is `lora_alpha` here, since `alpha` is the new alpha.
+    Returns:
+        ops.rescale.RescaleResult: the adapter (factors as numpy arrays) and its report (`report()`).
+    Raises:
+        ValueError: not exactly one of scale, alpha, rank, energy (a programming error).
+        SpecError, FileError, UnsupportedError: the path cannot be read.
+        NumericError, UnsupportedError: as ops.rescale says.
+    """
+    from .ops.rescale import rescale as run
+
+    if "lora_alpha" in reader_options:
+        reader_options["alpha"] = reader_options.pop("lora_alpha")
+    adapter = _adapter(adapter_or_path, reader_options)
+    return run(adapter, scale=scale, alpha=alpha, rank=rank, energy=energy, progress=progress)
+
+
+def combine(adapters_or_paths, *, weights=None, method: str = "concat", rank: int | None = None,
+            density: float | None = None, seed: int = 0, progress=None, **reader_options):
+    """Combine adapters into one over the union of their targets: Σ w_i ΔW_i exactly, or compressed.
+
+    The methods (concat, svd, ties, dare) and their parameters are registered in ops.combine_methods.METHODS.
+    Nothing is written: save `result.adapter` with `save`.
+
+    Args:
+        adapters_or_paths: in-memory Adapters and/or paths of adapters of any dialect, in order.
+        weights: one finite weight per adapter (default all 1; negative allowed).
+        method: the name of a registered method. rank, density, seed: its parameters.
+        progress: optional callable progress(advance, total=None), called per target.
+        reader_options: for the paths, the options of io.detect.load_adapter; each set option must be
+            taken by the dialect of at least one path.
+    Returns:
+        ops.combine.CombineResult: the adapter (factors as numpy arrays) and its report (`report()`).
+    Raises:
+        UnsupportedError: a set reader option is taken by no input's dialect.
+        MismatchError: a target differs in kind, layout, shape or base fingerprint between inputs.
+        NumericError: a weight, rank or density is out of range, or a result is not finite.
+        ValueError: the arguments do not fit together (a programming error).
+    """
+    from .container import escape
+    from .io.detect import detect, load_adapter
+    from .ops.combine import combine as run
+
+    items = list(adapters_or_paths)
+    paths = [x for x in items if not isinstance(x, Adapter)]
+    unused = unused_reader_options(paths, reader_options) if paths else _set(reader_options)
+    if unused:
+        from .errors import UnsupportedError
+
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise UnsupportedError(f"no input is of a dialect that takes {flags}; drop the option")
+    adapters, names = [], []
+    for i, x in enumerate(items):
+        if isinstance(x, Adapter):
+            adapters.append(x)
+            names.append(f"adapter {i + 1}")
+        else:
+            adapters.append(load_adapter(x, dialect=detect(x), strict=False, **reader_options))
+            names.append(escape(str(x)))
+    return run(adapters, weights=weights, method=method, rank=rank, density=density, seed=seed, names=names,
+               progress=progress)
+
+
+def save(adapter: Adapter, path) -> int:
+    """Write an adapter in the native format, atomically and deterministically. Returns the bytes written.
+
+    Raises:
+        NumericError: a factor or delta is not finite (nothing is written).
+        FileError: the path cannot be written.
+    """
+    from .dtypes import is_torch, to_torch
+    from .io.native import save as write
+
+    # io.native.save takes torch tensors (and arrays tagged with `st_dtype`): hand it plain numpy factors as
+    # tensors over the same memory (a copy of a read-only array, which torch.from_numpy would warn about).
+    def tensor(x):
+        if x is None or is_torch(x) or hasattr(x, "st_dtype"):
+            return x
+        return to_torch(x if x.flags.writeable else x.copy())
+
+    targets = []
+    for t in adapter:
+        if t.kind == "full":
+            targets.append(replace(t, delta=tensor(t.delta)))
+        else:
+            targets.append(t.with_blocks(replace(b, A=tensor(b.A), B=tensor(b.B)) for b in t.blocks))
+    return write(adapter.replace_targets(targets), path)

@@ -44,3 +44,26 @@ def sample_adapter() -> Adapter:
     ts = [linear_target(), linear_target("layers.0.v_proj.weight", rule="rslora", seed=4), fused_target(),
           conv_target(), full_target()]
     return Adapter(targets={t.key: t for t in ts}, metadata={"note": "sample"})
+
+
+def torch_delta(t) -> torch.Tensor:
+    """ops.linalg.delta_tensor (a numpy array) as a torch tensor, for comparisons with torch oracles."""
+    from loratool.ops.linalg import delta_tensor
+
+    return torch.from_numpy(delta_tensor(t))
+
+
+def as_numpy_target(t: Target) -> Target:
+    """The target with its factors (or full delta) as numpy arrays (ml_dtypes for bfloat16): how readers hold them."""
+    from dataclasses import replace
+
+    from loratool.dtypes import from_torch
+
+    if t.kind == "full":
+        return replace(t, delta=from_torch(t.delta))
+    return t.with_blocks(replace(b, A=from_torch(b.A), B=from_torch(b.B)) for b in t.blocks)
+
+
+def as_numpy_adapter(a: Adapter) -> Adapter:
+    """The adapter with numpy factors (see as_numpy_target)."""
+    return a.replace_targets(as_numpy_target(t) for t in a)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from builders import sample_adapter
+from builders import sample_adapter, torch_delta
 from loratool.cli import cli
 from loratool.io.native import save
 
@@ -44,13 +44,11 @@ def test_inspect_json(adapter_file):
 
 
 def test_inspect_stats_from_factors(adapter_file):
-    from loratool.ops.linalg import delta_tensor
-
     code, out, _ = run("inspect", adapter_file, "--json", "--stats")
     assert code == 0
     rows = {r["target"]: r["stats"] for r in json.loads(out)["per_target"]}
     for t in sample_adapter():
-        dense = delta_tensor(t).double()
+        dense = torch_delta(t).double()
         # Frobenius norm from the factors agrees with the dense norm to float32 rounding.
         assert rows[t.key]["norm"] == pytest.approx(float(dense.norm()), rel=1e-5)
         assert rows[t.key]["nonfinite"] == 0
@@ -153,6 +151,21 @@ def test_inspect_never_imports_torch(adapter_file):
             "try:\n runpy.run_module('loratool', run_name='__main__')\n"
             "except SystemExit: pass\n"
             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'heavy import'\n"
+            "print('NO_TORCH')" % str(adapter_file))
+    r = _subprocess("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("NO_TORCH")
+
+
+def test_inspect_stats_of_a_native_file_never_imports_torch(adapter_file):
+    code = ("import sys, json, io, contextlib, runpy; sys.argv=['loratool','inspect',%r,'--json','--stats'];\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n"
+            " try:\n  runpy.run_module('loratool', run_name='__main__')\n"
+            " except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "rows = json.loads(buf.getvalue())['per_target']\n"
+            "assert all(r['stats']['norm'] > 0 for r in rows), rows\n"
             "print('NO_TORCH')" % str(adapter_file))
     r = _subprocess("-c", code)
     assert r.returncode == 0, r.stderr

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from builders import torch_delta
 from loratool.cli import cli
 from loratool.io.native import load
-from loratool.ops.linalg import delta_tensor
 
 F32_REL = 1e-5  # float32 recovery of an exactly low-rank delta
 
@@ -79,7 +79,7 @@ def test_default_output_name_report_and_metadata(files):
     a = load(d / "ft-minus-base-r4.safetensors")
     assert sorted(a.targets) == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.q_proj.weight"]
     for k, t in a.targets.items():
-        assert rel(delta_tensor(t), ft[k] - base[k]) < F32_REL
+        assert rel(torch_delta(t), ft[k] - base[k]) < F32_REL
         assert t.info["rank"] == 4 and t.info["rel_error"] < F32_REL and t.blocks[0].alpha == 4
     info = a.info["extract"]
     assert info["selection"] == {"rank": 4} and info["unchanged"] == 1
@@ -112,7 +112,7 @@ def test_sharded_folder_against_torch_file_with_json_and_keep_full(tmp_path):
     a = load(out)
     assert a.targets["model.layers.0.norm.weight"].kind == "full"
     for k, t in a.targets.items():
-        assert rel(delta_tensor(t), ft[k] - base[k]) < F32_REL
+        assert rel(torch_delta(t), ft[k] - base[k]) < F32_REL
 
 
 def test_exactly_one_rank_rule(files):
@@ -202,7 +202,7 @@ def test_gpt2_folder_config_makes_conv1d_fan_in_fan_out(tmp_path):
     assert code == 0, err
     t = load(tmp_path / "a.safetensors").targets[key]
     assert t.layout == "fan_in_fan_out" and t.blocks[0].B.shape == (48, 2)
-    assert rel(delta_tensor(t), ft[key] - base[key]) < F32_REL
+    assert rel(torch_delta(t), ft[key] - base[key]) < F32_REL
 
 
 def test_to_peft_writes_a_folder_peft_reads_back(files):
@@ -219,7 +219,7 @@ def test_to_peft_writes_a_folder_peft_reads_back(files):
     a = load_adapter(out, base=d / "base.safetensors")
     t = a.targets["model.layers.0.q_proj.weight"]
     k = "model.layers.0.q_proj.weight"
-    assert rel(delta_tensor(t), ft[k] - base[k]) < F32_REL
+    assert rel(torch_delta(t), ft[k] - base[k]) < F32_REL
 
 
 def test_help_has_an_example():
@@ -240,7 +240,7 @@ def test_extract_files_is_the_library_call_behind_the_command(files):
     assert sorted(a.targets) == sorted(r.adapter.targets) == ["model.layers.0.mlp.down_proj.weight",
                                                               "model.layers.0.q_proj.weight"]
     for k, t in a.targets.items():
-        assert rel(delta_tensor(t), ft[k] - base[k]) < F32_REL
+        assert rel(torch_delta(t), ft[k] - base[k]) < F32_REL
     with pytest.raises(ValueError, match="choose exactly one of rank, energy, threshold or max_params"):
         extract_files(d / "ft.safetensors", d / "base.safetensors", output=d / "x.safetensors")
     assert not (d / "x.safetensors").exists()

@@ -2,7 +2,8 @@
 
 The hypothesis strategies here (`skeletons`, `adapters_on`) are shared with test_combine.py: they cover
 every layout (plain, rsLoRA, per-target ranks and alphas, fan_in_fan_out, conv, embedding, target index,
-overlapping blocks) and full targets.
+overlapping blocks) and full targets, with numpy factors as the readers hold them. Results are numpy arrays;
+the dense oracles are numpy's float64 SVDs.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ import json
 import math
 import re
 
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from builders import full_target, fused_target, linear_target, rand, sample_adapter
+from builders import as_numpy_adapter, as_numpy_target, full_target, fused_target, linear_target, rand, sample_adapter
 from loratool.adapter import Adapter, Block, Target, matrix_shape, whole_target
+from loratool.api import save
 from loratool.cli import cli
 from loratool.errors import NumericError, UnsupportedError
-from loratool.io.native import load, save
+from loratool.io.native import load
 from loratool.ops.factored import group_rects
 from loratool.ops.linalg import delta_matrix, delta_tensor
 from loratool.ops.rescale import rescale, resize, scale_adapter, set_alpha
@@ -29,9 +33,24 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 RTOL = 1e-5  # float32 round-off on tiny matrices, relative to the delta's largest entry
 
 
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> bool:
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
-    return float((a - b).abs().max()) <= rtol * scale
+def _f64(x) -> np.ndarray:
+    return x.detach().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def close(a, b, rtol: float = RTOL) -> bool:
+    """max |a - b| <= rtol * max(|a|, |b|), in float64; a and b are numpy arrays or torch tensors (PEFT's)."""
+    a, b = _f64(a), _f64(b)
+    scale = max(float(np.abs(a).max()), float(np.abs(b).max()), 1e-30)
+    return float(np.abs(a - b).max()) <= rtol * scale
+
+
+def nrand(*shape, seed=0) -> np.ndarray:
+    return rand(*shape, seed=seed).numpy()
+
+
+def svdvals(M) -> np.ndarray:
+    """Singular values of M in float64, descending: the dense oracle."""
+    return np.linalg.svd(np.asarray(M, dtype=np.float64), compute_uv=False)
 
 
 # ---------------------------------------------------------------- strategies (shared with test_combine.py)
@@ -62,7 +81,7 @@ def skeletons(draw, min_targets=1, max_targets=3):
 
 
 def _pair(rank, rows, cols, seed):
-    return rand(rank, cols, seed=seed), rand(rows, rank, seed=seed + 1)
+    return nrand(rank, cols, seed=seed), nrand(rows, rank, seed=seed + 1)
 
 
 @st.composite
@@ -71,7 +90,7 @@ def targets_on(draw, key, kind, shape):
     rank = draw(st.integers(1, 4))
     alpha = draw(st.sampled_from([0.5, 1.0, 2.0, 4.0, 8.0, 16.0]))  # per-target: rank/alpha patterns
     if kind == "full":
-        return Target(key=key, kind="full", layout="full", shape=shape, delta=rand(*shape, seed=seed),
+        return Target(key=key, kind="full", layout="full", shape=shape, delta=nrand(*shape, seed=seed),
                       delta_scale=draw(st.sampled_from([1.0, 0.5, -2.0])))
     layout = {"ffo": "fan_in_fan_out", "index_ffo": "fan_in_fan_out", "conv": "conv",
               "embedding": "embedding"}.get(kind, "linear")
@@ -109,7 +128,7 @@ def adapters(draw):
     return draw(adapters_on(draw(skeletons())))
 
 
-def deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
+def deltas(adapter: Adapter) -> dict[str, np.ndarray]:
     return {t.key: delta_tensor(t) for t in adapter}
 
 
@@ -150,29 +169,30 @@ def test_resize_is_eckart_young_of_dense_delta(a, k):
             assert t1 is t0
             continue
         M0, M1 = delta_matrix(t0), delta_matrix(t1)
+        assert isinstance(M1, np.ndarray) and M1.dtype == np.float32
         kept = total = 0.0
         err_opt2 = 0.0
         for (rows, cols), _ in group_rects([(b.rows, b.cols) for b in t0.blocks]):
-            G0 = M0[rows[0]:rows[1], cols[0]:cols[1]].double()
-            G1 = M1[rows[0]:rows[1], cols[0]:cols[1]].double()
-            S = torch.linalg.svdvals(G0)  # dense oracle
-            kk = min(k, S.numel())
-            assert torch.linalg.matrix_rank(G1, rtol=1e-5) <= kk
+            G0 = M0[rows[0]:rows[1], cols[0]:cols[1]].astype(np.float64)
+            G1 = M1[rows[0]:rows[1], cols[0]:cols[1]].astype(np.float64)
+            S = svdvals(G0)  # dense oracle
+            kk = min(k, S.size)
+            assert np.linalg.matrix_rank(G1, rtol=1e-5) <= kk
             # Optimal error of any rank-kk approximation (Eckart-Young); ours must reach it.
             opt = float((S[kk:] ** 2).sum())
             err = float(((G1 - G0) ** 2).sum())
             tol = 1e-4 * float((S ** 2).sum()) + 1e-12  # 1e-4: float32 factors, relative to ||G0||^2
             assert err <= opt + tol
-            S1 = torch.linalg.svdvals(G1)[:kk]
-            assert torch.allclose(S1, S[:kk], rtol=1e-4, atol=1e-4 * float(S[0]) + 1e-12)
+            S1 = svdvals(G1)[:kk]
+            assert np.allclose(S1, S[:kk], rtol=1e-4, atol=1e-4 * float(S[0]) + 1e-12)
             kept += float((S[:kk] ** 2).sum())
             total += float((S ** 2).sum())
             err_opt2 += opt
         # Outside the group rectangles the delta stays zero.
-        mask = torch.zeros_like(M0, dtype=torch.bool)
+        mask = np.zeros(M0.shape, bool)
         for b in t0.blocks:
             mask[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] = True
-        assert float(M1[~mask].abs().max()) == 0.0 if (~mask).any() else True
+        assert not M1[~mask].any()
         assert row["energy_retained"] == pytest.approx(kept / total if total else 1.0, rel=1e-4, abs=1e-6)
         assert t1.info["energy_retained"] == row["energy_retained"]
         assert t1.info["rank_before"] == t0.rank
@@ -187,9 +207,8 @@ def test_energy_keeps_the_fewest_values_reaching_the_fraction(a, f):
             continue
         assert row["energy_retained"] >= f - 1e-5  # 1e-5: float32 singular values
         for (rows, cols), members in group_rects([(b.rows, b.cols) for b in t0.blocks]):
-            G0 = delta_matrix(t0)[rows[0]:rows[1], cols[0]:cols[1]].double()
-            S = torch.linalg.svdvals(G0)
-            e = torch.cumsum(S ** 2, 0) / (S ** 2).sum()
+            S = svdvals(delta_matrix(t0)[rows[0]:rows[1], cols[0]:cols[1]])
+            e = np.cumsum(S ** 2) / (S ** 2).sum()
             new = [b for b in t1.blocks if b.rows == rows and b.cols == cols]
             assert len(new) == 1
             k = new[0].rank
@@ -204,7 +223,7 @@ def test_energy_keeps_the_fewest_values_reaching_the_fraction(a, f):
 
 
 def test_scale_multiplies_alpha_for_both_rules_and_full_targets():
-    a = sample_adapter()
+    a = as_numpy_adapter(sample_adapter())
     out = scale_adapter(a, -0.25)
     for t0, t1 in zip(a, out):
         if t0.kind == "full":
@@ -259,9 +278,9 @@ def test_resize_keeps_disjoint_blocks_separate_without_zero_rows():
 
 
 def test_overlapping_blocks_collapse_to_their_bounding_box():
-    A1, B1 = rand(2, 6, seed=1), rand(5, 2, seed=2)
-    A2, B2 = rand(3, 4, seed=3), rand(6, 3, seed=4)
-    A3, B3 = rand(1, 6, seed=5), rand(2, 1, seed=6)
+    A1, B1 = nrand(2, 6, seed=1), nrand(5, 2, seed=2)
+    A2, B2 = nrand(3, 4, seed=3), nrand(6, 3, seed=4)
+    A3, B3 = nrand(1, 6, seed=5), nrand(2, 1, seed=6)
     t = Target("w", "linear", (12, 10), blocks=(
         Block(2, 2.0, "standard", (0, 5), (0, 6), A1, B1),
         Block(3, 3.0, "rslora", (3, 9), (4, 8), A2, B2),  # overlaps the first
@@ -295,17 +314,30 @@ def test_truncation_keeps_the_scale(rule, expected_alpha):
 
 
 def test_truncation_keeps_dtype_and_rank_at_or_above_is_bit_exact():
-    t = linear_target(rank=4, dtype=torch.bfloat16)
+    t = as_numpy_target(linear_target(rank=4, dtype=torch.bfloat16))
     (t1,) = resize(Adapter(targets={t.key: t}), rank=2).adapter
-    assert t1.blocks[0].A.dtype == torch.bfloat16 and t1.blocks[0].B.dtype == torch.bfloat16
+    assert t1.blocks[0].A.dtype == ml_dtypes.bfloat16 and t1.blocks[0].B.dtype == ml_dtypes.bfloat16
     (t2,) = resize(Adapter(targets={t.key: t}), rank=4).adapter
     assert t2.blocks[0] is t.blocks[0]
+
+
+def test_torch_factors_are_accepted_and_numpy_comes_back():
+    a = sample_adapter()  # torch tensors, bfloat16 included
+    a = a.replace_targets([*a, linear_target("layers.1.q_proj.weight", rank=4, dtype=torch.bfloat16, seed=7)])
+    n = as_numpy_adapter(a)
+    for kw in ({"scale": -0.5}, {"rank": 2}, {"energy": 0.9}):
+        got, want = rescale(a, **kw).adapter, rescale(n, **kw).adapter
+        for t, u in zip(got, want):
+            for x, y in zip(*[[t.delta] if t.kind == "full" else [z for b in s.blocks for z in (b.A, b.B)]
+                              for s in (t, u)]):
+                assert isinstance(x, np.ndarray) and x.dtype == y.dtype
+                assert np.array_equal(x.view(np.uint8), y.view(np.uint8))  # the same bits from either input
 
 
 def test_resize_never_forms_out_by_in():
     # A 1,000,000 x 1,000,000 delta would need 4 TB as a dense float32 matrix; the factors need 64 MB.
     n, r = 1_000_000, 8
-    t = whole_target("huge.weight", "linear", (n, n), rand(r, n, seed=1), rand(n, r, seed=2), 8.0)
+    t = whole_target("huge.weight", "linear", (n, n), nrand(r, n, seed=1), nrand(n, r, seed=2), 8.0)
     res = resize(Adapter(targets={t.key: t}), rank=2)
     (t1,) = res.adapter
     assert t1.blocks[0].B.shape == (n, 2) and t1.blocks[0].A.shape == (2, n)
@@ -324,8 +356,8 @@ def test_resize_argument_errors():
 
 
 def test_non_finite_factors_refused_naming_the_target():
-    t = linear_target("w")
-    bad = t.with_blocks([Block(3, 6.0, "standard", (0, 12), (0, 10), t.blocks[0].A, t.blocks[0].B.clone())])
+    t = as_numpy_target(linear_target("w"))
+    bad = t.with_blocks([Block(3, 6.0, "standard", (0, 12), (0, 10), t.blocks[0].A, t.blocks[0].B.copy())])
     bad.blocks[0].B[0, 0] = float("nan")
     msg = 'target "w": block 0 has non-finite factors, so its delta has no truncation; fix or drop that target first'
     with pytest.raises(NumericError, match=re.escape(msg)):

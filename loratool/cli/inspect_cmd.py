@@ -51,9 +51,9 @@ def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_
         doc = {"path": str(path), "dialect": dialect, "format": header.metadata.get(spec.KEY_FORMAT),
                "spec_version": header.metadata.get(spec.KEY_VERSION)}
         if stats:
-            from ..container import read_all
+            from ..container import read_arrays
 
-            adapter = attach(adapter, read_all(path, header))
+            adapter = attach(adapter, read_arrays(path, header))  # numpy arrays: --stats imports no torch
     else:
         adapter, header = load_adapter(path, dialect=dialect, **opts), None
         doc = {"path": str(path), "dialect": dialect, "format": None, "spec_version": None,

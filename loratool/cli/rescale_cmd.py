@@ -51,34 +51,29 @@ def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet, *
     if len(given) != 1:
         raise click.UsageError("give exactly one of --scale, --alpha, --rank, --energy"
                                + (f" (got {', '.join(given)})" if given else ""))
+    from ..api import rescale as run, save
     from ..fsutil import check_output
-    from ..io.detect import load_adapter
-    from ..io.native import save
-    from ..ops.rescale import rescale as run
     from .render import Progress
 
     opts = reader_options_of(reader)
     check_output(output, [path, opts["base"]], overwrite)
-    adapter = load_adapter(path, flags={"alpha": LORA_ALPHA_FLAG}, **opts)
-    with Progress("rescale", total=len(adapter), enabled=not (quiet or json_)) as progress:
-        res = run(adapter, scale=scale, alpha=alpha, rank=rank, energy=energy, progress=progress)
+    opts["lora_alpha"] = opts.pop("alpha")  # the library's name for loralib's alpha beside rescale's own
+    with Progress("rescale", total=None, enabled=not (quiet or json_)) as progress:
+        res = run(path, scale=scale, alpha=alpha, rank=rank, energy=energy, progress=progress,
+                  flags={"alpha": LORA_ALPHA_FLAG}, **opts)
     nbytes = save(res.adapter, output)
-    op = given[0].lstrip("-")
     if json_:
         from .render import emit_json
 
-        emit_json({"input": str(path), "output": str(output), "operation": op,
-                   "value": {"scale": scale, "alpha": alpha, "rank": rank, "energy": energy}[op],
-                   "strength_factor": res.scale, "bytes": nbytes, "parameters_before": adapter.n_params,
-                   "parameters_after": res.adapter.n_params, "targets": res.rows})
+        emit_json({"input": str(path), "output": str(output), "bytes": nbytes, **res.report()})
         return
-    _render(res, op, adapter, output, nbytes, quiet)
+    _render(res, output, nbytes, quiet)
 
 
-def _render(res, op, before, output, nbytes, quiet):
+def _render(res, output, nbytes, quiet):
     from .render import err, fmt_bytes, fmt_num, table, write
 
-    if op in ("rank", "energy"):
+    if res.operation in ("rank", "energy"):
         rows = [(r["target"], r["kind"], fmt_num(r["rank_before"]), fmt_num(r["rank_after"]),
                  f"{r['blocks_before']} -> {r['blocks_after']}", f"{r['energy_retained']:.6f}",
                  f"{r['relative_error']:.3g}") for r in res.rows]
@@ -88,5 +83,5 @@ def _render(res, op, before, output, nbytes, quiet):
                                  "rel. error": "right"}))
     if not quiet:
         what = f"strength x{res.scale:g}" if res.scale is not None else \
-            f"{before.n_params:,} -> {res.adapter.n_params:,} parameters"
+            f"{res.parameters_before:,} -> {res.adapter.n_params:,} parameters"
         err.print(f"wrote {output} ({fmt_bytes(nbytes)}): {len(res.adapter)} targets, {what}")

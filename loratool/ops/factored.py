@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import torch
+import numpy as np
 
 from ..adapter import Block, Target, alpha_for_scale
 from ..container import escape
+from ..dtypes import NP_DTYPES, dtype_of
 from ..errors import NumericError
-from .linalg import energy_rank, factored_svd, rect_factors
+from .linalg import energy_rank, factored_svd, held, rect_factors
 
 Rect = tuple[tuple[int, int], tuple[int, int]]  # (rows [start, stop), cols [start, stop)) of the matrix view
 
@@ -68,10 +69,10 @@ def group_rects(rects: list[Rect]) -> list[tuple[Rect, list[int]]]:
     return sorted(groups)
 
 
-def choose_rank(S: torch.Tensor, rank: int | None = None, energy: float | None = None) -> int:
+def choose_rank(S: np.ndarray, rank: int | None = None, energy: float | None = None) -> int:
     """How many singular values to keep: min(rank, len(S)), or the smallest k reaching `energy` (at least 1)."""
     if rank is not None:
-        return max(1, min(int(rank), S.numel()))
+        return max(1, min(int(rank), S.size))
     return max(1, energy_rank(S, float(energy)))
 
 
@@ -86,27 +87,44 @@ def common_scale(blocks) -> tuple[float, str] | None:
     return None
 
 
-def promoted_dtype(tensors):
-    """The promoted dtype of the tensors (float32 when there are none): the one cast at the end."""
-    dt = None
-    for x in tensors:
-        dt = x.dtype if dt is None else torch.promote_types(dt, x.dtype)
-    return dt if dt is not None else torch.float32
+def promoted_dtype(tensors) -> np.dtype:
+    """The dtype the tensors (numpy or torch) promote to, as numpy: the one cast at the end.
+
+    float64 wins; two different dtypes otherwise give float32 (as torch promotes bfloat16 with float16, for
+    which numpy has no common type); none gives float32.
+    """
+    names = {dtype_of(held(x)) for x in tensors}
+    if "F64" in names:
+        return NP_DTYPES["F64"]
+    if len(names) == 1:
+        return NP_DTYPES[names.pop()]
+    return NP_DTYPES["F32"]
 
 
-def factor_dtype(blocks):
+def factor_dtype(blocks) -> np.dtype:
     """The promoted dtype of the blocks' factors: the one cast at the end."""
     return promoted_dtype(x for b in blocks for x in (b.A, b.B))
+
+
+def _finite(x) -> bool:
+    return bool(np.isfinite(held(x)).all())
 
 
 def block_from_svd(U, S, Vh, k: int, rect: Rect, keep: tuple[float, str] | None, dtype) -> Block:
     """A rank-k block on `rect` from an SVD (U (h, n), S (n,), Vh (n, w)), scale kept as `keep` says."""
     s, rule = keep if keep is not None else (1.0, "standard")
-    c = torch.sqrt(S[:k] / abs(s))  # (k,)
-    B = U[:, :k] * c * math.copysign(1.0, s)  # (h, k)
+    c = np.sqrt(S[:k] / np.float32(abs(s)))  # (k,) float32
+    B = U[:, :k] * c * np.float32(math.copysign(1.0, s))  # (h, k)
     A = c[:, None] * Vh[:k]  # (k, w)
+    # astype rounds once to the factors' dtype (ml_dtypes: to nearest even, as torch's .to does)
     return Block(rank=k, alpha=alpha_for_scale(s, k, rule), scale_rule=rule, rows=rect[0], cols=rect[1],
-                 A=A.to(dtype).contiguous(), B=B.to(dtype).contiguous())
+                 A=np.ascontiguousarray(A.astype(dtype)), B=np.ascontiguousarray(B.astype(dtype)))
+
+
+def _energy(S: np.ndarray) -> float:
+    """Σ S² in float64."""
+    S = S.astype(np.float64)
+    return float(S @ S)
 
 
 @dataclass
@@ -123,21 +141,21 @@ def truncate_group(blocks, rect: Rect, rank: int | None, energy: float | None) -
     """
     Bs, As = rect_factors(blocks, rect)  # (h, R), (R, w)
     U, S, Vh = factored_svd(Bs, As)  # never (h, w)
-    total = float((S.double() ** 2).sum())
+    total = _energy(S)
     k = choose_rank(S, rank, energy)
     if len(blocks) == 1 and k >= blocks[0].rank:
         return GroupResult(blocks[0], total, total)
-    kept = float((S[:k].double() ** 2).sum())
+    kept = _energy(S[:k])
     return GroupResult(block_from_svd(U, S, Vh, k, rect, common_scale(blocks), factor_dtype(blocks)), total, kept)
 
 
-def truncate_dense(M: torch.Tensor, rect: Rect, rank: int | None, energy: float | None, dtype) -> GroupResult:
+def truncate_dense(M: np.ndarray, rect: Rect, rank: int | None, energy: float | None, dtype) -> GroupResult:
     """Optimal truncation of a dense float32 matrix-view delta restricted to `rect` (for ties/dare results)."""
     (r0, r1), (c0, c1) = rect
-    U, S, Vh = torch.linalg.svd(M[r0:r1, c0:c1], full_matrices=False)  # (h, n), (n,), (n, w)
-    total = float((S.double() ** 2).sum())
+    U, S, Vh = np.linalg.svd(M[r0:r1, c0:c1], full_matrices=False)  # (h, n), (n,), (n, w)
+    total = _energy(S)
     k = choose_rank(S, rank, energy)
-    kept = float((S[:k].double() ** 2).sum())
+    kept = _energy(S[:k])
     return GroupResult(block_from_svd(U, S, Vh, k, rect, None, dtype), total, kept)
 
 
@@ -148,7 +166,7 @@ def _finish(t: Target, results: list[GroupResult], rank_before: int) -> tuple[Ta
     blocks = [r.block for r in results]
     for b in blocks:
         for x in (b.A, b.B):
-            if not bool(torch.isfinite(x).all()):
+            if not _finite(x):
                 raise NumericError(f"target \"{escape(t.key)}\": truncated factors are not finite after the cast to "
                                    f"{x.dtype}; the delta overflows that dtype")
     info = {**dict(t.info), "energy_retained": retained, "rank_before": rank_before}
@@ -170,7 +188,7 @@ def truncate_target(t: Target, rank: int | None = None, energy: float | None = N
         The new target (Target.info gains energy_retained and rank_before) and a report row.
     """
     for i, b in enumerate(t.blocks):
-        if not (bool(torch.isfinite(b.A).all()) and bool(torch.isfinite(b.B).all())):
+        if not (_finite(b.A) and _finite(b.B)):
             raise NumericError(f"target \"{escape(t.key)}\": block {i} has non-finite factors, so its delta has no "
                                "truncation; fix or drop that target first")
     groups = group_rects([(b.rows, b.cols) for b in t.blocks])
@@ -178,13 +196,13 @@ def truncate_target(t: Target, rank: int | None = None, energy: float | None = N
     return _finish(t, results, t.rank)
 
 
-def truncate_target_dense(t: Target, M: torch.Tensor, rects: list[Rect], rank: int | None, energy: float | None,
+def truncate_target_dense(t: Target, M: np.ndarray, rects: list[Rect], rank: int | None, energy: float | None,
                           dtype, rank_before: int) -> tuple[Target, dict]:
     """Replace `t`'s blocks by the truncation of the dense matrix-view delta M (out, in) on the groups of `rects`.
 
     M must be zero outside the union of `rects` (ties and dare never create entries where no input had one).
     """
-    if not bool(torch.isfinite(M).all()):
+    if not _finite(M):
         raise NumericError(f"target \"{escape(t.key)}\": the merged delta is not finite; check the inputs' factors "
                            "and weights")
     groups = group_rects(rects)

@@ -1,24 +1,42 @@
-"""Shared linear algebra on adapters, all in float32 and all in factored form unless a caller asks for
-the dense matrix. Shapes are written where they arise; M is a target's (out, in) matrix view.
+"""Shared linear algebra on adapters, in float32 and in factored form unless a caller asks for the dense
+matrix. Shapes are written where they arise; M is a target's (out, in) matrix view.
+
+Factors may be numpy arrays (any float dtype, ml_dtypes bfloat16 included) or torch tensors: each is copied
+to float32 numpy at entry (`as_f32`: `dtypes.as_f32` after `held`), and every result is a numpy array.
+`factored_svd` is written against the array namespace of its inputs (array-api-compat), so the same lines
+run on torch tensors too.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-import torch
+import numpy as np
 
-from ..adapter import Block, Target
-from ..hostarray import as_torch
+from .. import dtypes
+from ..adapter import Adapter, Block, Target
+from ..dtypes import NP_DTYPES, as_numpy, is_torch
 
-
-def f32(x: torch.Tensor, device=None) -> torch.Tensor:
-    """Float32 copy (or view) on `device` (default: where it is); a HostTensor (numpy) is converted."""
-    x = as_torch(x)
-    return x.to(device=device if device is not None else x.device, dtype=torch.float32)
+F32 = np.float32
 
 
-def stacked_factors(t: Target, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def held(x) -> np.ndarray:
+    """A factor as a plain numpy array of its own dtype: torch tensors are converted (dtypes.as_numpy); an
+    array that names its safetensors dtype in `st_dtype` (raw BF16 or FP8 bits under an integer dtype, as
+    the extract route's arrays hold them) is viewed as that dtype."""
+    name = getattr(x, "st_dtype", None)
+    if name is not None:
+        return np.asarray(x).view(NP_DTYPES[name])
+    return as_numpy(x)
+
+
+def as_f32(x) -> np.ndarray:
+    """A contiguous float32 copy of a factor held in any of the ways `held` accepts."""
+    return dtypes.as_f32(held(x))
+
+
+def stacked_factors(t: Target) -> tuple[np.ndarray, np.ndarray]:
     """Write the target's delta as one product ΔM = Bs @ As, scales folded into Bs.
 
     Each block's factors are zero-padded to the whole matrix view, so overlapping blocks sum correctly.
@@ -27,10 +45,10 @@ def stacked_factors(t: Target, device=None) -> tuple[torch.Tensor, torch.Tensor]
         Bs (out, R) float32 and As (R, in) float32 with R = sum of block ranks.
     """
     out, inp = t.matrix_shape
-    return rect_factors(t.blocks, ((0, out), (0, inp)), device)
+    return rect_factors(t.blocks, ((0, out), (0, inp)))
 
 
-def rect_factors(blocks, rect, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rect_factors(blocks, rect) -> tuple[np.ndarray, np.ndarray]:
     """Write the blocks' summed delta on the rectangle `rect` = ((r0, r1), (c0, c1)) of the matrix view as
     one product Bs @ As (float32, scales folded into Bs; every block must lie inside `rect`).
 
@@ -39,32 +57,34 @@ def rect_factors(blocks, rect, device=None) -> tuple[torch.Tensor, torch.Tensor]
     """
     (r0, r1), (c0, c1) = rect
     R = sum(b.rank for b in blocks)
-    Bs = torch.zeros(r1 - r0, R, dtype=torch.float32, device=device)
-    As = torch.zeros(R, c1 - c0, dtype=torch.float32, device=device)
+    Bs = np.zeros((r1 - r0, R), F32)
+    As = np.zeros((R, c1 - c0), F32)
     k = 0
     for b in blocks:
-        Bs[b.rows[0] - r0:b.rows[1] - r0, k:k + b.rank] = f32(b.B, device) * b.scale  # (rows, r)
-        As[k:k + b.rank, b.cols[0] - c0:b.cols[1] - c0] = f32(b.A, device)  # (r, cols)
+        Bs[b.rows[0] - r0:b.rows[1] - r0, k:k + b.rank] = as_f32(b.B) * F32(b.scale)  # (rows, r)
+        As[k:k + b.rank, b.cols[0] - c0:b.cols[1] - c0] = as_f32(b.A)  # (r, cols)
         k += b.rank
     return Bs, As
 
 
-def block_delta(b: Block, device=None) -> torch.Tensor:
+def block_delta(b: Block) -> np.ndarray:
     """scale * B @ A in float32: (rows, r) @ (r, cols) -> (rows, cols)."""
-    return (f32(b.B, device) @ f32(b.A, device)) * b.scale
+    return (as_f32(b.B) @ as_f32(b.A)) * F32(b.scale)
 
 
-def delta_matrix(t: Target, device=None) -> torch.Tensor:
+def delta_matrix(t: Target) -> np.ndarray:
     """The dense (out, in) float32 delta of a lora target's matrix view. Materialises out x in."""
-    out, inp = t.matrix_shape
-    M = torch.zeros(out, inp, dtype=torch.float32, device=device)
+    M = np.zeros(t.matrix_shape, F32)
     for b in t.blocks:
-        M[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] += block_delta(b, device)
+        M[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] += block_delta(b)
     return M
 
 
-def to_base_layout(t: Target, M: torch.Tensor) -> torch.Tensor:
-    """Map a matrix-view delta (out, in) to the base tensor's own shape and orientation."""
+def to_base_layout(t: Target, M):
+    """Map a matrix-view delta (out, in) to the base tensor's own shape and orientation.
+
+    A view where possible; M may be a numpy array or a torch tensor, and the result is of the same kind.
+    """
     if t.layout in ("fan_in_fan_out", "embedding"):
         return M.T  # (in, out): GPT-2 Conv1D stores W transposed; PEFT embeddings use (B @ A)^T
     if t.layout == "conv":
@@ -72,8 +92,8 @@ def to_base_layout(t: Target, M: torch.Tensor) -> torch.Tensor:
     return M
 
 
-def from_base_layout(t: Target, W: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_base_layout: the (out, in) matrix view of a tensor in the base's shape."""
+def from_base_layout(t: Target, W):
+    """Inverse of to_base_layout: the (out, in) matrix view of a tensor in the base's shape (same kind as W)."""
     if t.layout in ("fan_in_fan_out", "embedding"):
         return W.T
     if t.layout == "conv":
@@ -81,36 +101,41 @@ def from_base_layout(t: Target, W: torch.Tensor) -> torch.Tensor:
     return W
 
 
-def delta_tensor(t: Target, device=None) -> torch.Tensor:
+def delta_tensor(t: Target) -> np.ndarray:
     """The dense float32 delta in the base tensor's shape, for any target kind."""
     if t.kind == "full":
-        return f32(t.delta, device) * t.delta_scale
-    return to_base_layout(t, delta_matrix(t, device))
+        return as_f32(t.delta) * F32(t.delta_scale)
+    return to_base_layout(t, delta_matrix(t))
 
 
-def factored_svd(B: torch.Tensor, A: torch.Tensor):
+def factored_svd(B, A):
     """SVD of the product B @ A without forming it (FORMATS.md, "Known algebra").
 
     Args:
-        B: (m, R) float32. A: (R, n) float32.
+        B: (m, R) float array. A: (R, n) float array, of the same array library as B (numpy, or torch on
+            any device): the result is computed in that library, in the inputs' dtype.
     Returns:
         U (m, k), S (k,), Vh (k, n) with k = min(R, m, n) and B @ A = U diag(S) Vh, S descending.
-    Cost O((m + n) R^2) instead of O(m n min(m, n)).
+    Cost O((m + n) R^2) instead of O(m n min(m, n)). numpy's LAPACK works in float64 on float32 input and
+    rounds the results back to float32 (torch works in the inputs' dtype).
     """
-    Qb, Rb = torch.linalg.qr(B)  # (m, k1), (k1, R)
-    Qa, Ra = torch.linalg.qr(A.T)  # (n, k2), (k2, R)
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(B, A)
+    Qb, Rb = xp.linalg.qr(B)  # (m, k1), (k1, R)
+    Qa, Ra = xp.linalg.qr(A.T)  # (n, k2), (k2, R)
     core = Rb @ Ra.T  # (k1, R) @ (R, k2) -> (k1, k2)
-    Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
+    Uc, S, Vhc = xp.linalg.svd(core, full_matrices=False)
     return Qb @ Uc, S, Vhc @ Qa.T  # (m, k), (k,), (k, n)
 
 
-def singular_values(t: Target) -> torch.Tensor:
+def singular_values(t: Target) -> np.ndarray:
     """Singular values of the target's delta (descending, float32), from the factors for lora targets."""
     if t.kind == "full":
-        D = f32(t.delta) * t.delta_scale
+        D = delta_tensor(t)
         if D.ndim < 2:
-            return D.abs().reshape(-1).sort(descending=True).values
-        return torch.linalg.svdvals(D.reshape(D.shape[0], -1))
+            return np.sort(np.abs(D.reshape(-1)))[::-1]
+        return np.linalg.svd(D.reshape(D.shape[0], -1), compute_uv=False)
     Bs, As = stacked_factors(t)
     return factored_svd(Bs, As)[1]
 
@@ -118,18 +143,45 @@ def singular_values(t: Target) -> torch.Tensor:
 def frobenius_norm(t: Target) -> float:
     """||ΔW||_F exactly, from the factors: ||Bs As||_F^2 = trace((Bs^T Bs)(As As^T)), never out x in."""
     if t.kind == "full":
-        return float(torch.linalg.vector_norm(f32(t.delta)) * abs(t.delta_scale))
+        d = as_f32(t.delta).reshape(-1).astype(np.float64)
+        return math.sqrt(float(d @ d)) * abs(t.delta_scale)
     Bs, As = stacked_factors(t)
     G = (Bs.T @ Bs) * (As @ As.T)  # (R, R) elementwise product; its sum is the trace of the product
-    return math.sqrt(max(float(G.sum()), 0.0))
+    return math.sqrt(max(float(G.sum(dtype=np.float64)), 0.0))
 
 
-def energy_rank(S: torch.Tensor, fraction: float) -> int:
+def energy_rank(S, fraction: float) -> int:
     """Smallest k with sum(S[:k]^2) >= fraction * sum(S^2) (0 for a zero delta)."""
-    e = S.double() ** 2
+    e = np.asarray(held(S), dtype=np.float64) ** 2
     total = float(e.sum())
     if total == 0.0:
         return 0
-    cum = torch.cumsum(e, 0) / total
-    k = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype) - 1e-12).item()) + 1
-    return min(k, S.numel())
+    cum = np.cumsum(e) / total
+    k = int(np.searchsorted(cum, fraction - 1e-12)) + 1
+    return min(k, e.size)
+
+
+def numpy_factors(adapter: Adapter) -> Adapter:
+    """The adapter with every factor and full delta held as a plain numpy array (see `held`; no copy where
+    the data is already on the CPU); the adapter itself when that is already so."""
+    def arrays(t):
+        return [t.delta] if t.kind == "full" else [x for b in t.blocks for x in (b.A, b.B)]
+
+    if not any(is_torch(x) or hasattr(x, "st_dtype") for t in adapter for x in arrays(t)):
+        return adapter
+    targets = []
+    for t in adapter:
+        if t.kind == "full":
+            targets.append(replace(t, delta=_held(t.delta)))
+        else:
+            targets.append(t.with_blocks(replace(b, A=_held(b.A), B=_held(b.B)) for b in t.blocks))
+    return adapter.replace_targets(targets)
+
+
+def _held(x):
+    return None if x is None else held(x)
+
+
+__all__ = ["held", "as_f32", "stacked_factors", "rect_factors", "block_delta", "delta_matrix", "to_base_layout",
+           "from_base_layout", "delta_tensor", "factored_svd", "singular_values", "frobenius_norm", "energy_rank",
+           "numpy_factors"]

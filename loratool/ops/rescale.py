@@ -17,15 +17,32 @@ from ..adapter import Adapter
 from ..container import escape
 from ..errors import NumericError, UnsupportedError
 from .factored import truncate_target
+from .linalg import numpy_factors
+
+OPERATIONS = ("scale", "alpha", "rank", "energy")
 
 
 @dataclass
 class RescaleResult:
-    """The new adapter and one report row per target (plain data, ready for a table or JSON)."""
+    """The new adapter and what the CLI reports about it (plain data, ready for a table or JSON).
+
+    `rows` has one dict per target: for scale and alpha its scales before and after (scale_before,
+    scale_after, one per block); for rank and energy rank_before, rank_after, blocks_before, blocks_after,
+    energy_retained and relative_error (= ||ΔW - ΔW'||_F / ||ΔW||_F).
+    """
 
     adapter: Adapter
     rows: list[dict] = field(default_factory=list)
-    scale: float | None = None  # the strength factor applied, for --scale and --alpha
+    scale: float | None = None  # the strength factor applied, for scale and alpha
+    operation: str | None = None  # one of OPERATIONS
+    value: float | int | None = None  # the value asked for
+    parameters_before: int | None = None  # the input's parameter count
+
+    def report(self) -> dict:
+        """Operation, value, strength factor, parameter counts before and after, and the per-target rows."""
+        return {"operation": self.operation, "value": self.value, "strength_factor": self.scale,
+                "parameters_before": self.parameters_before, "parameters_after": self.adapter.n_params,
+                "targets": self.rows}
 
 
 def _finite(name: str, x: float) -> float:
@@ -38,12 +55,14 @@ def _finite(name: str, x: float) -> float:
 def scale_adapter(adapter: Adapter, s: float) -> Adapter:
     """ΔW' = s · ΔW for every target: alpha *= s on every block, scale *= s on every full target.
 
+    Factors are not touched (torch tensors are handed back as numpy arrays over the same memory).
+
     Raises:
         NumericError: s, or an alpha or scale it produces, is not finite.
     """
     s = _finite("scale", s)
     targets = []
-    for t in adapter:
+    for t in numpy_factors(adapter):
         if t.kind == "full":
             nt = replace(t, delta_scale=t.delta_scale * s)
             if not math.isfinite(nt.delta_scale):
@@ -109,7 +128,8 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         adapter: an adapter with its factors loaded.
         rank: keep at most `rank` singular values per block group; or
         energy: keep the fewest that retain this fraction (0 < energy <= 1) of each group's ||ΔM||_F^2.
-        progress: optional callable, called once per target.
+        progress: optional callable progress(advance, total=None): once with total= the number of targets,
+            then once per target.
     Returns:
         RescaleResult whose rows give rank_before, rank_after, energy_retained and relative_error
         (= ||ΔW - ΔW'||_F / ||ΔW||_F) per target; full targets are kept as they are (energy 1).
@@ -123,6 +143,9 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         raise NumericError(f"rank {rank} is below 1; pass a rank of at least 1")
     if energy is not None and not (0.0 < float(energy) <= 1.0):
         raise NumericError(f"energy {energy} is outside (0, 1]; pass a fraction such as 0.99")
+    adapter = numpy_factors(adapter)
+    if progress is not None:
+        progress(0, total=len(adapter))
     targets, rows = [], []
     for t in adapter:
         if t.kind == "full":
@@ -137,21 +160,34 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
             progress(1)
     op = {"rank": int(rank)} if rank is not None else {"energy": float(energy)}
     new = replace(adapter.replace_targets(targets), info={**dict(adapter.info), "rescale": op})
-    return RescaleResult(new, rows)
+    (name, value), = op.items()
+    return RescaleResult(new, rows, operation=name, value=value, parameters_before=adapter.n_params)
 
 
 def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None = None, rank: int | None = None,
             energy: float | None = None, progress=None) -> RescaleResult:
-    """One entry point for the four kinds of rescale; exactly one keyword must be given.
+    """One entry point for the four kinds of rescale of an in-memory adapter; exactly one keyword must be given.
 
+    Args:
+        adapter: an adapter with its factors loaded (numpy arrays or torch tensors).
+        scale: ΔW' = scale · ΔW exactly (alphas and full-target scales change, factors do not).
+        alpha: every block's alpha set to `alpha` (see set_alpha).
+        rank, energy: the optimal truncation of each block group (see resize).
+        progress: optional callable progress(advance, total=None): once with total= the number of targets,
+            then once per target.
     Returns:
-        RescaleResult. For scale and alpha, `rows` lists each target's old and new scales.
+        RescaleResult with factors as numpy arrays. For scale and alpha, `rows` lists each target's old and
+        new scales and `scale` is the strength factor.
+    Raises:
+        ValueError: not exactly one of scale, alpha, rank, energy was given.
+        NumericError, UnsupportedError: as scale_adapter, set_alpha and resize say.
     """
     given = [k for k, v in (("scale", scale), ("alpha", alpha), ("rank", rank), ("energy", energy)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"rescale takes exactly one of scale, alpha, rank, energy (got {', '.join(given) or 'none'})")
     if rank is not None or energy is not None:
         return resize(adapter, rank=rank, energy=energy, progress=progress)
+    adapter = numpy_factors(adapter)
     if scale is not None:
         new, s = scale_adapter(adapter, scale), float(scale)
         op = {"scale": s}
@@ -159,6 +195,8 @@ def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None
         new, s = set_alpha(adapter, alpha)
         op = {"alpha": float(alpha)}
     new = replace(new, info={**dict(adapter.info), "rescale": op})
+    if progress is not None:
+        progress(0, total=len(adapter))
     rows = []
     for t_old, t_new in zip(adapter, new):
         if progress is not None:
@@ -169,7 +207,8 @@ def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None
         else:
             rows.append({"target": t_old.key, "kind": t_old.kind, "scale_before": [b.scale for b in t_old.blocks],
                          "scale_after": [b.scale for b in t_new.blocks]})
-    return RescaleResult(new, rows, scale=s)
+    (name, value), = op.items()
+    return RescaleResult(new, rows, scale=s, operation=name, value=value, parameters_before=adapter.n_params)
 
 
-__all__ = ["RescaleResult", "rescale", "resize", "scale_adapter", "set_alpha", "uniform_alpha"]
+__all__ = ["OPERATIONS", "RescaleResult", "rescale", "resize", "scale_adapter", "set_alpha", "uniform_alpha"]

@@ -257,7 +257,7 @@ def main(root: Path = HERE) -> None:
     expected = {"valid": {}, "invalid": {}, "base_checks": {}}
     for name, (adapter, warns) in valid().items():
         save(adapter, root / "valid" / f"{name}.safetensors")
-        deltas = {t.key: delta_tensor(t).contiguous() for t in adapter}
+        deltas = {t.key: torch.from_numpy(delta_tensor(t)).contiguous() for t in adapter}
         save_file(deltas, str(root / "expected_delta" / f"{name}.safetensors"))
         expected["valid"][f"{name}.safetensors"] = {"errors": [], "warnings": warns}
     for name, (blob, warns) in warning_files().items():
