@@ -325,13 +325,13 @@ def bench_variants(ranks=RANKS) -> list[dict]:
         m, n = M.shape
         Zt = np.random.default_rng(seed).standard_normal((l, m), dtype=np.float32) @ M  # (l, n)
         Z = sh._normalize(dev, Zt.T)
-        Q = sh._orth(dev, M @ Z)
+        Q = sh.orthonormal_basis(dev, M @ Z)
         Ub, S, Vh = sh._thin_svd_wide(dev, Q.T @ M)
         return S
 
     def block_krylov(M, l, seed):
-        Q0 = sh._orth(dev, M @ sh.gaussian_sketch(M.shape[1], l, seed))
-        K = sh._orth(dev, np.hstack([Q0, M @ sh._normalize(dev, (Q0.T @ M).T)]))
+        Q0 = sh.orthonormal_basis(dev, M @ sh.gaussian_sketch(M.shape[1], l, seed))
+        K = sh.orthonormal_basis(dev, np.hstack([Q0, M @ sh._normalize(dev, (Q0.T @ M).T)]))
         return sh._thin_svd_wide(dev, K.T @ M)[1]
 
     rows = []

@@ -144,6 +144,15 @@ def resolve(name: str | None) -> Device:
     return Device(name, xp)
 
 
+def of(x) -> Device:
+    """The Device an array lives on: the CPU for numpy, its own device for a torch tensor."""
+    if not dtypes.is_torch(x):
+        return cpu()
+    import array_api_compat.torch as xp
+
+    return Device("cpu" if x.device.type == "cpu" else str(x.device), xp)
+
+
 @contextlib.contextmanager
 def session(name: str | None):
     """Resolve `name` once and yield its Device; on CUDA, TF32 is off inside and restored on the way out."""
@@ -174,4 +183,4 @@ def blas_threads(n: int | None):
         yield
 
 
-__all__ = ["Device", "DEVICES", "cpu", "resolve", "session", "blas_threads"]
+__all__ = ["Device", "DEVICES", "cpu", "of", "resolve", "session", "blas_threads"]

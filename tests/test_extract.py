@@ -672,7 +672,7 @@ def test_orthonormal_basis_of_an_exactly_low_rank_sketch_falls_back_to_household
     householder = svd._householder
     monkeypatch.setattr(svd, "_householder", lambda dev, Y: calls.append(Y.shape) or householder(dev, Y))
     M = low_rank(80, 60, 3, seed=62).numpy()
-    Q = svd._orth(CPU, M @ gaussian_sketch(60, 12, 1))
+    Q = svd.orthonormal_basis(CPU, M @ gaussian_sketch(60, 12, 1))
     assert calls == [(80, 12)]
     assert np.abs(Q.T @ Q - np.eye(12)).max() <= svd.ORTHO_TOL
     U, S, Vh = randomized_svd(CPU, M, 12, seed_for(0, "low"))

@@ -112,21 +112,24 @@ def factored_svd(B, A):
     """SVD of the product B @ A without forming it (FORMATS.md, "Known algebra").
 
     Args:
-        B: (m, R) float array. A: (R, n) float array, of the same array library as B (numpy, or torch on
-            any device): the result is computed in that library, in the inputs' dtype.
+        B: (m, R) float32 array. A: (R, n) float32 array, of the same array library as B (numpy, or torch on
+            any device): the result is computed there (loratool.device), in float32.
     Returns:
-        U (m, k), S (k,), Vh (k, n) with k = min(R, m, n) and B @ A = U diag(S) Vh, S descending.
-    Cost O((m + n) R^2) instead of O(m n min(m, n)). numpy's LAPACK works in float64 on float32 input and
-    rounds the results back to float32 (torch works in the inputs' dtype).
+        U (m, k), S (k,), Vh (k, n) with B @ A = U diag(S) Vh, S descending; k = R (or fewer when B or A has
+        fewer rows than R).
+    Cost O((m + n) R^2) instead of O(m n min(m, n)): orthonormal bases Qb of B's columns and Qa of A's rows
+    (ops.svd's Cholesky QR, with Householder where B or A is nearly rank-deficient), then the SVD of the
+    small core (Qb^T B)(A Qa).
     """
-    from array_api_compat import array_namespace
+    from ..device import of
+    from .svd import orthonormal_basis
 
-    xp = array_namespace(B, A)
-    Qb, Rb = xp.linalg.qr(B)  # (m, k1), (k1, R)
-    Qa, Ra = xp.linalg.qr(A.T)  # (n, k2), (k2, R)
-    core = Rb @ Ra.T  # (k1, R) @ (R, k2) -> (k1, k2)
-    Uc, S, Vhc = xp.linalg.svd(core, full_matrices=False)
-    return Qb @ Uc, S, Vhc @ Qa.T  # (m, k), (k,), (k, n)
+    dev = of(B)
+    Qb = orthonormal_basis(dev, B)  # (m, k1)
+    Qa = orthonormal_basis(dev, A.T)  # (n, k2)
+    core = dev.matmul(dev.matmul(Qb.T, B), dev.matmul(A, Qa))  # (k1, R) @ (R, k2) -> (k1, k2)
+    Uc, S, Vhc = dev.xp.linalg.svd(core, full_matrices=False)
+    return dev.matmul(Qb, Uc), S, dev.matmul(Vhc, Qa.T)  # (m, k), (k,), (k, n)
 
 
 def singular_values(t: Target) -> np.ndarray:

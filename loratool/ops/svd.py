@@ -115,13 +115,13 @@ def _normalize(dev, Y):
 
     The shift (1e-5 of trace(Y^T Y)) keeps it defined for a rank-deficient Y and bounds the basis's
     condition number; a failed factorisation falls back to a Householder QR. Only the final basis must be
-    orthonormal, and that one is `_orth`'s.
+    orthonormal, and that one is `orthonormal_basis`'s.
     """
     Z = _chol_step(dev, Y, lambda trace: SHIFT * trace + _TINY)
     return _householder(dev, Y) if Z is None else Z
 
 
-def _orth(dev, Y):
+def orthonormal_basis(dev, Y):
     """An orthonormal basis of span(Y) (m, l), orthonormal to float32 precision.
 
     Shifted Cholesky QR followed by two plain ones (shifted CholeskyQR3, Fukaya et al. 2020): three Grams and
@@ -148,7 +148,7 @@ def _thin_svd_wide(dev, P):
     """SVD of a wide P (l, n), l <= n, through an orthonormal basis of its rows (P^T = Q2 R2, then the l x l
     SVD of R2^T), which avoids LAPACK's slow path for a long, thin matrix. Returns Ub (l, l), S (l,),
     Vh (l, n)."""
-    Q2 = _orth(dev, P.T)  # (n, l), orthonormal
+    Q2 = orthonormal_basis(dev, P.T)  # (n, l), orthonormal
     R2t = dev.matmul(P, Q2)  # (l, n) @ (n, l) -> (l, l): P = R2t Q2^T
     Ur, S, Vrh = dev.xp.linalg.svd(R2t)  # (l, l) each
     return Ur, S, dev.matmul(Vrh, Q2.T)  # (l, l) @ (l, n) -> (l, n)
@@ -179,7 +179,7 @@ def randomized_svd(dev, M, l: int, seed: int, n_iter: int = DEFAULT_POWER_ITERAT
     for _ in range(n_iter):
         Z = _normalize(dev, dev.matmul(_normalize(dev, Y).T, M).T)  # (l, m) @ (m, n) -> (l, n), seen as (n, l)
         Y = dev.matmul(M, Z)  # (m, n) @ (n, l) -> (m, l)
-    Q = _orth(dev, Y)  # orthonormal to float32 precision: the error identity above rests on it
+    Q = orthonormal_basis(dev, Y)  # orthonormal to float32 precision: the error identity above rests on it
     P = dev.matmul(Q.T, M)  # (l, m) @ (m, n) -> (l, n): M projected on the sketch's range
     Ub, S, Vh = _thin_svd_wide(dev, P)  # (l, l), (l,), (l, n)
     return dev.matmul(Q, Ub), S, Vh  # (m, l) @ (l, l) -> (m, l)
