@@ -1,9 +1,10 @@
-"""Library entry points behind `validate` and `inspect`: plain data in, plain data out, no printing."""
+"""Library entry points behind `validate`, `inspect` and `convert`: plain data in, plain data out, no printing."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 from .adapter import Adapter
 from .validation import Report, check_base, check_values, validate_header
@@ -15,7 +16,7 @@ def validate_file(path, base=None, read_data: bool = True) -> Report:
     Args:
         path: the adapter file.
         base: a base model path (file or folder) or an opened io.base.BaseModel, or None.
-        read_data: also read the factors for rules T006 and W003 (imports torch).
+        read_data: also read the factors for rules T006 and W003 (numpy, one tensor at a time; no torch).
     Returns:
         A Report; `report.errors` is empty when the file is valid.
     """
@@ -23,7 +24,7 @@ def validate_file(path, base=None, read_data: bool = True) -> Report:
     if rep.adapter is None or rep.errors:
         return rep
     if read_data:
-        from .container import read_tensor
+        from .container import read_array
 
         class _OnDemand:
             """name -> tensor read when asked: validation holds one tensor at a time, whatever the file size."""
@@ -33,7 +34,7 @@ def validate_file(path, base=None, read_data: bool = True) -> Report:
 
             def get(self, name):
                 info = self.header.tensors.get(name)
-                return None if info is None else read_tensor(self.fd, self.header.data_start, info)
+                return None if info is None else read_array(self.fd, self.header.data_start, info)
 
         fd = os.open(os.fspath(path), os.O_RDONLY)
         try:
@@ -98,20 +99,123 @@ def summary(adapter: Adapter, header=None) -> dict:
     return out
 
 
-def target_stats(adapter: Adapter) -> dict[str, dict]:
-    """Per target ||ΔW||_F, ranks for 90% and 99% of the energy and non-finite counts, from the factors."""
-    import torch
+def inspect(path, *, stats: bool = False, dialect: str | None = None, **options) -> dict:
+    """A summary of an adapter of any dialect, from its structure: for a native file, a PEFT folder with
+    adapter_model.safetensors or a kohya file, the headers and configs alone (no tensor data, no torch).
 
+    Args:
+        path: an adapter file or a PEFT folder.
+        stats: also read the factors and add per target "stats": ||ΔW||_F, the ranks keeping 90% and 99% of
+            the energy, and the count of non-finite values (counted, not refused).
+        dialect: force a dialect instead of detecting it.
+        options: reader options (base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out); one that is set
+            and that the dialect does not take is refused.
+    Returns:
+        A dict: path, dialect, format and spec_version (of a native file, else None), unknown_keys (foreign
+        dialects), the fields of `summary` (dtypes and bytes when the tensors sit in a safetensors file), and
+        a "stats" entry in every per_target row when asked.
+    Raises:
+        SpecError, FileError, MismatchError, UnsupportedError: as the dialect's reader says.
+    """
+    from . import spec
+    from .io import registry
+
+    src = registry.Source(path)
+    d = registry.get(dialect) if dialect else registry.detect(src)
+    if stats:  # a native reader refuses non-finite factors unless told to leave them to be counted
+        adapter = registry.load(src, dialect=d, **options, check=False)
+    else:
+        adapter = registry.structure(src, dialect=d, **options)
+    hdr = src.tensor_header
+    fmt = hdr.metadata.get(spec.KEY_FORMAT) if hdr is not None else None
+    doc = {"path": str(path), "dialect": d.name, "format": fmt,
+           "spec_version": hdr.metadata.get(spec.KEY_VERSION) if fmt is not None else None}
+    if fmt is None:
+        doc["unknown_keys"] = list(adapter.info.get("unknown_keys", []))
+    doc.update(summary(adapter, hdr))
+    if stats:
+        st = target_stats(adapter)
+        for row in doc["per_target"]:
+            row["stats"] = st[row["target"]]
+    return doc
+
+
+def target_stats(adapter: Adapter) -> dict[str, dict]:
+    """Per target ||ΔW||_F, ranks for 90% and 99% of the energy and non-finite counts, from the factors.
+
+    Factors may be numpy arrays or torch tensors; the linear algebra is ops.linalg's (factored, never out x in).
+    """
+    import numpy as np
+
+    from .dtypes import as_f32, to_torch
+    from .io._common import numpy_factors
     from .ops.linalg import energy_rank, frobenius_norm, singular_values
 
     out = {}
-    for t in adapter:
+    for t in numpy_factors(adapter):
         tensors = [t.delta] if t.kind == "full" else [x for b in t.blocks for x in (b.A, b.B)]
-        nonfinite = sum(int((~torch.isfinite(x)).sum()) for x in tensors)
+        nonfinite = sum(int((~np.isfinite(as_f32(x))).sum()) for x in tensors)
         if nonfinite:
             out[t.key] = {"norm": None, "rank90": None, "rank99": None, "nonfinite": nonfinite}
             continue
-        S = singular_values(t)
-        out[t.key] = {"norm": frobenius_norm(t), "rank90": energy_rank(S, 0.90), "rank99": energy_rank(S, 0.99),
+        # ops.linalg takes torch tensors today; every library function accepts them.
+        tt = _map_factors(t, to_torch)
+        S = singular_values(tt)
+        out[t.key] = {"norm": frobenius_norm(tt), "rank90": energy_rank(S, 0.90), "rank99": energy_rank(S, 0.99),
                       "nonfinite": 0}
     return out
+
+
+def _map_factors(t, fn):
+    from dataclasses import replace
+
+    if t.kind == "full":
+        return replace(t, delta=fn(t.delta))
+    return t.with_blocks(replace(b, A=fn(b.A), B=fn(b.B)) for b in t.blocks)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What `convert` did: the adapter as read (numpy factors), the dialects read and written, bytes written."""
+
+    adapter: Adapter
+    dialect: str
+    to: str
+    bytes: int
+
+
+def convert(path, output, *, to: str | None = None, overwrite: bool = False, kohya_prefix: str = "lora_unet_",
+            **options) -> ConvertResult:
+    """Read an adapter of any dialect and write it in another without changing ΔW, exactly or not at all.
+
+    Args:
+        path: the adapter (file or PEFT folder).
+        output: the file or folder to write; with `to` None its name picks the dialect
+            (io.registry.writer_for: ".safetensors" -> loratool, a folder -> peft).
+        to: the dialect to write ("loratool", "peft", "kohya"), or None.
+        overwrite: replace `output` if it exists.
+        kohya_prefix: kohya only: the name prefix of targets not read from kohya.
+        options: reader options (base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out).
+    Returns:
+        A ConvertResult.
+    Raises:
+        UsageError: `output`'s name is not one the chosen dialect is written to.
+        FileError: `output` is an input, or exists without `overwrite`.
+        MismatchError: kohya names without a base cannot become dotted keys.
+        UnsupportedError: the conversion cannot be exact (the message says which target and why).
+        SpecError, NumericError: as the reader or writer says.
+    """
+    from .errors import MismatchError
+    from .fsutil import check_output
+    from .io import registry
+
+    writer = registry.writer_for(output, to)
+    check_output(output, [path, options.get("base")], overwrite)
+    src = registry.Source(path)
+    d = registry.detect(src)
+    adapter = registry.load(src, dialect=d, **options)
+    if adapter.info.get("kohya_unmapped") and writer.name != d.name:
+        raise MismatchError(f"{path}: kohya names such as \"{next(iter(adapter.targets))}\" cannot be turned back "
+                            "into dotted module paths without the model; pass --base")
+    nbytes = writer.write(adapter, output, overwrite=overwrite, prefix=kohya_prefix)
+    return ConvertResult(adapter=adapter, dialect=d.name, to=writer.name, bytes=nbytes)

@@ -268,7 +268,7 @@ def _check_tensor_names(hdr: Header, raw_targets: dict, targets: dict[str, Targe
 
 
 def check_values(tensors, adapter: Adapter) -> list[Finding]:
-    """Rules T006 and W003 on loaded tensors (name -> torch.Tensor or hostarray.HostTensor)."""
+    """Rules T006 and W003 on loaded tensors (name -> numpy array, torch.Tensor or hostarray.HostTensor)."""
     findings = []
     for t in adapter:
         names = [spec.delta_name(t.key)] if t.kind == "full" else [
@@ -288,12 +288,15 @@ def check_values(tensors, adapter: Adapter) -> list[Finding]:
 
 
 def _host_values(x):
-    """A HostTensor's values as a plain numpy array (BF16 widened to float32), or None for a torch tensor."""
-    if not hasattr(x, "st_dtype"):
-        return None
-    import numpy as np
+    """The values of a numpy array or HostTensor as a plain numpy array (HostTensor BF16 bits widened to
+    float32), or None for a torch tensor."""
+    if hasattr(x, "st_dtype"):
+        import numpy as np
 
-    return x.float32() if x.st_dtype == "BF16" else np.asarray(x)
+        return x.float32() if x.st_dtype == "BF16" else np.asarray(x)
+    if type(x).__module__.startswith("torch"):
+        return None
+    return x
 
 
 def _count_nonfinite(x) -> int:
@@ -301,7 +304,9 @@ def _count_nonfinite(x) -> int:
     if a is not None:
         import numpy as np
 
-        return int((~np.isfinite(a)).sum()) if a.dtype.kind == "f" else 0
+        from .dtypes import dtype_of
+
+        return int((~np.isfinite(a)).sum()) if dtype_of(a).startswith(("F", "BF")) else 0
     import torch
 
     return int((~torch.isfinite(x)).sum())
@@ -340,13 +345,18 @@ def check_base(adapter: Adapter, base) -> list[Finding]:
     return findings
 
 
-def validate_header(path) -> Report:
-    """Container and metadata rules only: reads the header, never tensor data, never imports torch."""
+def validate_header(path, header: Header | None = None) -> Report:
+    """Container and metadata rules only: reads the header, never tensor data, never imports torch.
+
+    Args:
+        path: the adapter file.
+        header: its header when the caller has parsed it already (read_header), so it is not parsed twice.
+    """
     from .errors import SpecError
 
     rep = Report(path=str(path))
     try:
-        hdr = read_header(path)
+        hdr = read_header(path) if header is None else header
     except SpecError as e:
         rep.findings = e.findings
         return rep

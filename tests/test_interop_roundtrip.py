@@ -6,9 +6,9 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
+from arrays import dense_delta
 from loratool.adapter import Adapter, whole_target
 from loratool.io import kohya as K, peft as P
-from loratool.ops.linalg import delta_tensor
 
 ATOL = 1e-6  # float32 deltas of unit-scale factors; alphas converted between rules change the scale by <= 1 ulp
 
@@ -40,7 +40,7 @@ def same_deltas(a, b):
         u = b.targets[k]
         assert (u.layout, u.shape) == (t.layout, t.shape), k
         assert math.isclose(u.blocks[0].scale, t.blocks[0].scale, rel_tol=1e-12), k
-        torch.testing.assert_close(delta_tensor(u), delta_tensor(t), atol=ATOL, rtol=1e-6)
+        torch.testing.assert_close(dense_delta(u), dense_delta(t), atol=ATOL, rtol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)
