@@ -265,6 +265,40 @@ def read_arrays(path, hdr: Header, names=None) -> dict:
         os.close(fd)
 
 
+# struct formats of the dtypes a one-element tensor is decoded from without numpy (see read_scalars).
+_SCALAR_FORMATS = {"F16": "<e", "F32": "<f", "F64": "<d", "I8": "<b", "U8": "<B", "I16": "<h", "U16": "<H",
+                   "I32": "<i", "U32": "<I", "I64": "<q", "U64": "<Q", "BOOL": "<?"}
+
+
+def read_scalars(path, hdr: Header, names) -> dict[str, float]:
+    """The value of each named one-element tensor of a checked header, as a Python float, read with pread.
+
+    Plain dtypes are decoded with struct and BF16 as the top half of a float32; only FP8 goes through numpy.
+    Measured reason: a kohya file's alphas are the only tensor data a header-level summary needs, and
+    importing numpy and ml_dtypes for them costs about 100 ms of a ~250 ms `inspect` on a 2-core machine.
+
+    Raises:
+        ValueError: a named tensor does not hold exactly one element.
+    """
+    out = {}
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        for name in names:
+            info = hdr.tensors[name]
+            if info.numel != 1:
+                raise ValueError(f"{name}: {info.numel} elements, not one")
+            raw = bytes(pread_exact(fd, info.nbytes, hdr.data_start + info.begin))
+            if info.dtype == "BF16":
+                out[name] = struct.unpack("<f", b"\x00\x00" + raw)[0]
+            elif info.dtype in _SCALAR_FORMATS:
+                out[name] = float(struct.unpack(_SCALAR_FORMATS[info.dtype], raw)[0])
+            else:
+                out[name] = float(read_array(fd, hdr.data_start, info).astype("float64").reshape(-1)[0])
+    finally:
+        os.close(fd)
+    return out
+
+
 def read_all(path, hdr: Header, *, host: bool = False) -> dict:
     """Every tensor of a checked header, name -> torch.Tensor (or hostarray.HostTensor with `host`: no
     torch import), read with pread."""

@@ -27,7 +27,7 @@ import math
 import re
 
 from ..adapter import Adapter, Block, Target, alpha_for_scale
-from ..container import escape, write_file
+from ..container import escape, read_scalars, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (Dialect, Meta, Source, as_source, base_keys, check_unknown, header_only, materialize,
                       metas_of_header, numpy_factors, ref, safetensors_reader)
@@ -87,13 +87,14 @@ def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
 def _plan(path, base, allow_unknown, then):
     src = as_source(path)
     hdr = src.checked_header()
-    read = safetensors_reader(src.path, hdr)
     metas = metas_of_header(hdr)
     with base_keys(base) as bk:
-        return then(_build(src.path, metas, dict(hdr.metadata), read, bk, allow_unknown), read)
+        adapter = _build(src.path, metas, dict(hdr.metadata), lambda names: read_scalars(src.path, hdr, names), bk,
+                         allow_unknown)
+        return then(adapter, safetensors_reader(src.path, hdr))
 
 
-def _build(path, metas, meta, read, bk, allow_unknown) -> Adapter:
+def _build(path, metas, meta, read_alphas, bk, allow_unknown) -> Adapter:
     """The adapter with Lazy factors from the tensors' names and shapes (and the alpha values, read here)."""
     modules: dict[str, dict] = {}
     unknown = []
@@ -112,7 +113,8 @@ def _build(path, metas, meta, read, bk, allow_unknown) -> Adapter:
             d["alpha"] = x
         else:
             d["down" if m["f"] == "lora_down" else "up"][-1 if m["i"] is None else int(m["i"])] = x
-    alphas = read({d["alpha"].name for d in modules.values() if d["alpha"] is not None and d["alpha"].numel == 1})
+    alphas = read_alphas({d["alpha"].name for d in modules.values()
+                          if d["alpha"] is not None and d["alpha"].numel == 1 and d["alpha"].dtype != "BOOL"})
     info: dict = {"dialect": "kohya"}
     targets: dict[str, Target] = {}
     for name, d in sorted(modules.items()):
@@ -134,9 +136,7 @@ def _alpha_value(path, a: Meta, alphas: dict) -> float:
     """The number stored in a kohya `.alpha` tensor (any real dtype, one element)."""
     if a.dtype == "BOOL" or a.numel != 1:
         raise SpecError(f"{path}: \"{escape(a.name)}\" has shape {list(a.shape)}; alpha is one number")
-    import numpy as np
-
-    return float(np.asarray(alphas[a.name]).astype(np.float64).reshape(-1)[0])
+    return alphas[a.name]
 
 
 def _target(path, name, d, alphas, bk) -> Target:
