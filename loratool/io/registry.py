@@ -118,8 +118,12 @@ def structure(path, *, dialect=None, strict: bool = True, flags: dict | None = N
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf", ".json", ".npz", ".onnx")
 
 
-def _what(d: Dialect) -> str:
-    return f"a folder ({d.name})" if d.writes == "folder" else f"a {d.suffix} file ({d.name})"
+def _kinds(dialects) -> str:
+    """"a .safetensors file (loratool, kohya) or a folder (peft)": what the dialects write, grouped."""
+    groups: dict[str, list[str]] = {}
+    for d in dialects:
+        groups.setdefault("a folder" if d.writes == "folder" else f"a {d.suffix} file", []).append(d.name)
+    return " or ".join(f"{what} ({', '.join(names)})" for what, names in groups.items())
 
 
 def writer_for(output, to: str | None = None, *, choices=None) -> Dialect:
@@ -139,7 +143,7 @@ def writer_for(output, to: str | None = None, *, choices=None) -> Dialect:
     shown = os.fspath(output)
     p = Path(shown)
     folder = shown.endswith(("/", os.sep)) or p.is_dir() or (p.suffix == "" and p.name not in ("", "."))
-    kinds = " or ".join(dict.fromkeys(_what(d) for d in allowed))
+    kinds = _kinds(allowed)
     if to is not None:
         d = get(to)
         if d not in allowed:
