@@ -311,3 +311,25 @@ def test_inspect_stats_of_kohya_reads_the_factors(files):
     for t in a:
         # the norm from the factors agrees with the dense one to float32 rounding
         assert rows[t.key]["norm"] == pytest.approx(float(dense_delta(t).double().norm()), rel=1e-5)
+
+
+def test_reading_and_writing_safetensors_dialects_imports_no_torch(files, tmp_path):
+    """Every safetensors reader and writer works on numpy alone: torch is for torch files and CUDA only."""
+    code = f"""
+import sys
+from loratool.io import registry
+a = registry.load({str(files / 'kohya.safetensors')!r})
+registry.get("kohya").write(a, {str(tmp_path / 'k.safetensors')!r})
+registry.get("loratool").write(a, {str(tmp_path / 'n.safetensors')!r})
+p = registry.load({str(files / 'peft')!r}, base={str(files / 'llama.safetensors')!r})
+registry.writer_for({str(tmp_path / 'p')!r}).write(p, {str(tmp_path / 'p')!r})
+back = registry.load({str(tmp_path / 'p')!r})
+assert sorted(back.targets) == sorted(t.key for t in p if t.kind == "lora"), sorted(back.targets)
+assert "torch" not in sys.modules, "torch imported"
+print("NO_TORCH")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "NO_TORCH"
+    assert registry.load(tmp_path / "n.safetensors").targets.keys() == registry.load(files / "kohya.safetensors")\
+        .targets.keys()
