@@ -145,6 +145,7 @@ def test_structure_without_a_base_describes_what_load_refuses(files):
     assert {t.key: (t.kind, t.shape) for t in s} == {"transformer.h.0.attn.c_attn.weight": ("full", (16, 48)),
                                                      "transformer.h.0.mlp.c_fc.weight": ("full", (16, 64))}
     assert all("pass --base" in t.info["peft"] for t in s)
+    assert s.info["needs_base"].startswith("2 DoRA module(s) or saved whole tensor(s) are described by shape only")
     with pytest.raises(UnsupportedError, match=re.escape("is a whole saved tensor")):
         registry.load(files / "peft")
     s = registry.structure(files / "peft")
@@ -299,6 +300,7 @@ def test_inspect_of_peft_summarises_the_header(files):
     assert {b["scale_rule"] for r in doc["per_target"] for b in r["blocks"]} == {"rslora"}
     code, out, _ = run("inspect", files / "dora")
     assert code == 0 and "transformer.h.0.attn.c_attn.weight" in out
+    assert "needs base:       2 DoRA module(s) or saved whole tensor(s)" in out
 
 
 def test_inspect_stats_of_kohya_reads_the_factors(files):

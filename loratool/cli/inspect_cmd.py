@@ -59,7 +59,7 @@ def _render(doc, stats):
     lines.append(("base fingerprint", f"dtype on {fp['dtypes']} targets, sha256 on {fp['sha256']} targets"
                   if fp["dtypes"] or fp["sha256"] else "none"))
     info = doc.get("info") or {}
-    for key in ("note", "alpha_defaulted", "shape_guessed"):  # what a foreign dialect's reader had to assume
+    for key in ("note", "alpha_defaulted", "shape_guessed", "needs_base"):  # what a foreign reader had to assume
         if isinstance(info.get(key), str):
             lines.append((key.replace("_", " "), info[key]))
     if doc.get("unknown_keys"):

@@ -209,10 +209,14 @@ def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
     """
     plan = _plan(path, base, allow_unknown, describe=True, then=lambda plan, read: plan)
     adapter = header_only(plan.adapter)
+    info = dict(adapter.info)
     if plan.shadowed:
-        adapter = replace(adapter, info={**adapter.info, "saved_beside_lora": sorted(n for n, _ in
-                                                                                       plan.shadowed.values())})
-    return adapter
+        info["saved_beside_lora"] = sorted(n for n, _ in plan.shadowed.values())
+    unknown = sum(1 for t in adapter if t.kind == "full" and "pass --base" in t.info.get("peft", ""))
+    if unknown:
+        info["needs_base"] = (f"{unknown} DoRA module(s) or saved whole tensor(s) are described by shape only: their "
+                              "delta depends on the base; pass --base")
+    return replace(adapter, info=info)
 
 
 def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
