@@ -1,13 +1,14 @@
-"""loratool: read, check, rescale, combine, merge and extract LoRA adapters.
+"""loratool: validate, inspect, convert, rescale, combine, merge and extract LoRA adapters.
 
-The public API is imported lazily so that `import loratool` (and the CLI's `--help`) never pays for torch:
+Every command of the CLI is one function here, taking paths or in-memory objects and returning a result the
+CLI renders. The names are imported lazily, so `import loratool` (and the CLI's `--help`) pays for neither
+numpy nor torch:
 
     import loratool
-    adapter = loratool.load("adapter.safetensors")      # any dialect; native, PEFT, kohya, loralib
-    report = loratool.validate("adapter.safetensors")   # all findings, never raises on the first
-    loratool.save(adapter, "copy.safetensors")          # native format, atomic, deterministic
-    res = loratool.rescale("adapter.safetensors", rank=16)  # or combine([...], method="svd", rank=16)
-    loratool.save(res.adapter, "r16.safetensors")       # res.report() is what the CLI prints
+    adapter = loratool.load("adapter.safetensors")        # any dialect -> Adapter (numpy factors)
+    report = loratool.validate("adapter.safetensors")     # all findings, never raises on the first
+    res = loratool.rescale(adapter, rank=16, output="r16.safetensors")
+    loratool.merge("model/", ["r16.safetensors"], "merged/")
 """
 
 from __future__ import annotations
@@ -15,28 +16,25 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
+    # the in-memory model and the errors
     "Adapter": ("loratool.adapter", "Adapter"),
     "Target": ("loratool.adapter", "Target"),
     "Block": ("loratool.adapter", "Block"),
     "LoraToolError": ("loratool.errors", "LoraToolError"),
+    # reading and writing
     "load": ("loratool.io.detect", "load_adapter"),
-    "save": ("loratool.api", "save"),
+    "structure": ("loratool.io.registry", "structure"),
+    "save": ("loratool.tasks.convert", "save"),
     "open_base": ("loratool.io.base", "open_base"),
-    "rescale": ("loratool.api", "rescale"),
-    "combine": ("loratool.api", "combine"),
+    # the operations, one per command
+    "inspect": ("loratool.tasks.inspect", "inspect"),
+    "validate": ("loratool.tasks.validate", "validate"),
+    "convert": ("loratool.tasks.convert", "convert"),
+    "rescale": ("loratool.tasks.rescale", "rescale"),
+    "combine": ("loratool.tasks.combine", "combine"),
+    "merge": ("loratool.tasks.merge", "merge"),
+    "extract": ("loratool.tasks.extract", "extract"),
 }
-
-
-def validate(path, base=None):
-    """Check a native adapter file against every rule of the spec; returns a validate.Report.
-
-    Args:
-        path: the adapter file.
-        base: optional base model path (file or folder); adds rules B001-B004.
-    """
-    from .api import validate_file
-
-    return validate_file(path, base=base)
 
 
 def __getattr__(name):
@@ -48,4 +46,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'loratool' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "validate", *_LAZY]
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["__version__", *_LAZY]

@@ -54,6 +54,12 @@ class UnsupportedError(LoraToolError):
     exit_code = 7
 
 
+class UsageError(LoraToolError):
+    """A request the operation cannot carry out as asked: an output name whose format it cannot write."""
+
+    exit_code = 2
+
+
 EXIT_CODES = {
     0: "success",
     1: "validate found at least one error (or a warning under --strict)",

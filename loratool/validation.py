@@ -268,7 +268,7 @@ def _check_tensor_names(hdr: Header, raw_targets: dict, targets: dict[str, Targe
 
 
 def check_values(tensors, adapter: Adapter) -> list[Finding]:
-    """Rules T006 and W003 on loaded tensors (name -> torch.Tensor or hostarray.HostTensor)."""
+    """Rules T006 and W003 on loaded tensors (name -> numpy array or torch.Tensor)."""
     findings = []
     for t in adapter:
         names = [spec.delta_name(t.key)] if t.kind == "full" else [
@@ -287,29 +287,19 @@ def check_values(tensors, adapter: Adapter) -> list[Finding]:
     return findings
 
 
-def _host_values(x):
-    """A HostTensor's values as a plain numpy array (BF16 widened to float32), or None for a torch tensor."""
-    if not hasattr(x, "st_dtype"):
-        return None
+def _count_nonfinite(x) -> int:
     import numpy as np
 
-    return x.float32() if x.st_dtype == "BF16" else np.asarray(x)
+    from .dtypes import as_numpy, dtype_of
 
-
-def _count_nonfinite(x) -> int:
-    a = _host_values(x)
-    if a is not None:
-        import numpy as np
-
-        return int((~np.isfinite(a)).sum()) if a.dtype.kind == "f" else 0
-    import torch
-
-    return int((~torch.isfinite(x)).sum())
+    a = as_numpy(x)
+    return int(a.size - np.count_nonzero(np.isfinite(a))) if dtype_of(a).startswith(("F", "BF")) else 0
 
 
 def _any_nonzero(x) -> bool:
-    a = _host_values(x)
-    return bool((a if a is not None else x).any())
+    from .dtypes import as_numpy
+
+    return bool(as_numpy(x).any())
 
 
 def check_base(adapter: Adapter, base) -> list[Finding]:
@@ -340,13 +330,18 @@ def check_base(adapter: Adapter, base) -> list[Finding]:
     return findings
 
 
-def validate_header(path) -> Report:
-    """Container and metadata rules only: reads the header, never tensor data, never imports torch."""
+def validate_header(path, header: Header | None = None) -> Report:
+    """Container and metadata rules only: reads the header, never tensor data, never imports torch.
+
+    Args:
+        path: the adapter file.
+        header: its header when the caller has parsed it already (read_header), so it is not parsed twice.
+    """
     from .errors import SpecError
 
     rep = Report(path=str(path))
     try:
-        hdr = read_header(path)
+        hdr = read_header(path) if header is None else header
     except SpecError as e:
         rep.findings = e.findings
         return rep

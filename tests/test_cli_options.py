@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import loratool
-from builders import torch_delta
+from arrays import dense_delta
 from loratool.cli import cli
 
 KEY = "model.layers.0.self_attn.q_proj.weight"
@@ -33,12 +33,12 @@ def test_rescale_and_combine_map_kohya_names_through_base(tmp_path):
     assert code == 0, err
     r = loratool.load(tmp_path / "r.safetensors")
     assert list(r.targets) == [KEY]
-    assert torch.allclose(torch_delta(r.targets[KEY]), 0.5 * want, atol=1e-6)  # float32 rounding
+    assert torch.allclose(dense_delta(r.targets[KEY]), 0.5 * want, atol=1e-6)  # float32 rounding
     code, _, err = run("combine", tmp_path / "k.safetensors", tmp_path / "r.safetensors", "-o",
                        tmp_path / "c.safetensors", "--base", tmp_path / "base.safetensors", "-q")
     assert code == 0, err
     c = loratool.load(tmp_path / "c.safetensors")
-    assert torch.allclose(torch_delta(c.targets[KEY]), 1.5 * want, atol=1e-6)
+    assert torch.allclose(dense_delta(c.targets[KEY]), 1.5 * want, atol=1e-6)
 
 
 def test_option_no_input_takes_is_a_usage_error(tmp_path):

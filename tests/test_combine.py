@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 
 from builders import as_numpy_target, full_target, fused_target, linear_target, sample_adapter
 from loratool.adapter import Adapter, Target, whole_target
-from loratool.api import save
+from loratool import save
 from loratool.cli import cli
 from loratool.errors import MismatchError, NumericError
 from loratool.io.native import load
@@ -318,11 +318,11 @@ def test_api_combine_takes_paths_and_adapters_and_returns_the_report(tmp_path):
 
 def test_api_combine_refuses_a_reader_option_no_input_takes(tmp_path):
     import loratool
-    from loratool.errors import UnsupportedError
+    from loratool.errors import UsageError
 
     p = tmp_path / "a.safetensors"
     save(sample_adapter(), p)
-    with pytest.raises(UnsupportedError, match=re.escape("no input is of a dialect that takes --enable-lora; "
+    with pytest.raises(UsageError, match=re.escape("no input is of a dialect that takes --enable-lora; "
                                                          "drop the option")):
         loratool.combine([p], enable_lora="1,0,1")
     with pytest.raises(ValueError, match=re.escape("reader options base apply to paths")):
@@ -370,7 +370,7 @@ def test_cli_svd_table(two_files, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--weights", "1"], "1 weights for 2 adapters; give one per adapter"),
+    (["--weights", "1"], "--weights has 1 values for 2 adapters; give one weight per adapter"),
     (["--weights", "1,x"], "'1,x' is not a comma-separated list of numbers"),
     (["--rank", "2"], "--rank applies to --method svd, ties and dare"),
     (["--method", "svd"], "--method svd needs --rank"),

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import loratool
-from builders import torch_delta
+from arrays import dense_delta
 from loratool import spec
-from loratool.api import validate_file
+from loratool.tasks.validate import validate as validate_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "spec" / "conformance"
@@ -48,12 +48,12 @@ def test_valid_file_delta_matches_expected(name):
     assert sorted(want) == sorted(adapter.targets)
     for key, t in adapter.targets.items():
         # The corpus factors are multiples of 1/8, so the float32 deltas are exact: compare bit for bit.
-        assert torch.equal(torch_delta(t), want[key]), key
+        assert torch.equal(dense_delta(t), want[key]), key
 
 
 def test_worked_example_delta():
     t = loratool.load(CORPUS / "valid" / "minimal.safetensors").targets["layer.weight"]
-    assert torch_delta(t).tolist() == [[2.0, 4.0], [0.0, 0.0], [-2.0, -4.0]]
+    assert dense_delta(t).tolist() == [[2.0, 4.0], [0.0, 0.0], [-2.0, -4.0]]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["base_checks"]))

@@ -578,7 +578,7 @@ def test_the_cpu_route_never_imports_torch(tmp_path):
                        ).astype(ml_dtypes.bfloat16), "a.bias": np.ones(64, np.float32)}
     write_file(tmp_path / "base.safetensors", base, {})
     write_file(tmp_path / "ft.safetensors", ft, {})
-    code = ("import sys; from loratool.api import extract_files; "
+    code = ("import sys; from loratool import extract as extract_files; "
             f"r = extract_files({str(tmp_path / 'ft.safetensors')!r}, {str(tmp_path / 'base.safetensors')!r}, "
             f"output={str(tmp_path / 'a.safetensors')!r}, rank=2, keep_full=True, dtype='bfloat16'); "
             "assert r.bytes > 0 and r.summary['targets'] == 1, r.summary; "

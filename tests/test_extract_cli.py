@@ -228,7 +228,7 @@ def test_help_has_an_example():
 
 
 def test_extract_files_is_the_library_call_behind_the_command(files):
-    from loratool.api import extract_files
+    from loratool import extract as extract_files
 
     d, ft, base = files
     ticks = []

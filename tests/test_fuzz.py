@@ -5,7 +5,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loratool.api import validate_file
+from loratool.tasks.validate import validate as validate_file
 from loratool.errors import LoraToolError
 from loratool.io.native import load
 

@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from builders import fused_target, torch_delta
+from arrays import dense_delta
+from builders import fused_target
 from loratool.adapter import Adapter
 from loratool.cli import cli
 from loratool.io import detect, native, peft as P
@@ -107,7 +108,7 @@ def test_kohya_without_base_cannot_become_dotted(tmp_path):
                      "--base", tmp_path / "base.safetensors")
     assert code == 0
     t = native.load(tmp_path / "n.safetensors").targets["a.b.weight"]
-    assert torch.equal(torch_delta(t), torch.full((4, 3), 2.0 * 2 / 2))  # ones(4,2) @ ones(2,3) * alpha/r
+    assert torch.equal(dense_delta(t), torch.full((4, 3), 2.0 * 2 / 2))  # ones(4,2) @ ones(2,3) * alpha/r
 
 
 def test_inspect_lists_unknown_keys_and_errors_without_flag(tmp_path):

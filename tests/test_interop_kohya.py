@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from builders import fused_target, linear_target, torch_delta
+from arrays import dense_delta
+from builders import fused_target, linear_target
 from loratool.adapter import Adapter
 from loratool.errors import MismatchError, SpecError, UnsupportedError
 from loratool.io import kohya as K, native, peft as P
@@ -86,7 +87,7 @@ def test_delta_matches_sd_scripts_formula(files):
         alpha = sd.get(f"{name}.alpha")
         ref = sd_scripts_delta(sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"],
                                None if alpha is None else float(alpha), BASE[key].shape)
-        torch.testing.assert_close(torch_delta(t), ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(dense_delta(t), ref, atol=ATOL, rtol=0)
     assert a.targets["down_blocks.0.resnets.0.conv1.weight"].layout == "conv"
     assert a.targets["up_blocks.0.proj_out.weight"].layout == "linear"
     assert a.metadata["ss_network_dim"] == "2"
@@ -99,7 +100,7 @@ def test_split_dims_rows_concatenate(files):
     m = N["mid_block.attn.to_q.weight"]
     # lora_flux.py forward: cat([up_i @ down_i x], dim=-1) * scale, so row slice i is up_i @ down_i.
     ref = torch.cat([sd[f"{m}.lora_up.{i}.weight"] @ sd[f"{m}.lora_down.{i}.weight"] for i in (0, 1)]) * (3.0 / 2)
-    torch.testing.assert_close(torch_delta(t), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(dense_delta(t), ref, atol=ATOL, rtol=0)
     assert [b.rows for b in t.blocks] == [(0, 4), (4, 10)] and t.info["split_dims"] == [4, 6]
 
 
@@ -142,7 +143,7 @@ def test_round_trip_kohya_loratool_kohya_is_exact(files, tmp_path):
     # The written file reads back to the same deltas.
     b = K.load(tmp_path / "k.safetensors", base=d / "base.safetensors")
     for key in BASE:
-        torch.testing.assert_close(torch_delta(b.targets[key]), torch_delta(a.targets[key]), atol=0, rtol=0)
+        torch.testing.assert_close(dense_delta(b.targets[key]), dense_delta(a.targets[key]), atol=0, rtol=0)
 
 
 def test_rslora_to_kohya_keeps_strength(tmp_path):
@@ -171,7 +172,7 @@ def test_peft_to_kohya_to_loratool_same_delta(tmp_path):
     b = K.load(tmp_path / "k.safetensors", base=tmp_path / "base.safetensors")
     assert sorted(a.targets) == sorted(b.targets)
     for key, t in a.targets.items():
-        torch.testing.assert_close(torch_delta(b.targets[key]), torch_delta(t), atol=ATOL, rtol=1e-6)
+        torch.testing.assert_close(dense_delta(b.targets[key]), dense_delta(t), atol=ATOL, rtol=1e-6)
 
 
 def test_writer_refusals(tmp_path):

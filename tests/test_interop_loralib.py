@@ -8,7 +8,7 @@ import loralib
 import pytest
 import torch
 
-from builders import torch_delta
+from arrays import dense_delta
 from loratool.errors import MismatchError, SpecError
 from loratool.io import loralib as L, native, peft as P
 
@@ -52,7 +52,7 @@ def test_full_state_dict_matches_eval_merge(tmp_path, fio):
     ref = merged_deltas(net)
     assert sorted(a.targets) == ["conv.conv.weight", "emb.weight", "fc.weight", "qkv.weight"]
     for t in a:
-        torch.testing.assert_close(torch_delta(t), ref[t.key], atol=ATOL, rtol=0)
+        torch.testing.assert_close(dense_delta(t), ref[t.key], atol=ATOL, rtol=0)
     qkv = a.targets["qkv.weight"]
     assert [b.rows for b in qkv.blocks] == [(0, 3), (6, 9)]  # enable_lora [1, 0, 1, 0] of 12 output rows
     assert qkv.layout == ("fan_in_fan_out" if fio else "linear")
@@ -69,7 +69,7 @@ def test_lora_only_state_dict_with_base(tmp_path):
                base=tmp_path / "base.pt")
     ref = merged_deltas(net)
     for t in a:
-        torch.testing.assert_close(torch_delta(t), ref[t.key], atol=ATOL, rtol=0)
+        torch.testing.assert_close(dense_delta(t), ref[t.key], atol=ATOL, rtol=0)
     assert "shape_guessed" not in a.info
 
 
@@ -81,7 +81,7 @@ def test_lora_only_without_base_says_shapes_were_guessed(tmp_path):
     assert a.info["shape_guessed"].startswith("1 module(s) had no weight in the file and no --base")
     ref = merged_deltas(net)
     for t in a:
-        torch.testing.assert_close(torch_delta(t), ref[t.key], atol=ATOL, rtol=0)
+        torch.testing.assert_close(dense_delta(t), ref[t.key], atol=ATOL, rtol=0)
 
 
 def test_alpha_is_required_and_options_checked(tmp_path):
@@ -125,6 +125,6 @@ def test_loralib_to_native_exact_and_merged_linear_refused_by_peft(tmp_path):
     native.save(a, tmp_path / "n.safetensors")
     b = native.load(tmp_path / "n.safetensors")
     for t in a:
-        assert torch.equal(torch_delta(b.targets[t.key]), torch_delta(t))
+        assert torch.equal(dense_delta(b.targets[t.key]), dense_delta(t))
     with pytest.raises(UnsupportedError, match=re.escape("target \"conv.conv.weight\" has 3 block(s)")):
         P.save(b, tmp_path / "peft")

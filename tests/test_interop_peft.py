@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from builders import full_target, fused_target, linear_target, torch_delta
+from arrays import dense_delta
+from builders import fused_target, full_target, linear_target
 from loratool.adapter import Adapter
 from loratool.errors import MismatchError, SpecError, UnsupportedError
 from loratool.io import native, peft as P
@@ -71,7 +72,7 @@ def test_delta_equals_peft_get_delta_weight(case):
             ref = m.get_delta_weight("default")
             assert t.blocks[0].rank == m.r["default"] and t.blocks[0].scale == pytest.approx(m.scaling["default"],
                                                                                              rel=1e-15)
-        torch.testing.assert_close(torch_delta(t), ref.detach(), atol=ATOL, rtol=0)
+        torch.testing.assert_close(dense_delta(t), ref.detach(), atol=ATOL, rtol=0)
 
 
 def test_layouts_and_patterns(case):
@@ -229,12 +230,12 @@ def test_dora_equals_peft_merge(tmp_path, build, modules):
     a = P.load(tmp_path / "peft", base=tmp_path / "base.safetensors")
     assert a.targets and all(t.kind == "full" for t in a)
     for t in a:
-        torch.testing.assert_close(torch_delta(t), merged[t.key] - base[t.key], atol=ATOL, rtol=0)
+        torch.testing.assert_close(dense_delta(t), merged[t.key] - base[t.key], atol=ATOL, rtol=0)
     with torch.no_grad():  # the base with loratool's deltas added gives PEFT's DoRA outputs
         plain = build(layers=1)
         sd = plain.state_dict()
         for t in a:
-            sd[t.key] += torch_delta(t)
+            sd[t.key] += dense_delta(t)
         plain.load_state_dict(sd)
         x = sample_input()
         torch.testing.assert_close(plain(x).logits, pm(x).logits, atol=LOGIT_ATOL, rtol=0)
@@ -276,7 +277,7 @@ def test_whole_tensors_need_base(small, tmp_path):
     from safetensors.torch import load_file
 
     W = load_file(str(small / "base.safetensors"))["lm_head.weight"]
-    assert t.kind == "full" and torch.equal(torch_delta(t), -W)  # saved (zeros) - base, exactly
+    assert t.kind == "full" and torch.equal(dense_delta(t), -W)  # saved (zeros) - base, exactly
 
 
 def test_prefix_resolution_against_base(small, tmp_path):
@@ -378,7 +379,7 @@ def test_conv_and_bin_weights_match_peft(tmp_path):
     assert {t.key: t.layout for t in a} == {"emb.weight": "embedding", "conv3.weight": "conv", "conv1.weight": "conv",
                                             "conv1d.weight": "conv", "head.weight": "linear"}
     for t in a:
-        torch.testing.assert_close(torch_delta(t), mods[t.key.removesuffix(".weight")].get_delta_weight("default"),
+        torch.testing.assert_close(dense_delta(t), mods[t.key.removesuffix(".weight")].get_delta_weight("default"),
                                    atol=ATOL, rtol=0)
     P.save(a, tmp_path / "out")
     torch.manual_seed(0)  # the same base weights as `model`
@@ -401,5 +402,5 @@ def test_dora_conv_equals_peft_merge(tmp_path):
     a = P.load(tmp_path / "peft", base=tmp_path / "base.safetensors")
     assert sorted(a.targets) == ["conv1.weight", "conv1d.weight", "conv3.weight", "head.weight"]
     for t in a:
-        assert float(torch_delta(t).norm()) > 0.1
-        torch.testing.assert_close(torch_delta(t), merged[t.key] - base[t.key], atol=ATOL, rtol=0)
+        assert float(dense_delta(t).norm()) > 0.1
+        torch.testing.assert_close(dense_delta(t), merged[t.key] - base[t.key], atol=ATOL, rtol=0)

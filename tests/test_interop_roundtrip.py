@@ -6,7 +6,7 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
-from builders import torch_delta
+from arrays import dense_delta
 from loratool.adapter import Adapter, whole_target
 from loratool.io import kohya as K, peft as P
 
@@ -40,7 +40,7 @@ def same_deltas(a, b):
         u = b.targets[k]
         assert (u.layout, u.shape) == (t.layout, t.shape), k
         assert math.isclose(u.blocks[0].scale, t.blocks[0].scale, rel_tol=1e-12), k
-        torch.testing.assert_close(torch_delta(u), torch_delta(t), atol=ATOL, rtol=1e-6)
+        torch.testing.assert_close(dense_delta(u), dense_delta(t), atol=ATOL, rtol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)

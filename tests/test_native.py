@@ -3,6 +3,7 @@
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,11 +11,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import loratool
-from builders import fused_target, linear_target, sample_adapter, torch_delta
+from arrays import dense_delta, same_array, skeleton
+from builders import fused_target, linear_target, sample_adapter
 from loratool.adapter import Adapter, Block, Target
 from loratool.errors import FileError, NumericError
 from loratool.fsutil import atomic_file, check_output
-from loratool.io.native import load, save
+from loratool.io.native import load, save, structure
 
 
 def _assert_same(a: Adapter, b: Adapter):
@@ -25,18 +27,35 @@ def _assert_same(a: Adapter, b: Adapter):
         assert (ta.kind, ta.layout, ta.shape, ta.delta_scale, ta.dtype, ta.sha256) == \
                (tb.kind, tb.layout, tb.shape, tb.delta_scale, tb.dtype, tb.sha256)
         if ta.kind == "full":
-            assert torch.equal(ta.delta, tb.delta) and ta.delta.dtype == tb.delta.dtype
+            assert same_array(ta.delta, tb.delta)
         for ba, bb in zip(ta.blocks, tb.blocks, strict=True):
             assert (ba.rank, ba.alpha, ba.scale_rule, ba.rows, ba.cols) == (bb.rank, bb.alpha, bb.scale_rule, bb.rows,
                                                                              bb.cols)
-            assert torch.equal(ba.A, bb.A) and ba.A.dtype == bb.A.dtype
-            assert torch.equal(ba.B, bb.B) and ba.B.dtype == bb.B.dtype
+            assert same_array(ba.A, bb.A)  # dtype, shape and bits
+            assert same_array(ba.B, bb.B)
 
 
 def test_round_trip_sample(tmp_path):
     a = sample_adapter()
     save(a, tmp_path / "a.safetensors")
-    _assert_same(a, load(tmp_path / "a.safetensors"))
+    b = load(tmp_path / "a.safetensors")
+    _assert_same(a, b)
+    assert all(isinstance(x, np.ndarray) for t in b for x in [t.delta] if t.kind == "full")
+    assert all(isinstance(x, np.ndarray) for t in b for blk in t.blocks for x in (blk.A, blk.B))
+
+
+def test_numpy_and_torch_factors_write_the_same_bytes(tmp_path):
+    a = sample_adapter()
+    save(a, tmp_path / "torch.safetensors")
+    save(load(tmp_path / "torch.safetensors"), tmp_path / "numpy.safetensors")
+    assert (tmp_path / "torch.safetensors").read_bytes() == (tmp_path / "numpy.safetensors").read_bytes()
+
+
+def test_structure_is_load_without_factors(tmp_path):
+    save(sample_adapter(), tmp_path / "a.safetensors")
+    s, full = structure(tmp_path / "a.safetensors"), load(tmp_path / "a.safetensors")
+    assert s == skeleton(full)
+    assert all(b.A is None and b.B is None for t in s for b in t.blocks)
 
 
 def test_writer_is_deterministic(tmp_path):
@@ -51,6 +70,8 @@ def test_reference_safetensors_reads_our_files(tmp_path):
     got = load_file(str(tmp_path / "a.safetensors"))
     t = a.targets["h.0.attn.c_attn.weight"]
     assert torch.equal(got["h.0.attn.c_attn.weight.lora.1.B"], t.blocks[1].B)
+    b = load(tmp_path / "a.safetensors").targets["h.0.attn.c_attn.weight"]
+    assert same_array(got["h.0.attn.c_attn.weight.lora.1.B"], b.blocks[1].B)
     assert len(got) == 2 + 2 + 4 + 2 + 1
 
 
@@ -131,7 +152,7 @@ def test_save_load_is_identity(tmp_path, data, keys, meta):
     b = load(path)
     _assert_same(a, b)
     for k in keys:
-        assert torch.equal(torch_delta(a.targets[k]), torch_delta(b.targets[k]))
+        assert torch.equal(dense_delta(a.targets[k]), dense_delta(b.targets[k]))
 
 
 def test_public_api_lazy_and_complete(tmp_path):

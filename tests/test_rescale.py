@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from builders import as_numpy_adapter, as_numpy_target, full_target, fused_target, linear_target, rand, sample_adapter
 from loratool.adapter import Adapter, Block, Target, matrix_shape, whole_target
-from loratool.api import save
+from loratool import save
 from loratool.cli import cli
 from loratool.errors import NumericError, UnsupportedError
 from loratool.io.native import load

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import click
 
+from ..io.registry import writable
 from ..ops.combine_methods import DEFAULT, METHODS, PARAMETER_NAMES, usage_problem
 from .options import dialect_options, reader_options_of
+
+WRITABLE = writable()
 
 
 def _weights(ctx, param, value):
@@ -48,8 +51,9 @@ HELP = "\n\n".join([
 
 @click.command(help=HELP)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=False, dir_okay=True))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Output adapter (.safetensors, loratool format).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output adapter: a .safetensors file (loratool), a folder (PEFT), or as --to says.")
+@click.option("--to", type=click.Choice(WRITABLE), help="The dialect to write (default: from the output's name).")
 @click.option("--weights", callback=_weights, help="One weight per adapter, comma separated (default all 1); "
               "write --weights=-1,1 when the first is negative.")
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT, show_default=True,
@@ -61,32 +65,23 @@ HELP = "\n\n".join([
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (the per-target report).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @dialect_options
-def combine(paths, output, weights, method, rank, density, seed, overwrite, json_, quiet, **reader):
-    if weights is not None and len(weights) != len(paths):
-        raise click.BadParameter(f"{len(weights)} weights for {len(paths)} adapters; give one per adapter",
-                                 param_hint="--weights")
+def combine(paths, output, to, weights, method, rank, density, seed, overwrite, json_, quiet, **reader):
     given = {n for n, v in zip(PARAMETER_NAMES, (rank, density, seed)) if v is not None}
     problem = usage_problem(method, given)
     if problem:
         raise click.UsageError(problem)
-    from ..api import combine as run, save, unused_reader_options
-    from ..fsutil import check_output
+    from ..tasks.combine import combine as run
     from .render import Progress
 
-    opts = reader_options_of(reader)
-    unused = unused_reader_options(paths, opts)
-    if unused:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-        raise click.UsageError(f"no input is of a dialect that takes {flags}; drop the option")
-    check_output(output, [*paths, opts["base"]], overwrite)
     with Progress("combine", total=None, enabled=not (quiet or json_)) as progress:
         res = run(paths, weights=weights, method=method, rank=rank, density=density,
-                  seed=0 if seed is None else seed, progress=progress, **opts)
-    nbytes = save(res.adapter, output)
+                  seed=0 if seed is None else seed, output=output, to=to, overwrite=overwrite, progress=progress,
+                  **reader_options_of(reader))
+    nbytes = res.bytes
     if json_:
         from .render import emit_json
 
-        emit_json({"inputs": [str(p) for p in paths], "output": str(output), "bytes": nbytes, **res.report()})
+        emit_json({"inputs": [str(p) for p in paths], **res.report()})
         return
     from .render import err, fmt_bytes, fmt_num, table, write
 

@@ -1,21 +1,22 @@
 """`loratool convert`: read any supported dialect and write loratool, PEFT or kohya, exactly or not at all.
 
+The dialects it reads and the `--to` choices come from the registry (io/registry.py).
 """
 
 from __future__ import annotations
 
 import click
 
+from ..io.registry import writable
 from .options import dialect_options, reader_options
-
-TARGETS = ("loratool", "peft", "kohya")
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=False, dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=True),
-              help="Output: a .safetensors file (loratool, kohya) or a folder (peft).")
-@click.option("--to", "to", required=True, type=click.Choice(TARGETS), help="Dialect to write.")
+              help="Output: a .safetensors file (loratool, or kohya with --to kohya) or a folder (peft).")
+@click.option("--to", "to", type=click.Choice(writable()),
+              help="Dialect to write (default: from OUTPUT's name: .safetensors -> loratool, a folder -> peft).")
 @dialect_options
 @click.option("--kohya-prefix", default="lora_unet_", show_default=True,
               help="kohya only: prefix of names for targets that were not read from kohya (lora_unet_, lora_te_, "
@@ -28,49 +29,26 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
     """Convert an adapter between dialects without changing ΔW.
 
     Reads loratool, PEFT folders, kohya/sd-scripts .safetensors and loralib .pt state dicts; writes loratool,
-    PEFT (a folder PeftModel.from_pretrained loads) or kohya. Per-module ranks and alphas become PEFT's
+    PEFT (a folder PeftModel.from_pretrained loads) or kohya. Without --to, OUTPUT's name decides: a
+    .safetensors file is loratool, a folder (a trailing /, or a name without a suffix) is PEFT; a name the
+    chosen dialect cannot be written to is refused. Per-module ranks and alphas become PEFT's
     rank_pattern/alpha_pattern; rsLoRA is kept; kohya alphas are chosen so each module's strength is
     unchanged. A conversion that cannot be exact (row blocks to PEFT, GPT-2 Conv1D to kohya, ...) is refused
     with the reason, and nothing is written. kohya names need --base to become dotted keys.
 
     Example:
 
-        loratool convert peft_dir/ -o adapter.safetensors --to loratool
+        loratool convert peft_dir/ -o adapter.safetensors
 
         loratool convert lora.safetensors -o peft_out/ --to peft --base unet.safetensors
 
         loratool convert lora.pt -o adapter.safetensors --to loratool --alpha 16 --enable-lora 1,0,1 --fan-in-fan-out
     """
-    from pathlib import Path
+    from ..tasks.convert import convert as run
 
-    from ..errors import MismatchError
-    from ..fsutil import check_output
-    from ..io.detect import detect, load_adapter
-
-    if to == "peft" and Path(output).suffix in (".safetensors", ".bin", ".pt", ".pth"):
-        raise click.UsageError(f"--to peft writes a folder (adapter_config.json + adapter_model.safetensors); "
-                               f"give -o a folder name, not {Path(output).name}")
-    if to != "peft" and Path(output).suffix != ".safetensors":
-        raise click.UsageError(f"--to {to} writes one .safetensors file; give -o a name ending in .safetensors")
-    check_output(output, [path, base], overwrite)
-    dialect = detect(path)
-    adapter = load_adapter(path, dialect=dialect,
-                           **reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out))
-    if adapter.info.get("kohya_unmapped") and to != "kohya":
-        raise MismatchError(f"{path}: kohya names such as \"{next(iter(adapter.targets))}\" cannot be turned back "
-                            "into dotted module paths without the model; pass --base")
-    if to == "loratool":
-        from ..io.native import save
-
-        nbytes = save(adapter, output)
-    elif to == "peft":
-        from ..io.peft import save
-
-        nbytes = save(adapter, output, overwrite=overwrite)
-    else:
-        from ..io.kohya import save
-
-        nbytes = save(adapter, output, prefix=kohya_prefix)
+    res = run(path, output, to=to, overwrite=overwrite, kohya_prefix=kohya_prefix,
+              **reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out))
+    adapter, dialect, to, nbytes = res.adapter, res.dialect, res.to, res.bytes
     doc = {"input": str(path), "dialect": dialect, "output": str(output), "to": to, "targets": len(adapter),
            "parameters": adapter.n_params, "bytes": nbytes, "info": dict(adapter.info)}
     if json_:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..io.registry import writable
+
 
 @click.command()
 @click.argument("finetuned", type=click.Path(exists=False, dir_okay=True))
@@ -30,7 +32,7 @@ import click
               "--embeddings) whole as full targets instead of listing them.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the SVDs run (the same algorithm on both).")
-@click.option("--to", "to", type=click.Choice(["loratool", "peft", "kohya"]), default="loratool", show_default=True,
+@click.option("--to", "to", type=click.Choice(writable()), default=None,
               help="Output dialect.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Factor dtype (computed in float32, cast once; the error is measured after).")
@@ -62,7 +64,7 @@ def extract(finetuned, base, output, rank, energy, threshold, max_params, target
 
         loratool extract ft/ base/ --rank 64 --max-params 20000000 --keep-full --to peft -o adapter/
     """
-    from ..api import extract_files
+    from ..tasks.extract import extract as extract_files
     from .render import Progress
 
     chosen = [n for n, v in (("--energy", energy), ("--threshold", threshold)) if v is not None]

@@ -1,4 +1,5 @@
-"""`loratool inspect`: summarise an adapter from its header alone (no torch) unless --stats is given."""
+"""`loratool inspect`: summarise an adapter from its headers and configs alone (no torch) unless --stats is
+given."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from .options import dialect_options, reader_options
 def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out):
     """Summarise an adapter: format, targets, rank histogram, alpha and scale, dtypes, size.
 
-    By default only the header is read, so it is instant on any file size.
+    By default only headers and configs are read (a native file, a PEFT folder with
+    adapter_model.safetensors, a kohya file), so it is instant on any file size and never imports torch.
 
     Example:
 
@@ -26,45 +28,9 @@ def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_
 
         loratool inspect kohya_lora.safetensors --base unet.safetensors --allow-unknown
     """
-    from pathlib import Path
+    from ..tasks.inspect import inspect as summarise
 
-    from .. import spec
-    from ..api import summary
-    from ..io.detect import detect, load_adapter
-    from ..io.native import attach, report_error
-    from ..validation import validate_header
-
-    rep = None
-    if Path(path).suffix == ".safetensors" and Path(path).is_file():
-        # One header parse serves both detection and the summary (it is most of inspect's time).
-        rep = validate_header(path)
-        if rep.header is None:
-            raise report_error(rep)
-    dialect = "loratool" if rep is not None and spec.KEY_FORMAT in rep.header.metadata else detect(path)
-    opts = reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out)
-    if dialect == "loratool":
-        if any(v not in (None, False) for v in opts.values()):
-            load_adapter(path, dialect=dialect, **opts)  # refuses the options a loratool file does not take
-        if rep.errors:
-            raise report_error(rep)
-        adapter, header = rep.adapter, rep.header
-        doc = {"path": str(path), "dialect": dialect, "format": header.metadata.get(spec.KEY_FORMAT),
-               "spec_version": header.metadata.get(spec.KEY_VERSION)}
-        if stats:
-            from ..container import read_arrays
-
-            adapter = attach(adapter, read_arrays(path, header))  # numpy arrays: --stats imports no torch
-    else:
-        adapter, header = load_adapter(path, dialect=dialect, **opts), None
-        doc = {"path": str(path), "dialect": dialect, "format": None, "spec_version": None,
-               "unknown_keys": list(adapter.info.get("unknown_keys", []))}
-    doc.update(summary(adapter, header))
-    if stats:
-        from ..api import target_stats
-
-        st = target_stats(adapter)
-        for row in doc["per_target"]:
-            row["stats"] = st[row["target"]]
+    doc = summarise(path, stats=stats, **reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out))
     if json_:
         from .render import emit_json
 
@@ -93,7 +59,7 @@ def _render(doc, stats):
     lines.append(("base fingerprint", f"dtype on {fp['dtypes']} targets, sha256 on {fp['sha256']} targets"
                   if fp["dtypes"] or fp["sha256"] else "none"))
     info = doc.get("info") or {}
-    for key in ("note", "alpha_defaulted", "shape_guessed"):  # what a foreign dialect's reader had to assume
+    for key in ("note", "alpha_defaulted", "shape_guessed", "needs_base"):  # what a foreign reader had to assume
         if isinstance(info.get(key), str):
             lines.append((key.replace("_", " "), info[key]))
     if doc.get("unknown_keys"):

@@ -61,7 +61,7 @@ def load_inputs(paths, opts: dict, base=None, host: bool = False) -> list:
     Args:
         opts: the user's reader options (`reader_options_of`).
         base: a base model the command has anyway (merge's BASE); handed to the readers that take one.
-        host: ask the readers that can for numpy-held tensors (hostarray.HostTensor; no torch import).
+        host: accepted for callers that still pass it; every reader now returns numpy factors.
     Raises:
         click.UsageError: an option the user set is taken by none of the inputs' dialects.
     """
@@ -75,6 +75,4 @@ def load_inputs(paths, opts: dict, base=None, host: bool = False) -> list:
         raise click.UsageError(f"no input is of a dialect that takes {flags}; drop the option")
     if base is not None:
         opts = {**opts, "base": base}
-    if host:
-        opts = {**opts, "host": True}  # not a user option: dropped for the dialects that read torch files
     return [load_adapter(p, dialect=d, strict=False, **opts) for p, d in zip(paths, dialects)]

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import click
 
+from ..io.registry import writable
 from .options import dialect_options, reader_options_of
+
+WRITABLE = writable()
 
 LORA_ALPHA_FLAG = "--lora-alpha"  # loralib's --alpha, renamed here: rescale has an --alpha of its own
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=False, dir_okay=True))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Output adapter (.safetensors, loratool format).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output adapter: a .safetensors file (loratool), a folder (PEFT), or as --to says.")
+@click.option("--to", type=click.Choice(WRITABLE), help="The dialect to write (default: from the output's name).")
 @click.option("--scale", type=float, help="Multiply the whole delta by S (every alpha and full-target scale).")
 @click.option("--alpha", type=float, help="Set every block's alpha to A (the same as --scale A/old_alpha); "
               "refused when blocks have different alphas.")
@@ -23,7 +27,7 @@ LORA_ALPHA_FLAG = "--lora-alpha"  # loralib's --alpha, renamed here: rescale has
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (the per-target report).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @dialect_options(alpha_flag=LORA_ALPHA_FLAG)
-def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet, **reader):
+def rescale(path, output, to, scale, alpha, rank, energy, overwrite, json_, quiet, **reader):
     """Rescale an adapter: strength exactly (--scale, --alpha) or rank optimally (--rank, --energy).
 
     Give exactly one of the four options.
@@ -51,23 +55,20 @@ def rescale(path, output, scale, alpha, rank, energy, overwrite, json_, quiet, *
     if len(given) != 1:
         raise click.UsageError("give exactly one of --scale, --alpha, --rank, --energy"
                                + (f" (got {', '.join(given)})" if given else ""))
-    from ..api import rescale as run, save
-    from ..fsutil import check_output
+    from ..tasks.rescale import rescale as run
     from .render import Progress
 
     opts = reader_options_of(reader)
-    check_output(output, [path, opts["base"]], overwrite)
     opts["lora_alpha"] = opts.pop("alpha")  # the library's name for loralib's alpha beside rescale's own
     with Progress("rescale", total=None, enabled=not (quiet or json_)) as progress:
-        res = run(path, scale=scale, alpha=alpha, rank=rank, energy=energy, progress=progress,
-                  flags={"alpha": LORA_ALPHA_FLAG}, **opts)
-    nbytes = save(res.adapter, output)
+        res = run(path, scale=scale, alpha=alpha, rank=rank, energy=energy, output=output, to=to,
+                  overwrite=overwrite, progress=progress, flags={"alpha": LORA_ALPHA_FLAG}, **opts)
     if json_:
         from .render import emit_json
 
-        emit_json({"input": str(path), "output": str(output), "bytes": nbytes, **res.report()})
+        emit_json({"input": str(path), **res.report()})
         return
-    _render(res, output, nbytes, quiet)
+    _render(res, output, res.bytes, quiet)
 
 
 def _render(res, output, nbytes, quiet):

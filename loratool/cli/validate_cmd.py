@@ -22,7 +22,7 @@ def validate(path, base, strict, json_):
 
         loratool validate adapter.safetensors --base model/ --strict
     """
-    from ..api import validate_file
+    from ..tasks.validate import validate as validate_file
     from ..errors import SpecError
     from ..io.detect import detect
 

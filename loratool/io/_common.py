@@ -1,6 +1,11 @@
-"""Helpers shared by the foreign-dialect readers and writers (PEFT, kohya, loralib).
+"""Helpers shared by the dialect readers and writers: the Dialect unit the registry holds, the Source a
+reader reads its structure from, Lazy factors, and base-key resolution.
 
-Every reader sorts each key of its input into one of: understood (becomes part of a target), recognised
+Every reader builds its adapter once, from headers and configs alone, with each factor a `Lazy` (which
+tensors, and which view of them); `structure` leaves those as None and never reads tensor data, `load`
+reads the named tensors (numpy arrays, ml_dtypes for BF16/FP8) and builds them.
+
+Every foreign reader sorts each key of its input into one of: understood (becomes part of a target), recognised
 and refused (UnsupportedError), or unknown. Unknown keys are an error that lists them unless the caller
 passes `allow_unknown=True`; then they are recorded in `Adapter.info["unknown_keys"]`, never dropped
 without a trace.
@@ -10,12 +15,58 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
-from ..container import escape, read_all, read_header
+from .. import spec
+from ..container import Header, escape, read_header
 from ..errors import FileError, MismatchError, SpecError
 
 MAX_LISTED = 5  # keys named in one error message; the rest are counted
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One on-disk dialect, as the registry (io/registry.py) holds it.
+
+    Attributes:
+        name: what `--to` and `detect` call it.
+        description: one line for help texts and messages.
+        detect: Source -> confidence (0: not this dialect; the highest wins, ties go to registry order).
+        structure: (path or Source, **options) -> Adapter with every factor None, from headers and configs.
+        load: (path or Source, **options) -> Adapter with numpy factors.
+        options: the keyword options `structure` and `load` take.
+        reads: the file suffixes it reads (a folder reader lists none).
+        save: (adapter, path, **save_options) -> bytes written, or None when loratool does not write it.
+        writes: "file" or "folder", what `save` writes.
+        suffix: the suffix of the file `save` writes ("file" only).
+        save_options: the keyword options `save` takes besides the adapter and the path.
+    """
+
+    name: str
+    description: str
+    detect: Callable[["Source"], int]
+    structure: Callable[..., Any]
+    load: Callable[..., Any]
+    options: frozenset = frozenset()
+    reads: tuple[str, ...] = ()
+    save: Callable[..., int] | None = None
+    writes: str | None = None
+    suffix: str | None = None
+    save_options: frozenset = frozenset()
+
+    def write(self, adapter, path, **options) -> int:
+        """`save(adapter, path)` with the options it takes (others, meant for other writers, are dropped).
+
+        Raises:
+            UnsupportedError: loratool does not write this dialect.
+        """
+        if self.save is None:
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError(f"{path}: loratool reads {self.name} adapters but does not write them")
+        return self.save(adapter, path, **{k: v for k, v in options.items() if k in self.save_options})
 
 
 def listing(keys, limit: int = MAX_LISTED) -> str:
@@ -40,39 +91,8 @@ def check_unknown(path, dialect: str, unknown, allow_unknown: bool, info: dict) 
     info["unknown_keys"] = unknown
 
 
-def read_safetensors(path, host: bool = False) -> tuple[dict, dict]:
-    """All tensors (name -> torch.Tensor, or hostarray.HostTensor with `host`) and the metadata of a
-    safetensors file, read with the strict parser.
-
-    Raises:
-        SpecError: the container breaks a C rule (named in the message).
-        FileError: the file cannot be read.
-    """
-    hdr = read_header(path)
-    if hdr.errors:
-        first = hdr.errors[0]
-        raise SpecError(f"{path}: {first.message} (rule {first.rule})", hdr.errors)
-    return read_all(path, hdr, host=host), dict(hdr.metadata)
-
-
-def torch_factors(adapter):
-    """The adapter with every HostTensor (numpy) factor or delta turned into a torch tensor, for writers
-    that compute with torch."""
-    from dataclasses import replace
-
-    from ..hostarray import as_torch
-
-    targets = []
-    for t in adapter:
-        if t.kind == "full":
-            targets.append(replace(t, delta=as_torch(t.delta)))
-        else:
-            targets.append(t.with_blocks(replace(b, A=as_torch(b.A), B=as_torch(b.B)) for b in t.blocks))
-    return adapter.replace_targets(targets)
-
-
 def read_torch(path) -> dict:
-    """A flat state dict from a torch file, loaded with weights_only=True and nothing else.
+    """A flat state dict from a torch file, loaded with weights_only=True and nothing else (torch tensors).
 
     Raises:
         SpecError: the file is not a weights-only dict of tensors keyed by strings.
@@ -81,6 +101,178 @@ def read_torch(path) -> dict:
     from .base import TorchBase
 
     return dict(TorchBase(path)._sd)
+
+
+# ---- the structure of a file, and its tensors on demand --------------------------------------------------
+
+class Source:
+    """An adapter path as the readers see it, with the safetensors header of the file holding its tensors
+    read at most once (detection, structure and a summary share it).
+
+    Attributes:
+        path: the path given (a file or a PEFT folder).
+        tensor_header: the header of the safetensors file holding the tensors, once a reader has read it.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tensor_header: Header | None = None
+        self._headers: dict[Path, Header] = {}
+
+    def header(self, file=None) -> Header:
+        """The header of `file` (default: the path itself), parsed once; container findings are kept in it.
+
+        Raises:
+            FileError, SpecError: as container.read_header.
+        """
+        f = self.path if file is None else Path(file)
+        if f not in self._headers:
+            self._headers[f] = read_header(f)
+        self.tensor_header = self._headers[f]
+        return self.tensor_header
+
+    def checked_header(self, file=None) -> Header:
+        """`header`, refused on its first container error (rule C0xx named in the message).
+
+        Raises:
+            SpecError: the container breaks a C rule.
+        """
+        hdr = self.header(file)
+        if hdr.errors:
+            first = hdr.errors[0]
+            raise SpecError(f"{hdr.path}: {first.message} (rule {first.rule})", hdr.errors)
+        return hdr
+
+
+def as_source(path) -> Source:
+    """`path` as a Source (a Source is returned as it is)."""
+    return path if isinstance(path, Source) else Source(path)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What a reader knows of a tensor before reading it: name, safetensors dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return is_float_name(self.dtype)
+
+
+def is_float_name(dtype: str) -> bool:
+    """Whether a safetensors dtype name is a floating-point type (FP8 included, as torch counts it)."""
+    return dtype in spec.FLOAT_DTYPES or dtype.startswith("F8_")
+
+
+def lazy_whole_target(key: str, layout: str, shape, rank: int, A, B, alpha: float, scale_rule: str = "standard",
+                      **kw):
+    """adapter.whole_target for factors not read yet (the rank comes from the header, not from A)."""
+    from ..adapter import Block, Target, matrix_shape
+
+    shape = tuple(int(s) for s in shape)
+    out, inp = matrix_shape(layout, shape)
+    block = Block(rank=int(rank), alpha=float(alpha), scale_rule=scale_rule, rows=(0, out), cols=(0, inp), A=A, B=B)
+    return Target(key=key, layout=layout, shape=shape, blocks=(block,), **kw)
+
+
+def metas_of_header(hdr: Header) -> dict[str, Meta]:
+    """name -> Meta of every tensor of a checked safetensors header."""
+    return {n: Meta(n, t.dtype, tuple(t.shape)) for n, t in hdr.tensors.items()}
+
+
+def metas_of_state_dict(sd: dict) -> dict[str, Meta]:
+    """name -> Meta of every torch tensor of a state dict (dtypes without a safetensors name, such as complex,
+    keep torch's name and are not floating point here)."""
+    from ..dtypes import st_name
+
+    out = {}
+    for n, t in sd.items():
+        try:
+            dt = st_name(t.dtype)
+        except KeyError:
+            dt = str(t.dtype).removeprefix("torch.")
+        out[n] = Meta(n, dt, tuple(int(d) for d in t.shape))
+    return out
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A factor or delta not read yet: `make(arrays)` builds it from the named tensors of the file.
+
+    Readers build an adapter whose factors are Lazy from headers and configs alone; `header_only` turns it
+    into the structure (factors None), `materialize` into the loaded adapter.
+    """
+
+    names: tuple[str, ...]
+    make: Callable[[dict], Any]
+
+
+def ref(name: str, view: Callable | None = None) -> Lazy:
+    """The tensor `name` itself, or `view(tensor)` (a reshape or a slice: numpy views, no copy)."""
+    return Lazy((name,), (lambda arrays: arrays[name]) if view is None else (lambda arrays: view(arrays[name])))
+
+
+def _lazies(adapter):
+    for t in adapter:
+        if isinstance(t.delta, Lazy):
+            yield t.delta
+        for b in t.blocks:
+            yield from (x for x in (b.A, b.B) if isinstance(x, Lazy))
+
+
+def _replace_lazy(adapter, fill):
+    targets = []
+    for t in adapter:
+        if t.kind == "full":
+            targets.append(replace(t, delta=fill(t.delta)))
+        else:
+            targets.append(t.with_blocks(replace(b, A=fill(b.A), B=fill(b.B)) for b in t.blocks))
+    return adapter.replace_targets(targets)
+
+
+def header_only(adapter):
+    """The adapter with every Lazy factor or delta left as None: its structure."""
+    return _replace_lazy(adapter, lambda x: None if isinstance(x, Lazy) else x)
+
+
+def materialize(adapter, read: Callable[[set], dict]):
+    """The adapter with every Lazy built from the tensors `read(names)` returns (name -> numpy array); the
+    tensors are read in one call, each once."""
+    names = {n for z in _lazies(adapter) for n in z.names}
+    arrays = read(names) if names else {}
+    return _replace_lazy(adapter, lambda x: x.make(arrays) if isinstance(x, Lazy) else x)
+
+
+def numpy_factors(adapter):
+    """The adapter with every factor and delta a numpy array (torch tensors converted at the edge; None kept)."""
+    from ..dtypes import as_numpy
+
+    return _replace_lazy(adapter, lambda x: None if x is None else as_numpy(x))
+
+
+def safetensors_reader(path, hdr: Header) -> Callable[[set], dict]:
+    """read(names) -> name -> numpy array, with pread from a checked header (no torch)."""
+    from ..container import read_arrays
+
+    return lambda names: read_arrays(path, hdr, names)
+
+
+def torch_reader(sd: dict) -> Callable[[set], dict]:
+    """read(names) -> name -> numpy array, converted from the torch tensors of a loaded state dict."""
+    from ..dtypes import from_torch
+
+    return lambda names: {n: from_torch(sd[n]) for n in names}
 
 
 def finite_number(v) -> bool:
@@ -114,7 +306,16 @@ class BaseKeys:
         return None if info is None else tuple(info[0])
 
     def read(self, key: str):
-        return self.base.read(key)
+        """The base tensor as a numpy array (pread for a safetensors base: no torch)."""
+        from ..dtypes import from_buffer, from_torch
+
+        b = self.base
+        if hasattr(b, "shard_of"):
+            b = b.shard_of(key)
+        if hasattr(b, "raw"):
+            info = b.header.tensors[key]
+            return from_buffer(b.raw(key), info.dtype, info.shape)
+        return from_torch(b.read(key))
 
     def resolve_dotted(self, key: str, where: str) -> str:
         """The base key for a dotted key: itself, or the one base key that differs from it only by a leading

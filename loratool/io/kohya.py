@@ -13,6 +13,9 @@ target keys are resolved against a base (`base=`): the one base key `<module>.we
 module path equals the name after its prefix, or ends with "_" + it. Without a base the target key is
 `<name>.weight` and info["kohya_unmapped"] is set, which is enough to inspect or to write kohya again.
 
+`structure` reads the header and the 0-d alpha tensors only; `load` reads the factors as numpy arrays, each
+planned once (Lazy: which tensor, which reshape), so both agree by construction. No torch anywhere here.
+
 Merge math (LoRAInfModule.merge_to): linear W += s up @ down; conv 1x1 the same on squeezed factors;
 conv k x k W += s conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3), which equals
 (up[:, :, 0, 0] @ down.reshape(r, -1)).reshape(out, in, kh, kw): the "conv" layout on W.reshape(out, -1).
@@ -22,12 +25,13 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 from ..adapter import Adapter, Block, Target, alpha_for_scale
-from ..container import escape, write_file
+from ..container import escape, read_scalars, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import base_keys, check_unknown, read_safetensors, torch_factors
+from ._common import (Dialect, Meta, Source, as_source, base_keys, check_unknown, header_only, materialize,
+                      metas_of_header, numpy_factors, ref, safetensors_reader)
+from .native import numpy_tensors, tensors_of
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
 NAME = re.compile(r"^(?P<name>[^.]+)\.(?:(?P<f>lora_down|lora_up)(?:\.(?P<i>0|[1-9][0-9]{0,4}))?\.weight"
@@ -58,27 +62,43 @@ def strip_prefix(name: str) -> str:
     return name
 
 
-def load(path, *, base=None, allow_unknown: bool = False, host: bool = False) -> Adapter:
-    """Read a kohya/sd-scripts LoRA `.safetensors` with its tensors.
+def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+    """The adapter of a kohya file (every factor None) from its safetensors header, plus the 0-d `.alpha`
+    tensors (a few bytes each, the only data it reads); no torch.
+
+    Args and Raises: as `load`.
+    """
+    return header_only(_plan(path, base, allow_unknown, then=lambda adapter, read: adapter))
+
+
+def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+    """Read a kohya/sd-scripts LoRA `.safetensors` with its tensors, as numpy arrays (no torch).
 
     Args:
-        path: the file.
+        path: the file (or a Source of it).
         base: base model (path or io.base.BaseModel) to map underscore names to dotted keys and check shapes.
         allow_unknown: record keys that are not kohya LoRA tensors in info["unknown_keys"] instead of failing.
-        host: read the tensors into hostarray.HostTensors (numpy, no torch import).
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, name and fix in the message.
     """
-    path = Path(path)
-    tensors, meta = read_safetensors(path, host=host)
+    return _plan(path, base, allow_unknown, then=materialize)
+
+
+def _plan(path, base, allow_unknown, then):
+    src = as_source(path)
+    hdr = src.checked_header()
+    metas = metas_of_header(hdr)
     with base_keys(base) as bk:
-        return _build(path, tensors, meta, bk, allow_unknown)
+        adapter = _build(src.path, metas, dict(hdr.metadata), lambda names: read_scalars(src.path, hdr, names), bk,
+                         allow_unknown)
+        return then(adapter, safetensors_reader(src.path, hdr))
 
 
-def _build(path, tensors, meta, bk, allow_unknown) -> Adapter:
+def _build(path, metas, meta, read_alphas, bk, allow_unknown) -> Adapter:
+    """The adapter with Lazy factors from the tensors' names and shapes (and the alpha values, read here)."""
     modules: dict[str, dict] = {}
     unknown = []
-    for key, x in tensors.items():
+    for key, x in metas.items():
         m = NAME.match(key)
         if m is None:
             name, _, rest = key.partition(".")
@@ -90,13 +110,15 @@ def _build(path, tensors, meta, bk, allow_unknown) -> Adapter:
             continue
         d = modules.setdefault(m["name"], {"down": {}, "up": {}, "alpha": None})
         if m["alpha"]:
-            d["alpha"] = (key, x)
+            d["alpha"] = x
         else:
-            d["down" if m["f"] == "lora_down" else "up"][-1 if m["i"] is None else int(m["i"])] = (key, x)
+            d["down" if m["f"] == "lora_down" else "up"][-1 if m["i"] is None else int(m["i"])] = x
+    alphas = read_alphas({d["alpha"].name for d in modules.values()
+                          if d["alpha"] is not None and d["alpha"].numel == 1 and d["alpha"].dtype != "BOOL"})
     info: dict = {"dialect": "kohya"}
     targets: dict[str, Target] = {}
     for name, d in sorted(modules.items()):
-        t = _target(path, name, d, bk)
+        t = _target(path, name, d, alphas, bk)
         if t.key in targets:
             raise SpecError(f"{path}: two kohya names map to base key \"{escape(t.key)}\"")
         targets[t.key] = t
@@ -110,22 +132,14 @@ def _build(path, tensors, meta, bk, allow_unknown) -> Adapter:
     return Adapter(targets=targets, metadata=dict(meta), info=info)
 
 
-def _alpha_value(path, akey, a) -> float:
+def _alpha_value(path, a: Meta, alphas: dict) -> float:
     """The number stored in a kohya `.alpha` tensor (any real dtype, one element)."""
-    if hasattr(a, "st_dtype"):  # a HostTensor
-        bad = a.st_dtype == "BOOL"
-        value = None if bad or a.numel() != 1 else a.item_float()
-    else:
-        import torch
-
-        bad = a.dtype.is_complex or a.dtype == torch.bool
-        value = None if bad or a.numel() != 1 else float(a.reshape(()).double())
-    if value is None:
-        raise SpecError(f"{path}: \"{escape(akey)}\" has shape {list(a.shape)}; alpha is one number")
-    return value
+    if a.dtype == "BOOL" or a.numel != 1:
+        raise SpecError(f"{path}: \"{escape(a.name)}\" has shape {list(a.shape)}; alpha is one number")
+    return alphas[a.name]
 
 
-def _target(path, name, d, bk) -> Target:
+def _target(path, name, d, alphas, bk) -> Target:
     shown = escape(name)
     downs, ups = d["down"], d["up"]
     if not downs or set(downs) != set(ups):
@@ -138,9 +152,9 @@ def _target(path, name, d, bk) -> Target:
     order = sorted(downs)
     if split and order != list(range(len(order))):
         raise SpecError(f"{path}: module \"{shown}\": split_dims factors are numbered {order}, not 0..{len(order) - 1}")
-    pairs = [(downs[i][1], ups[i][1]) for i in order]
+    pairs = [(downs[i], ups[i]) for i in order]
     for down, up in pairs:
-        if not (down.is_floating_point() and up.is_floating_point()):
+        if not (down.is_float and up.is_float):
             raise SpecError(f"{path}: module \"{shown}\": factors are {down.dtype}/{up.dtype}, not floating point")
         if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or \
                 any(k != 1 for k in up.shape[2:]):
@@ -154,10 +168,10 @@ def _target(path, name, d, bk) -> Target:
         alpha = float(r)
         tinfo["alpha"] = ALPHA_MISSING
     else:
-        akey, a = d["alpha"]
-        alpha = _alpha_value(path, akey, a)
+        a = d["alpha"]
+        alpha = _alpha_value(path, a, alphas)
         if not math.isfinite(alpha):
-            raise SpecError(f"{path}: \"{escape(akey)}\" is {alpha}; alpha must be finite")
+            raise SpecError(f"{path}: \"{escape(a.name)}\" is {alpha}; alpha must be finite")
         if alpha == 0.0:
             alpha = float(r)
             tinfo["alpha"] = ALPHA_ZERO
@@ -180,7 +194,8 @@ def _target(path, name, d, bk) -> Target:
     for down, up in pairs:
         n = int(up.shape[0])
         blocks.append(Block(rank=r, alpha=alpha, scale_rule="standard", rows=(row, row + n), cols=(0, inp),
-                            A=down.reshape(r, inp), B=up.reshape(n, r)))
+                            A=ref(down.name, lambda a: a.reshape(r, inp)),  # (r, in[, kh, kw]) -> (r, in·kh·kw)
+                            B=ref(up.name, lambda b, n=n: b.reshape(n, r))))  # (out, r[, 1, 1]) -> (out, r)
         row += n
     if split:
         tinfo["split_dims"] = [b.n_rows for b in blocks]
@@ -203,12 +218,15 @@ def kohya_name(t: Target, prefix: str) -> str:
 def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
     """name -> tensor expressing `adapter` exactly in kohya's format (alpha chosen so each scale is unchanged).
 
+    Factors may be numpy arrays or torch tensors; the tensors returned are numpy arrays.
+
     Raises:
         UnsupportedError: a target kohya cannot express (fan_in_fan_out, embedding, full, column or
             overlapping blocks), with the reason.
     """
-    import torch
+    import numpy as np
 
+    adapter = numpy_factors(adapter)
     tensors: dict = {}
     seen: dict[str, str] = {}
     for t in adapter:
@@ -258,8 +276,8 @@ def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
             tensors[f"{name}.lora_up{tag}.weight"] = up
         # float32 like sd-scripts' own files, unless that would round alpha (an rsLoRA conversion gives
         # alpha = scale * r, rarely a float32): then float64, which every reader's .item()/.float() accepts.
-        exact32 = float(torch.tensor(alpha, dtype=torch.float32)) == alpha
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32 if exact32 else torch.float64)
+        exact32 = float(np.float32(alpha)) == alpha
+        tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float32 if exact32 else np.float64)
     return tensors
 
 
@@ -270,20 +288,38 @@ def save(adapter: Adapter, path, *, prefix: str = "lora_unet_") -> int:
     The caller checks the output against its inputs (fsutil.check_output).
 
     Raises:
+        SpecError: a factor was never loaded or is not floating point.
         UnsupportedError: the adapter cannot be expressed in kohya's format exactly.
         NumericError: a factor or alpha is not finite.
     """
-    import torch
+    import numpy as np
 
-    tensors = plan(torch_factors(adapter), prefix)
+    numpy_tensors(tensors_of(adapter), path)  # every factor loaded and floating point
+    tensors = plan(adapter, prefix)
     for n, x in tensors.items():
-        if x is None:
-            raise SpecError(f"{path}: tensor \"{escape(n)}\" was never loaded; load the adapter with its tensors first")
-        if not bool(torch.isfinite(x).all()):
+        if not bool(np.isfinite(x).all()):
             raise NumericError(f"{path}: tensor \"{escape(n)}\" has non-finite values; refusing to write it")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}
     return write_file(path, tensors, meta)
 
 
-__all__ = ["load", "save", "plan", "kohya_name", "strip_prefix"]
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+
+
+def _detect(src: Source) -> int:
+    if not (src.path.suffix == ".safetensors" and src.path.is_file()):
+        return 0
+    names = src.header().tensors
+    # LyCORIS files share these names; the kohya reader names and refuses them.
+    if any(".lora_down." in n or ".lora_up." in n or n.endswith(".alpha") for n in names) or \
+            any(n.startswith(KOHYA_PREFIXES) for n in names):
+        return 50
+    return 0
+
+
+DIALECT = Dialect(
+    name="kohya", description="a kohya/sd-scripts LoRA .safetensors file (lora_down/lora_up/alpha)",
+    detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown"}),
+    reads=(".safetensors",), save=save, writes="file", suffix=".safetensors", save_options=frozenset({"prefix"}))
+
+__all__ = ["load", "save", "structure", "plan", "kohya_name", "strip_prefix", "DIALECT"]

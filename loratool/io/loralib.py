@@ -18,17 +18,21 @@ fan_in_fan_out set, an Embedding is labelled "fan_in_fan_out" (the delta is the 
 name its factors lora_A/lora_B rather than lora_embedding_A/B). Layouts need W's shape: from `<m>.weight` (or `<m>.conv.weight`) when the file holds
 the whole model, else from a base (`base=`). Without either, a 2-D module is read as Linear (or
 fan_in_fan_out with that option) and a conv module is refused.
+
+The file is a torch file, so `structure` and `load` both load it (torch, weights_only=True); the factors are
+planned once from the tensors' shapes (Lazy: which tensor, which slice) and `load` converts them to numpy.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from ..adapter import Adapter, Block, Target, whole_target
+from ..adapter import Adapter, Block, Target
 from ..container import escape
 from ..errors import MismatchError, SpecError, UnsupportedError
-from ._common import base_keys, check_unknown, finite_number, positive_int, read_torch
+from ._common import (Dialect, Source, as_source, base_keys, check_unknown, finite_number, header_only,
+                      lazy_whole_target, materialize, metas_of_state_dict, positive_int, read_torch, ref, torch_reader)
+from .base import TORCH_SUFFIXES
 
 
 def parse_enable_lora(value) -> list[bool] | None:
@@ -53,12 +57,20 @@ def parse_enable_lora(value) -> list[bool] | None:
     return out
 
 
+def structure(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
+              allow_unknown: bool = False) -> Adapter:
+    """The adapter of a loralib state dict (every factor None). A torch file has no header to read alone, so
+    the file is loaded (weights_only=True). Args and Raises: as `load`."""
+    return header_only(_plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown,
+                             then=lambda adapter, read: adapter))
+
+
 def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
          allow_unknown: bool = False) -> Adapter:
-    """Read a loralib state dict.
+    """Read a loralib state dict, its factors as numpy arrays.
 
     Args:
-        path: a .pt/.pth/.bin torch file (loaded with weights_only=True).
+        path: a .pt/.pth/.bin torch file (loaded with weights_only=True), or a Source of it.
         alpha: loralib's lora_alpha (required: it is not in the file).
         r: loralib's r; when given, every module's rank is checked against it.
         enable_lora: MergedLinear's enable_lora ("1,0,1" or a list of booleans).
@@ -68,7 +80,11 @@ def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = F
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, module and fix in the message.
     """
-    path = Path(path)
+    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, then=materialize)
+
+
+def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, then):
+    path = as_source(path).path
     if alpha is None:
         raise SpecError(f"{path}: loralib keeps lora_alpha in code, not in the file; pass it (--alpha)")
     if not finite_number(alpha):
@@ -78,7 +94,8 @@ def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = F
     enable = parse_enable_lora(enable_lora)
     sd = read_torch(path)
     with base_keys(base) as bk:
-        return _build(path, sd, float(alpha), r, enable, bool(fan_in_fan_out), bk, allow_unknown)
+        return then(_build(path, metas_of_state_dict(sd), float(alpha), r, enable, bool(fan_in_fan_out), bk,
+                           allow_unknown), torch_reader(sd))
 
 
 def _weight_shape(sd, m, bk, where):
@@ -111,7 +128,7 @@ def _build(path, sd, alpha, r_opt, enable, fio, bk, allow_unknown) -> Adapter:
             raise SpecError(f"{where} has only one of lora_A / lora_B; every loralib module needs both")
         A, B = sd[m + ".lora_A"], sd[m + ".lora_B"]
         known |= {m + ".lora_A", m + ".lora_B"}
-        if not (A.is_floating_point() and B.is_floating_point()) or A.ndim != 2 or B.ndim != 2:
+        if not (A.is_float and B.is_float) or A.ndim != 2 or B.ndim != 2:
             raise SpecError(f"{where}: lora_A {list(A.shape)} {A.dtype} and lora_B {list(B.shape)} {B.dtype} must be "
                             "2-D floating-point matrices")
         wkey, wshape = _weight_shape(sd, m, bk, where)
@@ -151,6 +168,7 @@ def _out_of(wshape, fio) -> int:
 
 
 def _plain(where, m, wkey, wshape, A, B, alpha, fio) -> Target:
+    # A and B are Meta: shapes decide the layout, the factors are the tensors themselves.
     inp, out = int(A.shape[1]), int(B.shape[0])
     layout, shape = ("fan_in_fan_out", (inp, out)) if fio else ("linear", (out, inp))
     if wshape is not None and wshape != shape:
@@ -159,8 +177,8 @@ def _plain(where, m, wkey, wshape, A, B, alpha, fio) -> Target:
         else:
             raise MismatchError(f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not fit weight "
                                 f"{list(wshape)}{' (with fan_in_fan_out)' if fio else ''}")
-    return whole_target(wkey or m + ".weight", layout, shape, A, B, alpha,
-                        info={} if wshape is not None else {"shape_from": "factors"})
+    return lazy_whole_target(wkey or m + ".weight", layout, shape, int(A.shape[0]), ref(A.name), ref(B.name), alpha,
+                             info={} if wshape is not None else {"shape_from": "factors"})
 
 
 def _merged(where, m, wkey, wshape, A, B, alpha, enable, fio) -> Target:
@@ -187,7 +205,8 @@ def _merged(where, m, wkey, wshape, A, B, alpha, enable, fio) -> Target:
         # conv1d(groups=g): output rows [j part, (j+1) part) use input channels [j r, (j+1) r) -> B_j @ A_j,
         # and zero_pad places them at group e's rows.
         blocks.append(Block(rank=r, alpha=alpha, scale_rule="standard", rows=(e * part, (e + 1) * part),
-                            cols=(0, inp), A=A[j * r:(j + 1) * r], B=B[j * part:(j + 1) * part]))
+                            cols=(0, inp), A=ref(A.name, lambda a, j=j: a[j * r:(j + 1) * r]),
+                            B=ref(B.name, lambda b, j=j: b[j * part:(j + 1) * part])))
         j += 1
     return Target(key=wkey or m + ".weight", layout=layout, shape=shape, blocks=tuple(blocks),
                   info={"enable_lora": [int(e) for e in enable]})
@@ -204,9 +223,20 @@ def _conv(where, wkey, wshape, A, B, alpha) -> Target:
     if R % k:
         raise UnsupportedError(f"{where}: rank {R} is not a multiple of the kernel size {k}")
     blocks = tuple(Block(rank=R, alpha=alpha * k, scale_rule="standard", rows=(0, out), cols=(j * Q, (j + 1) * Q),
-                         A=A, B=B[j::k]) for j in range(k))
+                         A=ref(A.name), B=ref(B.name, lambda b, j=j: b[j::k])) for j in range(k))
     return Target(key=wkey, layout="conv", shape=tuple(int(s) for s in wshape), blocks=blocks,
                   info={"kernel": k, "loralib": "ConvLoRA: one block per kernel row, alpha x kernel keeps the scale"})
 
 
-__all__ = ["load", "parse_enable_lora"]
+def _detect(src: Source) -> int:
+    # Any torch file may be a loralib state dict; PEFT claims adapter_model.bin beside its config first.
+    return 10 if src.path.suffix in TORCH_SUFFIXES and src.path.is_file() else 0
+
+
+DIALECT = Dialect(
+    name="loralib", description="a loralib (microsoft/LoRA) state dict: a .pt/.pth/.bin torch file",
+    detect=_detect, structure=structure, load=load,
+    options=frozenset({"alpha", "r", "enable_lora", "fan_in_fan_out", "base", "allow_unknown"}),
+    reads=TORCH_SUFFIXES)
+
+__all__ = ["load", "structure", "parse_enable_lora", "DIALECT"]

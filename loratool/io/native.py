@@ -1,4 +1,8 @@
-"""The native loratool format (spec/FORMAT.md): a strict safetensors file with loratool metadata."""
+"""The native loratool format (spec/FORMAT.md): a strict safetensors file with loratool metadata.
+
+Its structure is all in the header (loratool.targets), so `structure` reads nothing else; `load` reads the
+factors with pread into numpy arrays. numpy is imported only by `load` and `save`, never by `structure`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from dataclasses import replace
 
 from .. import spec
 from ..adapter import Adapter, Target
-from ..container import read_all, write_file
+from ..container import escape, write_file
 from ..errors import NumericError, SpecError
 from ..validation import Report, check_values, validate_header
+from ._common import Dialect, Source, as_source
 
 
 def canonical_json(obj) -> str:
@@ -73,20 +78,41 @@ def _check_finite(adapter: Adapter, tensors: dict, where: str) -> None:
                            "factors", bad)
 
 
+def numpy_tensors(tensors: dict, where) -> dict:
+    """name -> numpy array for name -> numpy array or torch tensor (converted at the edge), each checked to be
+    loaded and floating point.
+
+    Raises:
+        SpecError: a tensor was never loaded (None) or is not floating point.
+    """
+    from ..dtypes import as_numpy, dtype_of
+
+    out = {}
+    for n, x in tensors.items():
+        if x is None:
+            raise SpecError(f"{where}: tensor \"{escape(n)}\" was never loaded; load the adapter with its tensors "
+                            "first")
+        x = as_numpy(x)
+        try:
+            dt = dtype_of(x)
+        except KeyError:
+            dt = str(x.dtype)
+        if dt not in spec.FLOAT_DTYPES and not dt.startswith("F8_"):
+            raise SpecError(f"{where}: tensor \"{escape(n)}\" is {dt}; factors must be floating point")
+        out[n] = x
+    return out
+
+
 def save(adapter: Adapter, path) -> int:
     """Write `adapter` to `path` atomically in the native format. Returns the bytes written.
 
+    Factors may be numpy arrays or torch tensors; both are written through numpy (no torch import).
+
     Raises:
-        NumericError: a factor or delta is not finite (nothing is written).
+        SpecError: a factor was never loaded or is not floating point.
+        NumericError: a factor, delta or alpha is not finite (nothing is written).
     """
-    tensors = tensors_of(adapter)
-    for n, x in tensors.items():
-        if x is None:
-            raise SpecError(f"{path}: tensor \"{n}\" was never loaded; load the adapter with its tensors first")
-        if not x.is_floating_point():
-            raise SpecError(f"{path}: tensor \"{n}\" is {x.dtype}; factors must be floating point")
-        if not hasattr(x, "st_dtype"):  # a HostTensor (numpy) is written as it is, without torch
-            tensors[n] = x.detach().to("cpu").contiguous()
+    tensors = numpy_tensors(tensors_of(adapter), path)
     for t in adapter:
         for b in t.blocks:
             if not math.isfinite(b.alpha):
@@ -104,18 +130,47 @@ def report_error(rep: Report) -> SpecError:
     return SpecError(f"{rep.path}: {where}{first.message} (rule {first.rule}){more}", errs)
 
 
-def load(path, *, check: bool = True, host: bool = False) -> Adapter:
-    """Read a native adapter with its tensors (torch tensors, or with `host` hostarray.HostTensors: no torch).
+def _report(src: Source) -> Report:
+    """validate_header on the Source's header (parsed once; a header that cannot be parsed raises SpecError
+    naming its rule, as report_error would)."""
+    return validate_header(src.path, header=src.header())
 
+
+def structure(path, *, check: bool = True) -> Adapter:
+    """The adapter described by a native file's header (every factor None); reads no tensor data, imports
+    neither numpy nor torch.
+
+    Args:
+        path: the file, or a Source of it.
+        check: accepted for symmetry with `load` (the header rules are always checked).
+    Raises:
+        SpecError: the header breaks an error rule of the spec (container, metadata, names, shapes).
+        FileError: the file cannot be read.
+    """
+    rep = _report(as_source(path))
+    if rep.errors:
+        raise report_error(rep)
+    return rep.adapter
+
+
+def load(path, *, check: bool = True) -> Adapter:
+    """Read a native adapter with its tensors, as numpy arrays (ml_dtypes for BF16/FP8; no torch).
+
+    Args:
+        path: the file, or a Source of it.
+        check: also refuse non-finite factors (rule T006); off for a summary that counts them instead.
     Raises:
         SpecError: the file breaks any error rule of the spec (container, metadata, names, shapes, values).
         FileError: the file cannot be read.
     """
-    rep = validate_header(path)
+    from ..container import read_arrays
+
+    src = as_source(path)
+    rep = _report(src)
     if rep.errors:
         raise report_error(rep)
     adapter = rep.adapter
-    tensors = read_all(path, rep.header, host=host)
+    tensors = read_arrays(src.path, rep.header)
     if check:
         bad = [f for f in check_values(tensors, adapter) if f.severity == "error"]
         if bad:
@@ -137,4 +192,18 @@ def attach(adapter: Adapter, tensors: dict) -> Adapter:
     return adapter.replace_targets(targets)
 
 
-__all__ = ["load", "save", "attach", "metadata_of", "tensors_of", "target_entry", "canonical_json"]
+def _detect(src: Source) -> int:
+    # Any safetensors file may be native: one marked as such surely is; an unmarked one falls back here so
+    # the native reader says precisely what is missing (rule M001).
+    if not (src.path.suffix == ".safetensors" and src.path.is_file()):
+        return 0
+    return 100 if spec.KEY_FORMAT in src.header().metadata else 1
+
+
+DIALECT = Dialect(
+    name="loratool", description="loratool's own format (spec/FORMAT.md): one .safetensors file",
+    detect=_detect, structure=structure, load=load, options=frozenset({"check"}), reads=(".safetensors",),
+    save=save, writes="file", suffix=".safetensors")
+
+__all__ = ["load", "save", "structure", "attach", "metadata_of", "tensors_of", "target_entry", "canonical_json",
+           "numpy_tensors", "DIALECT"]

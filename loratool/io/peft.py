@@ -20,11 +20,17 @@ What changes ΔW, and how each is read (peft/tuners/lora/layer.py, model.py):
   lora_bias lora_B.bias (out,): the layer's bias gains s * bias, read as a "full" target on `<module>.bias`
             with delta_scale = s, which is exact.
   whole tensors (modules_to_save, saved embedding layers `...base_layer.weight`): they replace the base
-            tensor, so with a base they become "full" targets holding saved - base; without one, refused.
+            tensor, so with a base they become "full" targets holding saved - base; without one, `load`
+            refuses them and `structure` lists them under their own names.
   DoRA      (use_dora, lora_magnitude_vector m): PEFT merges W' = (m / ||V||_row) * V with V = W + s B A, the
             norm of each output row over the input dimension (peft/tuners/lora/dora.py, variants.py
             merge_safe). W' - W is not low-rank, so with a base each DoRA module becomes a "full" target holding
-            W' - W computed in float32 (as large as the weight); without a base it is refused.
+            W' - W computed in float32 (as large as the weight); without a base `load` refuses it and
+            `structure` gives its shape.
+
+`structure` reads adapter_config.json and the safetensors header only; `load` reads the tensors as numpy
+arrays. Each module's factors are planned once (Lazy: which tensor, which reshape), so both agree by
+construction.
 """
 
 from __future__ import annotations
@@ -32,14 +38,18 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..adapter import Adapter, Target, alpha_for_scale, scale_of, whole_target
+from ..adapter import Adapter, Target, alpha_for_scale, scale_of
 from ..container import _no_constant, escape, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import (BaseKeys, base_keys, check_unknown, finite_number, listing, positive_int, read_safetensors,
-                      read_torch, require_dir_or_file, torch_factors)
-from .native import _check_finite, _num, tensors_of
+from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, finite_number,
+                      header_only, is_float_name, lazy_whole_target, listing, materialize, metas_of_header,
+                      metas_of_state_dict, numpy_factors, positive_int, read_torch, ref, require_dir_or_file,
+                      safetensors_reader, torch_reader)
+from .base import TORCH_SUFFIXES
+from .native import _check_finite, _num, numpy_tensors, tensors_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -175,35 +185,105 @@ def read_config(cfg_path: Path) -> dict:
     return cfg
 
 
-def load(path, *, base=None, allow_unknown: bool = False, host: bool = False) -> Adapter:
-    """Read a PEFT LoRA adapter (folder, or its weights file beside adapter_config.json) with its tensors.
+def _tensors(src: Source, weights: Path):
+    """(name -> Meta, read(names) -> name -> numpy array) of the weights file: the safetensors header alone,
+    or a torch file loaded with weights_only=True."""
+    if weights.suffix == ".safetensors":
+        hdr = src.checked_header(weights)
+        return metas_of_header(hdr), safetensors_reader(weights, hdr)
+    sd = read_torch(weights)
+    return metas_of_state_dict(sd), torch_reader(sd)
+
+
+def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+    """The adapter of a PEFT folder (every factor None) from adapter_config.json and the safetensors header
+    alone: no tensor data read, no torch imported (adapter_model.bin is a torch file: it is loaded).
+
+    What only the tensors or the base can decide is described, never refused: without a base a DoRA module
+    is a full target of the weight's shape and a whole saved tensor a full target under its own name; a
+    saved whole tensor is listed even when it equals the base's (`load` drops it then), and one on a layer
+    that LoRA factors also adapt (PEFT saves the base layer of an adapted embedding) is named in
+    info["saved_beside_lora"] (`load` requires it to equal the base's).
+
+    Args and Raises: as `load`, less the refusals that need a base or the tensors.
+    """
+    plan = _plan(path, base, allow_unknown, describe=True, then=lambda plan, read: plan)
+    adapter = header_only(plan.adapter)
+    info = dict(adapter.info)
+    if plan.shadowed:
+        info["saved_beside_lora"] = sorted(n for n, _ in plan.shadowed.values())
+    unknown = sum(1 for t in adapter if t.kind == "full" and "pass --base" in t.info.get("peft", ""))
+    if unknown:
+        info["needs_base"] = (f"{unknown} DoRA module(s) or saved whole tensor(s) are described by shape only: their "
+                              "delta depends on the base; pass --base")
+    return replace(adapter, info=info)
+
+
+def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+    """Read a PEFT LoRA adapter (folder, or its weights file beside adapter_config.json) with its tensors, as
+    numpy arrays (adapter_model.bin is loaded with torch weights_only=True and converted).
 
     Args:
-        path: the PEFT folder, or adapter_model.safetensors/.bin inside it.
+        path: the PEFT folder, or adapter_model.safetensors/.bin inside it (or a Source of either).
         base: optional base model (path or io.base.BaseModel): resolves target keys, checks shapes,
             decides Conv1D vs nn.Linear by the stored shape, and turns whole saved tensors into deltas.
         allow_unknown: record keys that are not LoRA tensors in info["unknown_keys"] instead of failing.
-        host: read a .safetensors file into hostarray.HostTensors (numpy, no torch import); DoRA modules and
-            saved whole tensors are still computed with torch.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, key and fix in the message.
     """
-    cfg_path, weights = _paths(path)
+    return _plan(path, base, allow_unknown, describe=False, then=_read)
+
+
+@dataclass
+class _Plan:
+    """A PEFT adapter planned from its config and header: targets with Lazy factors; target key -> name of
+    each saved whole tensor; and key -> (name, Lazy delta) of whole tensors on layers LoRA also adapts."""
+
+    where: Path
+    adapter: Adapter | None = None
+    saved: dict = field(default_factory=dict)
+    shadowed: dict = field(default_factory=dict)
+
+
+def _plan(path, base, allow_unknown, describe, then):
+    """then(_Plan, read) with the base open (DoRA and saved whole tensors read it when built)."""
+    src = as_source(path)
+    cfg_path, weights = _paths(src.path)
     cfg = read_config(cfg_path)
-    if weights.suffix == ".safetensors":
-        tensors, _meta = read_safetensors(weights, host=host)
-    else:
-        tensors = read_torch(weights)
+    metas, read = _tensors(src, weights)
     with base_keys(base) as bk:
-        return _build(weights, cfg, tensors, bk, allow_unknown)
+        plan = _Plan(weights)
+        plan.adapter = _build(weights, cfg, metas, bk, allow_unknown, describe, plan)
+        return then(plan, read)
 
 
-def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unknown: bool) -> Adapter:
+def _read(plan: _Plan, read) -> Adapter:
+    """The planned adapter with its tensors. A saved whole tensor equal to the base's is dropped (ΔW is zero)
+    and named in info["unchanged_keys"]; one on a layer LoRA factors adapt must equal the base's."""
+    adapter = materialize(plan.adapter, read)
+    unchanged = []
+    for key, (name, delta) in sorted(plan.shadowed.items()):
+        if delta.make(read({name})).any():
+            raise SpecError(f"{plan.where}: \"{escape(name)}\" replaces \"{escape(key)}\", which LoRA factors also "
+                            "change; PEFT applies one or the other, so refusing to guess")
+        unchanged.append(name)
+    gone = {k for k in plan.saved if not adapter.targets[k].delta.any()}
+    unchanged += [plan.saved[k] for k in gone]
+    if not unchanged:
+        return adapter
+    info = {**adapter.info, "unchanged_keys": sorted(unchanged)}
+    return replace(adapter.replace_targets(t for t in adapter if t.key not in gone), info=info)
+
+
+def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unknown: bool, describe: bool,
+           plan: _Plan) -> Adapter:
+    """The adapter with Lazy factors, from the config and the tensors' names, dtypes and shapes (saved whole
+    tensors recorded in `plan`)."""
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     rule = "rslora" if cfg.get("use_rslora") else "standard"
     modules: dict[str, dict] = {}
     whole, unknown = [], []
-    for name, x in tensors.items():
+    for name, x in metas.items():
         mod_path = name.removeprefix(PREFIX)
         m = FACTOR_KEY.match(mod_path)
         if m is None:
@@ -216,7 +296,7 @@ def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unk
             part = "magnitude"
         else:
             part = m["lin"] + "." + m["param"] if m["lin"] else m["emb"]
-        modules.setdefault(m["module"], {})[part] = (name, x)
+        modules.setdefault(m["module"], {})[part] = x
 
     targets: dict[str, Target] = {}
     info: dict = {"dialect": "peft", "key_rule": "target = base key of <module>.weight, <module> being the PEFT "
@@ -226,13 +306,13 @@ def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unk
         info["note"] = (f"init_lora_weights is \"{init}\": unless the adapter was converted when saved, its delta "
                         "applies to PEFT's residual base, not the original model")
     dora = bool(cfg.get("use_dora"))
-    if dora and bk is None:
+    if dora and bk is None and not describe:
         raise UnsupportedError(f"{where}: is a DoRA adapter (use_dora); its merged weight depends on the base's row "
                                "norms, so pass --base and loratool stores each module's exact W' - W")
     for module, parts in sorted(modules.items()):
         mag = parts.pop("magnitude", None)
         if mag is not None and not dora:
-            unknown.append(mag[0])  # PEFT ignores a magnitude vector when use_dora is false: say so, never apply it
+            unknown.append(mag.name)  # PEFT ignores a magnitude vector when use_dora is false: say so, never apply it
         if not parts:
             continue
         r_key, a_key = get_pattern_key(rank_pattern, module), get_pattern_key(alpha_pattern, module)
@@ -243,7 +323,7 @@ def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unk
             if mag is None:
                 raise SpecError(f"{where}: module \"{escape(module)}\" has no lora_magnitude_vector but the config "
                                 "sets use_dora")
-            t = _dora_full(where, module, t, mag[1], bk)
+            t = _dora_full(where, module, t, mag, bk)
         if t.key in targets:
             raise SpecError(f"{where}: modules \"{escape(module)}\" and another both map to base key "
                             f"\"{escape(t.key)}\"")
@@ -252,12 +332,12 @@ def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unk
             targets[bias.key] = bias
 
     for name in whole:
-        t = _whole_tensor(where, name, tensors[name], bk, info)
-        if t is not None:
-            if t.key in targets:
-                raise SpecError(f"{where}: \"{escape(name)}\" replaces \"{escape(t.key)}\", which LoRA factors also "
-                                "change; PEFT applies one or the other, so refusing to guess")
-            targets[t.key] = t
+        t = _whole_tensor(where, metas[name], bk, describe)
+        if t.key in targets:  # PEFT saves the base layer of an adapted embedding: when read, it must equal the base's
+            plan.shadowed[t.key] = (name, t.delta)
+            continue
+        plan.saved[t.key] = name
+        targets[t.key] = t
     check_unknown(where, "PEFT", unknown, allow_unknown, info)
     meta = {"peft.r": str(cfg["r"]), "peft.lora_alpha": str(cfg["lora_alpha"])}
     if cfg.get("base_model_name_or_path"):
@@ -266,7 +346,7 @@ def _build(where: Path, cfg: dict, tensors: dict, bk: BaseKeys | None, allow_unk
 
 
 def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
-    """One lora Target (and its lora_bias full target, or None) from a module's PEFT tensors."""
+    """One lora Target (and its lora_bias full target, or None) from a module's PEFT tensors (Meta)."""
     shown = escape(module)
     if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
         need, layout = ("lora_embedding_A", "lora_embedding_B"), "embedding"
@@ -275,11 +355,11 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
     missing = [n for n in need if n not in parts]
     if missing:
         raise SpecError(f"{where}: module \"{shown}\" has no {missing[0]}; every LoRA module needs both factors")
-    (_, A), (_, B) = parts[need[0]], parts[need[1]]
-    extra = [parts[n][0] for n in parts if n not in need and n != "lora_B.bias"]
+    A, B = parts[need[0]], parts[need[1]]
+    extra = [parts[n].name for n in parts if n not in need and n != "lora_B.bias"]
     if extra:
         raise SpecError(f"{where}: module \"{shown}\" mixes embedding and linear factors ({listing(extra)})")
-    if not (A.is_floating_point() and B.is_floating_point()):
+    if not (A.is_float and B.is_float):
         raise SpecError(f"{where}: module \"{shown}\": factors are {A.dtype}/{B.dtype}; LoRA factors are floating point")
     if A.ndim < 2 or B.ndim != A.ndim or any(d != 1 for d in B.shape[2:]):
         raise SpecError(f"{where}: module \"{shown}\": lora_A {list(A.shape)} and lora_B {list(B.shape)} are not a "
@@ -296,15 +376,15 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
     out = int(B.shape[0])
     if layout == "embedding":
         shape = (int(A.shape[1]), out)  # (num_embeddings, dim)
-        A2, B2 = A, B  # M = W^T (dim, num_embeddings): A (r, num_embeddings) are its columns
+        A2, B2 = ref(A.name), ref(B.name)  # M = W^T (dim, num_embeddings): A (r, num_embeddings) are its columns
     elif A.ndim > 2:
         layout, shape = "conv", (out, *(int(d) for d in A.shape[1:]))
-        A2, B2 = A.reshape(r, -1), B.reshape(out, r)
+        A2, B2 = ref(A.name, lambda a: a.reshape(r, -1)), ref(B.name, lambda b: b.reshape(out, r))
     else:
         fio = bool(cfg.get("fan_in_fan_out"))
         inp = int(A.shape[1])
         layout, shape = ("fan_in_fan_out", (inp, out)) if fio else ("linear", (out, inp))
-        A2, B2 = A, B
+        A2, B2 = ref(A.name), ref(B.name)
     key = module + ".weight"
     tinfo = {}
     if bk is not None:
@@ -319,78 +399,93 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
         if have != shape:
             raise MismatchError(f"{where}: module \"{shown}\": LoRA factors imply {layout} weight {list(shape)} but "
                                 f"base \"{escape(key)}\" is {list(have)}")
-    target = whole_target(key, layout, shape, A2, B2, alpha, rule, info=tinfo)
+    target = lazy_whole_target(key, layout, shape, r, A2, B2, alpha, rule, info=tinfo)
     bias = None
     if "lora_B.bias" in parts:
-        bname, bvec = parts["lora_B.bias"]
+        bvec = parts["lora_B.bias"]
         if not cfg.get("lora_bias"):
-            unknown.append(bname)  # PEFT itself ignores it when lora_bias is false: say so, never apply it
+            unknown.append(bvec.name)  # PEFT itself ignores it when lora_bias is false: say so, never apply it
         else:
             if tuple(bvec.shape) != (out,):
-                raise SpecError(f"{where}: \"{escape(bname)}\" has shape {list(bvec.shape)}, expected [{out}]")
+                raise SpecError(f"{where}: \"{escape(bvec.name)}\" has shape {list(bvec.shape)}, expected [{out}]")
             bkey = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else module + ".bias"
             have_b = bk.shape(bkey) if bk is not None else (out,)
             if have_b != (out,):
                 raise MismatchError(f"{where}: module \"{shown}\" has a lora bias but base \"{escape(bkey)}\" is "
                                     f"{'missing' if have_b is None else list(have_b)}; PEFT cannot merge it either")
-            bias = Target(key=bkey, kind="full", layout="full", shape=(out,), delta=bvec,
+            bias = Target(key=bkey, kind="full", layout="full", shape=(out,), delta=ref(bvec.name),
                           delta_scale=scale_of(alpha, r, rule), info={"peft": "lora_B.bias"})
     return target, bias
 
 
-def _dora_full(where, module, t: Target, mag, bk: BaseKeys) -> Target:
-    """A DoRA module as the full target W' - W, W' = (m / ||V||_row) * V, V = W + s B A, in float32."""
-    import torch
-
-    from ..hostarray import as_torch
-
+def _dora_full(where, module, t: Target, mag: Meta, bk: BaseKeys | None) -> Target:
+    """A DoRA module as the full target W' - W, W' = (m / ||V||_row) * V, V = W + s B A, in float32 (Lazy:
+    computed from the base when loaded; without a base only its shape is known)."""
     shown = escape(module)
     if t.layout == "embedding":
         raise UnsupportedError(f"{where}: module \"{shown}\" is a DoRA embedding, which loratool does not read yet")
-    W = bk.read(t.key)
-    if not W.is_floating_point():
-        raise UnsupportedError(f"{where}: base \"{escape(t.key)}\" is {W.dtype}; DoRA needs a floating-point weight")
     out, inp = t.matrix_shape
-    if mag.numel() != out or not mag.is_floating_point():
+    if mag.numel != out or not mag.is_float:
         raise SpecError(f"{where}: module \"{shown}\": lora_magnitude_vector has shape {list(mag.shape)}, expected "
                         f"{out} floating-point values (one per output row)")
-    W32 = W.to(torch.float32)
-    M = W32.T if t.layout == "fan_in_fan_out" else W32.reshape(out, inp)  # the (out, in) matrix view
     b = t.blocks[0]
-    V = M + (as_torch(b.B).to(torch.float32) @ as_torch(b.A).to(torch.float32)) * b.scale  # (out, r) @ (r, in) -> (out, in)
-    norm = torch.linalg.vector_norm(V, dim=1)  # (out,): PEFT's weight norm, per output row
-    D = (as_torch(mag).reshape(out).to(torch.float32) / norm)[:, None] * V - M
-    if not bool(torch.isfinite(D).all()):
-        raise NumericError(f"{where}: module \"{shown}\": DoRA gives non-finite weights (a zero row norm of W + s B A)")
-    delta = (D.T if t.layout == "fan_in_fan_out" else D.reshape(t.shape)).contiguous()
-    return Target(key=t.key, kind="full", layout="full", shape=t.shape, delta=delta, delta_scale=1.0,
-                  info={"peft": f"DoRA rank {b.rank}, scale {b.scale}: W' - W from the base, as PEFT merges it"})
+    what = f"DoRA rank {b.rank}, scale {b.scale}"
+    if bk is None:  # structure only: load refuses before getting here
+        return Target(key=t.key, kind="full", layout="full", shape=t.shape, delta=None, delta_scale=1.0,
+                      info={"peft": f"{what}: W' - W depends on the base's row norms; pass --base to compute it"})
+    W_dtype = bk.base.info(t.key)[1]
+    if not is_float_name(W_dtype):
+        raise UnsupportedError(f"{where}: base \"{escape(t.key)}\" is {W_dtype}; DoRA needs a floating-point weight")
+
+    def make(arrays):
+        import numpy as np
+
+        from ..dtypes import as_f32
+
+        W32 = as_f32(bk.read(t.key))
+        M = W32.T if t.layout == "fan_in_fan_out" else W32.reshape(out, inp)  # the (out, in) matrix view
+        A, B = (as_f32(x.make(arrays)) for x in (b.A, b.B))
+        V = M + (B @ A) * np.float32(b.scale)  # (out, r) @ (r, in) -> (out, in)
+        norm = np.linalg.norm(V, axis=1)  # (out,): PEFT's weight norm, per output row
+        with np.errstate(divide="ignore", invalid="ignore"):
+            D = (as_f32(arrays[mag.name]).reshape(out) / norm)[:, None] * V - M
+        if not bool(np.isfinite(D).all()):
+            raise NumericError(f"{where}: module \"{shown}\": DoRA gives non-finite weights (a zero row norm of "
+                               "W + s B A)")
+        return np.ascontiguousarray(D.T if t.layout == "fan_in_fan_out" else D.reshape(t.shape))
+
+    names = tuple(n for x in (b.A, b.B) for n in x.names) + (mag.name,)
+    return Target(key=t.key, kind="full", layout="full", shape=t.shape, delta=Lazy(names, make), delta_scale=1.0,
+                  info={"peft": f"{what}: W' - W from the base, as PEFT merges it"})
 
 
-def _whole_tensor(where, name, x, bk, info):
-    """A saved whole tensor (modules_to_save, saved embedding layer) as a full target holding saved - base."""
-    import torch
-
-    from ..hostarray import as_torch
-
+def _whole_tensor(where, x: Meta, bk, describe: bool) -> Target:
+    """A saved whole tensor (modules_to_save, saved embedding layer) as a full target holding saved - base
+    (Lazy); without a base, refused, or (`describe`) listed under its own name with its delta unknown."""
+    name = x.name
     key = name.removeprefix(PREFIX).replace(".base_layer.", ".").replace(".modules_to_save.", ".")
     if bk is None:
-        raise UnsupportedError(f"{where}: \"{escape(name)}\" is a whole saved tensor (modules_to_save or a saved "
-                               "embedding layer) that replaces the base's; pass --base so loratool can store its "
-                               "difference from the base")
+        if not describe:
+            raise UnsupportedError(f"{where}: \"{escape(name)}\" is a whole saved tensor (modules_to_save or a saved "
+                                   "embedding layer) that replaces the base's; pass --base so loratool can store its "
+                                   "difference from the base")
+        return Target(key=key, kind="full", layout="full", shape=tuple(x.shape), delta=None, delta_scale=1.0,
+                      info={"peft": "whole saved tensor that replaces the base's; pass --base to know its delta"})
     key = bk.resolve_dotted(key, f"{where}: \"{escape(name)}\"")
     if bk.shape(key) != tuple(x.shape):
         raise MismatchError(f"{where}: \"{escape(name)}\" is {list(x.shape)} but base \"{escape(key)}\" is "
                             f"{list(bk.shape(key))}")
-    if not x.is_floating_point():
+    if not x.is_float:
         raise UnsupportedError(f"{where}: \"{escape(name)}\" is {x.dtype}; only floating-point tensors can be stored "
                                "as deltas")
-    delta = as_torch(x).to(torch.float32) - bk.read(key).to(torch.float32)  # exact for inputs of <= 24-bit mantissa
-    if not bool(delta.any()):
-        info.setdefault("unchanged_keys", []).append(name)  # saved copy equals the base: ΔW is zero
-        return None
-    return Target(key=key, kind="full", layout="full", shape=tuple(x.shape), delta=delta, delta_scale=1.0,
-                  info={"peft": "whole tensor, stored as saved - base"})
+
+    def make(arrays):
+        from ..dtypes import as_f32
+
+        return as_f32(arrays[name]) - as_f32(bk.read(key))  # exact for inputs of <= 24-bit mantissa
+
+    return Target(key=key, kind="full", layout="full", shape=tuple(x.shape), delta=Lazy((name,), make),
+                  delta_scale=1.0, info={"peft": "whole tensor, stored as saved - base"})
 
 
 # ---- writer --------------------------------------------------------------------------------------------
@@ -405,10 +500,15 @@ def _module_of(t: Target, suffix: str) -> str:
 def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[dict, dict]:
     """The adapter_config.json dict and name -> tensor that express `adapter` exactly in PEFT.
 
+    Factors may be numpy arrays or torch tensors; the tensors returned are numpy arrays.
+
     Raises:
         UnsupportedError: a target PEFT cannot express (row/column blocks, several pairs, a full target that is
             not a lora bias, a lora bias beside an embedding target).
     """
+    import numpy as np
+
+    adapter = numpy_factors(adapter)
     lora = [t for t in adapter if t.kind == "lora"]
     full = {t.key: t for t in adapter if t.kind == "full"}
     if not lora:
@@ -457,7 +557,8 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[
                                    "lora_B bias of a LoRA module on the same layer, so the conversion cannot be exact")
         s = owner.blocks[0].scale if owner.blocks[0].scale_rule == rule else \
             scale_of(alphas[owner.key], ranks[owner.key], rule)
-        vec = ft.delta if ft.delta_scale == s else (ft.delta.double() * (ft.delta_scale / s)).to(ft.delta.dtype)
+        vec = ft.delta if ft.delta_scale == s else \
+            (ft.delta.astype(np.float64) * (ft.delta_scale / s)).astype(ft.delta.dtype)
         tensors[PREFIX + _module_of(owner, ".weight") + ".lora_B.bias"] = vec
         used_bias.add(owner.key)
         lora_bias = True
@@ -468,10 +569,8 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[
             if t.layout == "embedding":
                 raise UnsupportedError(f"target \"{escape(t.key)}\" is an embedding and PEFT's lora_bias is global but "
                                        "not allowed on embeddings, so the conversion cannot be exact")
-            import torch
-
-            ref = t.blocks[0].B
-            tensors[PREFIX + _module_of(t, ".weight") + ".lora_B.bias"] = torch.zeros(ref.shape[0], dtype=ref.dtype)
+            B = t.blocks[0].B
+            tensors[PREFIX + _module_of(t, ".weight") + ".lora_B.bias"] = np.zeros(B.shape[0], dtype=B.dtype)
     cfg = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": _num(alpha), "use_rslora": rule == "rslora",
@@ -499,14 +598,10 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
     """
     from ..fsutil import atomic_dir
 
-    for t in adapter:
-        for b in t.blocks:
-            if b.A is None or b.B is None:
-                raise SpecError(f"target \"{escape(t.key)}\": factors were never loaded; load the adapter with its "
-                                "tensors first")
+    numpy_tensors(tensors_of(adapter), path)  # every factor loaded and floating point
+    adapter = numpy_factors(adapter)
     _check_finite(adapter, tensors_of(adapter), str(path))
-    cfg, tensors = plan(torch_factors(adapter), base_model_name_or_path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    cfg, tensors = plan(adapter, base_model_name_or_path)
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}
     meta["format"] = "pt"
     with atomic_dir(path, overwrite=overwrite) as tmp:
@@ -516,4 +611,22 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
     return n + len(text.encode("utf-8"))
 
 
-__all__ = ["load", "save", "plan", "read_config", "get_pattern_key"]
+def _detect(src: Source) -> int:
+    p = src.path
+    if p.is_dir():
+        return 100 if (p / CONFIG_NAME).is_file() else 0
+    if p.suffix in TORCH_SUFFIXES:
+        return 100 if (p.parent / CONFIG_NAME).is_file() else 0  # adapter_model.bin of a PEFT folder
+    if p.suffix == ".safetensors":
+        names = src.header().tensors
+        return 40 if any(".lora_A." in n or ".lora_B." in n or ".lora_embedding_A" in n for n in names) else 0
+    return 0
+
+
+DIALECT = Dialect(
+    name="peft", description="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin)",
+    detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown"}),
+    reads=(".safetensors", ".bin"), save=save, writes="folder",
+    save_options=frozenset({"overwrite", "base_model_name_or_path"}))
+
+__all__ = ["load", "save", "structure", "plan", "read_config", "get_pattern_key", "DIALECT"]

@@ -46,11 +46,15 @@ class CombineResult:
     adapter: Adapter
     rows: list[dict] = field(default_factory=list)
     inputs: int = 0  # how many adapters were combined
+    output: str | None = None  # where loratool.combine wrote the adapter, if it did
+    to: str | None = None  # the dialect it was written in
+    bytes: int = 0  # bytes written
 
     def report(self) -> dict:
         """The method, weights and method parameters (as loratool.info["combine"] records them), the output's
         parameter count and the per-target rows."""
-        return {**self.adapter.info["combine"], "parameters": self.adapter.n_params, "targets": self.rows}
+        return {"output": self.output, "to": self.to, "bytes": self.bytes, **self.adapter.info["combine"],
+                "parameters": self.adapter.n_params, "targets": self.rows}
 
 
 def _shape_str(t: Target) -> str:

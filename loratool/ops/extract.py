@@ -137,7 +137,7 @@ class ExtractResult:
     not_extracted: list[dict]  # changed tensors not in the adapter: key, shape, reason
     unchanged: int
     summary: dict
-    output: Path | None = None  # set by loratool.api.extract_files once written
+    output: Path | None = None  # set by loratool.extract once written
     bytes: int = 0
 
 

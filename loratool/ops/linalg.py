@@ -16,18 +16,13 @@ import numpy as np
 
 from .. import dtypes
 from ..adapter import Adapter, Block, Target
-from ..dtypes import NP_DTYPES, as_numpy, is_torch
+from ..dtypes import as_numpy, is_torch
 
 F32 = np.float32
 
 
 def held(x) -> np.ndarray:
-    """A factor as a plain numpy array of its own dtype: torch tensors are converted (dtypes.as_numpy); an
-    array that names its safetensors dtype in `st_dtype` (raw BF16 or FP8 bits under an integer dtype, as
-    the extract route's arrays hold them) is viewed as that dtype."""
-    name = getattr(x, "st_dtype", None)
-    if name is not None:
-        return np.asarray(x).view(NP_DTYPES[name])
+    """A factor as a plain numpy array of its own dtype (torch tensors converted: dtypes.as_numpy)."""
     return as_numpy(x)
 
 
@@ -170,7 +165,7 @@ def numpy_factors(adapter: Adapter) -> Adapter:
     def arrays(t):
         return [t.delta] if t.kind == "full" else [x for b in t.blocks for x in (b.A, b.B)]
 
-    if not any(is_torch(x) or hasattr(x, "st_dtype") for t in adapter for x in arrays(t)):
+    if not any(is_torch(x) for t in adapter for x in arrays(t)):
         return adapter
     targets = []
     for t in adapter:

@@ -37,10 +37,14 @@ class RescaleResult:
     operation: str | None = None  # one of OPERATIONS
     value: float | int | None = None  # the value asked for
     parameters_before: int | None = None  # the input's parameter count
+    output: str | None = None  # where loratool.rescale wrote the adapter, if it did
+    to: str | None = None  # the dialect it was written in
+    bytes: int = 0  # bytes written
 
     def report(self) -> dict:
         """Operation, value, strength factor, parameter counts before and after, and the per-target rows."""
-        return {"operation": self.operation, "value": self.value, "strength_factor": self.scale,
+        return {"output": self.output, "to": self.to, "bytes": self.bytes,
+                "operation": self.operation, "value": self.value, "strength_factor": self.scale,
                 "parameters_before": self.parameters_before, "parameters_after": self.adapter.n_params,
                 "targets": self.rows}
 

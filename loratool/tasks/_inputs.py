@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..adapter import Adapter
 from ..errors import UsageError
 
 
@@ -19,7 +20,8 @@ def load_adapters(paths, options: dict | None = None, base=None) -> list:
     """
     from ..io.detect import accepted_options, detect, load_adapter
 
-    options = {k: v for k, v in (options or {}).items() if v not in (None, False, (), [])}
+    options = options or {}
+    options = {k: options[k] for k in set_options(options)}
     dialects = [detect(p) for p in paths]
     taken = set().union(*(accepted_options(d) for d in dialects))
     unused = sorted(k for k in options if k not in taken)
@@ -29,3 +31,20 @@ def load_adapters(paths, options: dict | None = None, base=None) -> list:
     if base is not None:
         options["base"] = base
     return [load_adapter(p, dialect=d, strict=False, **options) for p, d in zip(paths, dialects)]
+
+
+def set_options(options: dict) -> list[str]:
+    """The reader options given a value (`flags` only names them in messages)."""
+    return sorted(k for k, v in options.items() if k != "flags" and v not in (None, False, (), []))
+
+
+def as_adapter(adapter_or_path, reader_options: dict) -> Adapter:
+    """An in-memory Adapter as it is, or the adapter at a path read with `reader_options`."""
+    if isinstance(adapter_or_path, Adapter):
+        if set_options(reader_options):
+            raise ValueError(f"reader options {', '.join(set_options(reader_options))} apply to paths, not to an "
+                             "in-memory Adapter")
+        return adapter_or_path
+    from ..io.detect import load_adapter
+
+    return load_adapter(adapter_or_path, **reader_options)

@@ -1,0 +1,105 @@
+"""`loratool.extract`: an adapter from a finetuned model and its base, written in the dialect asked for."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..ops.extract import ExtractResult
+
+
+def _stem(p) -> str:
+    path = Path(p)
+    if path.is_dir() or not path.suffix:
+        name = path.resolve().name
+    elif path.name in ("model.safetensors", "pytorch_model.bin"):
+        name = path.resolve().parent.name
+    else:
+        name = path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def default_extract_output(finetuned, base, rank=None, energy=None, threshold=None, max_params=None,
+                           to: str = "loratool") -> Path:
+    """FINETUNED-minus-BASE-<rule> in the current folder (r16, e0.9, t0.01 or p1000000); a folder for PEFT."""
+    rule = (f"p{max_params}" if max_params is not None else f"r{rank}" if rank is not None else
+            f"e{energy:g}" if energy is not None else f"t{threshold:g}")
+    name = f"{_stem(finetuned)}-minus-{_stem(base)}-{rule}"
+    return Path(name if to == "peft" else name + ".safetensors")
+
+
+def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | None = None,
+            energy: float | None = None, threshold: float | None = None, max_params: int | None = None,
+            targets=(), fan_in_fan_out=None, embeddings: bool = False, keep_full: bool = False,
+            device: str = "cpu", dtype: str | None = None, clamp_quantile: float | None = None, seed: int = 0,
+            oversample: int | None = None, power_iterations: int | None = None, overwrite: bool = False,
+            progress=None) -> ExtractResult:
+    """Extract a LoRA adapter from a finetuned model and its base, and write it (ops/extract.py has the method).
+
+    Args:
+        finetuned, base: paths of the two models: .safetensors files, Hugging Face folders (sharded or not) or
+            .pt/.pth/.bin state dicts, in any combination.
+        output: the file (a folder for PEFT) to write; None names it FINETUNED-minus-BASE-<rule> in the current
+            folder (`default_extract_output`).
+        to: "loratool", "peft" or "kohya"; None picks from the output's name (`loratool.save`), loratool without
+            one.
+        rank, energy, threshold, max_params: the rank rule, exactly one (rank may cap max_params).
+        targets: globs of the tensor keys to consider (default: all).
+        fan_in_fan_out: globs of 2-D weights stored (in, out); None reads the hint of a folder's config.json
+            (GPT-2 Conv1D).
+        embeddings, keep_full: factorise embeddings; store changed vectors (and unfactorised embeddings) whole.
+        device: "cpu" or "cuda" (loratool.device). dtype: "float32" (None), "bfloat16" or "float16".
+        clamp_quantile, seed, oversample, power_iterations: see ops.extract.ExtractOptions.
+        overwrite: replace an existing output.
+        progress: called with advance=0, total=<tensor pairs>, then advance=1 per pair.
+    Returns:
+        ops.extract.ExtractResult, with `output` and `bytes` (written) set.
+    Raises:
+        ValueError: no rank rule or more than one.
+        UsageError: the output's name does not fit the dialect.
+        FileError: an input is missing, or the output exists (without `overwrite`) or is an input.
+        SpecError: an input is not a model loratool can read.
+        MismatchError: the models do not pair up.
+        NumericError: a difference is not finite, factors overflow `dtype`, or nothing changed enough to write.
+        UnsupportedError: the device is not available, or the output dialect cannot hold the adapter.
+    """
+    from ..errors import NumericError
+    from ..fsutil import check_output
+    from ..io.base import open_base
+    from ..io.registry import writer_for
+    from ..ops.extract import ExtractOptions, extract as run, model_hints
+    from .convert import _write
+
+    opts = ExtractOptions(rank=rank, energy=energy, threshold=threshold, max_params=max_params,
+                          targets=tuple(targets),
+                          fan_in_fan_out=model_hints(finetuned, base) if fan_in_fan_out is None else tuple(fan_in_fan_out),
+                          embeddings=embeddings, keep_full=keep_full, clamp_quantile=clamp_quantile,
+                          dtype=dtype or "float32", seed=seed, oversample=oversample,
+                          power_iterations=power_iterations, device=device)
+    opts.check()
+    out = Path(output) if output is not None else default_extract_output(finetuned, base, rank, energy, threshold,
+                                                                          max_params, to or "loratool")
+    to = writer_for(out, to).name  # a name the writer refuses is refused before any work
+    ft_model = open_base(finetuned)
+    try:
+        base_model = open_base(base)
+    except BaseException:
+        ft_model.close()
+        raise
+    with ft_model, base_model:
+        check_output(out, [*ft_model.files, *base_model.files], overwrite)
+        result = run(ft_model, base_model, opts, names=(str(finetuned), str(base)), progress=progress)
+    if not result.adapter.targets:
+        raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
+                           f"{len(result.not_extracted)} changed ones were not factorised; nothing was written")
+    _, result.bytes = _write(result.adapter, out, to=to, overwrite=overwrite,
+                             base_model_name_or_path=os.fspath(base))
+    result.output = out
+    return result
+
+
+
+__all__ = ["extract", "default_extract_output"]
