@@ -142,6 +142,7 @@ def bench_set(device: str, layers: int, rank: int = 16) -> dict:
 
 def build_finetune(base: Path, ft: Path, seed: int = 1) -> Path:
     """ft = base + rank-32 signal + noise on every 2-D projection and lm_head; small noise elsewhere."""
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -161,7 +162,7 @@ def build_finetune(base: Path, ft: Path, seed: int = 1) -> Path:
     for name, keys in sorted(by_shard.items()):
         out = {}
         for k in sorted(keys):
-            W = src.read(k).float()
+            W = torch.from_numpy(src.read(k).astype(np.float32))
             if W.ndim == 2 and "embed_tokens" not in k:
                 m, n = W.shape
                 U = torch.randn(m, 32, generator=g) / math.sqrt(m)
