@@ -146,6 +146,30 @@ class Adapter:
     def replace_targets(self, targets) -> "Adapter":
         return replace(self, targets={t.key: t for t in targets})
 
+    def map_arrays(self, fn) -> "Adapter":
+        """The adapter with `fn` applied to every factor (A, B) and full delta, None included."""
+        return self.replace_targets(
+            replace(t, delta=fn(t.delta)) if t.kind == "full" else
+            t.with_blocks(replace(b, A=fn(b.A), B=fn(b.B)) for b in t.blocks) for t in self)
+
+    def arrays(self):
+        """Every factor (A, B) and full delta, in target order (None where not loaded)."""
+        for t in self:
+            if t.kind == "full":
+                yield t.delta
+            for b in t.blocks:
+                yield b.A
+                yield b.B
+
+    def as_numpy(self) -> "Adapter":
+        """The adapter with every factor and full delta a numpy array (torch tensors converted; None kept);
+        the adapter itself when they all are already."""
+        from .dtypes import as_numpy
+
+        if all(x is None or type(x).__module__ == "numpy" for x in self.arrays()):
+            return self
+        return self.map_arrays(lambda x: None if x is None else as_numpy(x))
+
     @property
     def n_params(self) -> int:
         n = 0

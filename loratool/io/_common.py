@@ -224,26 +224,12 @@ def ref(name: str, view: Callable | None = None) -> Lazy:
 
 
 def _lazies(adapter):
-    for t in adapter:
-        if isinstance(t.delta, Lazy):
-            yield t.delta
-        for b in t.blocks:
-            yield from (x for x in (b.A, b.B) if isinstance(x, Lazy))
-
-
-def _replace_lazy(adapter, fill):
-    targets = []
-    for t in adapter:
-        if t.kind == "full":
-            targets.append(replace(t, delta=fill(t.delta)))
-        else:
-            targets.append(t.with_blocks(replace(b, A=fill(b.A), B=fill(b.B)) for b in t.blocks))
-    return adapter.replace_targets(targets)
+    return (x for x in adapter.arrays() if isinstance(x, Lazy))
 
 
 def header_only(adapter):
     """The adapter with every Lazy factor or delta left as None: its structure."""
-    return _replace_lazy(adapter, lambda x: None if isinstance(x, Lazy) else x)
+    return adapter.map_arrays(lambda x: None if isinstance(x, Lazy) else x)
 
 
 def materialize(adapter, read: Callable[[set], dict]):
@@ -251,14 +237,7 @@ def materialize(adapter, read: Callable[[set], dict]):
     tensors are read in one call, each once."""
     names = {n for z in _lazies(adapter) for n in z.names}
     arrays = read(names) if names else {}
-    return _replace_lazy(adapter, lambda x: x.make(arrays) if isinstance(x, Lazy) else x)
-
-
-def numpy_factors(adapter):
-    """The adapter with every factor and delta a numpy array (torch tensors converted at the edge; None kept)."""
-    from ..dtypes import as_numpy
-
-    return _replace_lazy(adapter, lambda x: None if x is None else as_numpy(x))
+    return adapter.map_arrays(lambda x: x.make(arrays) if isinstance(x, Lazy) else x)
 
 
 def safetensors_reader(path, hdr: Header) -> Callable[[set], dict]:

@@ -30,7 +30,7 @@ from ..adapter import Adapter, Block, Target, alpha_for_scale
 from ..container import escape, read_scalars, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (Dialect, Meta, Source, as_source, base_keys, check_unknown, header_only, materialize,
-                      metas_of_header, numpy_factors, ref, safetensors_reader)
+                      metas_of_header, ref, safetensors_reader)
 from .native import numpy_tensors, tensors_of
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
@@ -226,7 +226,7 @@ def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
     """
     import numpy as np
 
-    adapter = numpy_factors(adapter)
+    adapter = adapter.as_numpy()
     tensors: dict = {}
     seen: dict[str, str] = {}
     for t in adapter:

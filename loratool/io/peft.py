@@ -46,7 +46,7 @@ from ..container import _no_constant, escape, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, finite_number,
                       header_only, is_float_name, lazy_whole_target, listing, materialize, metas_of_header,
-                      metas_of_state_dict, numpy_factors, positive_int, read_torch, ref, require_dir_or_file,
+                      metas_of_state_dict, positive_int, read_torch, ref, require_dir_or_file,
                       safetensors_reader, torch_reader)
 from .base import TORCH_SUFFIXES
 from .native import _check_finite, _num, numpy_tensors, tensors_of
@@ -508,7 +508,7 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[
     """
     import numpy as np
 
-    adapter = numpy_factors(adapter)
+    adapter = adapter.as_numpy()
     lora = [t for t in adapter if t.kind == "lora"]
     full = {t.key: t for t in adapter if t.kind == "full"}
     if not lora:
@@ -599,7 +599,7 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
     from ..fsutil import atomic_dir
 
     numpy_tensors(tensors_of(adapter), path)  # every factor loaded and floating point
-    adapter = numpy_factors(adapter)
+    adapter = adapter.as_numpy()
     _check_finite(adapter, tensors_of(adapter), str(path))
     cfg, tensors = plan(adapter, base_model_name_or_path)
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}

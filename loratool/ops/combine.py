@@ -32,7 +32,6 @@ from ..adapter import Adapter, Target
 from ..container import escape
 from ..errors import MismatchError, NumericError
 from .combine_methods import DEFAULT, METHODS, Options
-from .linalg import numpy_factors
 
 
 @dataclass
@@ -122,7 +121,7 @@ def combine(adapters, weights=None, method: str = DEFAULT, rank: int | None = No
         NumericError: a weight, density or rank is out of range, or a result is not finite.
         ValueError: the arguments do not fit together (a programming error; the CLI checks them first).
     """
-    adapters = [numpy_factors(a) for a in adapters]
+    adapters = [a.as_numpy() for a in adapters]
     if not adapters:
         raise ValueError("combine needs at least one adapter")
     if method not in METHODS:

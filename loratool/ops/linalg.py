@@ -159,27 +159,5 @@ def energy_rank(S, fraction: float) -> int:
     return min(k, e.size)
 
 
-def numpy_factors(adapter: Adapter) -> Adapter:
-    """The adapter with every factor and full delta held as a plain numpy array (see `held`; no copy where
-    the data is already on the CPU); the adapter itself when that is already so."""
-    def arrays(t):
-        return [t.delta] if t.kind == "full" else [x for b in t.blocks for x in (b.A, b.B)]
-
-    if not any(is_torch(x) for t in adapter for x in arrays(t)):
-        return adapter
-    targets = []
-    for t in adapter:
-        if t.kind == "full":
-            targets.append(replace(t, delta=_held(t.delta)))
-        else:
-            targets.append(t.with_blocks(replace(b, A=_held(b.A), B=_held(b.B)) for b in t.blocks))
-    return adapter.replace_targets(targets)
-
-
-def _held(x):
-    return None if x is None else held(x)
-
-
 __all__ = ["held", "as_f32", "stacked_factors", "rect_factors", "block_delta", "delta_matrix", "to_base_layout",
-           "from_base_layout", "delta_tensor", "factored_svd", "singular_values", "frobenius_norm", "energy_rank",
-           "numpy_factors"]
+           "from_base_layout", "delta_tensor", "factored_svd", "singular_values", "frobenius_norm", "energy_rank"]

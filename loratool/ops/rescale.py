@@ -17,7 +17,6 @@ from ..adapter import Adapter
 from ..container import escape
 from ..errors import NumericError, UnsupportedError
 from .factored import truncate_target
-from .linalg import numpy_factors
 
 OPERATIONS = ("scale", "alpha", "rank", "energy")
 
@@ -66,7 +65,7 @@ def scale_adapter(adapter: Adapter, s: float) -> Adapter:
     """
     s = _finite("scale", s)
     targets = []
-    for t in numpy_factors(adapter):
+    for t in adapter.as_numpy():
         if t.kind == "full":
             nt = replace(t, delta_scale=t.delta_scale * s)
             if not math.isfinite(nt.delta_scale):
@@ -147,7 +146,7 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         raise NumericError(f"rank {rank} is below 1; pass a rank of at least 1")
     if energy is not None and not (0.0 < float(energy) <= 1.0):
         raise NumericError(f"energy {energy} is outside (0, 1]; pass a fraction such as 0.99")
-    adapter = numpy_factors(adapter)
+    adapter = adapter.as_numpy()
     if progress is not None:
         progress(0, total=len(adapter))
     targets, rows = [], []
@@ -191,7 +190,7 @@ def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None
         raise ValueError(f"rescale takes exactly one of scale, alpha, rank, energy (got {', '.join(given) or 'none'})")
     if rank is not None or energy is not None:
         return resize(adapter, rank=rank, energy=energy, progress=progress)
-    adapter = numpy_factors(adapter)
+    adapter = adapter.as_numpy()
     if scale is not None:
         new, s = scale_adapter(adapter, scale), float(scale)
         op = {"scale": s}

@@ -101,10 +101,10 @@ def target_stats(adapter: Adapter) -> dict[str, dict]:
     """
     import numpy as np
 
-    from ..ops.linalg import energy_rank, frobenius_norm, numpy_factors, singular_values
+    from ..ops.linalg import energy_rank, frobenius_norm, singular_values
 
     out = {}
-    for t in numpy_factors(adapter):
+    for t in adapter.as_numpy():
         tensors = [t.delta] if t.kind == "full" else [x for b in t.blocks for x in (b.A, b.B)]
         nonfinite = sum(int(x.size - np.count_nonzero(np.isfinite(x))) for x in tensors)
         if nonfinite:
