@@ -1,10 +1,9 @@
 """The click group. Commands live one per module and are imported only when invoked, so `--help` is
-instant and never imports torch."""
+instant and never imports torch. `loratool.cli.main` runs it (and owns exit codes and signals)."""
 
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
@@ -56,30 +55,3 @@ def cli():
     5 numeric problem, 6 file-system problem, 7 unsupported input.
     """
 
-
-def main(argv=None):
-    try:
-        cli.main(args=argv, prog_name="loratool")
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted; no output was written\n")
-        sys.exit(130)
-    except SystemExit as e:
-        _fast_exit(e.code)
-        raise
-
-
-def _fast_exit(code) -> None:
-    """Leave without running C-level exit handlers when torch's library was loaded through ctypes (a merge
-    on the numpy route): its static destructors take 0.15-0.2 s, and nothing of ours is pending by then
-    (outputs are renamed into place and closed, threads joined); stdout and stderr are flushed first."""
-    blas = sys.modules.get("loratool.ops.blas")
-    if blas is None or not blas.loaded() or not (code is None or isinstance(code, int)):
-        return
-    import os
-
-    for f in (sys.stdout, sys.stderr):
-        try:
-            f.flush()
-        except (OSError, ValueError):
-            return  # a closed pipe: let the normal exit report it
-    os._exit(code or 0)
