@@ -343,6 +343,19 @@ def _mapped(e: Entry, host: bool = False):
 
 # ---- the rewriter ---------------------------------------------------------------------------------------
 
+def _join(thread: threading.Thread) -> None:
+    """Join a thread that has been told to stop, to its end even if interrupts arrive meanwhile (its files are
+    removed next); the last interrupt is raised afterwards."""
+    pending = None
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt as e:
+            pending = e
+    if pending is not None:
+        raise pending
+
+
 class _Cast:
     """The transform of a tensor that only changes dtype (under --dtype)."""
 
@@ -447,16 +460,18 @@ class Rewriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._copier is not None:  # stop the background copy before its files are removed
-            self._cancel.set()
-            self._copier.join()
-        if not self._committed and exc_type is None:
-            exc_type = RuntimeError  # leaving without commit: discard the output
-            try:
-                raise RuntimeError("not committed")
-            except RuntimeError as e:
-                exc = e
-        self._stack.__exit__(exc_type, exc, exc.__traceback__ if exc is not None else None)
+        try:
+            if self._copier is not None:  # stop the background copy before its files are removed
+                self._cancel.set()
+                _join(self._copier)
+        finally:  # even when an interrupt cut the join short: the temporary output goes
+            if not self._committed and exc_type is None:
+                exc_type = RuntimeError  # leaving without commit: discard the output
+                try:
+                    raise RuntimeError("not committed")
+                except RuntimeError as e:
+                    exc = e
+            self._stack.__exit__(exc_type, exc, exc.__traceback__ if exc is not None else None)
         return False
 
     # -- the work
@@ -546,11 +561,13 @@ class Rewriter:
             self._transform(fd, e, tf, done)
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futures = [pool.submit(do_tf, j) for j in jobs_tf]
+            futures = []
             try:
+                futures.extend(pool.submit(do_tf, j) for j in jobs_tf)
                 for fu in futures:
                     fu.result()
-            except BaseException:
+            except BaseException:  # an error or an interrupt: running jobs stop at their next row block
+                self._cancel.set()
                 for fu in futures:
                     fu.cancel()
                 raise
@@ -588,6 +605,8 @@ class Rewriter:
     def _blocks(self, fd, e: Entry, tf, W, osize: int, done) -> None:
         rows, cols = e.rows_cols
         for r0, r1 in row_spans(rows, tf.block_rows):
+            if self._cancel.is_set():  # the run failed or was interrupted: the output is discarded
+                return
             outb = tf.block(W[r0:r1], r0)
             if isinstance(outb, np.ndarray):
                 data = np.ascontiguousarray(outb).reshape(-1).view(np.uint8)

@@ -129,6 +129,8 @@ def run_lanes(entries: list[Entry], handle: Callable[[_Scratch, Entry, Any], Any
                     errors[i] = exc
                     stop.set()
                     cond.notify_all()
+                if isinstance(exc, KeyboardInterrupt):  # the caller's lane was interrupted: it wins over errors
+                    raise
                 return
             finally:
                 if j is not None:
