@@ -256,6 +256,9 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
         except ValueError:
             raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers; write e.g. 1,0.5",
                                      param_hint="--weights") from None
+        if len(ws) != len(adapters):  # a usage mistake (2), as in combine, not an adapter that misfits (4)
+            raise click.BadParameter(f"{len(ws)} weights for {len(adapters)} adapters; give one per adapter",
+                                     param_hint="--weights")
     if device == "cuda":
         import torch
 
