@@ -52,6 +52,7 @@ def cli():
     """loratool: validate, inspect, rescale, combine, merge and extract LoRA adapters.
 
     Exit codes: 0 ok, 1 validation failed, 2 usage, 3 bad input file, 4 adapter does not fit base,
-    5 numeric problem, 6 file-system problem, 7 unsupported input.
+    5 numeric problem, 6 file-system problem, 7 unsupported input, 130 interrupted (Ctrl-C),
+    141 stdout closed early, 143 terminated (SIGTERM).
     """
 
