@@ -95,8 +95,9 @@ def _exit_code(e: BaseException, handlers: Handlers) -> int:
     """The exit code for a command that raised `e`, with its stderr line; re-raises a bug."""
     from ..errors import LoraToolError
 
-    interrupted = isinstance(e, KeyboardInterrupt) or (
-        handlers.raised and isinstance(e, (LoraToolError, SystemExit)))  # an error met while unwinding
+    # Once an interrupt was raised, whatever ends the command follows from it: an error met while unwinding,
+    # or one met after code swallowed the interrupt (torch leaves a half-imported numpy behind).
+    interrupted = isinstance(e, KeyboardInterrupt) or handlers.raised
     if interrupted:
         signum = getattr(e, "signum", 0) or handlers.signum or signal.SIGINT
         # On a terminal, Ctrl-C echoes "^C" without a newline: start the line after it.
