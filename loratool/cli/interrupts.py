@@ -32,7 +32,7 @@ import threading
 
 LINE = "interrupted; nothing was written"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-RECHECK_S = 0.05  # the watchdog's period: how late a swallowed interrupt is raised again
+RECHECK_S = 0.01  # the watchdog's period: how late a deferred or swallowed interrupt is raised
 
 
 class Interrupted(KeyboardInterrupt):
