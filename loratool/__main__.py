@@ -1,3 +1,3 @@
-from loratool.cli import main
+from loratool.cli import run
 
-main()
+run()

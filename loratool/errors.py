@@ -2,7 +2,8 @@
 
 Exit codes (also in README.md): 0 ok, 1 `validate` found errors, 2 command-line usage,
 3 input breaks the spec or its dialect, 4 adapter does not fit its base, 5 numeric problem,
-6 file-system problem, 7 recognised but unsupported input.
+6 file-system problem, 7 recognised but unsupported input; the CLI adds 130 (SIGINT), 141 (stdout closed)
+and 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -69,4 +70,7 @@ EXIT_CODES = {
     NumericError.exit_code: "numeric problem (non-finite result, overflow, impossible rank)",
     FileError.exit_code: "file-system problem (missing input, refused overwrite, output is an input)",
     UnsupportedError.exit_code: "recognised but unsupported input",
+    130: "interrupted by Ctrl-C (SIGINT); nothing was written",
+    141: "stdout was closed early (a pipe into `head`)",
+    143: "interrupted by SIGTERM; nothing was written",
 }

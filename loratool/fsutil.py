@@ -1,20 +1,67 @@
-"""Atomic output and the output-is-not-an-input guard shared by every writer (STYLE.md section 4)."""
+"""Atomic output and the output-is-not-an-input guard shared by every writer (STYLE.md section 4).
+
+Interruption (STYLE.md section 8): a KeyboardInterrupt (or the CLI's SIGTERM exception, a subclass) may arrive
+between any two bytecodes. Before an output is moved into place it removes the temporary file or folder; the
+removal itself runs to the end even when a further interrupt arrives meanwhile. From the first rename that
+makes an output visible, `published()` counts it, so that the CLI holds later interrupts instead of reporting
+"nothing was written" about a file that exists.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import tempfile
+import threading
 from pathlib import Path
 
 from .errors import FileError
 
+_lock = threading.Lock()
+_published = 0  # outputs moved into place (or being moved) by this process
+_open_dirs: set[Path] = set()  # temporary folders of atomic_dir not yet moved into place
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+
+def published() -> int:
+    """How many outputs atomic_file and atomic_dir have started to move into place in this process.
+
+    The count rises just before the first rename that makes an output visible (a rename inside a temporary
+    folder of atomic_dir is not one), and falls back if that rename fails. The CLI compares it before and
+    after a command: once it has risen, an interrupt arrives too late to leave nothing written.
+    """
+    return _published
+
+
+def _count(n: int) -> None:
+    global _published
+    with _lock:
+        _published += n
+
+
+def _finish(cleanup, *args) -> None:
+    """Run a clean-up to its end even if interrupts arrive meanwhile; the last one is raised afterwards."""
+    pending = None
+    while True:
+        try:
+            cleanup(*args)
+            break
+        except KeyboardInterrupt as e:  # cleanups here are idempotent: run again from the start
+            pending = e
+    if pending is not None:
+        raise pending
+
+
+def _unlink(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _visible(path: Path) -> bool:
+    """Whether a rename to `path` publishes an output (not one inside a temporary folder of atomic_dir)."""
+    rp = _resolved(path.parent)
+    with _lock:
+        return not any(_inside(rp, d) for d in _open_dirs)
 
 
 def _resolved(p) -> Path:
@@ -56,26 +103,59 @@ def check_output(out, inputs, overwrite: bool = False) -> Path:
     return out
 
 
+def _create(path: Path, suffix: str, make) -> Path:
+    """A new hidden name beside `path` (".<name>.<random><suffix>"), made with `make(name)`.
+
+    The name is chosen before the file exists and stored by the caller before `make` runs, so that an
+    interrupt arriving just after the creation still finds the name to remove (tempfile.mkstemp returns it
+    only afterwards)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}{suffix}"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_file(path, fsync: bool = True):
     """Yield a binary file in the target's folder; on success fsync it and rename it over `path`.
 
-    On any exception the temporary file is removed and `path` is untouched. `fsync=False` keeps the
-    atomic rename but leaves durability to the kernel's writeback, as `cp` does.
+    On any exception, interrupts included, the temporary file is removed and `path` is untouched.
+    `fsync=False` keeps the atomic rename but leaves durability to the kernel's writeback, as `cp` does.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    names: list[Path] = []  # the temporary file's name, known before it exists
+    fds: list[int] = []
+    counted = 0
+
+    def make(tmp):
+        names[:] = [tmp]
+        try:
+            fds.append(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666))  # open()'s mode, umask applied
+        except FileExistsError:  # not ours: never remove it
+            names.clear()
+            raise
+
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as f:
+        tmp = _create(path, ".tmp", make)
+        with os.fdopen(fds.pop(), "wb") as f:
             yield f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
+        if _visible(path):  # counted before the rename: an interrupt from here on finds the output published
+            _count(1)
+            counted = 1
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if counted:
+            _count(-1)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _finish(_unlink, *names)
         raise
 
 
@@ -83,25 +163,58 @@ def atomic_file(path, fsync: bool = True):
 def atomic_dir(path, overwrite: bool = False, fsync: bool = True):
     """Yield a temporary folder beside `path`; on success move it into place (replacing an old one if allowed).
 
-    `fsync=False` skips the fsync of the folder's files (see atomic_file)."""
+    On any exception, interrupts included, the temporary folder is removed and `path` is as it was (an old
+    folder moved aside is moved back). `fsync=False` skips the fsync of the folder's files (see atomic_file).
+    """
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    names: list[Path] = []  # [temporary folder, folder holding the old output], each known before it exists
+    counted = 0
+
+    def make(d):
+        names.append(d)
+        try:
+            os.mkdir(d, 0o777)  # the mode mkdir gives, umask applied
+        except FileExistsError:  # not ours: never remove it
+            names.pop()
+            raise
+        if len(names) == 1:
+            with _lock:
+                _open_dirs.add(_resolved(d))
+
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        tmp = _create(path, ".tmp", make)
         yield tmp
         for child in tmp.iterdir() if fsync else ():
             if child.is_file():
                 with open(child, "rb+") as f:
                     os.fsync(f.fileno())
+        if path.exists() and not overwrite:
+            raise FileError(f"{path}: already exists; pass --overwrite to replace it")
+        if _visible(path):  # counted before the first rename: the two below are not cut apart by an interrupt
+            _count(1)
+            counted = 1
         if path.exists():
-            if not overwrite:
-                raise FileError(f"{path}: already exists; pass --overwrite to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = _create(path, ".old", make)
             os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if counted:
+            _count(-1)
+        _finish(_undo, path, names)
         raise
+    finally:
+        if names:
+            with _lock:
+                _open_dirs.discard(_resolved(names[0]))
+    if len(names) > 1:
+        shutil.rmtree(names[1], ignore_errors=True)
+
+
+def _undo(path: Path, names: list[Path]) -> None:
+    """Remove a temporary folder (names[0]); put back an old output moved aside for it (into names[1])."""
+    if len(names) > 1:
+        if (names[1] / "x").exists() and not path.exists():
+            os.replace(names[1] / "x", path)
+        shutil.rmtree(names[1], ignore_errors=True)
+    if names:
+        shutil.rmtree(names[0], ignore_errors=True)

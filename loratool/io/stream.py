@@ -336,6 +336,19 @@ def _mapped(e: Entry):
 
 # ---- the rewriter ---------------------------------------------------------------------------------------
 
+def _join(thread: threading.Thread) -> None:
+    """Join a thread that has been told to stop, to its end even if interrupts arrive meanwhile (its files are
+    removed next); the last interrupt is raised afterwards."""
+    pending = None
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt as e:
+            pending = e
+    if pending is not None:
+        raise pending
+
+
 class _Cast:
     """The transform of a tensor that only changes dtype (under --dtype): rounded once, nearest even.
 
@@ -428,16 +441,18 @@ class Rewriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._copier is not None:  # stop the background copy before its files are removed
-            self._cancel.set()
-            self._copier.join()
-        if not self._committed and exc_type is None:
-            exc_type = RuntimeError  # leaving without commit: discard the output
-            try:
-                raise RuntimeError("not committed")
-            except RuntimeError as e:
-                exc = e
-        self._stack.__exit__(exc_type, exc, exc.__traceback__ if exc is not None else None)
+        try:
+            if self._copier is not None:  # stop the background copy before its files are removed
+                self._cancel.set()
+                _join(self._copier)
+        finally:  # even when an interrupt cut the join short: the temporary output goes
+            if not self._committed and exc_type is None:
+                exc_type = RuntimeError  # leaving without commit: discard the output
+                try:
+                    raise RuntimeError("not committed")
+                except RuntimeError as e:
+                    exc = e
+            self._stack.__exit__(exc_type, exc, exc.__traceback__ if exc is not None else None)
         return False
 
     # -- the work
@@ -526,11 +541,13 @@ class Rewriter:
             self._transform(fd, e, tf, done)
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futures = [pool.submit(do_tf, j) for j in jobs_tf]
+            futures = []
             try:
+                futures.extend(pool.submit(do_tf, j) for j in jobs_tf)
                 for fu in futures:
                     fu.result()
-            except BaseException:
+            except BaseException:  # an error or an interrupt: running jobs stop at their next row block
+                self._cancel.set()
                 for fu in futures:
                     fu.cancel()
                 raise
@@ -565,6 +582,8 @@ class Rewriter:
     def _blocks(self, fd, e: Entry, tf, W, osize: int, done) -> None:
         rows, cols = e.rows_cols
         for r0, r1 in row_spans(rows, tf.block_rows):
+            if self._cancel.is_set():  # the run failed or was interrupted: the output is discarded
+                return
             data = np.ascontiguousarray(tf.block(W[r0:r1], r0)).reshape(-1).view(np.uint8)
             off = e.offset + r0 * cols * osize
             pwrite_all(fd, data, off)
