@@ -422,7 +422,24 @@ def test_cuda_equals_cpu(tmp_path):
     tensors, ad, want = small_case(tmp_path)
     write_file(tmp_path / "b.safetensors", tensors, {})
     run_merge(tmp_path / "b.safetensors", [ad], tmp_path / "c.safetensors", device="cuda")
-    assert_equal_sd(load_st(tmp_path / "c.safetensors"), want)
+    assert_like_peft(load_st(tmp_path / "c.safetensors"), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_device_layers_torch_path_merges_as_numpy_does(dtype):
+    """The lines --device cuda runs (torch tensors through loratool.device), run here on the CPU: they give the
+    numpy route's result within one ulp of the output dtype (two for float32), for every layout."""
+    import array_api_compat.torch as txp
+
+    from loratool.device import Device
+
+    torch_cpu = Device("cpu:0", txp)  # not "cpu": the device layer takes its torch branch
+    for t in (linear_target(out=300, inp=70), fused_target(d=40), conv_target()):
+        W = rand(*t.shape, seed=7, dtype=dtype)
+        got, e1 = merge_tensor(W, t.key, [Term(t, 1.5)], device=torch_cpu, probe=True)
+        want, e2 = merge_tensor(W, t.key, [Term(t, 1.5)], probe=True)
+        assert_within_ulp({t.key: got}, {t.key: want}, ulps=2 if dtype == torch.float32 else 1)
+        assert got.dtype == want.dtype and e1 < 1e-2 and e2 < 1e-2
 
 
 # ---- the background copy (the CLI's path: torch not yet imported) ------------------------------------
