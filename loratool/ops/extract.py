@@ -429,8 +429,8 @@ def _stored(x: np.ndarray, st: str) -> np.ndarray:
 def finish(dev, f: _Factors, k: int, opts: ExtractOptions, M=None):
     """Truncate to rank k, clamp and cast; measure the error. Returns (B, A, report), B and A numpy arrays.
 
-    M is the float32 matrix view on `dev` (or its operator); it is needed only when the residual must be computed directly
-    (`needs_residual`).
+    M is the float32 matrix view on `dev` (or its operator); it is needed only when the residual must be
+    computed directly (`needs_residual`).
 
     Raises:
         NumericError: the factors overflow the output dtype.
@@ -661,5 +661,6 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names) 
 
 
 __all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints", "factorize", "finish",
-           "first_sketch", "streams", "read_whole", "streamed_delta", "sketch_while_reading", "needs_residual", "kept_energy", "factor_report", "overflow_error",
+           "first_sketch", "streams", "read_whole", "streamed_delta", "sketch_while_reading", "needs_residual",
+           "kept_energy", "factor_report", "overflow_error",
            "not_extracted_reason", "OUT_DTYPES", "DELTA_BUDGET_BYTES", "EMBEDDING_MODULES", "GPT2_CONV1D"]

@@ -18,9 +18,9 @@ lane), handed out in the order of the pairs, so that peak memory is bounded and 
 A matrix whose float32 delta is larger than the caller's budget gets no slot: it is a `StreamedDelta`, an
 operator (ops/svd.py) that re-reads the pair in row blocks of at most the budget for every product of the
 randomized SVD, so that the slots, and with them the peak memory, never exceed lanes x budget whatever the
-largest matrix (an 8B model's 2.1 GB lm_head delta). Every pair's result depends on that pair alone, and results are gathered in the order of the pairs: the
-output does not depend on the number of lanes. Errors too: when pairs fail, the first failing pair in order
-is the one reported.
+largest matrix (an 8B model's 2.1 GB lm_head delta). Every pair's result depends on that pair alone, and
+results are gathered in the order of the pairs: the output does not depend on the number of lanes. Errors
+too: when pairs fail, the first failing pair in order is the one reported.
 
 The entries handled here are ops.extract.Entry objects (key, shape, numel, ft_dtype, base_dtype, whole).
 """
@@ -92,7 +92,8 @@ def run_lanes(entries: list, handle: Callable[[Scratch, Any, Any], Any], lanes: 
     the results in the order of `entries`.
 
     `delta` is a float32 buffer of entry.numel elements (a slot of `sizes`) for entries read whole
-    (`whole(entry)`, the same predicate as `slot_sizes`'s), None for the others; it is handed back to the slots when `handle` returns, so a result must not keep it. Entries
+    (`whole(entry)`, the same predicate as `slot_sizes`'s), None for the others; it is handed back to the
+    slots when `handle` returns, so a result must not keep it. Entries
     are claimed in order, and a lane waits for a slot that fits before claiming, so that slots are handed out
     in order too (the largest slot always comes free). After an error, no further entry is claimed, the lanes
     finish the entries they hold, and the error of the first failing entry in order is raised."""
