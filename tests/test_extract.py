@@ -487,6 +487,87 @@ def test_sketch_formed_while_reading_is_the_product_with_the_same_test_matrix(mo
     assert ex.sketch_while_reading(CPU, e, opts) is None
 
 
+# ---- matrices over the delta budget: streamed, never held ------------------------------------------------------
+
+STREAMED_REL = 1e-5  # streamed vs held: float32 rounding of block-summed products, relative Frobenius/abs error
+TINY_BUDGET = 4000  # bytes: 1000-element row blocks; every matrix below but the exact (12, 10) one streams
+
+
+def streamed_pair():
+    """Randomized matrices of every layout whose row counts are not multiples of their blocks (103 rows of 48:
+    blocks of 20; stored (70, 37): 27; embedding (101, 40): 25; conv (40, 72): 13; (300, 140): 7), and a small
+    exact one."""
+    deltas = {"a.weight": noisy(103, 48, seed=90), "h.c_attn.weight": noisy(70, 37, seed=91),
+              "model.embed_tokens.weight": noisy(101, 40, seed=92),
+              "conv.weight": noisy(40, 72, seed=93).reshape(40, 8, 3, 3), "c.weight": low_rank(12, 10, 2, seed=94),
+              "big.weight": noisy(300, 140, seed=95)}  # randomized at the energy rule's first sketch (64)
+    return pair(**deltas)
+
+
+@pytest.mark.parametrize("opts", [
+    ExtractOptions(rank=4, fan_in_fan_out=("*.c_attn.weight",), embeddings=True),
+    ExtractOptions(rank=4, embeddings=True, power_iterations=2, seed=3, clamp_quantile=0.95),
+    ExtractOptions(energy=0.995, embeddings=True, dtype="bfloat16"),  # grows to a complete sketch of big
+    ExtractOptions(max_params=1500, rank=6, embeddings=True, dtype="float16")])
+def test_streamed_matrices_give_the_held_route_s_factors_and_errors(monkeypatch, opts):
+    """A budget smaller than every randomized matrix streams them all (row blocks re-read for each product),
+    and the result is the held route's: same ranks, reports and reconstructions to float32 rounding."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 256)  # blocks read in several pieces
+    made, slots = [], []
+    real_op, real_sizes = lanes.StreamedDelta, lanes.slot_sizes
+    monkeypatch.setattr(lanes, "StreamedDelta", lambda *a: made.append(a[3].key) or real_op(*a))
+    monkeypatch.setattr(lanes, "slot_sizes", lambda *a: slots.append(real_sizes(*a)) or slots[-1])
+    ft, base = streamed_pair()
+    held = extract(ft, base, opts)
+    assert not made
+    slots.clear()
+    small = replace(opts, delta_budget=TINY_BUDGET)
+    streamed = extract(ft, base, small)
+    want = {"big.weight"} if opts.energy else {"a.weight", "h.c_attn.weight", "model.embed_tokens.weight",
+                                               "conv.weight", "big.weight"}
+    assert set(made) >= want and set(made) == {e.key for e in plan(ft, base, small) if ex.streams(e, small)}
+    # slots only for the pairs the budget keeps: the exact ones ((12, 10); with the energy rule all but big)
+    assert max(max(sizes, default=0) for sizes in slots) == (103 * 48 if opts.energy else 12 * 10)
+    if opts.energy:  # the sketch grew past half of big's small side: the held route's exact SVD, a complete one
+        assert [r["method"] for r in held.rows if r["key"] == "big.weight"] == ["exact"]
+        assert [r["rank"] for r in streamed.rows if r["key"] == "big.weight"][0] > 64
+    assert held.not_extracted == streamed.not_extracted
+    assert held.adapter.targets.keys() == streamed.adapter.targets.keys()
+    for h, s in zip(held.rows, streamed.rows):
+        assert h["key"] == s["key"] and h["rank"] == s["rank"] and h["layout"] == s["layout"]
+        for name in ("rel_error", "norm", "energy"):
+            assert s[name] == pytest.approx(h[name], rel=STREAMED_REL, abs=STREAMED_REL), (h["key"], name)
+    for k, t in held.adapter.targets.items():
+        u = streamed.adapter.targets[k]
+        assert t.blocks[0].A.dtype == u.blocks[0].A.dtype
+        assert rel(delta_tensor(u), delta_tensor(t)) < (STREAMED_REL if opts.dtype == "float32" else 1e-2)
+
+
+def test_streamed_products_are_the_matrix_products_for_every_layout(monkeypatch):
+    """The operator's M @ X, Qt @ M and ||M - B A||^2 equal the held matrix's, transposed layouts included."""
+    monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 100)
+    rng = np.random.default_rng(0)
+    for key, shape, layout in (("a", (103, 48), "linear"), ("b", (70, 37), "fan_in_fan_out"),
+                               ("c", (40, 8, 3, 3), "conv")):
+        base = {key: rng.standard_normal(shape, dtype=np.float32)}
+        ft = {key: (base[key] + rng.standard_normal(shape, dtype=np.float32)).astype(ml_dtypes.bfloat16)}
+        e = ex.Entry(key, shape, "BF16", "F32", "matrix", layout)
+        op = lanes.StreamedDelta(CPU, ex._source(ft), ex._source(base), e, lanes.Scratch(), 1000)
+        W = ft[key].astype(np.float32) - base[key]
+        M = W.T if layout == "fan_in_fan_out" else W.reshape(e.matrix_shape)
+        m, n = M.shape
+        assert op.shape == (m, n) and op.block_rows < shape[0] and shape[0] % op.block_rows
+        X, Qt = rng.standard_normal((n, 5), dtype=np.float32), rng.standard_normal((5, m), dtype=np.float32)
+        np.testing.assert_allclose(op.matmul(X), M @ X, rtol=STREAMED_REL, atol=STREAMED_REL * 100)
+        assert op.energy == pytest.approx(float(np.square(M.astype(np.float64)).sum()), rel=1e-9)
+        np.testing.assert_allclose(op.rmatmul(Qt), Qt @ M, rtol=STREAMED_REL, atol=STREAMED_REL * 100)
+        B, A = rng.standard_normal((m, 3), dtype=np.float32), rng.standard_normal((3, n), dtype=np.float32)
+        want = float(np.square((M - B @ A).astype(np.float64)).sum())
+        assert op.residual_squares(B, A) == pytest.approx(want, rel=STREAMED_REL)
+
+
 def test_run_lanes_keeps_order_and_never_holds_more_than_its_slots():
     import threading
     import time

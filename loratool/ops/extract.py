@@ -5,6 +5,14 @@ buffers that are reused (ops/extract_run.py), so neither model is ever whole in 
 view is factorised by the randomized SVD of ops/svd.py on the chosen device (`loratool.device`: numpy on the
 CPU, where torch is never imported; torch on CUDA), and its factors come back as numpy arrays.
 
+Memory: a pair is held as one float32 delta in a reused slot while it is factorised, except a matrix whose
+delta is larger than `ExtractOptions.delta_budget` (DELTA_BUDGET_BYTES, 256 MiB): that one is never held; the
+same randomized SVD runs on an operator that re-reads the pair in row blocks for each of its products
+(`extract_run.StreamedDelta`: one pass for the first sketch and the norm, two per power iteration, one for the
+projection, one more when the residual is measured), so the peak memory is about lanes x budget whatever the
+largest matrix. A matrix that needs the exact SVD (a sketch of half its small side or more) and a tensor stored
+whole (--keep-full) are still read whole: LAPACK and the stored delta need them in memory.
+
 Per tensor, by its shape, name and the options (`plan`):
   2-D weight            a matrix target, layout "linear" (or "fan_in_fan_out" when a hint says GPT-2 Conv1D)
   3-D or more           a conv kernel, layout "conv", flattened to (out, in*kh*kw)
@@ -62,6 +70,9 @@ OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --dtype
 DEFAULT_BUDGET_CAP = 64
 ENERGY_START_RANK = 32  # first sketch rank for --energy / --threshold; grows x4 until the criterion is met
 DIRECT_RESIDUAL_BELOW = 3e-2  # relative error under which the residual is computed, not derived
+# Larger float32 deltas are streamed, not held (an 8B model's lm_head: 2.1 GB); every 1B-class matrix fits.
+DELTA_BUDGET_BYTES = 256 << 20
+STREAM_BLOCK_BYTES = 16 << 20  # row blocks of a streamed delta: large enough for full-speed GEMMs
 
 # Module names (the part before ".weight") of token and position embeddings in transformers models.
 EMBEDDING_MODULES = ("embed_tokens", "embed_in", "embed_positions", "wte", "wpe", "word_embeddings",
@@ -90,6 +101,7 @@ class ExtractOptions:
     oversample: int | None = None  # sketch columns beyond k; default k (at least 8)
     power_iterations: int | None = None  # default: svd.DEFAULT_POWER_ITERATIONS
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N" (loratool.device.resolve)
+    delta_budget: int = DELTA_BUDGET_BYTES  # bytes of float32 delta held per pair; larger matrices stream
 
     def check(self) -> None:
         """Raises ValueError unless exactly one rank rule is chosen and the dtype is known."""
@@ -99,6 +111,8 @@ class ExtractOptions:
             raise ValueError("choose exactly one of rank, energy, threshold or max_params")
         if self.max_params is not None and (self.energy is not None or self.threshold is not None):
             raise ValueError("max_params combines only with rank (a per-target cap)")
+        if int(self.delta_budget) < 1:
+            raise ValueError(f"delta_budget {self.delta_budget} must be a positive number of bytes")
         if self.dtype not in OUT_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(OUT_DTYPES)}")
 
@@ -346,6 +360,22 @@ def first_sketch(e: Entry, opts: ExtractOptions) -> int | None:
     return None if svd.prefers_exact(l, m, n) else l
 
 
+def streams(e: Entry, opts: ExtractOptions) -> bool:
+    """Whether the pair is factorised through a `StreamedDelta` instead of a slot: a matrix whose float32
+    delta exceeds the budget and whose SVD is randomized (the exact SVD needs the matrix in memory)."""
+    return e.role == "matrix" and 4 * e.numel > opts.delta_budget and first_sketch(e, opts) is not None
+
+
+def read_whole(opts: ExtractOptions) -> Callable[[Entry], bool]:
+    """The predicate of the entries that get a delta slot (extract_run.run_lanes's `whole`)."""
+    return lambda e: e.whole and not streams(e, opts)
+
+
+def streamed_delta(dev, ft, base, e: Entry, s, opts: ExtractOptions) -> lanes.StreamedDelta:
+    """The pair as an operator reading row blocks of at most STREAM_BLOCK_BYTES (and at most the budget)."""
+    return lanes.StreamedDelta(dev, ft, base, e, s, max(1, min(STREAM_BLOCK_BYTES, opts.delta_budget) // 4))
+
+
 def sketch_while_reading(dev, e: Entry, opts: ExtractOptions) -> np.ndarray | None:
     """The test matrix Omega (n, l) of the pair's first sketch when it is formed while the pair is read (on the
     CPU, for a row-major matrix view whose rows fit a piece, and a randomized SVD), else None. It is the one
@@ -367,8 +397,10 @@ def _view(xp, e: Entry, flat):
 
 
 def factorize(dev, M, e: Entry, E: float, opts: ExtractOptions, Y=None) -> _Factors:
-    """Top singular triplets of the matrix view M (m, n) on `dev`, enough for the rank rule.
-    `Y`: the first sketch M @ Omega when already formed while reading."""
+    """Top singular triplets of the matrix view M (m, n) on `dev` (an array, or an operator such as a
+    `StreamedDelta`), enough for the rank rule. `Y`: the first sketch M @ Omega when already formed while
+    reading. An operator cannot go to LAPACK: where an array's growing sketch would switch to the exact SVD,
+    an operator's takes the whole small side (a complete sketch, exact to float32 rounding)."""
     m, n = M.shape
     seed = svd.seed_for(opts.seed, e.key)
     l = first_sketch(e, opts)
@@ -379,12 +411,14 @@ def factorize(dev, M, e: Entry, E: float, opts: ExtractOptions, Y=None) -> _Fact
     kk = min(ENERGY_START_RANK, m, n)
     while True:  # adaptive ranks: grow the sketch x4 until the rule is decided
         U, S, Vh = svd.randomized_svd(dev, M, l, seed, _p(opts), Y=Y)
-        if _select(S, E, opts, complete=False) is not None:
+        if _select(S, E, opts, complete=l == min(m, n)) is not None:
             return _Factors(e, U, S, Vh, E, "randomized")
         kk *= 4
         l, Y = svd.sketch_size(kk, m, n, opts.oversample), None
         if svd.prefers_exact(l, m, n):
-            return _Factors(e, *svd.exact_svd(dev, M), E, "exact")
+            if not svd.is_operator(M):
+                return _Factors(e, *svd.exact_svd(dev, M), E, "exact")
+            l = min(m, n)
 
 
 def _stored(x: np.ndarray, st: str) -> np.ndarray:
@@ -395,8 +429,8 @@ def _stored(x: np.ndarray, st: str) -> np.ndarray:
 def finish(dev, f: _Factors, k: int, opts: ExtractOptions, M=None):
     """Truncate to rank k, clamp and cast; measure the error. Returns (B, A, report), B and A numpy arrays.
 
-    M is the float32 matrix view on `dev`; it is needed only when the residual must be computed directly
-    (`needs_residual`).
+    M is the float32 matrix view on `dev` (or its operator); it is needed only when the residual must be
+    computed directly (`needs_residual`).
 
     Raises:
         NumericError: the factors overflow the output dtype.
@@ -437,11 +471,18 @@ def _pair(dev, ft, base, opts: ExtractOptions, names, budget: bool):
 
     def handle(s: lanes.Scratch, e: Entry, delta):
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite deltas are refused by name below
-            if delta is None:  # compared only
+            M = None
+            if delta is None and not streams(e, opts):  # compared only
                 if not lanes.changed(ft, base, e, s):
                     return "unchanged", None
                 return "listed", {"key": e.key, "shape": list(e.shape), "reason": not_extracted_reason(e)}
-            E, Y = lanes.subtract(ft, base, e, delta, s, sketch_while_reading(dev, e, opts))
+            if delta is None:  # too large to hold: the first pass forms the first sketch and the norm
+                M = streamed_delta(dev, ft, base, e, s, opts)
+                omega = svd.gaussian_sketch(M.shape[1], first_sketch(e, opts), svd.seed_for(opts.seed, e.key))
+                Y = M.matmul(dev.asarray(omega))  # (m, n) @ (n, l) -> (m, l)
+                E = M.energy
+            else:
+                E, Y = lanes.subtract(ft, base, e, delta, s, sketch_while_reading(dev, e, opts))
             if not math.isfinite(E) and not lanes.changed(ft, base, e, s):
                 return "unchanged", None  # NaN or Inf in the same places of both
             if E == 0.0:  # bitwise equal, or numerically (-0.0 and 0.0, a dtype change)
@@ -449,7 +490,8 @@ def _pair(dev, ft, base, opts: ExtractOptions, names, budget: bool):
             _check_finite(e, E, names)
             if e.role == "full":
                 return "full", _full_target(e, delta, E, opts)
-            M = _view(dev.xp, e, dev.asarray(delta))  # on the CPU the slot itself; a copy on CUDA
+            if M is None:
+                M = _view(dev.xp, e, dev.asarray(delta))  # on the CPU the slot itself; a copy on CUDA
             f = factorize(dev, M, e, E, opts, Y)
             if budget:  # keep the cap's triplets on the host; the global budget picks the ranks at the end
                 kcap = min(_fixed_rank(opts), *e.matrix_shape)
@@ -470,9 +512,10 @@ def _run(dev, ft, base, entries: list[Entry], opts: ExtractOptions, names, tick)
     unchanged = 0
     budget = opts.max_params is not None
     n_lanes, per_lane = lanes.lane_plan()
+    whole = read_whole(opts)
     with devices.blas_threads(per_lane):
         outcomes = lanes.run_lanes(entries, _pair(dev, ft, base, opts, names, budget), n_lanes,
-                                   lanes.slot_sizes(entries, n_lanes), tick)
+                                   lanes.slot_sizes(entries, n_lanes, whole), tick, whole)
         for e, (kind, value) in zip(entries, outcomes):
             if kind == "unchanged":
                 unchanged += 1
@@ -494,10 +537,13 @@ def _run(dev, ft, base, entries: list[Entry], opts: ExtractOptions, names, tick)
                 def measure(s: lanes.Scratch, e: Entry, delta):
                     f, k = by_key[e.key]
                     with np.errstate(over="ignore", invalid="ignore"):
+                        if delta is None:  # streamed: the residual is measured while re-reading
+                            return finish(dev, f, k, opts, streamed_delta(dev, ft, base, e, s, opts))
                         lanes.subtract(ft, base, e, delta, s)
                         return finish(dev, f, k, opts, _view(dev.xp, e, dev.asarray(delta)))
 
-                for e, value in zip(again, lanes.run_lanes(again, measure, n_lanes, lanes.slot_sizes(again, n_lanes))):
+                sizes = lanes.slot_sizes(again, n_lanes, whole)
+                for e, value in zip(again, lanes.run_lanes(again, measure, n_lanes, sizes, whole=whole)):
                     done[e.key] = value
     return done, full_targets, not_extracted, unchanged
 
@@ -615,5 +661,6 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names) 
 
 
 __all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints", "factorize", "finish",
-           "first_sketch", "sketch_while_reading", "needs_residual", "kept_energy", "factor_report", "overflow_error",
-           "not_extracted_reason", "OUT_DTYPES", "EMBEDDING_MODULES", "GPT2_CONV1D"]
+           "first_sketch", "streams", "read_whole", "streamed_delta", "sketch_while_reading", "needs_residual",
+           "kept_energy", "factor_report", "overflow_error",
+           "not_extracted_reason", "OUT_DTYPES", "DELTA_BUDGET_BYTES", "EMBEDDING_MODULES", "GPT2_CONV1D"]

@@ -15,9 +15,12 @@ the sketch's test matrix, the pieces are whole rows and the first sketch M @ Ome
 too, so that the delta is read from memory once less. Delta buffers come from a fixed set of slots (the
 largest delta, and one of LANE_SLOT_BYTES or of the size most pairs need, whichever is larger, per further
 lane), handed out in the order of the pairs, so that peak memory is bounded and the run cannot starve.
-Every pair's result depends on that pair alone, and results are gathered in the order of the pairs: the
-output does not depend on the number of lanes. Errors too: when pairs fail, the first failing pair in order
-is the one reported.
+A matrix whose float32 delta is larger than the caller's budget gets no slot: it is a `StreamedDelta`, an
+operator (ops/svd.py) that re-reads the pair in row blocks of at most the budget for every product of the
+randomized SVD, so that the slots, and with them the peak memory, never exceed lanes x budget whatever the
+largest matrix (an 8B model's 2.1 GB lm_head delta). Every pair's result depends on that pair alone, and
+results are gathered in the order of the pairs: the output does not depend on the number of lanes. Errors
+too: when pairs fail, the first failing pair in order is the one reported.
 
 The entries handled here are ops.extract.Entry objects (key, shape, numel, ft_dtype, base_dtype, whole).
 """
@@ -58,11 +61,15 @@ def lane_plan() -> tuple[int, int | None]:
     return lanes, max(1, cores // lanes)
 
 
-def slot_sizes(entries: list, lanes: int) -> list[int]:
+def _whole(e) -> bool:
+    return e.whole
+
+
+def slot_sizes(entries: list, lanes: int, whole: Callable[[Any], bool] = _whole) -> list[int]:
     """float32 elements of each delta slot: the largest delta, then one per further lane holding at least
     LANE_SLOT_BYTES, or the delta size that all but the largest eighth of the pairs fit (never more than the
-    largest)."""
-    sizes = sorted((e.numel for e in entries if e.whole), reverse=True)
+    largest). Only the entries `whole(e)` says are read whole count (the default: e.whole)."""
+    sizes = sorted((e.numel for e in entries if whole(e)), reverse=True)
     if not sizes:
         return []
     common = sizes[len(sizes) // 8]
@@ -80,12 +87,13 @@ class Scratch:
 
 
 def run_lanes(entries: list, handle: Callable[[Scratch, Any, Any], Any], lanes: int, sizes: list[int],
-              tick: Callable[..., Any] = lambda **kw: None) -> list:
+              tick: Callable[..., Any] = lambda **kw: None, whole: Callable[[Any], bool] = _whole) -> list:
     """handle(scratch, entry, delta) for every entry on `lanes` threads (the caller's is the first); returns
     the results in the order of `entries`.
 
-    `delta` is a float32 buffer of entry.numel elements (a slot of `sizes`) for entries read whole, None for
-    the others; it is handed back to the slots when `handle` returns, so a result must not keep it. Entries
+    `delta` is a float32 buffer of entry.numel elements (a slot of `sizes`) for entries read whole
+    (`whole(entry)`, the same predicate as `slot_sizes`'s), None for the others; it is handed back to the
+    slots when `handle` returns, so a result must not keep it. Entries
     are claimed in order, and a lane waits for a slot that fits before claiming, so that slots are handed out
     in order too (the largest slot always comes free). After an error, no further entry is claimed, the lanes
     finish the entries they hold, and the error of the first failing entry in order is raised."""
@@ -104,7 +112,7 @@ def run_lanes(entries: list, handle: Callable[[Scratch, Any, Any], Any], lanes: 
                 i = pos[0]
                 if stop.is_set() or i >= len(entries):
                     return None
-                if not entries[i].whole:
+                if not whole(entries[i]):
                     pos[0] += 1
                     return i, None
                 fits = [j for j in free if slots[j].size >= entries[i].numel]
@@ -187,6 +195,16 @@ def sketch_fits(n: int) -> bool:
     return n <= CHUNK_ELEMENTS
 
 
+def _piece(ft, base, e, a: int, d: np.ndarray, s: Scratch, cpu) -> float:
+    """d = (ft - base)[a:a + d.size] in float32 (d.size <= CHUNK_ELEMENTS); returns ||d||^2."""
+    n_el = d.size
+    np.copyto(d, _raw(ft, e.key, e.ft_dtype, a, n_el, s.f), casting="unsafe")  # exact widening (F64 rounds)
+    t = s.t[:n_el]
+    np.copyto(t, _raw(base, e.key, e.base_dtype, a, n_el, s.b), casting="unsafe")
+    np.subtract(d, t, out=d)
+    return sum_squares(cpu, d)
+
+
 def subtract(ft, base, e, delta: np.ndarray, s: Scratch, omega: np.ndarray | None = None):
     """delta = ft - base in float32, piece by piece; returns (||delta||^2, Y).
 
@@ -204,11 +222,7 @@ def subtract(ft, base, e, delta: np.ndarray, s: Scratch, omega: np.ndarray | Non
     energy = 0.0
     for a, n_el in _spans(e.numel, step):
         d = delta[a:a + n_el]
-        np.copyto(d, _raw(ft, e.key, e.ft_dtype, a, n_el, s.f), casting="unsafe")  # exact widening (F64 rounds)
-        t = s.t[:n_el]
-        np.copyto(t, _raw(base, e.key, e.base_dtype, a, n_el, s.b), casting="unsafe")
-        np.subtract(d, t, out=d)
-        energy += sum_squares(cpu, d)
+        energy += _piece(ft, base, e, a, d, s, cpu)
         if Y is not None:
             rows = d.reshape(-1, omega.shape[0])  # (rows, n) @ (n, l) -> (rows, l)
             r0 = a // omega.shape[0]
@@ -216,5 +230,95 @@ def subtract(ft, base, e, delta: np.ndarray, s: Scratch, omega: np.ndarray | Non
     return energy, Y
 
 
+# ---- a pair too large to hold: an operator that re-reads it -------------------------------------------------------
+
+def _add(acc, P):
+    acc += P
+    return acc
+
+
+class StreamedDelta:
+    """The matrix view M (m, n) of a pair's float32 delta as an operator of ops/svd.py (`.shape`, `.dtype`,
+    `.matmul`, `.rmatmul`, `.residual_squares`), never held whole: every product re-reads the pair from the
+    files in row blocks of at most `block_elements` (each block read piece by piece as `subtract` reads: pread,
+    widen, subtract) and combines the blocks' products.
+
+    The blocks are rows of the tensor as stored, W (rows, cols) with cols the product of the other dimensions:
+    for the layouts "linear" and "conv" M = W, so M @ X is the concatenation of the blocks' W_i @ X and
+    Qt @ M the sum of Qt[:, i] @ W_i; for "fan_in_fan_out" and "embedding" M = W^T, so M @ X is the sum of
+    (X_i^T W_i)^T and Qt @ M the concatenation of (W_i Qt^T)^T. Sums run in block order, so a product is
+    deterministic; it differs from the GEMM of the whole matrix only by float32 rounding.
+
+    `energy` is ||M||_F^2 (float64 sum of the pieces'), set by every full pass; the first product gives it.
+    """
+
+    def __init__(self, dev, ft, base, e, scratch: Scratch, block_elements: int):
+        self.dev, self.ft, self.base, self.e, self.s = dev, ft, base, e, scratch
+        self.shape = tuple(e.matrix_shape)
+        self.dtype = np.float32
+        self.transposed = e.layout in ("fan_in_fan_out", "embedding")
+        self.rows = int(e.shape[0])
+        self.cols = e.numel // self.rows
+        self.block_rows = max(1, min(self.rows, int(block_elements) // self.cols))
+        self.block = np.empty(self.block_rows * self.cols, np.float32)
+        self.energy: float | None = None
+
+    def _blocks(self):
+        """(r0, W_i) for the row blocks of the delta, W_i (rows_i, cols) a float32 array of the device (the
+        block buffer itself on the CPU, so it is valid until the next block)."""
+        cpu = device.cpu()
+        energy = 0.0
+        for r0 in range(0, self.rows, self.block_rows):
+            r = min(self.block_rows, self.rows - r0)
+            W = self.block[:r * self.cols]
+            for a, n_el in _spans(W.size, CHUNK_ELEMENTS):
+                energy += _piece(self.ft, self.base, self.e, r0 * self.cols + a, W[a:a + n_el], self.s, cpu)
+            yield r0, self.dev.asarray(W.reshape(r, self.cols))
+        self.energy = energy
+
+    def matmul(self, X):
+        """M @ X: (m, n) @ (n, l) -> (m, l)."""
+        dev = self.dev
+        if self.transposed:  # M @ X = W^T X = sum_i (X_i^T W_i)^T
+            acc = None
+            for r0, W in self._blocks():
+                P = dev.matmul(X[r0:r0 + W.shape[0]].T, W)  # (l, rows_i) @ (rows_i, cols) -> (l, cols)
+                acc = P if acc is None else _add(acc, P)
+            return acc.T
+        out = dev.empty((self.rows, X.shape[1]))
+        for r0, W in self._blocks():
+            dev.matmul(W, X, out=out[r0:r0 + W.shape[0]])  # (rows_i, cols) @ (cols, l) -> (rows_i, l)
+        return out
+
+    def rmatmul(self, Qt):
+        """Qt @ M: (l, m) @ (m, n) -> (l, n)."""
+        dev = self.dev
+        if self.transposed:  # Qt @ W^T = (W Qt^T)^T, W's row blocks giving row blocks of W Qt^T
+            out = dev.empty((self.rows, Qt.shape[0]))
+            for r0, W in self._blocks():
+                dev.matmul(W, Qt.T, out=out[r0:r0 + W.shape[0]])  # (rows_i, cols) @ (cols, l) -> (rows_i, l)
+            return out.T
+        acc = None
+        for r0, W in self._blocks():
+            P = dev.matmul(Qt[:, r0:r0 + W.shape[0]], W)  # (l, rows_i) @ (rows_i, cols) -> (l, cols)
+            acc = P if acc is None else _add(acc, P)
+        return acc
+
+    def residual_squares(self, B, A) -> float:
+        """||M - B A||_F^2 for B (m, k), A (k, n), block by block (float64 sum of float32 blocks)."""
+        dev = self.dev
+        total = 0.0
+        for r0, W in self._blocks():
+            r = W.shape[0]
+            if self.transposed:  # (M - B A)^T rows: W_i - A[:, i]^T B^T
+                R = dev.matmul(A[:, r0:r0 + r].T, B.T)  # (rows_i, k) @ (k, cols) -> (rows_i, cols)
+            else:
+                R = dev.matmul(B[r0:r0 + r], A)  # (rows_i, k) @ (k, cols) -> (rows_i, cols)
+            R -= W
+            total += sum_squares(dev, R)
+        return total
+
+
 __all__ = ["CHUNK_ELEMENTS", "LANE_SLOT_BYTES", "MAX_LANES", "lane_plan", "slot_sizes", "Scratch", "run_lanes",
-           "changed", "sketch_fits", "subtract"]
+           "changed", "sketch_fits", "subtract",
+           "StreamedDelta"]

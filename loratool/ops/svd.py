@@ -11,6 +11,10 @@ import), torch tensors on CUDA, through the device's array namespace `dev.xp` (a
   that fails), then the small SVD of the projection through an orthonormal basis of its rows.
 - The Gaussian test matrix is drawn with numpy on the host from a seed derived from (seed, tensor name),
   then moved to the device: a matrix gets the same sketch on every device and in every order.
+- A matrix is given either as an array or as an operator (`DenseOperator` wraps an array; ops/extract_run.py's
+  `StreamedDelta` re-reads a tensor pair from its files on every product): `randomized_svd` and
+  `residual_squares` touch M only through `.shape`, `.matmul(X)` = M @ X and `.rmatmul(Qt)` = Qt @ M (and the
+  operator's own `residual_squares`), so one algorithm serves a matrix in memory and one too large to hold.
 - `exact_svd`: the LAPACK (or cuSOLVER) thin SVD, of the transpose for a wide matrix; `prefers_exact` says
   when the sketch would be too large for the randomized method to gain anything.
 - `quantile`: numpy selection (`np.partition`, linear time, no size limit; torch.quantile refuses inputs
@@ -154,12 +158,44 @@ def _thin_svd_wide(dev, P):
     return Ur, S, dev.matmul(Vrh, Q2.T)  # (l, l) @ (l, n) -> (l, n)
 
 
+class DenseOperator:
+    """An array M (m, n) of `dev` seen as an operator: the two products randomized_svd needs, as GEMMs."""
+
+    def __init__(self, dev, M):
+        self.dev, self.M = dev, M
+        self.shape = tuple(int(x) for x in M.shape)
+        self.dtype = M.dtype
+
+    def matmul(self, X):
+        """M @ X: (m, n) @ (n, l) -> (m, l)."""
+        return self.dev.matmul(self.M, X)
+
+    def rmatmul(self, Qt):
+        """Qt @ M: (l, m) @ (m, n) -> (l, n). (numpy's BLAS runs Q^T @ M about 1.35x faster than M.T @ Q.)"""
+        return self.dev.matmul(Qt, self.M)
+
+    def residual_squares(self, B, A) -> float:
+        return residual_squares(self.dev, self.M, B, A)
+
+
+def is_operator(M) -> bool:
+    """True for an operator object (the two products), False for an array."""
+    return hasattr(M, "rmatmul")
+
+
+def as_operator(dev, M):
+    """M itself when it is an operator, else the array wrapped in a `DenseOperator`."""
+    return M if is_operator(M) else DenseOperator(dev, M)
+
+
 def randomized_svd(dev, M, l: int, seed: int, n_iter: int = DEFAULT_POWER_ITERATIONS, Y=None):
     """Approximate top-l SVD of M (m, n) float32 by randomized subspace iteration (Halko et al. 2011, 4.4).
 
     Args:
-        dev: the Device M lives on.
-        M: (m, n) float32 array of `dev`; may be a transposed view.
+        dev: the Device M lives on (or an operator's products return arrays of).
+        M: (m, n) float32 array of `dev` (may be a transposed view), or an operator with `.shape`,
+            `.matmul(X)` = M @ X and `.rmatmul(Qt)` = Qt @ M (`as_operator`); every line below touches M only
+            through those two products, so an operator that reads M piece by piece gets the same algorithm.
         l: sketch columns (target rank plus oversampling), 1 <= l <= min(m, n).
         seed: see `seed_for`. n_iter: power iterations, each by M^T then M, re-orthonormalised.
         Y: the first sketch M @ gaussian_sketch(n, l, seed) (m, l) when the caller has formed it already.
@@ -170,17 +206,18 @@ def randomized_svd(dev, M, l: int, seed: int, n_iter: int = DEFAULT_POWER_ITERAT
     Raises:
         ValueError: l is outside 1..min(m, n).
     """
-    m, n = M.shape
+    op = as_operator(dev, M)
+    m, n = op.shape
     if not 1 <= l <= min(m, n):
         raise ValueError(f"randomized_svd: sketch size {l} outside 1..{min(m, n)}")
     if Y is None:
-        Y = dev.matmul(M, dev.asarray(gaussian_sketch(n, l, seed)))  # (m, n) @ (n, l) -> (m, l)
-    # M^T Q is formed as (Q^T M)^T: numpy's BLAS runs Q^T @ M about 1.35x faster than M.T @ Q.
+        Y = op.matmul(dev.asarray(gaussian_sketch(n, l, seed)))  # (m, n) @ (n, l) -> (m, l)
+    # M^T Q is formed as (Q^T M)^T.
     for _ in range(n_iter):
-        Z = _normalize(dev, dev.matmul(_normalize(dev, Y).T, M).T)  # (l, m) @ (m, n) -> (l, n), seen as (n, l)
-        Y = dev.matmul(M, Z)  # (m, n) @ (n, l) -> (m, l)
+        Z = _normalize(dev, op.rmatmul(_normalize(dev, Y).T).T)  # (l, m) @ (m, n) -> (l, n), seen as (n, l)
+        Y = op.matmul(Z)  # (m, n) @ (n, l) -> (m, l)
     Q = orthonormal_basis(dev, Y)  # orthonormal to float32 precision: the error identity above rests on it
-    P = dev.matmul(Q.T, M)  # (l, m) @ (m, n) -> (l, n): M projected on the sketch's range
+    P = op.rmatmul(Q.T)  # (l, m) @ (m, n) -> (l, n): M projected on the sketch's range
     Ub, S, Vh = _thin_svd_wide(dev, P)  # (l, l), (l,), (l, n)
     return dev.matmul(Q, Ub), S, Vh  # (m, l) @ (l, l) -> (m, l)
 
@@ -223,7 +260,9 @@ def sum_squares(dev, x) -> float:
 
 def residual_squares(dev, M, B, A, chunk: int = 1 << 18) -> float:
     """||M - B A||_F^2 of M (m, n), B (m, k), A (k, n), float32 arrays of `dev`, by row blocks of about `chunk`
-    elements (never a second m x n buffer)."""
+    elements (never a second m x n buffer). An operator M measures it itself, block by block as it reads."""
+    if is_operator(M):
+        return M.residual_squares(B, A)
     m, n = M.shape
     rows = max(1, chunk // max(n, 1))
     total = 0.0
@@ -235,4 +274,5 @@ def residual_squares(dev, M, B, A, chunk: int = 1 << 18) -> float:
 
 
 __all__ = ["DEFAULT_POWER_ITERATIONS", "seed_for", "default_oversample", "sketch_size", "prefers_exact",
-           "gaussian_sketch", "exact_svd", "randomized_svd", "quantile", "sum_squares", "residual_squares"]
+           "gaussian_sketch", "exact_svd", "DenseOperator", "is_operator", "as_operator", "randomized_svd",
+           "quantile", "sum_squares", "residual_squares"]
