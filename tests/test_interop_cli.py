@@ -7,28 +7,16 @@ import warnings
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from arrays import dense_delta
 from builders import fused_target
+from clitools import one_error_line, run
 from loratool.adapter import Adapter
-from loratool.cli import cli
 from loratool.io import detect, native, peft as P
 from models import base_state_dict, peft_model, sample_input, tiny_gpt2
 
 warnings.filterwarnings("ignore", category=UserWarning)
-
-
-def run(*args):
-    r = CliRunner().invoke(cli, [str(a) for a in args])
-    return r.exit_code, r.stdout, r.stderr
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from arrays import skeleton
 from builders import sample_adapter
+from clitools import one_error_line, run
 from loratool.adapter import Adapter
-from loratool.cli import cli
 from loratool.errors import UnsupportedError, UsageError
 from loratool.io import detect as D, native, registry
 from loratool.io._common import Dialect
@@ -28,17 +27,6 @@ from models import base_state_dict, peft_model, tiny_gpt2, tiny_llama
 
 warnings.filterwarnings("ignore", category=UserWarning)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args):
-    r = CliRunner().invoke(cli, [str(a) for a in args])
-    return r.exit_code, r.stdout, r.stderr
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 # ---- fixtures: one file or folder of every dialect ---------------------------------------------------------
