@@ -45,9 +45,10 @@ def matrix_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, int]:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-# A BLAS picks its kernel by the size of the product, and the kernels for thin products sum the r terms of
-# an element in another order (torch's MKL on AVX2: 3 rows or fewer, or 11 columns or fewer). A merge that
-# works in row blocks must therefore never hand the BLAS a thinner product than the whole one PEFT computes.
+# A BLAS picks its kernel by the size of the product, and the kernels for thin products may sum the r terms
+# of an element in another order (torch's MKL on AVX2: 3 rows or fewer, or 11 columns or fewer). Row blocks of
+# at least 64 rows keep a block's product close to the whole product's rounding, and a thin tail would cost
+# more in per-call overhead than it saves in cache.
 GEMM_MIN_ROWS = 64
 
 

@@ -73,9 +73,6 @@ class Device:
 
         return torch.empty(shape, dtype=dtypes.torch_dtype(dtype), device=self.name)
 
-    def zeros(self, shape, dtype: str = "F32"):
-        return self.xp.zeros(shape, dtype=self._dtype(dtype), device=self._device())
-
     def matmul(self, a, b, out=None):
         """a @ b, written into `out` when given (no allocation in a hot loop)."""
         if self.is_cpu:
@@ -83,29 +80,6 @@ class Device:
         import torch
 
         return torch.mm(a, b, out=out) if out is not None else a @ b
-
-    def sum_squares(self, x) -> float:
-        """Σ x² in float64 (exact enough for norms of float32 data of any size)."""
-        if self.is_cpu:
-            x = np.asarray(x).reshape(-1)
-            return float(np.dot(x.astype(np.float64), x.astype(np.float64))) if x.dtype != np.float64 \
-                else float(np.dot(x, x))
-        import torch
-
-        x = x.reshape(-1).to(torch.float64)
-        return float(torch.dot(x, x))
-
-    def synchronize(self) -> None:
-        if not self.is_cpu:
-            import torch
-
-            torch.cuda.synchronize(self.name)
-
-    def _dtype(self, name: str):
-        return dtypes.np_dtype(name) if self.is_cpu else dtypes.torch_dtype(name)
-
-    def _device(self):
-        return None if self.is_cpu else self.name
 
 
 def _numpy_namespace():
