@@ -265,10 +265,10 @@ def test_a_read_error_in_another_lane_reaches_the_caller(monkeypatch):
     monkeypatch.setattr(lanes, "lane_plan", lambda: (3, 1))
 
     class Failing(ex._MappingSource):
-        def read_bytes_into(self, key, buf, start=0):
+        def mapped(self, key, start=0, stop=None):
             if key == "l3.weight":
                 raise FileError("ft: file ended 12 bytes early while reading \"l3.weight\"")
-            return super().read_bytes_into(key, buf, start)
+            return super().mapped(key, start, stop)
 
     deltas = {f"l{i}.weight": low_rank(20, 10, 1, seed=400 + i) for i in range(6)}
     ft, base = pair(**deltas)
@@ -758,3 +758,33 @@ def test_orthonormal_basis_of_an_exactly_low_rank_sketch_falls_back_to_household
     assert np.abs(Q.T @ Q - np.eye(12)).max() <= svd.ORTHO_TOL
     U, S, Vh = randomized_svd(CPU, M, 12, seed_for(0, "low"))
     assert rel(torch.from_numpy((U[:, :3] * S[:3]) @ Vh[:3]), torch.from_numpy(M)) < F32_REL
+
+
+def test_windows_of_the_mapping_give_the_same_extraction(monkeypatch):
+    """A pair is mapped a window at a time (bounded resident set); windows are whole pieces, so the result does
+    not depend on their size, bit for bit."""
+    ms = {f"l{i}.weight": noisy(300 + 17 * i, 200, seed=70 + i) for i in range(3)}
+    ms["conv.weight"] = low_rank(16, 8 * 9, 3, seed=61).reshape(16, 8, 3, 3)
+    ft, base = pair(**ms)
+    monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 1000)  # pieces of the same size in both runs
+    want = extract(ft, base, ExtractOptions(rank=4))  # one window per pair
+    monkeypatch.setattr(lanes, "WINDOW_ELEMENTS", 3000)  # several windows of several pieces per pair
+    got = extract(ft, base, ExtractOptions(rank=4))
+    for k in ms:
+        a, b = want.adapter.targets[k].blocks[0], got.adapter.targets[k].blocks[0]
+        assert np.array_equal(a.A, b.A) and np.array_equal(a.B, b.B), k
+
+
+def test_base_reader_maps_any_window_of_a_tensor(tmp_path):
+    from loratool.container import write_file
+    from loratool.io.base import open_base
+
+    W = np.arange(6 * 7, dtype=np.float32).reshape(6, 7).astype(ml_dtypes.bfloat16)
+    write_file(tmp_path / "m.safetensors", {"a": np.ones(3, np.float32), "w": W}, {})
+    with open_base(tmp_path / "m.safetensors") as b:
+        for start, stop in ((0, 42), (5, 19), (41, 42), (7, 7)):
+            with b.mapped("w", start, stop) as F:
+                assert F.dtype == W.dtype and np.array_equal(F, W.reshape(-1)[start:stop])
+        with pytest.raises(ValueError, match=re.escape("elements [40, 43) outside tensor of 42")):
+            with b.mapped("w", 40, 43):
+                pass

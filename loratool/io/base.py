@@ -7,13 +7,14 @@ in memory whole. torch files load with `weights_only=True` and nothing else, eve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
 
 from .. import spec
-from ..container import Header, TensorInfo, escape, pread_exact, pread_into, read_array, read_header
+from ..container import Header, TensorInfo, escape, pread_exact, read_array, read_header
 from ..errors import FileError, SpecError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -40,12 +41,11 @@ class BaseModel:
     def sha256(self, key: str) -> str:
         return hashlib.sha256(_bytes(self.read(key))).hexdigest()
 
-    def read_bytes_into(self, key: str, buf, start: int = 0) -> None:
-        """Fill the writable byte buffer `buf` with the little-endian bytes of the flattened tensor from element
-        `start` on (len(buf) bytes, a whole number of elements): a read into a buffer the caller reuses."""
-        t = self.read(key)
-        size = t.dtype.itemsize
-        buf[:] = _bytes(t)[start * size:start * size + len(buf)]
+    @contextlib.contextmanager
+    def mapped(self, key: str, start: int = 0, stop: int | None = None):
+        """Elements [start, stop) of the flattened tensor as a read-only numpy array for the duration of the
+        block, without a copy where the reader can map the file (a view of the tensor it holds otherwise)."""
+        yield self.read(key).reshape(-1)[start:stop]
 
     def close(self) -> None:
         pass
@@ -89,13 +89,44 @@ class SafetensorsBase(BaseModel):
     def sha256(self, key):
         return hashlib.sha256(self.raw(key)).hexdigest()
 
-    def read_bytes_into(self, key, buf, start: int = 0) -> None:
+    @contextlib.contextmanager
+    def mapped(self, key, start: int = 0, stop: int | None = None):
+        """A read-only mapping of elements [start, stop) of this tensor alone, seen as a flat numpy array: pages
+        come from the page cache as they are touched, with no copy (a pread of each piece costs a copy of every
+        byte), and the mapping is closed when the block ends, so the resident set holds only the window in use."""
+        import mmap
+
+        from ..dtypes import from_buffer
+
         t = self.header.tensors[key]
         size = spec.DTYPE_SIZES[t.dtype]
-        if start < 0 or len(buf) % size or start * size + len(buf) > t.nbytes:
-            raise ValueError(f"read_bytes_into: {len(buf)} bytes from element {start} outside tensor of {t.numel}")
-        pread_into(self._fd, memoryview(buf).cast("B"), self.header.data_start + t.begin + start * size,
-                   what=f"\"{escape(key)}\"", where=f"{self.path}: ")
+        stop = t.numel if stop is None else stop
+        if not 0 <= start <= stop <= t.numel:
+            raise ValueError(f"mapped: elements [{start}, {stop}) outside tensor of {t.numel}")
+        nbytes = (stop - start) * size
+        if nbytes == 0:
+            yield from_buffer(b"", t.dtype, (0,))
+            return
+        first = self.header.data_start + t.begin + start * size
+        lo = first - first % mmap.ALLOCATIONGRANULARITY
+        if self.header.data_start + t.end > os.fstat(self._fd).st_size:
+            raise FileError(f"{self.path}: is shorter than its header says; was it modified while reading?")
+        mm = mmap.mmap(self._fd, first + nbytes - lo, access=mmap.ACCESS_READ, offset=lo)
+        try:
+            with contextlib.suppress(AttributeError, OSError):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mm)[first - lo:first - lo + nbytes]
+            arr = from_buffer(view, t.dtype, (stop - start,))
+            try:
+                yield arr
+            finally:
+                del arr
+                with contextlib.suppress(BufferError):
+                    view.release()
+        finally:
+            # An array the caller still holds keeps the mapping alive; it is unmapped when that array goes.
+            with contextlib.suppress(BufferError):
+                mm.close()
 
     def close(self):
         if self._fd is not None:
@@ -148,8 +179,8 @@ class ShardedBase(BaseModel):
     def read(self, key):
         return self._where[key].read(key)
 
-    def read_bytes_into(self, key, buf, start: int = 0) -> None:
-        self._where[key].read_bytes_into(key, buf, start)
+    def mapped(self, key, start: int = 0, stop: int | None = None):
+        return self._where[key].mapped(key, start, stop)
 
     def sha256(self, key):
         return self._where[key].sha256(key)

@@ -48,6 +48,7 @@ Rank selection (exactly one):
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -159,7 +160,7 @@ class ExtractResult:
 
 class _MappingSource:
     """A plain mapping of name -> array (numpy, or torch: converted once) seen as a base reader (keys, info,
-    read_bytes_into)."""
+    mapped)."""
 
     def __init__(self, tensors: Mapping[str, Any]):
         self._t = {k: dtypes.as_numpy(v) for k, v in tensors.items()}
@@ -171,18 +172,16 @@ class _MappingSource:
         a = self._t.get(key)
         return None if a is None else (tuple(a.shape), dtypes.dtype_of(a))
 
-    def read_bytes_into(self, key, buf, start=0):
-        """Little-endian bytes of elements [start, ...) into `buf` (a writable byte buffer)."""
-        a = self._t[key]
-        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-        dst = np.asarray(memoryview(buf).cast("B"))
-        dst[:] = raw[start * a.itemsize:start * a.itemsize + dst.size]
+    @contextlib.contextmanager
+    def mapped(self, key, start=0, stop=None):
+        """Elements [start, stop) of the flattened array (as io.base readers give a window of a tensor)."""
+        yield np.ascontiguousarray(self._t[key]).reshape(-1)[start:stop]
 
 
 def _source(obj):
     if isinstance(obj, Mapping):
         return _MappingSource(obj)
-    if not hasattr(obj, "read_bytes_into"):
+    if not hasattr(obj, "mapped"):
         raise TypeError(f"{type(obj).__name__} is neither a mapping of arrays nor a base reader")
     return obj
 
@@ -595,7 +594,7 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
 
     Args:
         ft, base: the finetuned and the base model; any object with keys(), info(key) -> (shape, dtype name)
-            and read_bytes_into(key, buf, start) (io.base readers), or a plain mapping of name -> numpy array
+            and mapped(key) (io.base readers), or a plain mapping of name -> numpy array
             or torch tensor.
         opts: the rank rule, the device and the rest (ExtractOptions).
         names: how messages name the two models (their paths).

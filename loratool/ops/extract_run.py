@@ -27,6 +27,7 @@ The entries handled here are ops.extract.Entry objects (key, shape, numel, ft_dt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any, Callable
@@ -37,6 +38,7 @@ from .. import device, dtypes
 from .svd import sum_squares
 
 CHUNK_ELEMENTS = 1 << 18  # a piece of a pair: 1 MiB of float32 delta, so that the passes over it stay in cache
+WINDOW_ELEMENTS = 1 << 24  # the part of a pair mapped at once: 32 MiB of bf16 per file, whatever the tensor's size
 LANE_SLOT_BYTES = 1 << 26  # each further lane's delta slot holds at least 64 MiB (every projection of a 1B model)
 MAX_LANES = 4  # more lanes multiply the slots' memory; past 4 cores, each lane's products get more threads
 
@@ -78,11 +80,9 @@ def slot_sizes(entries: list, lanes: int, whole: Callable[[Any], bool] = _whole)
 
 
 class Scratch:
-    """One lane's piece buffers: two raw ones (8-byte dtypes at most) and a float32 one."""
+    """One lane's piece buffer: the base's piece widened to float32."""
 
     def __init__(self):
-        self.f = np.empty(CHUNK_ELEMENTS * 8, np.uint8)
-        self.b = np.empty(CHUNK_ELEMENTS * 8, np.uint8)
         self.t = np.empty(CHUNK_ELEMENTS, np.float32)
 
 
@@ -166,12 +166,20 @@ def run_lanes(entries: list, handle: Callable[[Scratch, Any, Any], Any], lanes: 
 
 # ---- reading a pair ---------------------------------------------------------------------------------------------
 
-def _raw(src, key: str, dtype: str, start: int, n: int, buf: np.ndarray) -> np.ndarray:
-    """Elements [start, start + n) of a tensor as numpy values of its dtype, read into `buf`."""
-    dt = dtypes.np_dtype(dtype)
-    raw = buf[:n * dt.itemsize]
-    src.read_bytes_into(key, memoryview(raw), start)
-    return raw.view(dt)
+@contextlib.contextmanager
+def _pair(ft, base, key: str, start: int, stop: int):
+    """Elements [start, stop) of the pair's two tensors as flat read-only arrays: mappings of the files where
+    the readers can map them, so that no byte is copied before it is widened (a pread of every piece cost a
+    copy of each)."""
+    with ft.mapped(key, start, stop) as F, base.mapped(key, start, stop) as B:
+        yield F, B
+
+
+def _windows(numel: int, step: int) -> list[tuple[int, int]]:
+    """[a0, a1) windows of at most about WINDOW_ELEMENTS covering a tensor, each a multiple of `step` (but the
+    last): a pair is mapped one window at a time, so the pages it has mapped stay bounded."""
+    win = max(step, (WINDOW_ELEMENTS // step) * step)
+    return [(a0, min(numel, a0 + win)) for a0 in range(0, numel, win)]
 
 
 def _spans(numel: int, step: int) -> list[tuple[int, int]]:
@@ -182,10 +190,12 @@ def changed(ft, base, e, s: Scratch) -> bool:
     """Whether the pair differs bitwise (a dtype change counts as a change), compared piece by piece."""
     if e.ft_dtype != e.base_dtype:
         return True
-    for a, n in _spans(e.numel, CHUNK_ELEMENTS):
-        f = _raw(ft, e.key, e.ft_dtype, a, n, s.f)
-        b = _raw(base, e.key, e.base_dtype, a, n, s.b)
-        if not np.array_equal(f.view(np.uint8), b.view(np.uint8)):
+    for a0, a1 in _windows(e.numel, CHUNK_ELEMENTS):
+        with _pair(ft, base, e.key, a0, a1) as (F, B):
+            differ = any(not np.array_equal(F[a:a + n].view(np.uint8), B[a:a + n].view(np.uint8))
+                         for a, n in _spans(a1 - a0, CHUNK_ELEMENTS))
+            del F, B
+        if differ:
             return True
     return False
 
@@ -195,12 +205,13 @@ def sketch_fits(n: int) -> bool:
     return n <= CHUNK_ELEMENTS
 
 
-def _piece(ft, base, e, a: int, d: np.ndarray, s: Scratch, cpu) -> float:
-    """d = (ft - base)[a:a + d.size] in float32 (d.size <= CHUNK_ELEMENTS); returns ||d||^2."""
+def _piece(F, B, a: int, d: np.ndarray, s: Scratch, cpu) -> float:
+    """d = (F - B)[a:a + d.size] in float32 (d.size <= CHUNK_ELEMENTS) from the pair's flat arrays; returns
+    ||d||^2."""
     n_el = d.size
-    np.copyto(d, _raw(ft, e.key, e.ft_dtype, a, n_el, s.f), casting="unsafe")  # exact widening (F64 rounds)
+    np.copyto(d, F[a:a + n_el], casting="unsafe")  # exact widening (F64 rounds)
     t = s.t[:n_el]
-    np.copyto(t, _raw(base, e.key, e.base_dtype, a, n_el, s.b), casting="unsafe")
+    np.copyto(t, B[a:a + n_el], casting="unsafe")
     np.subtract(d, t, out=d)
     return sum_squares(cpu, d)
 
@@ -220,13 +231,16 @@ def subtract(ft, base, e, delta: np.ndarray, s: Scratch, omega: np.ndarray | Non
         Y = np.empty((e.numel // n, omega.shape[1]), np.float32)
         step = (CHUNK_ELEMENTS // n) * n
     energy = 0.0
-    for a, n_el in _spans(e.numel, step):
-        d = delta[a:a + n_el]
-        energy += _piece(ft, base, e, a, d, s, cpu)
-        if Y is not None:
-            rows = d.reshape(-1, omega.shape[0])  # (rows, n) @ (n, l) -> (rows, l)
-            r0 = a // omega.shape[0]
-            np.matmul(rows, omega, out=Y[r0:r0 + rows.shape[0]])
+    for a0, a1 in _windows(e.numel, step):
+        with _pair(ft, base, e.key, a0, a1) as (F, B):
+            for a, n_el in _spans(a1 - a0, step):
+                d = delta[a0 + a:a0 + a + n_el]
+                energy += _piece(F, B, a, d, s, cpu)
+                if Y is not None:
+                    rows = d.reshape(-1, omega.shape[0])  # (rows, n) @ (n, l) -> (rows, l)
+                    r0 = (a0 + a) // omega.shape[0]
+                    np.matmul(rows, omega, out=Y[r0:r0 + rows.shape[0]])
+            del F, B
     return energy, Y
 
 
@@ -271,8 +285,10 @@ class StreamedDelta:
         for r0 in range(0, self.rows, self.block_rows):
             r = min(self.block_rows, self.rows - r0)
             W = self.block[:r * self.cols]
-            for a, n_el in _spans(W.size, CHUNK_ELEMENTS):
-                energy += _piece(self.ft, self.base, self.e, r0 * self.cols + a, W[a:a + n_el], self.s, cpu)
+            with _pair(self.ft, self.base, self.e.key, r0 * self.cols, (r0 + r) * self.cols) as (F, B):
+                for a, n_el in _spans(W.size, CHUNK_ELEMENTS):
+                    energy += _piece(F, B, a, W[a:a + n_el], self.s, cpu)
+                del F, B
             yield r0, self.dev.asarray(W.reshape(r, self.cols))
         self.energy = energy
 
