@@ -8,8 +8,9 @@ one reader thread beside products spread over both cores. With CUDA the lanes ar
 while the device factorises another lane's pair. The main thread is the first lane; where threadpoolctl
 finds no BLAS to limit, there is one lane and the BLAS keeps its own threads.
 
-A lane reads a pair in pieces of CHUNK_ELEMENTS elements (pread into the lane's buffers; a mapping of the
-file would cost each lane page faults and TLB shootdowns), widens both to float32 (ml_dtypes for bfloat16),
+A lane reads a pair through read-only mappings of windows of WINDOW_ELEMENTS elements (io.base
+`mapped`: no copy of the bytes, which a pread of every piece cost; one unmapping per window, not per piece,
+so few TLB shootdowns), in pieces of CHUNK_ELEMENTS elements: it widens both to float32 (ml_dtypes for bfloat16),
 subtracts into a delta buffer and sums the squares while the piece is in the cache. When the caller passes
 the sketch's test matrix, the pieces are whole rows and the first sketch M @ Omega is formed piece by piece
 too, so that the delta is read from memory once less. Delta buffers come from a fixed set of slots (the
@@ -254,7 +255,7 @@ def _add(acc, P):
 class StreamedDelta:
     """The matrix view M (m, n) of a pair's float32 delta as an operator of ops/svd.py (`.shape`, `.dtype`,
     `.matmul`, `.rmatmul`, `.residual_squares`), never held whole: every product re-reads the pair from the
-    files in row blocks of at most `block_elements` (each block read piece by piece as `subtract` reads: pread,
+    files in row blocks of at most `block_elements` (each block read piece by piece as `subtract` reads: mapped,
     widen, subtract) and combines the blocks' products.
 
     The blocks are rows of the tensor as stored, W (rows, cols) with cols the product of the other dimensions:
