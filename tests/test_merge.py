@@ -514,3 +514,19 @@ def test_output_suffix_chooses_the_format_and_unknown_ones_are_refused(tmp_path)
     s = run_merge(tmp_path / "b.safetensors", [ad], str(tmp_path / "newdir") + "/")
     assert s.format == "folder" and sorted(p.name for p in (tmp_path / "newdir").iterdir()) == ["model.safetensors"]
     assert_like_peft(load_st(tmp_path / "newdir" / "model.safetensors"), want)
+
+
+def test_in_memory_adapters_merge_like_their_files(tmp_path):
+    tensors, ad, want = small_case(tmp_path)
+    write_file(tmp_path / "b.safetensors", tensors, {})
+    from loratool.io.native import load
+
+    adapter = load(ad)
+    s = run_merge(tmp_path / "b.safetensors", adapter, tmp_path / "m.safetensors", weights=[1.0])
+    assert s.adapters == ["adapter 1"] and s.targets == 1
+    assert_like_peft(load_st(tmp_path / "m.safetensors"), want)
+    both = run_merge(tmp_path / "b.safetensors", [adapter, ad], tmp_path / "u.safetensors", weights=[1.0, -1.0])
+    assert both.adapters == ["adapter 1", str(ad)]
+    got = load_st(tmp_path / "u.safetensors")
+    for k, v in tensors.items():  # W + d - d in float32: half an ulp of |W + d| < 16 (2^-21) each way
+        assert torch.allclose(got[k].float(), v.float(), rtol=0, atol=8 * 2.0 ** -23), k

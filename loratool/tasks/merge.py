@@ -51,7 +51,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
 
     Args:
         base: a .safetensors file, a .pt/.pth/.bin state dict, or a Hugging Face folder (sharded or not).
-        adapters: an adapter path, or several, of any dialect loratool reads.
+        adapters: an adapter, or several: paths of any dialect loratool reads, or in-memory Adapters.
         output: the output file or folder; a .safetensors or .pt/.pth/.bin name picks that format, any other
             name keeps the base's.
         weights: one weight per adapter (default 1 each). scale: multiplies every weight.
@@ -83,10 +83,14 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     def phase(name):
         phases[name] = round(time.perf_counter() - t0, 3)
 
-    adapters = [str(adapters)] if isinstance(adapters, (str, os.PathLike)) else [str(p) for p in adapters]
+    from ..adapter import Adapter
+
+    items = [adapters] if isinstance(adapters, (str, os.PathLike, Adapter)) else list(adapters)
+    paths = [os.fspath(x) for x in items if not isinstance(x, Adapter)]
+    names = [f"adapter {i + 1}" if isinstance(x, Adapter) else os.fspath(x) for i, x in enumerate(items)]
     out_name = _dtype_name(dtype)
-    if weights is not None and len(weights) != len(adapters):
-        raise UsageError(f"--weights has {len(weights)} values for {len(adapters)} adapters; give one weight per "
+    if weights is not None and len(weights) != len(items):
+        raise UsageError(f"--weights has {len(weights)} values for {len(items)} adapters; give one weight per "
                          "adapter")
     # Copy the base in the background while the adapters are read; once torch is loaded (a torch adapter or
     # base) there is less to hide, and targets would be copied only to be overwritten.
@@ -94,20 +98,21 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         speculate = "torch" not in sys.modules
     with session(device) as dev, open_stream(base) as src:
         fmt = output_format(src, output)
-        check_output(output, [*src.inputs, *adapters], overwrite)
+        check_output(output, [*src.inputs, *paths], overwrite)
 
         def out_dtype(key, dt):
             return out_name if out_name is not None and dt in FLOAT_DTYPES else dt
 
         with Rewriter(src, output, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync) as rw:
             if speculate:  # into the temporary output only: a refusal below still leaves nothing
-                rw.start_copy(early=_unlikely_targets(adapters))
+                rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
             from ._inputs import load_adapters
 
-            loaded = load_adapters(adapters, reader_options, base=src.reader)
+            read = iter(load_adapters(paths, reader_options, base=src.reader) if paths else [])
+            loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
             phase("adapters loaded")
-            plan = plan_merge(list(zip(adapters, loaded)), src.info, weights=weights, scale=scale,
+            plan = plan_merge(list(zip(names, loaded)), src.info, weights=weights, scale=scale,
                               unmerge=unmerge, allow_partial=allow_partial)
             _check_fingerprints(src, plan)
             mergers = {}
@@ -133,7 +138,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     phase("committed")
     worst = max(errors, key=errors.get) if errors else None
     return MergeResult(
-        base=str(base), output=str(output), format=fmt, adapters=adapters,
+        base=str(base), output=str(output), format=fmt, adapters=names,
         operation="unmerge" if unmerge else "merge", targets=plan.n_targets,
         terms=sum(len(v) for v in plan.terms.values()), tensors=stats["tensors"], bytes=stats["bytes"],
         seconds=round(time.perf_counter() - t0, 3), skipped=plan.skipped,
@@ -149,18 +154,24 @@ def _dtype_name(dtype: str | None) -> str | None:
     return DTYPE_NAMES[dtype]
 
 
-def _unlikely_targets(adapter_paths):
-    """A torch-free guess of the base keys no adapter touches, from the adapters' tensor names alone.
+def _unlikely_targets(adapters):
+    """A torch-free guess of the base keys no adapter touches, from the adapters' tensor names alone (the
+    target keys of an in-memory Adapter).
 
     A base key is a likely target when its module path (the key without .weight/.bias) appears in some
     adapter tensor name, dotted (PEFT, loratool) or underscored (kohya). The guess only orders the background
     copy; which tensors are merged is decided by the loaded adapters.
     """
+    from ..adapter import Adapter
     from ..container import read_header
     from ..errors import LoraToolError
 
     names = []
-    for p in map(Path, adapter_paths):
+    for item in adapters:
+        if isinstance(item, Adapter):
+            names.extend(item.targets)
+            continue
+        p = Path(item)
         files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.suffix == ".safetensors" else []
         if not files:
             return None  # a torch adapter: no cheap names, so copy nothing early
