@@ -83,7 +83,59 @@ def _no_constant(name):
 
 def strict_json(text: str):
     """json.loads that refuses duplicate keys (raises _Duplicate) and NaN/Infinity (raises ValueError)."""
-    return json.loads(text, object_pairs_hook=_no_dup_object, parse_constant=_no_constant)
+    return loads_json(text, object_pairs_hook=_no_dup_object)
+
+
+MAX_JSON_BYTES = 64 << 20  # a config or index file; a safetensors header has its own limit (rule C002)
+
+
+def loads_json(text, **hooks):
+    """json.loads without NaN/Infinity, where nesting too deep for the parser is a ValueError like any other
+    malformed JSON (json raises RecursionError, which would surface as a traceback)."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, **hooks)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def require_regular(path, what: str = "file") -> None:
+    """Refuse an input that is not a regular file (a FIFO or a device would block a read forever).
+
+    Raises:
+        FileError: it is missing, a folder, or another kind of file.
+    """
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise FileError(f"{escape(os.fsdecode(path))}: is a folder, not a {what}")
+    if not stat.S_ISREG(mode):
+        raise FileError(f"{escape(os.fsdecode(path))}: is not a regular file (a pipe, device or socket); pass the "
+                        f"{what} itself")
+
+
+def read_json_file(path, what: str = "JSON file"):
+    """The JSON value of a small regular file (configs, indexes), read with the checks of `require_regular`
+    and a size limit.
+
+    Raises:
+        FileError: not a readable regular file. SpecError: larger than MAX_JSON_BYTES, not UTF-8 JSON.
+    """
+    require_regular(path, what)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise SpecError(f"{escape(os.fsdecode(path))}: is larger than {MAX_JSON_BYTES >> 20} MiB; not a {what}")
+    try:
+        return loads_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SpecError(f"{escape(os.fsdecode(path))}: not valid JSON ({escape(str(e))})") from None
 
 
 def escape(name: str) -> str:
@@ -106,6 +158,7 @@ def read_header(path) -> Header:
         SpecError: the header cannot be parsed at all (rules C001-C005).
     """
     path = os.fspath(path)
+    require_regular(path, "safetensors file")
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -119,6 +119,13 @@ def _exit_code(e: BaseException, handlers: Handlers) -> int:
     if isinstance(e, OSError) and e.errno == errno.EPIPE:
         _quiet_stdout()
         return BROKEN_PIPE
+    if isinstance(e, OSError):  # the file system said no (disk full, read-only, no permission): one line, exit 6
+        from ..errors import FileError
+        from .render import printable
+
+        where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+        _say(printable(f"error: {where}{e.strerror or e}; nothing was written"))
+        return FileError.exit_code
     raise e
 
 

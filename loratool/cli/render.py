@@ -36,9 +36,15 @@ def write(text: str = "") -> None:
         sys.stdout.write(f"{text}\n")
 
 
+def printable(text: str) -> str:
+    """`text` on one line with every control character escaped (\\x1b, \\n, ...): a name read from a file or
+    typed by a user never reaches the terminal raw."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def fail(e) -> None:
     """Print `error: <message>` as one line on stderr and exit with the error's code."""
-    msg = " ".join(str(e).split("\n"))
+    msg = printable(str(e))
     sys.stderr.write(f"error: {msg}\n")
     sys.stderr.flush()
     sys.exit(e.exit_code)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from pathlib import Path
 
 from .. import spec
-from ..container import Header, TensorInfo, escape, pread_exact, read_array, read_header
+from ..container import (Header, TensorInfo, escape, pread_exact, read_array, read_header, read_json_file,
+                         require_regular)
 from ..errors import FileError, SpecError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -140,14 +140,12 @@ class ShardedBase(BaseModel):
     def __init__(self, folder):
         self.path = Path(folder)
         index_path = self.path / INDEX_NAME
+        index = read_json_file(index_path, "model.safetensors.index.json")
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError
-        except OSError as e:
-            raise FileError(f"{index_path}: cannot read: {e.strerror or e}") from None
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise SpecError(f"{index_path}: not a JSON object with a \"weight_map\" of key -> shard file name") \
                 from None
         shard_names = sorted(set(weight_map.values()))
@@ -261,5 +259,6 @@ def open_base(path) -> BaseModel:
     if p.suffix == ".safetensors":
         return SafetensorsBase(p)
     if p.suffix in TORCH_SUFFIXES:
+        require_regular(p, "torch state dict")
         return TorchBase(p)
     raise SpecError(f"{p}: unknown base format; use .safetensors, .pt, .pth, .bin or a Hugging Face folder")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..adapter import Adapter, Target, alpha_for_scale, scale_of
-from ..container import _no_constant, escape, write_file
+from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, finite_number,
                       header_only, is_float_name, lazy_whole_target, listing, materialize, metas_of_header,
@@ -137,12 +137,7 @@ def read_config(cfg_path: Path) -> dict:
         SpecError: malformed JSON, `r` missing, not an integer or <= 0, alpha missing or not finite.
         UnsupportedError: not a LoRA adapter, or a LoRA variant loratool cannot hold exactly.
     """
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except OSError as e:
-        raise FileError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
-    except ValueError as e:
-        raise SpecError(f"{cfg_path}: not valid JSON ({escape(str(e))})") from None
+    cfg = read_json_file(cfg_path, "PEFT adapter_config.json")
     if not isinstance(cfg, dict):
         raise SpecError(f"{cfg_path}: top level is not a JSON object")
     ptype = cfg.get("peft_type")

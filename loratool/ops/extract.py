@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +60,8 @@ import numpy as np
 from .. import device as devices
 from .. import dtypes, spec
 from ..adapter import Adapter, Target, matrix_shape, whole_target
-from ..container import escape
-from ..errors import MismatchError, NumericError
+from ..container import escape, read_json_file
+from ..errors import LoraToolError, MismatchError, NumericError
 from . import extract_run as lanes
 from . import svd
 
@@ -194,8 +193,8 @@ def model_hints(*paths) -> tuple[str, ...]:
     for p in paths:
         cfg = Path(p) / "config.json" if Path(p).is_dir() else Path(p).parent / "config.json"
         try:
-            model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError, AttributeError):
+            model_type = read_json_file(cfg, "config.json").get("model_type")
+        except (LoraToolError, AttributeError):  # no readable config: no hint (the weights decide alone)
             continue
         if model_type in CONV1D_MODEL_TYPES:
             return GPT2_CONV1D

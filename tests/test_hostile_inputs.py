@@ -1,0 +1,96 @@
+"""Hostile inputs and file-system faults end in one `error:` line with their exit code: deeply nested JSON,
+pipes given as files, a full disk, escape sequences in names (nothing hangs, nothing is left behind)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from loratool.cli import main
+from loratool.container import write_file
+
+DEEP = "[" * 20000 + "]" * 20000  # far past the json module's recursion limit
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err.strip()
+
+
+def small_model(folder):
+    folder.mkdir()
+    write_file(folder / "model.safetensors", {"w": np.ones((4, 4), np.float32)}, {"format": "pt"})
+    return folder
+
+
+def test_deeply_nested_safetensors_header_is_a_spec_error(tmp_path, capsys):
+    body = ('{"__metadata__":{"a":' + DEEP + '}}').encode()
+    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
+    assert main(["inspect", tmp_path / "deep.safetensors"]) == 3
+    assert "nested too deeply" in one_line(capsys)
+
+
+def test_deeply_nested_config_and_index_are_spec_errors(tmp_path, capsys):
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text('{"x": ' + DEEP + "}")
+    write_file(peft / "adapter_model.safetensors", {"a": np.ones(2, np.float32)}, {})
+    assert main(["inspect", peft]) == 3
+    assert "adapter_config.json: not valid JSON (nested too deeply)" in one_line(capsys)
+    base = small_model(tmp_path / "base")
+    (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")
+    (base / "model.safetensors.index.json").write_text('{"weight_map": ' + DEEP + "}")
+    assert main(["merge", base, peft, "-o", tmp_path / "out"]) == 3
+    assert "model.safetensors.index.json: not valid JSON (nested too deeply)" in one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_a_pipe_given_as_a_file_is_refused_without_waiting(tmp_path):
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    base = small_model(tmp_path / "base")
+    for args, what in ((["inspect", tmp_path / "pipe.safetensors"], "pipe.safetensors"),
+                       (["merge", tmp_path / "pipe.safetensors", tmp_path / "a.safetensors", "-o",
+                         tmp_path / "o.safetensors"], "pipe.safetensors"),
+                       (["merge", base, tmp_path / "pipe.safetensors", "-o", tmp_path / "o2"], "pipe.safetensors")):
+        r = subprocess.run([sys.executable, "-m", "loratool", *map(str, args)], capture_output=True, text=True,
+                           timeout=60)  # a read of the pipe would block forever
+        assert r.returncode == 6, r.stderr
+        assert r.stderr.count("\n") == 1 and "is not a regular file" in r.stderr and what in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "pipe.safetensors"]
+
+
+def test_a_full_disk_is_one_line_and_exit_6_with_nothing_left(tmp_path, monkeypatch, capsys):
+    from loratool.io import stream
+
+    base = small_model(tmp_path / "base")
+    ad = tmp_path / "a.safetensors"
+    from loratool.adapter import Adapter, whole_target
+    from loratool.io.native import save
+
+    t = whole_target("w", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    save(Adapter({"w": t}), ad)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(stream, "pwrite_all", full)
+    out = tmp_path / "out"
+    assert main(["merge", base, ad, "-o", out, "-q"]) == 6
+    assert one_line(capsys) == f"error: {os.strerror(errno.ENOSPC)}; nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "base"]  # no temporary left
+
+
+def test_escape_sequences_in_a_path_never_reach_the_terminal(tmp_path, capsys):
+    evil = tmp_path / "\x1b[31mred\x07.safetensors"
+    assert main(["inspect", evil]) == 6
+    line = one_line(capsys)
+    assert "\x1b" not in line and "\x07" not in line and "\\x1b[31mred\\x07" in line
