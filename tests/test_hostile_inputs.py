@@ -94,3 +94,26 @@ def test_escape_sequences_in_a_path_never_reach_the_terminal(tmp_path, capsys):
     assert main(["inspect", evil]) == 6
     line = one_line(capsys)
     assert "\x1b" not in line and "\x07" not in line and "\\x1b[31mred\\x07" in line
+
+
+def test_extract_refuses_to_write_inside_an_input_folder(tmp_path, capsys):
+    base = small_model(tmp_path / "base")
+    ft = small_model(tmp_path / "ft")
+    assert main(["extract", ft, base, "--rank", "1", "-o", base / "adapter.safetensors"]) == 6
+    assert "sit inside input" in one_line(capsys)
+    assert sorted(p.name for p in base.iterdir()) == ["model.safetensors"]
+
+
+def test_a_bf16_overflow_is_refused_for_a_torch_base_too(tmp_path, capsys):
+    import torch
+
+    from loratool.adapter import Adapter, whole_target
+    from loratool.io.native import save
+
+    # float32 holds W + ΔW (bf16(3.3e38) = 3.2963e38, + 1.03e37 = 3.3993e38) but bf16 does not: Inf past 3.3962e38
+    torch.save({"w": torch.full((4, 4), 3.3e38).bfloat16()}, tmp_path / "base.pt")
+    t = whole_target("w", "linear", (4, 4), np.ones((1, 4), np.float32), np.full((4, 1), 1.03e37, np.float32), 1.0)
+    save(Adapter({"w": t}), tmp_path / "a.safetensors")
+    for out in ("out.pt", "out.safetensors"):
+        assert main(["merge", tmp_path / "base.pt", tmp_path / "a.safetensors", "-o", tmp_path / out]) == 5
+        assert "overflows BF16" in one_line(capsys) and not (tmp_path / out).exists()

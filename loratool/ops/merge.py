@@ -226,6 +226,10 @@ class Merger:
 
         The returned array is this thread's scratch: use it (write it out) before the next call.
         """
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN are found and refused below
+            return self._block(V, r0)
+
+    def _block(self, V: np.ndarray, r0: int) -> np.ndarray:
         dev, n, cols = self.dev, V.shape[0], self.cols
         r1 = r0 + n
         rows_buf, work, out_buf = _scratch((self.block_rows + 64) * cols, dev, self.compute, self.out_name)

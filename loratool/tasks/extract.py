@@ -90,7 +90,7 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
         ft_model.close()
         raise
     with ft_model, base_model:
-        check_output(out, [*ft_model.files, *base_model.files], overwrite)
+        check_output(out, [finetuned, base, *ft_model.files, *base_model.files], overwrite)  # folders too
         result = run(ft_model, base_model, opts, names=(str(finetuned), str(base)), progress=progress)
     if not result.adapter.targets:
         raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
