@@ -347,7 +347,7 @@ def build_header(entries: list[tuple[str, str, tuple, int]], metadata: dict[str,
     return raw
 
 
-def write_file(path, tensors: dict, metadata: dict[str, str]) -> int:
+def write_file(path, tensors: dict, metadata: dict[str, str], overwrite: bool = True) -> int:
     """Write tensors (name -> numpy array, ml_dtypes included, or torch tensor) sorted by name, atomically. Returns the
     bytes written."""
     from .fsutil import atomic_file
@@ -361,7 +361,7 @@ def write_file(path, tensors: dict, metadata: dict[str, str]) -> int:
     blobs = [tensor_bytes(tensors[n]) for n in names]
     entries = [(n, st_dtype(tensors[n]), tuple(tensors[n].shape), len(b)) for n, b in zip(names, blobs)]
     header = build_header(entries, metadata)
-    with atomic_file(path) as f:
+    with atomic_file(path, overwrite=overwrite) as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for b in blobs:

@@ -119,11 +119,16 @@ def _create(path: Path, suffix: str, make) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path, fsync: bool = True):
+def atomic_file(path, fsync: bool = True, overwrite: bool = True):
     """Yield a binary file in the target's folder; on success fsync it and rename it over `path`.
 
     On any exception, interrupts included, the temporary file is removed and `path` is untouched.
     `fsync=False` keeps the atomic rename but leaves durability to the kernel's writeback, as `cp` does.
+    `overwrite=False` never replaces a `path` that appeared meanwhile (another writer's): the file is published
+    with a hard link, which fails when the name exists, instead of a rename, which would replace it.
+
+    Raises:
+        FileError: `overwrite` is False and `path` appeared while the file was written.
     """
     path = Path(path)
     names: list[Path] = []  # the temporary file's name, known before it exists
@@ -148,7 +153,8 @@ def atomic_file(path, fsync: bool = True):
         if _visible(path):  # counted before the rename: an interrupt from here on finds the output published
             _count(1)
             counted = 1
-        os.replace(tmp, path)
+        if overwrite or not _publish_new(tmp, path):
+            os.replace(tmp, path)
     except BaseException:
         if counted:
             _count(-1)
@@ -157,6 +163,24 @@ def atomic_file(path, fsync: bool = True):
                 os.close(fd)
         _finish(_unlink, *names)
         raise
+
+
+def _publish_new(tmp: Path, path: Path) -> bool:
+    """Give the finished file `tmp` the name `path` only if no file has it (a hard link, then the temporary name
+    removed); False where the file system has no hard links (the caller renames instead).
+
+    Raises:
+        FileError: `path` exists (it appeared after the command checked it).
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileError(f"{path}: appeared while this command was writing it (another writer?); nothing was "
+                        "written; pass --overwrite to replace it") from None
+    except OSError:  # EPERM, ENOTSUP, EXDEV: no hard links here
+        return False
+    os.unlink(tmp)
+    return True
 
 
 @contextlib.contextmanager

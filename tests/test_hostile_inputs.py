@@ -117,3 +117,32 @@ def test_a_bf16_overflow_is_refused_for_a_torch_base_too(tmp_path, capsys):
     for out in ("out.pt", "out.safetensors"):
         assert main(["merge", tmp_path / "base.pt", tmp_path / "a.safetensors", "-o", tmp_path / out]) == 5
         assert "overflows BF16" in one_line(capsys) and not (tmp_path / out).exists()
+
+
+def test_an_output_that_appears_meanwhile_is_never_replaced(tmp_path, capsys):
+    """Two writers on one -o without --overwrite: the one that publishes second refuses, and the first one's
+    file stays as it was (a rename would have replaced it)."""
+    import loratool
+    from loratool.errors import FileError
+
+    base = small_model(tmp_path / "base")
+    from loratool.adapter import Adapter, whole_target
+    from loratool.io.native import save
+
+    t = whole_target("w", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    save(Adapter({"w": t}), tmp_path / "a.safetensors")
+    out = tmp_path / "m.safetensors"
+
+    def other_writer(n, total=None):  # the output appears while the merge is running
+        if total is None and not out.exists():
+            out.write_bytes(b"theirs")
+
+    with pytest.raises(FileError, match="appeared while this command was writing it"):
+        loratool.merge(base, tmp_path / "a.safetensors", out, progress=other_writer)
+    assert out.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "base", "m.safetensors"]
+    res = loratool.rescale(tmp_path / "a.safetensors", scale=2.0, output=tmp_path / "r.safetensors")
+    assert res.bytes == (tmp_path / "r.safetensors").stat().st_size
+    out.unlink()
+    loratool.merge(base, tmp_path / "a.safetensors", out, progress=other_writer, overwrite=True)
+    assert out.read_bytes() != b"theirs"  # --overwrite: replaced, as asked

@@ -281,7 +281,7 @@ def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
     return tensors
 
 
-def save(adapter: Adapter, path, *, prefix: str = "lora_unet_") -> int:
+def save(adapter: Adapter, path, *, prefix: str = "lora_unet_", overwrite: bool = True) -> int:
     """Write `adapter` as a kohya `.safetensors` atomically. Returns the bytes written.
 
     Targets read from kohya keep their names; others become `prefix` + module path with "." -> "_".
@@ -300,7 +300,7 @@ def save(adapter: Adapter, path, *, prefix: str = "lora_unet_") -> int:
         if not bool(np.isfinite(x).all()):
             raise NumericError(f"{path}: tensor \"{escape(n)}\" has non-finite values; refusing to write it")
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}
-    return write_file(path, tensors, meta)
+    return write_file(path, tensors, meta, overwrite=overwrite)
 
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
@@ -320,6 +320,7 @@ def _detect(src: Source) -> int:
 DIALECT = Dialect(
     name="kohya", description="a kohya/sd-scripts LoRA .safetensors file (lora_down/lora_up/alpha)",
     detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown"}),
-    reads=(".safetensors",), save=save, writes="file", suffix=".safetensors", save_options=frozenset({"prefix"}))
+    reads=(".safetensors",), save=save, writes="file", suffix=".safetensors",
+    save_options=frozenset({"prefix", "overwrite"}))
 
 __all__ = ["load", "save", "structure", "plan", "kohya_name", "strip_prefix", "DIALECT"]

@@ -103,12 +103,14 @@ def numpy_tensors(tensors: dict, where) -> dict:
     return out
 
 
-def save(adapter: Adapter, path) -> int:
+def save(adapter: Adapter, path, *, overwrite: bool = True) -> int:
     """Write `adapter` to `path` atomically in the native format. Returns the bytes written.
 
     Factors may be numpy arrays or torch tensors; both are written through numpy (no torch import).
+    `overwrite=False` refuses a `path` that exists by the time the file is published (fsutil.atomic_file).
 
     Raises:
+        FileError: `overwrite` is False and `path` exists.
         SpecError: a factor was never loaded or is not floating point.
         NumericError: a factor, delta or alpha is not finite (nothing is written).
     """
@@ -118,7 +120,7 @@ def save(adapter: Adapter, path) -> int:
             if not math.isfinite(b.alpha):
                 raise NumericError(f"{path}: target \"{t.key}\": alpha {b.alpha} is not finite")
     _check_finite(adapter, tensors, str(path))
-    return write_file(path, tensors, metadata_of(adapter))
+    return write_file(path, tensors, metadata_of(adapter), overwrite=overwrite)
 
 
 def report_error(rep: Report) -> SpecError:
@@ -203,7 +205,7 @@ def _detect(src: Source) -> int:
 DIALECT = Dialect(
     name="loratool", description="loratool's own format (spec/FORMAT.md): one .safetensors file",
     detect=_detect, structure=structure, load=load, options=frozenset({"check"}), reads=(".safetensors",),
-    save=save, writes="file", suffix=".safetensors")
+    save=save, writes="file", suffix=".safetensors", save_options=frozenset({"overwrite"}))
 
 __all__ = ["load", "save", "structure", "attach", "metadata_of", "tensors_of", "target_entry", "canonical_json",
            "numpy_tensors", "DIALECT"]

@@ -430,7 +430,7 @@ class Rewriter:
         else:
             if self.out.exists() and self.overwrite and self.out.is_dir():
                 raise FileError(f"{self.out}: is a folder; choose a file name ending in .safetensors")
-            fobj = self._stack.enter_context(atomic_file(self.out, fsync=self.fsync))
+            fobj = self._stack.enter_context(atomic_file(self.out, fsync=self.fsync, overwrite=self.overwrite))
             self._fds = {"": fobj.fileno()}
         for of in self.files:
             fd = self._fds[of.name]
@@ -612,7 +612,8 @@ class Rewriter:
             progress(W.nbytes)
         name = self.base.torch_base.path.name if self.base.folder is not None else "pytorch_model.bin"
         dest = self._tmpdir / name if self.fmt == "folder" else self.out
-        fobj = self._stack.enter_context(atomic_file(dest, fsync=self.fsync))
+        fobj = self._stack.enter_context(atomic_file(dest, fsync=self.fsync,
+                                                     overwrite=self.overwrite or self.fmt == "folder"))
         torch.save(state, fobj)
         fobj.flush()
         self.bytes_written = os.fstat(fobj.fileno()).st_size
