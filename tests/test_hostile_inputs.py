@@ -146,3 +146,40 @@ def test_an_output_that_appears_meanwhile_is_never_replaced(tmp_path, capsys):
     out.unlink()
     loratool.merge(base, tmp_path / "a.safetensors", out, progress=other_writer, overwrite=True)
     assert out.read_bytes() != b"theirs"  # --overwrite: replaced, as asked
+
+
+@pytest.mark.parametrize("command", ["merge", "extract"])
+def test_a_base_written_in_place_meanwhile_is_refused(tmp_path, command):
+    """A base rewritten while it is read would give a torn output (tensors of both versions) with exit 0: the
+    file's size and modification time are checked after the last read, before anything is published."""
+    import loratool
+    from loratool.adapter import Adapter, whole_target
+    from loratool.errors import FileError
+    from loratool.io.native import save
+
+    base = small_model(tmp_path / "base")
+    ft = small_model(tmp_path / "ft")
+    write_file(ft / "model.safetensors", {"w": np.full((4, 4), 2.0, np.float32)}, {"format": "pt"})
+    t = whole_target("w", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    save(Adapter({"w": t}), tmp_path / "a.safetensors")
+    shard = base / "model.safetensors"
+
+    def rewrite(n=0, total=None, **kw):  # another program writes the base in place, same size
+        if total is None and not rewrite.done:
+            rewrite.done = True
+            data = bytearray(shard.read_bytes())
+            data[-4:] = np.float32(7.0).tobytes()
+            with open(shard, "r+b") as f:
+                f.write(bytes(data))
+            st = os.stat(shard)
+            os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+    rewrite.done = False
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(FileError, match="changed while it was being read"):
+        if command == "merge":
+            loratool.merge(base, tmp_path / "a.safetensors", out, progress=rewrite)
+        else:
+            loratool.extract(ft, base, rank=1, output=out, progress=rewrite)
+    assert rewrite.done and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "base", "ft"]

@@ -47,6 +47,14 @@ class BaseModel:
         block, without a copy where the reader can map the file (a view of the tensor it holds otherwise)."""
         yield self.read(key).reshape(-1)[start:stop]
 
+    def check_unchanged(self) -> None:
+        """Refuse a base whose files changed since they were opened (written in place, truncated, replaced): call
+        it after the last read, before an output made from it is published.
+
+        Raises:
+            FileError: a file's size, modification time or identity differs from when it was opened.
+        """
+
     def close(self) -> None:
         pass
 
@@ -68,9 +76,13 @@ class SafetensorsBase(BaseModel):
         if errs:
             raise SpecError(f"{self.path}: {errs[0].message} (rule {errs[0].rule})", errs)
         self._fd = os.open(self.path, os.O_RDONLY)
+        self._pin = _identity(os.fstat(self._fd))
 
     def keys(self):
         return list(self.header.tensors)
+
+    def check_unchanged(self) -> None:
+        _check_pin(self.path, self._pin, os.fstat(self._fd))
 
     def tensor_info(self, key: str) -> TensorInfo | None:
         return self.header.tensors.get(key)
@@ -183,6 +195,10 @@ class ShardedBase(BaseModel):
     def sha256(self, key):
         return self._where[key].sha256(key)
 
+    def check_unchanged(self) -> None:
+        for s in self.shards.values():
+            s.check_unchanged()
+
     def close(self):
         for s in self.shards.values():
             s.close()
@@ -196,6 +212,7 @@ class TorchBase(BaseModel):
 
         self.path = Path(path)
         self.files = [self.path]
+        self._pin = _identity(os.stat(self.path))
         try:
             try:
                 obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
@@ -229,6 +246,24 @@ class TorchBase(BaseModel):
         from ..dtypes import from_torch
 
         return from_torch(self._sd[key])  # a view of torch's (memory-mapped) storage, no copy
+
+    def check_unchanged(self) -> None:
+        try:
+            now = os.stat(self.path)
+        except OSError as e:
+            raise FileError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        _check_pin(self.path, self._pin, now)
+
+
+def _identity(st) -> tuple:
+    """What changes when a file is written, truncated or replaced: device, inode, size, modification time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_pin(path, pinned: tuple, now) -> None:
+    if _identity(now) != pinned:
+        raise FileError(f"{path}: changed while it was being read (written, truncated or replaced); nothing was "
+                        "written; run again once it is complete")
 
 
 def _bytes(a) -> memoryview:

@@ -92,6 +92,8 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     with ft_model, base_model:
         check_output(out, [finetuned, base, *ft_model.files, *base_model.files], overwrite)  # folders too
         result = run(ft_model, base_model, opts, names=(str(finetuned), str(base)), progress=progress)
+        ft_model.check_unchanged()  # a model written in place meanwhile would give factors of neither version
+        base_model.check_unchanged()
     if not result.adapter.targets:
         raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
                            f"{len(result.not_extracted)} changed ones were not factorised; nothing was written")

@@ -69,8 +69,8 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         A MergeResult.
     Raises:
         MismatchError (nothing written) when targets do not fit the base; NumericError on NaN/Inf/overflow or
-        a failed probe; FileError, SpecError for unreadable inputs or a refused output; UsageError for options
-        that do not go together.
+        a failed probe; FileError, SpecError for unreadable inputs, a base that changed while it was read, or a
+        refused output; UsageError for options that do not go together.
     """
     from ..device import blas_threads, session
     from ..fsutil import check_output
@@ -134,6 +134,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                 raise NumericError(f"target \"{k}\": --verify probe error {bad[k]:.3g} is above {VERIFY_EPS} x the "
                                    f"output dtype's epsilon ({len(bad)} target(s) fail); the merge is wrong, nothing "
                                    "was written; please report it")
+            src.reader.check_unchanged()  # a base written in place meanwhile would give a torn output
             rw.commit()
     phase("committed")
     worst = max(errors, key=errors.get) if errors else None
