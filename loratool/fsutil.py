@@ -242,3 +242,56 @@ def _undo(path: Path, names: list[Path]) -> None:
         shutil.rmtree(names[1], ignore_errors=True)
     if names:
         shutil.rmtree(names[0], ignore_errors=True)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
+def copy_model_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
+    """Copy a model folder's other files (config, tokenizer, ...) into `dst` as plain files and folders.
+
+    A file is copied only if it resolves inside `src`, or, for a Hugging Face cache snapshot
+    (`.../snapshots/<revision>/`), inside that repository's own `blobs/`; links are followed to their data and
+    copied as regular files. Anything else is skipped and named in the returned list (with the reason):
+    links that lead outside, links to folders (which could loop), pipes, devices, sockets, and weight files
+    that are not the base's (`original/consolidated.00.pth`: a copy the merge would leave stale). Names in
+    `skip` (the base's own weights and index, at the top level) and hidden names are left out silently.
+    """
+    import stat
+
+    root = _resolved(src)
+    allowed = [root]
+    if src.parent.name == "snapshots" and (src.parent.parent / "blobs").is_dir():
+        allowed.append(_resolved(src.parent.parent / "blobs"))
+    skipped: list[str] = []
+
+    def walk(folder: Path, out: Path, rel: str) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            name = entry.name
+            where = f"{rel}{name}"
+            if name.startswith(".") or (not rel and name in skip):
+                continue
+            real = _resolved(entry.path)
+            if not any(_inside(real, r) for r in allowed):
+                skipped.append(f"{where} (a link that leads outside the model folder)")
+                continue
+            try:
+                mode = os.stat(real).st_mode
+            except OSError:
+                skipped.append(f"{where} (a broken link)")
+                continue
+            if stat.S_ISDIR(mode):
+                if entry.is_symlink():
+                    skipped.append(f"{where} (a link to a folder)")
+                    continue
+                (out / name).mkdir()
+                walk(Path(entry.path), out / name, f"{where}/")
+            elif not stat.S_ISREG(mode):
+                skipped.append(f"{where} (not a regular file)")
+            elif name.endswith(WEIGHT_SUFFIXES):
+                skipped.append(f"{where} (weights that are not the base's: the merged model would carry them stale)")
+            else:
+                shutil.copyfile(real, out / name)
+
+    walk(src, dst, "")
+    return skipped

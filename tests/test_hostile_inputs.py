@@ -183,3 +183,61 @@ def test_a_base_written_in_place_meanwhile_is_refused(tmp_path, command):
             loratool.extract(ft, base, rank=1, output=out, progress=rewrite)
     assert rewrite.done and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "base", "ft"]
+
+
+def _folder_case(tmp_path):
+    from loratool.adapter import Adapter, whole_target
+    from loratool.io.native import save
+
+    t = whole_target("w", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    save(Adapter({"w": t}), tmp_path / "a.safetensors")
+    return tmp_path / "a.safetensors"
+
+
+def test_a_model_folder_is_copied_as_data_never_as_links(tmp_path):
+    """Links out of the folder (a secret beside it), link loops, pipes and stale weight copies are not copied
+    and are reported; links inside the folder are copied as the files they point to."""
+    import loratool
+
+    ad = _folder_case(tmp_path)
+    base = small_model(tmp_path / "base")
+    (tmp_path / "secret").write_text("outside")
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    (base / "extra").mkdir()
+    (base / "extra" / "shadow").symlink_to(tmp_path / "secret")
+    (base / "extra" / "up").symlink_to("..")  # a loop
+    (base / "tokenizer.json").symlink_to(base / "config.json")  # inside: copied as a file
+    (base / "original").mkdir()
+    (base / "original" / "consolidated.00.pth").write_bytes(b"stale weights")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(base / "extra" / "fifo")
+    res = loratool.merge(base, ad, tmp_path / "out")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.rglob("*")) == ["config.json", "extra", "model.safetensors", "original",
+                                                      "tokenizer.json"]
+    tok = out / "tokenizer.json"
+    assert not tok.is_symlink() and tok.read_text() == '{"model_type": "llama"}'
+    reasons = "\n".join(res.skipped_files)
+    assert "extra/shadow (a link that leads outside" in reasons and "extra/up (a link to a folder)" in reasons
+    assert "original/consolidated.00.pth (weights that are not the base's" in reasons
+    assert ("extra/fifo (not a regular file)" in reasons) == hasattr(os, "mkfifo")
+
+
+def test_a_hugging_face_cache_snapshot_is_copied_from_its_blobs(tmp_path):
+    """In a cache snapshot every file is a link into the repository's blobs/: they are the model's files."""
+    import loratool
+
+    ad = _folder_case(tmp_path)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    write_file(repo / "blobs" / "b1", {"w": np.ones((4, 4), np.float32)}, {"format": "pt"})
+    (repo / "blobs" / "b2").write_text('{"model_type": "llama"}')
+    (snap / "model.safetensors").symlink_to("../../blobs/b1")
+    (snap / "config.json").symlink_to("../../blobs/b2")
+    res = loratool.merge(snap, ad, tmp_path / "out")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert (out / "config.json").read_text() == '{"model_type": "llama"}' and not (out / "config.json").is_symlink()
+    assert res.skipped_files == []

@@ -67,6 +67,8 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
         return
     for msg in result.skipped:
         err.print(f"skipped: {msg}")
+    for msg in result.skipped_files:
+        err.print(f"not copied: {msg}")
     line = (f"{result.operation}d {result.terms} target(s) into {result.targets} tensor(s) of "
             f"{result.tensors}; wrote {fmt_bytes(result.bytes)} to {result.output} in {result.seconds:.2f} s")
     if result.skipped:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -386,6 +385,7 @@ class Rewriter:
         self.base, self.out, self.fmt = base, Path(out), fmt
         self.out_dtype = out_dtype or (lambda key, dt: dt)
         self.overwrite, self.fsync = overwrite, fsync
+        self.skipped_files: list[str] = []  # the base folder's files not copied, with the reason (commit)
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self._stack = contextlib.ExitStack()
         self._committed = False
@@ -627,19 +627,12 @@ class Rewriter:
         self._stack.close()
 
     def _copy_folder_files(self) -> None:
-        weights = {f.name for f in self.base.files} | {INDEX_NAME}
+        from ..fsutil import copy_model_files
+
+        weights = {f.path.name for f in self.base.files} | {INDEX_NAME}
         if self.base.kind == "torch":
             weights.add(self.base.torch_base.path.name)
-        for child in sorted(self.base.folder.iterdir()):
-            if child.name in weights or child.name.startswith("."):
-                continue
-            dst = self._tmpdir / child.name
-            if child.is_symlink() or not (child.is_file() or child.is_dir()):
-                continue  # links could point anywhere; a folder copy holds only plain files and folders
-            if child.is_dir():
-                shutil.copytree(child, dst, symlinks=False, ignore_dangling_symlinks=True)
-            else:
-                shutil.copyfile(child, dst)
+        self.skipped_files = copy_model_files(self.base.folder, self._tmpdir, weights)
         if self.base.kind == "sharded":
             index = json.loads(json.dumps(self.base.index))
             total = sum(e.nbytes for of in self.files for e in of.entries)

@@ -73,9 +73,9 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     from ..ops.extract import ExtractOptions, extract as run, model_hints
     from .convert import _write
 
+    ffo = model_hints(finetuned, base) if fan_in_fan_out is None else tuple(fan_in_fan_out)
     opts = ExtractOptions(rank=rank, energy=energy, threshold=threshold, max_params=max_params,
-                          targets=tuple(targets),
-                          fan_in_fan_out=model_hints(finetuned, base) if fan_in_fan_out is None else tuple(fan_in_fan_out),
+                          targets=tuple(targets), fan_in_fan_out=ffo,
                           embeddings=embeddings, keep_full=keep_full, clamp_quantile=clamp_quantile,
                           dtype=dtype or "float32", seed=seed, oversample=oversample,
                           power_iterations=power_iterations, device=device)

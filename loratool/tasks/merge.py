@@ -33,6 +33,7 @@ class MergeResult:
     bytes: int
     seconds: float
     skipped: list[str] = field(default_factory=list)  # targets skipped under allow_partial, one message each
+    skipped_files: list[str] = field(default_factory=list)  # the base folder's files not copied, with the reason
     verify: dict | None = None  # {"max_rel_error", "target"} with verify
     probe_errors: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
@@ -142,7 +143,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         base=str(base), output=str(output), format=fmt, adapters=names,
         operation="unmerge" if unmerge else "merge", targets=plan.n_targets,
         terms=sum(len(v) for v in plan.terms.values()), tensors=stats["tensors"], bytes=stats["bytes"],
-        seconds=round(time.perf_counter() - t0, 3), skipped=plan.skipped,
+        seconds=round(time.perf_counter() - t0, 3), skipped=plan.skipped, skipped_files=rw.skipped_files,
         verify={"max_rel_error": errors[worst], "target": worst} if worst else None, probe_errors=errors,
         device=dev.name, phases=phases)
 
