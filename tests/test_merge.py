@@ -530,3 +530,13 @@ def test_in_memory_adapters_merge_like_their_files(tmp_path):
     got = load_st(tmp_path / "u.safetensors")
     for k, v in tensors.items():  # W + d - d in float32: half an ulp of |W + d| < 16 (2^-21) each way
         assert torch.allclose(got[k].float(), v.float(), rtol=0, atol=8 * 2.0 ** -23), k
+
+
+def test_dtype_option_updates_the_config_so_transformers_loads_that_dtype(tmp_path):
+    tensors, ad, want = small_case(tmp_path, dtype=torch.float16)
+    base = write_sharded(tmp_path / "base", tensors)
+    (base / "config.json").write_text('{"model_type": "llama", "torch_dtype": "float16"}')
+    run_merge(base, [ad], tmp_path / "out", dtype="float32")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
+    run_merge(base, [ad], tmp_path / "same")
+    assert (tmp_path / "same" / "config.json").read_text() == (base / "config.json").read_text()

@@ -333,6 +333,24 @@ def _mapped(e: Entry):
             mm.close()
 
 
+TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def _set_config_dtype(config: Path, dtype: str) -> None:
+    """Name `dtype` in a Hugging Face config.json's dtype fields (those it has; torch_dtype when none)."""
+    from ..container import read_json_file
+
+    if not config.is_file():
+        return
+    cfg = read_json_file(config, "config.json")
+    if not isinstance(cfg, dict):
+        return
+    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+    for k in keys:
+        cfg[k] = TORCH_DTYPE_NAMES[dtype]
+    config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 # ---- the rewriter ---------------------------------------------------------------------------------------
 
 def _join(thread: threading.Thread) -> None:
@@ -619,10 +637,18 @@ class Rewriter:
         self.bytes_written = os.fstat(fobj.fileno()).st_size
         return {"bytes": self.bytes_written, "tensors": len(state), "transformed": len(transforms)}
 
-    def commit(self) -> None:
-        """Copy the base folder's other files, write the index, and move the output into place."""
+    def commit(self, config_dtype: str | None = None) -> None:
+        """Copy the base folder's other files, write the index, and move the output into place.
+
+        Args:
+            config_dtype: the dtype every floating-point tensor was written in (`--dtype`), which a copied
+                `config.json` then names (`torch_dtype`, and transformers 5's `dtype`), so that transformers
+                loads the model in it; None leaves the config as it is.
+        """
         if self.fmt == "folder" and self.base.folder is not None:
             self._copy_folder_files()
+            if config_dtype is not None:
+                _set_config_dtype(self._tmpdir / "config.json", config_dtype)
         self._committed = True
         self._stack.close()
 

@@ -136,7 +136,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                                    f"output dtype's epsilon ({len(bad)} target(s) fail); the merge is wrong, nothing "
                                    "was written; please report it")
             src.reader.check_unchanged()  # a base written in place meanwhile would give a torn output
-            rw.commit()
+            rw.commit(config_dtype=out_name)  # config.json says the dtype the weights now have
     phase("committed")
     worst = max(errors, key=errors.get) if errors else None
     return MergeResult(
