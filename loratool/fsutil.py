@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -103,14 +104,58 @@ def check_output(out, inputs, overwrite: bool = False) -> Path:
     return out
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)-[0-9a-f]{12}\.(?:tmp|old)$", re.S)
+_stale: list[Path] = []  # temporaries of dead processes removed by this one (take_stale_removed)
+
+
+def take_stale_removed() -> list[Path]:
+    """The temporary outputs of processes that died before cleaning up (a SIGKILL, a power cut), found beside
+    an output this process wrote and removed since the last call (the list is emptied)."""
+    with _lock:
+        taken = list(_stale)
+        _stale.clear()
+    return taken
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporaries a dead process left beside `path` (their names carry its process id)."""
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or m["name"] != path.name or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        with _lock:
+            _stale.append(Path(entry.path))
+
+
 def _create(path: Path, suffix: str, make) -> Path:
-    """A new hidden name beside `path` (".<name>.<random><suffix>"), made with `make(name)`.
+    """A new hidden name beside `path` (".<name>.<pid>-<random><suffix>"), made with `make(name)`.
 
     The name is chosen before the file exists and stored by the caller before `make` runs, so that an
     interrupt arriving just after the creation still finds the name to remove (tempfile.mkstemp returns it
-    only afterwards)."""
+    only afterwards). The process id in the name lets a later run remove what this one leaves if it is
+    killed outright (SIGKILL, no chance to clean up): `_remove_stale`, called here first."""
+    _remove_stale(path)
     while True:
-        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}{suffix}"
+        tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}{suffix}"
         try:
             make(tmp)
             return tmp

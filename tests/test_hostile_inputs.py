@@ -241,3 +241,24 @@ def test_a_hugging_face_cache_snapshot_is_copied_from_its_blobs(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert (out / "config.json").read_text() == '{"model_type": "llama"}' and not (out / "config.json").is_symlink()
     assert res.skipped_files == []
+
+
+def test_a_killed_runs_temporary_is_removed_by_the_next_run_and_named(tmp_path, capsys):
+    """A SIGKILL leaves a temporary output nobody can clean up at once; its name carries the dead process's
+    id, so the next run writing the same output removes it and says so, and never touches a live one's."""
+    dead = 2 ** 22 + 12345  # above the default pid_max of 2^22: no such process
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)
+    ad = _folder_case(tmp_path)
+    base = small_model(tmp_path / "base")
+    stale = tmp_path / f".out.safetensors.{dead}-0123456789ab.tmp"
+    stale.write_bytes(b"x" * 100)
+    stale_dir = tmp_path / f".out.safetensors.{dead}-abcdefabcdef.old"
+    stale_dir.mkdir()
+    live = tmp_path / f".out.safetensors.{os.getppid()}-0123456789ab.tmp"  # a running writer's
+    live.write_bytes(b"y")
+    assert main(["merge", base, ad, "-o", tmp_path / "out.safetensors", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert not stale.exists() and not stale_dir.exists() and live.exists()
+    assert f"note: removed {stale}, a temporary output left by a run that was killed" in err
+    assert (tmp_path / "out.safetensors").is_file()

@@ -54,6 +54,7 @@ def _main(argv, exiting: bool) -> int:
         try:
             handlers.install()
             code = _run(argv)
+            _report_stale()
             sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's exit
         finally:
             handlers.closed = True  # from here on a signal is only noted (no call between: none can land first)
@@ -127,6 +128,15 @@ def _exit_code(e: BaseException, handlers: Handlers) -> int:
         _say(printable(f"error: {where}{e.strerror or e}; nothing was written"))
         return FileError.exit_code
     raise e
+
+
+def _report_stale() -> None:
+    """Name on stderr the temporaries of killed runs that this command found beside its output and removed."""
+    fsutil = sys.modules.get("loratool.fsutil")
+    for path in fsutil.take_stale_removed() if fsutil is not None else ():
+        from .render import printable
+
+        _say(printable(f"note: removed {path}, a temporary output left by a run that was killed"))
 
 
 def _say(line: str) -> None:
