@@ -159,14 +159,5 @@ def out_of_range(x: np.ndarray, name: str) -> float | None:
     return big if limit is not None and big >= limit else None
 
 
-def first_nonfinite(a: np.ndarray) -> int | None:
-    """Flat index of the first NaN or Inf of a float array, or None when all are finite."""
-    ok = np.isfinite(a)
-    if bool(ok.all()):
-        return None
-    return int(np.argmin(ok.reshape(-1)))
-
-
 __all__ = ["NP_DTYPES", "FINITE_MAX", "EPS", "np_dtype", "st_name", "dtype_of", "is_float", "from_buffer",
-           "torch_dtype", "is_torch", "from_torch", "to_torch", "as_numpy", "as_f32", "cast", "out_of_range",
-           "first_nonfinite"]
+           "torch_dtype", "is_torch", "from_torch", "to_torch", "as_numpy", "as_f32", "cast", "out_of_range"]

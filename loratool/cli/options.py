@@ -53,26 +53,3 @@ def reader_options_of(kw: dict, base=None) -> dict:
     if vals["base"] is None:
         vals["base"] = base
     return reader_options(**vals)
-
-
-def load_inputs(paths, opts: dict, base=None, host: bool = False) -> list:
-    """Read several adapters, each with the reader options its dialect takes.
-
-    Args:
-        opts: the user's reader options (`reader_options_of`).
-        base: a base model the command has anyway (merge's BASE); handed to the readers that take one.
-        host: accepted for callers that still pass it; every reader now returns numpy factors.
-    Raises:
-        click.UsageError: an option the user set is taken by none of the inputs' dialects.
-    """
-    from ..io.detect import accepted_options, detect, load_adapter
-
-    dialects = [detect(p) for p in paths]
-    taken = set().union(*(accepted_options(d) for d in dialects))
-    unused = sorted(k for k, v in opts.items() if v not in (None, False) and k not in taken)
-    if unused:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-        raise click.UsageError(f"no input is of a dialect that takes {flags}; drop the option")
-    if base is not None:
-        opts = {**opts, "base": base}
-    return [load_adapter(p, dialect=d, strict=False, **opts) for p, d in zip(paths, dialects)]
