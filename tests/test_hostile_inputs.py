@@ -262,3 +262,32 @@ def test_a_killed_runs_temporary_is_removed_by_the_next_run_and_named(tmp_path, 
     assert not stale.exists() and not stale_dir.exists() and live.exists()
     assert f"note: removed {stale}, a temporary output left by a run that was killed" in err
     assert (tmp_path / "out.safetensors").is_file()
+
+
+def test_peft_target_modules_that_match_nothing_in_the_base_are_refused(tmp_path, capsys):
+    """PEFT refuses to load an adapter whose target_modules name no module of the model; merging it by its
+    tensors' names alone would apply what PEFT never would."""
+    import loratool
+
+    base = tmp_path / "base"
+    base.mkdir()
+    write_file(base / "model.safetensors", {"model.layers.0.q_proj.weight": np.ones((4, 4), np.float32)},
+               {"format": "pt"})
+    from loratool.adapter import Adapter, whole_target
+
+    t = whole_target("model.layers.0.q_proj.weight", "linear", (4, 4), np.ones((1, 4), np.float32),
+                     np.ones((4, 1), np.float32), 1.0)
+    loratool.save(Adapter({t.key: t}), tmp_path / "peft", to="peft")
+    cfg_path = tmp_path / "peft" / "adapter_config.json"
+    assert main(["merge", base, tmp_path / "peft", "-o", tmp_path / "ok.safetensors", "-q"]) == 0  # as written
+    capsys.readouterr()
+    cfg = json.loads(cfg_path.read_text())
+    for targets in (["v_proj"], "model\\.layers\\.0\\.k_proj"):
+        cfg["target_modules"] = targets
+        cfg_path.write_text(json.dumps(cfg))
+        assert main(["merge", base, tmp_path / "peft", "-o", tmp_path / "out.safetensors"]) == 4
+        assert "match no module of the base" in one_line(capsys)
+        assert not (tmp_path / "out.safetensors").exists()
+    cfg["target_modules"] = "model\\.layers\\.\\d+\\.q_proj"
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["merge", base, tmp_path / "peft", "-o", tmp_path / "re.safetensors", "-q"]) == 0

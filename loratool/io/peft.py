@@ -247,9 +247,43 @@ def _plan(path, base, allow_unknown, describe, then):
     cfg = read_config(cfg_path)
     metas, read = _tensors(src, weights)
     with base_keys(base) as bk:
+        if bk is not None:
+            _check_targets_exist(cfg_path, cfg, bk)
         plan = _Plan(weights)
         plan.adapter = _build(weights, cfg, metas, bk, allow_unknown, describe, plan)
         return then(plan, read)
+
+
+def _check_targets_exist(cfg_path, cfg: dict, bk: BaseKeys) -> None:
+    """PEFT's rule (tuners_utils.check_target_module_exists, inject_adapter): `target_modules` must name at least
+    one module of the base, or PEFT refuses to load the adapter ("Target modules ... not found in the base
+    model"); merging such an adapter by its tensors' names alone would apply what PEFT never would.
+
+    A list entry matches a module whose dotted path is it or ends with "." + it; a string is a regular
+    expression the whole path must match. Module paths are the base's weight keys without ".weight", under
+    any leading prefix (a model saved with or without its `model.` wrapper).
+
+    Raises:
+        MismatchError: target_modules is set and matches no module of the base.
+    """
+    targets = cfg.get("target_modules")
+    if not targets:
+        return
+    modules = {k[: -len(".weight")] for k in bk.keys if k.endswith(".weight")}
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise SpecError(f"{cfg_path}: \"target_modules\" is not a regular expression ({escape(str(e))})") \
+                from None
+        found = any(pattern.fullmatch(m) or pattern.fullmatch(m.partition(".")[2]) for m in modules)
+    else:
+        names = {str(t) for t in targets}
+        found = any(m in names or any(m.endswith("." + t) for t in names) for m in modules)
+    if not found:
+        raise MismatchError(f"{cfg_path}: target_modules {json.dumps(targets)} match no module of the base "
+                            f"{bk.base.path} (PEFT refuses this adapter too: \"Target modules ... not found in the "
+                            "base model\"); use the adapter's own base")
 
 
 def _read(plan: _Plan, read) -> Adapter:
