@@ -388,7 +388,11 @@ def test_probe_catches_a_wrong_orientation():
     good = Merger("w", (12, 12), "F32", [Term(t, 1.0)], "F32", probe=True)
     good.block(W, 0)
     assert good.probe_error() < 1e-6  # float32 rounding only
+    from loratool.device import cpu
+    from loratool.ops.merge import _pieces
+
     wrong = Merger("w", (12, 12), "F32", [Term(t, 1.0)], "F32", probe=True)
+    wrong.pieces = _pieces(wrong.terms, cpu(), "F32")  # built ahead of the first block, to be broken
     wrong.pieces[0].transposed = True  # a merge that applies (B @ A)^T
     wrong.pieces[0].r0, wrong.pieces[0].r1 = 0, 12
     wrong.block(W, 0)

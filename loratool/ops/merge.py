@@ -212,7 +212,7 @@ class Merger:
         self.out_name = out_dtype
         self.dev = device or cpu()
         self.compute = "F64" if "F64" in (base_dtype, out_dtype) else "F32"
-        self.pieces = _pieces(self.terms, self.dev, self.compute)
+        self.pieces: list[_Piece] | None = None  # built at the first block, dropped after the last
         self.block_rows = block_rows_for(self.rows, self.cols, block_bytes, 8 if self.compute == "F64" else 4)
         self.probe = probe
         if probe:
@@ -236,7 +236,14 @@ class Merger:
         X = dev.widen(V, self.compute, rows_buf[:n * cols].reshape(n, cols))  # the one widened copy of the rows
         if self.probe:
             self._y_old[r0:r1] = dev.to_numpy(X) @ self._x  # (n, cols) @ (cols,) -> (n,), in float64
-        for p in self.pieces:
+        if self.pieces is None:
+            # The factors in the compute dtype on the device exist only while this tensor is merged, so that a
+            # merge holds one target's float32 copies at a time (per worker), not every target's.
+            self.pieces = _pieces(self.terms, self.dev, self.compute)
+        pieces = self.pieces
+        if r1 == self.rows:
+            self.pieces = None
+        for p in pieces:
             i0, i1 = max(r0, p.r0), min(r1, p.r1)
             if i0 < i1:
                 X[i0 - r0:i1 - r0, p.c0:p.c1] += p.delta(dev, i0, i1, work)
