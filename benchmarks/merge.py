@@ -199,6 +199,38 @@ def kernel() -> dict:
             "import_torch_s": round(imp, 2), "load_avg": os.getloadavg()[0]}
 
 
+def big_adapter(work: Path, base: Path, rank: int = 320) -> dict:
+    """Peak RSS of merging a ~1 GB adapter (float32, rank `rank` on the seven projections of every layer, built
+    once with numpy and written by loratool's PEFT writer) into the base: what the merge holds beyond the
+    adapter itself."""
+    import numpy as np
+
+    import loratool
+    from loratool.adapter import Adapter, whole_target
+    from loratool.io.base import open_base
+
+    adapter = work / f"adapter-r{rank}"
+    if not (adapter / "adapter_config.json").is_file():
+        g = np.random.default_rng(0)
+        targets = []
+        with open_base(base) as b:
+            for k in b.keys():
+                if k.endswith("proj.weight"):
+                    (o, i), _ = b.info(k)
+                    A = (g.standard_normal((rank, i), dtype=np.float32) / np.sqrt(i)).astype(np.float32)
+                    B = (g.standard_normal((o, rank), dtype=np.float32) * 1e-3).astype(np.float32)
+                    targets.append(whole_target(k, "linear", (o, i), A, B, 2 * rank))
+        loratool.save(Adapter({t.key: t for t in targets}), adapter, to="peft")
+    out = work / "out-big"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, rss, cpu = timed([PY, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out), "-q",
+                            "--no-fsync"])
+    shutil.rmtree(out, ignore_errors=True)
+    size = sum(p.stat().st_size for p in adapter.iterdir())
+    return {"adapter_bytes": size, "rank": rank, "wall_s": round(wall, 2), "peak_rss_bytes": rss,
+            "peak_rss_gb": round(rss / 1e9, 3), "load_avg": os.getloadavg()[0]}
+
+
 def phases(base: Path, adapter: Path, out: Path) -> dict:
     """One `loratool merge --no-fsync --json` in a fresh process: its own phase times (seconds since
     run_merge started), the route it took, and the process's wall, CPU and peak RSS."""
@@ -226,6 +258,7 @@ def main():
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--kernel", action="store_true", help="only measure the per-element cost of a merged block")
     ap.add_argument("--phases", action="store_true", help="only time the phases of one merge (wall and CPU)")
+    ap.add_argument("--big-adapter", action="store_true", help="only the peak RSS of merging a ~1 GB adapter")
     args = ap.parse_args()
     if args.kernel:
         print(json.dumps(kernel(), indent=2))
@@ -237,6 +270,9 @@ def main():
     print(f"base ready in {time.perf_counter() - t:.1f} s: {base}", file=sys.stderr)
     if args.phases:
         print(json.dumps(phases(base, adapter, work / "out"), indent=2))
+        return
+    if args.big_adapter:
+        print(json.dumps(big_adapter(work, base), indent=2))
         return
     size = sum(p.stat().st_size for p in base.iterdir())
     out = work / "out"
