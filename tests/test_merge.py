@@ -544,3 +544,34 @@ def test_dtype_option_updates_the_config_so_transformers_loads_that_dtype(tmp_pa
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
     run_merge(base, [ad], tmp_path / "same")
     assert (tmp_path / "same" / "config.json").read_text() == (base / "config.json").read_text()
+
+
+@pytest.mark.parametrize("base_name,out_name", [("b.safetensors", "o.safetensors"), ("b.pt", "o.pt")])
+def test_a_recorded_fingerprint_is_checked_on_the_bytes_merged(tmp_path, base_name, out_name):
+    """Rule B004: a target recording its base tensor's sha256 merges into that base and refuses any other
+    (the digest is taken of the bytes the merge reads, for safetensors and torch bases alike)."""
+    import dataclasses
+    import hashlib
+
+    from loratool.io.native import load
+
+    tensors, ad, want = small_case(tmp_path)
+    if base_name.endswith(".pt"):
+        torch.save(tensors, tmp_path / base_name)
+    else:
+        write_file(tmp_path / base_name, tensors, {})
+    a = load(ad)
+    key = next(iter(a.targets))
+    right = hashlib.sha256(tensors[key].numpy().tobytes()).hexdigest()
+    for sha, ok in ((right, True), ("0" * 64, False)):
+        t = dataclasses.replace(a.targets[key], sha256=sha)
+        save(Adapter({key: t}), tmp_path / "fp.safetensors")
+        out = tmp_path / out_name
+        if ok:
+            run_merge(tmp_path / base_name, [tmp_path / "fp.safetensors"], out, overwrite=True)
+            assert out.exists()
+        else:
+            out.unlink()
+            with pytest.raises(MismatchError, match=re.escape(f"this base has {right[:12]}... (rule B004)")):
+                run_merge(tmp_path / base_name, [tmp_path / "fp.safetensors"], out)
+            assert not out.exists()

@@ -404,6 +404,7 @@ class Rewriter:
         self.out_dtype = out_dtype or (lambda key, dt: dt)
         self.overwrite, self.fsync = overwrite, fsync
         self.skipped_files: list[str] = []  # the base folder's files not copied, with the reason (commit)
+        self._digests: dict[str, Any] = {}  # key -> hashlib object fed the source bytes (run's digests)
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self._stack = contextlib.ExitStack()
         self._committed = False
@@ -520,13 +521,18 @@ class Rewriter:
                 self._cv.wait()
             self._state.setdefault(key, "claimed")
 
-    def run(self, transforms: Mapping[str, Any], progress: Callable[..., None] | None = None) -> dict:
+    def run(self, transforms: Mapping[str, Any], progress: Callable[..., None] | None = None,
+            digests: Mapping[str, Any] | None = None) -> dict:
         """Write every tensor: transformed ones through their transform, the rest raw (or cast).
 
+        Args:
+            digests: key -> a hashlib object, for transformed keys: fed the source tensor's bytes as they are
+                read for the transform (the bytes the output is made of, with no second pass over them).
         Returns:
             {"bytes": bytes written, "tensors": count, "transformed": count}.
         """
         progress = progress or (lambda *a, **k: None)
+        self._digests = dict(digests or {})
         if self._torch_out:
             return self._run_torch(transforms, progress)
         jobs_tf, raw = [], []
@@ -599,9 +605,12 @@ class Rewriter:
 
     def _blocks(self, fd, e: Entry, tf, W, osize: int, done) -> None:
         rows, cols = e.rows_cols
+        digest = self._digests.get(e.key)
         for r0, r1 in row_spans(rows, tf.block_rows):
             if self._cancel.is_set():  # the run failed or was interrupted: the output is discarded
                 return
+            if digest is not None:  # rows in order: the tensor's little-endian bytes, as read
+                digest.update(np.ascontiguousarray(W[r0:r1]).reshape(-1).view(np.uint8))
             data = np.ascontiguousarray(tf.block(W[r0:r1], r0)).reshape(-1).view(np.uint8)
             off = e.offset + r0 * cols * osize
             pwrite_all(fd, data, off)
@@ -624,6 +633,8 @@ class Rewriter:
             if tf is not None:
                 rows = 1 if W.ndim == 0 else W.shape[0]
                 V = W.reshape(rows, -1)
+                if key in self._digests:
+                    self._digests[key].update(np.ascontiguousarray(V).reshape(-1).view(np.uint8))
                 W = np.concatenate([tf.block(V[a:b], a).copy() for a, b in row_spans(rows, tf.block_rows)])
                 W = W.reshape(tuple(self.base.info(key)[0]))
             state[key] = dtypes.to_torch(W)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -115,7 +116,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             phase("adapters loaded")
             plan = plan_merge(list(zip(names, loaded)), src.info, weights=weights, scale=scale,
                               unmerge=unmerge, allow_partial=allow_partial)
-            _check_fingerprints(src, plan)
+            digests = {k: hashlib.sha256() for k, terms in plan.terms.items() if any(t.target.sha256 for t in terms)}
             mergers = {}
             for key, terms in plan.terms.items():
                 shape, dt = src.info(key)
@@ -126,8 +127,9 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             # One tensor per worker thread, each with a single-threaded BLAS: a BLAS team per small product
             # would stall whenever another process holds a core.
             with blas_threads(1 if dev.is_cpu else None):
-                stats = rw.run(mergers, progress)
+                stats = rw.run(mergers, progress, digests=digests)
             phase("merged")
+            _check_fingerprints(plan, {k: d.hexdigest() for k, d in digests.items()})
             errors = {k: m.probe_error() for k, m in mergers.items()} if verify else {}
             bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * dtypes.EPS[out_dtype(k, src.info(k)[1])]}
             if bad:
@@ -191,18 +193,18 @@ def _unlikely_targets(adapters):
     return early
 
 
-def _check_fingerprints(base, plan) -> None:
-    """Rule B004: a target that records its base's sha256 refuses any other base (read before writing)."""
+def _check_fingerprints(plan, got: dict[str, str]) -> None:
+    """Rule B004: a target that records its base's sha256 refuses any other base. `got` holds the digests of
+    the bytes the merge actually read (hashed while reading: no second pass, and a base changed between a
+    check and the read cannot slip through)."""
     from ..container import escape
 
     for key, terms in plan.terms.items():
         want = {t.target.sha256 for t in terms if t.target.sha256}
-        if want:
-            got = base.sha256(key)
-            if got not in want or len(want) > 1:
-                raise MismatchError(f"{terms[0].source}: target \"{escape(key)}\" was trained on a base tensor with "
-                                    f"sha256 {sorted(want)[0][:12]}..., this base has {got[:12]}... (rule B004); "
-                                    "use the adapter's own base")
+        if want and (got[key] not in want or len(want) > 1):
+            raise MismatchError(f"{terms[0].source}: target \"{escape(key)}\" was trained on a base tensor with "
+                                f"sha256 {sorted(want)[0][:12]}..., this base has {got[key][:12]}... (rule B004); "
+                                "use the adapter's own base")
 
 
 __all__ = ["merge", "MergeResult", "VERIFY_EPS", "DTYPE_NAMES"]
