@@ -7,7 +7,7 @@ Other test files import these builders: keep the names and signatures stable.
     tiny_neox()    fused query_key_value nn.Linear
     peft_model(model, **lora_config_kwargs)   a PeftModel whose lora_B are random (non-zero) with a fixed seed
     base_state_dict(model)   the model's state dict as contiguous float32 clones (what a base file holds)
-    sample_input(model)      a fixed batch of token ids
+    sample_input()           a fixed batch of token ids
 """
 
 from __future__ import annotations

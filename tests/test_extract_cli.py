@@ -244,3 +244,30 @@ def test_extract_files_is_the_library_call_behind_the_command(files):
     with pytest.raises(ValueError, match="choose exactly one of rank, energy, threshold or max_params"):
         extract_files(d / "ft.safetensors", d / "base.safetensors", output=d / "x.safetensors")
     assert not (d / "x.safetensors").exists()
+
+
+def test_peft_output_loads_with_auto_peft_model_and_gives_the_finetune(tmp_path):
+    """extract --to peft names the base and the task (from the base's config.json architectures), so
+    AutoPeftModelForCausalLM loads the folder as it is; at full rank its logits are the finetune's."""
+    from peft import AutoPeftModelForCausalLM
+
+    from models import sample_input, tiny_llama
+
+    base_model = tiny_llama(seed=1)
+    base_model.save_pretrained(tmp_path / "base")
+    ft_model = tiny_llama(seed=1)
+    with torch.no_grad():
+        for name, p in ft_model.named_parameters():
+            if name.endswith("proj.weight"):
+                p += 0.05 * torch.randn(p.shape[0], 2) @ torch.randn(2, p.shape[1])
+    ft_model.save_pretrained(tmp_path / "ft")
+    code, out, err = run("extract", tmp_path / "ft", tmp_path / "base", "--rank", "16", "--to", "peft",
+                         "-o", tmp_path / "adapter", "-q")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == str(tmp_path / "base")
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    x = sample_input()
+    with torch.no_grad():
+        got, want = model(x).logits, ft_model(x).logits
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())  # float32 SVD of rank-2 deltas

@@ -273,6 +273,30 @@ def _bytes(a) -> memoryview:
     return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
+# transformers' model classes by name ending -> PEFT's task_type (what AutoPeftModelFor* checks).
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForConditionalGeneration": "SEQ_2_SEQ_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+              "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+              "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def task_type_of(model_path) -> str | None:
+    """PEFT's task_type for a Hugging Face model folder, from `architectures` in its config.json (None when
+    the folder has no config or the architecture names no task PEFT knows)."""
+    from ..errors import LoraToolError
+
+    folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    try:
+        cfg = read_json_file(folder / "config.json", "config.json")
+    except LoraToolError:
+        return None
+    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    for arch in archs if isinstance(archs, list) else []:
+        for ending, task in TASK_TYPES.items():
+            if isinstance(arch, str) and arch.endswith(ending):
+                return task
+    return None
+
+
 def open_base(path) -> BaseModel:
     """Open a base model by its path, choosing the reader from the file name or folder contents.
 

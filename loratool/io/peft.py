@@ -369,8 +369,9 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
         targets[t.key] = t
     check_unknown(where, "PEFT", unknown, allow_unknown, info)
     meta = {"peft.r": str(cfg["r"]), "peft.lora_alpha": str(cfg["lora_alpha"])}
-    if cfg.get("base_model_name_or_path"):
-        meta["peft.base_model_name_or_path"] = str(cfg["base_model_name_or_path"])
+    for field in ("base_model_name_or_path", "task_type"):  # kept, so that a conversion back to PEFT loads
+        if cfg.get(field):
+            meta[f"peft.{field}"] = str(cfg[field])
     return Adapter(targets=targets, metadata=meta, info=info)
 
 
@@ -526,7 +527,8 @@ def _module_of(t: Target, suffix: str) -> str:
     return t.key[: -len(suffix)]
 
 
-def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[dict, dict]:
+def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
+         task_type: str | None = None) -> tuple[dict, dict]:
     """The adapter_config.json dict and name -> tensor that express `adapter` exactly in PEFT.
 
     Factors may be numpy arrays or torch tensors; the tensors returned are numpy arrays.
@@ -601,7 +603,8 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None) -> tuple[
             B = t.blocks[0].B
             tensors[PREFIX + _module_of(t, ".weight") + ".lora_B.bias"] = np.zeros(B.shape[0], dtype=B.dtype)
     cfg = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": task_type or adapter.metadata.get("peft.task_type"),
+        "base_model_name_or_path": base_model_name_or_path or adapter.metadata.get("peft.base_model_name_or_path"),
         "r": r, "lora_alpha": _num(alpha), "use_rslora": rule == "rslora",
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "target_modules": sorted(modules), "fan_in_fan_out": any(t.layout == "fan_in_fan_out" for t in lora),
@@ -616,7 +619,8 @@ def _majority(values):
     return sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
 
 
-def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_path: str | None = None) -> int:
+def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_path: str | None = None,
+         task_type: str | None = None) -> int:
     """Write `adapter` as a PEFT folder (adapter_config.json + adapter_model.safetensors), atomically.
 
     Returns the bytes written. The caller checks the output against its inputs (fsutil.check_output).
@@ -630,7 +634,7 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
     numpy_tensors(tensors_of(adapter), path)  # every factor loaded and floating point
     adapter = adapter.as_numpy()
     _check_finite(adapter, tensors_of(adapter), str(path))
-    cfg, tensors = plan(adapter, base_model_name_or_path)
+    cfg, tensors = plan(adapter, base_model_name_or_path, task_type)
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}
     meta["format"] = "pt"
     with atomic_dir(path, overwrite=overwrite) as tmp:
@@ -656,6 +660,6 @@ DIALECT = Dialect(
     name="peft", description="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin)",
     detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown"}),
     reads=(".safetensors", ".bin"), save=save, writes="folder",
-    save_options=frozenset({"overwrite", "base_model_name_or_path"}))
+    save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}))
 
 __all__ = ["load", "save", "structure", "plan", "read_config", "get_pattern_key", "DIALECT"]

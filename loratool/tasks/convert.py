@@ -76,6 +76,7 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
     from ..errors import MismatchError
     from ..fsutil import check_output
     from ..io import registry
+    from ..io.base import task_type_of
 
     writer = registry.writer_for(output, to)
     check_output(output, [path, options.get("base")], overwrite)
@@ -85,7 +86,11 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
     if adapter.info.get("kohya_unmapped") and writer.name != d.name:
         raise MismatchError(f"{path}: kohya names such as \"{next(iter(adapter.targets))}\" cannot be turned back "
                             "into dotted module paths without the model; pass --base")
-    nbytes = writer.write(adapter, output, overwrite=overwrite, prefix=kohya_prefix)
+    base = options.get("base")
+    # PEFT output names its base and task, so AutoPeftModelFor* loads it (kept from a PEFT input otherwise).
+    named = ({"base_model_name_or_path": os.fspath(base), "task_type": task_type_of(base)}
+             if isinstance(base, (str, os.PathLike)) else {})
+    nbytes = writer.write(adapter, output, overwrite=overwrite, prefix=kohya_prefix, **named)
     return ConvertResult(adapter=adapter, dialect=d.name, to=writer.name, bytes=nbytes, output=os.fspath(output))
 
 

@@ -68,7 +68,7 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     """
     from ..errors import NumericError
     from ..fsutil import check_output
-    from ..io.base import open_base
+    from ..io.base import open_base, task_type_of
     from ..io.registry import writer_for
     from ..ops.extract import ExtractOptions, extract as run, model_hints
     from .convert import _write
@@ -98,7 +98,7 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
         raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
                            f"{len(result.not_extracted)} changed ones were not factorised; nothing was written")
     _, result.bytes = _write(result.adapter, out, to=to, overwrite=overwrite,
-                             base_model_name_or_path=os.fspath(base))
+                             base_model_name_or_path=os.fspath(base), task_type=task_type_of(base))
     result.output = out
     return result
 
