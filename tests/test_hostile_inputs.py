@@ -291,3 +291,18 @@ def test_peft_target_modules_that_match_nothing_in_the_base_are_refused(tmp_path
     cfg["target_modules"] = "model\\.layers\\.\\d+\\.q_proj"
     cfg_path.write_text(json.dumps(cfg))
     assert main(["merge", base, tmp_path / "peft", "-o", tmp_path / "re.safetensors", "-q"]) == 0
+
+
+def test_kohya_metadata_describes_the_file_as_written(tmp_path):
+    """A kohya file rescaled keeps sd-scripts' ss_network_alpha in step with its alpha tensors."""
+    import loratool
+    from loratool.adapter import Adapter, whole_target
+    from loratool.container import read_header
+
+    t = whole_target("lora_unet_down_blocks_0.weight", "linear", (4, 4), np.ones((2, 4), np.float32),
+                     np.ones((4, 2), np.float32), 2.0)
+    a = Adapter({t.key: t}, metadata={"ss_network_dim": "2", "ss_network_alpha": "2.0", "ss_output_name": "x"})
+    loratool.save(a, tmp_path / "k.safetensors", to="kohya")
+    loratool.rescale(tmp_path / "k.safetensors", scale=0.5, output=tmp_path / "half.safetensors", to="kohya")
+    meta = read_header(tmp_path / "half.safetensors").metadata
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_output_name"]) == ("2", "1", "x")

@@ -274,7 +274,8 @@ def _bytes(a) -> memoryview:
 
 
 # transformers' model classes by name ending -> PEFT's task_type (what AutoPeftModelFor* checks).
-TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForConditionalGeneration": "SEQ_2_SEQ_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+              "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
               "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
               "ForQuestionAnswering": "QUESTION_ANS"}
 

@@ -300,7 +300,29 @@ def save(adapter: Adapter, path, *, prefix: str = "lora_unet_", overwrite: bool 
         if not bool(np.isfinite(x).all()):
             raise NumericError(f"{path}: tensor \"{escape(n)}\" has non-finite values; refusing to write it")
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith("loratool.")}
+    meta.update(_network_metadata(tensors, meta))
     return write_file(path, tensors, meta, overwrite=overwrite)
+
+
+def _network_metadata(tensors: dict, meta: dict) -> dict:
+    """sd-scripts' ss_network_dim / ss_network_alpha describing the file as written: the rank and alpha every
+    module shares, or "Dynamic" (as sd-scripts writes for resized files) when they differ. A rescale or a
+    resize changes them, so the values read from the input would describe another file."""
+    import numpy as np
+
+    if "ss_network_dim" not in meta and "ss_network_alpha" not in meta:
+        return {}
+    ranks = {int(x.shape[0]) for n, x in tensors.items() if n.endswith(".lora_down.weight")}
+    alphas = {float(np.asarray(x, dtype=np.float64).reshape(-1)[0])
+              for n, x in tensors.items() if n.endswith(".alpha")}
+
+    def one(values):
+        if len(values) != 1:
+            return "Dynamic"
+        v = next(iter(values))
+        return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+    return {"ss_network_dim": one(ranks), "ss_network_alpha": one(alphas)}
 
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
