@@ -7,7 +7,8 @@ tensor of a safetensors file changes dtype, the output file reuses the input's h
 every tensor keeps its offset: tensors nobody transforms are copied as raw bytes inside the kernel
 (copy_file_range), never decoded, and transformed tensors are written in place with pwrite.
 
-Reads use pread into small buffers (never mmap: a mapped shard counts every touched page in the RSS).
+Transformed tensors are read through a mapping of each tensor's bytes alone, held while it is transformed
+(a mapped shard would count every touched page in the RSS); untouched ones are copied inside the kernel.
 Transforms are duck-typed objects with `block_rows` and `block(V, r0) -> array` (see ops.merge.Merger) that
 take numpy row blocks of the source (ml_dtypes for BF16) and return numpy rows of the output dtype: io never
 imports ops. torch is imported only when a torch file is read or written.
@@ -302,37 +303,6 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, cancel=No
         src_off, dst_off, n = src_off + done, dst_off + done, n - done
 
 
-@contextlib.contextmanager
-def _mapped(e: Entry):
-    """The source tensor of `e` as a (rows, cols) numpy view of a private read mapping of its bytes only.
-
-    Only this tensor's pages are mapped, and only while it is being transformed, so the resident set stays
-    bounded by the largest tensor rather than growing with every shard touched.
-    """
-    import mmap
-
-    f, t = e.src
-    start = f.header.data_start + t.begin
-    lo = start - start % mmap.ALLOCATIONGRANULARITY
-    if t.end + f.header.data_start > os.fstat(f.fd).st_size:
-        raise FileError(f"{f.path}: is shorter than its header says; was it modified while reading?")
-    mm = mmap.mmap(f.fd, start + t.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
-    try:
-        with contextlib.suppress(AttributeError, OSError):
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-        view = memoryview(mm)[start - lo:start - lo + t.nbytes]
-        W = dtypes.from_buffer(view, e.src_dtype, e.rows_cols)
-        try:
-            yield W
-        finally:
-            del W
-            view.release()
-    finally:
-        # A view still held (by a traceback on the way out) keeps the mapping open until it is collected.
-        with contextlib.suppress(BufferError):
-            mm.close()
-
-
 TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
@@ -599,9 +569,10 @@ class Rewriter:
                 return
             self._blocks(fd, e, tf, W, osize, done)
             return
-        with _mapped(e) as W:  # (rows, cols) over the page cache: no read copy; unmapped right after
-            self._blocks(fd, e, tf, W, osize, done)
-            del W  # every view of the mapping must be gone before it closes
+        # The tensor over the page cache (io.base's mapping of its bytes alone): no read copy, unmapped right after.
+        with self.base.reader.mapped(e.key) as flat:
+            self._blocks(fd, e, tf, flat.reshape(rows, cols), osize, done)
+            del flat  # every view of the mapping must be gone before it closes
 
     def _blocks(self, fd, e: Entry, tf, W, osize: int, done) -> None:
         rows, cols = e.rows_cols
