@@ -33,6 +33,16 @@ def load_adapters(paths, options: dict | None = None, base=None) -> list:
     return [load_adapter(p, dialect=d, strict=False, **options) for p, d in zip(paths, dialects)]
 
 
+def check_weights(weights, n: int) -> None:
+    """One weight per adapter, or none (each 1).
+
+    Raises:
+        UsageError: another count; refused before anything is read.
+    """
+    if weights is not None and len(weights) != n:
+        raise UsageError(f"--weights has {len(weights)} values for {n} adapters; give one weight per adapter")
+
+
 def set_options(options: dict) -> list[str]:
     """The reader options given a value (`flags` only names them in messages)."""
     return sorted(k for k, v in options.items() if k != "flags" and v not in (None, False, (), []))

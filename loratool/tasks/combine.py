@@ -37,12 +37,11 @@ def combine(adapters_or_paths, *, weights=None, method: str = "concat", rank: in
     from ..errors import UsageError
     from ..io.registry import writer_for
     from ..ops.combine import combine as run
-    from ._inputs import load_adapters, set_options
+    from ._inputs import check_weights, load_adapters, set_options
     from .convert import _write
 
     items = list(adapters_or_paths)
-    if weights is not None and len(weights) != len(items):
-        raise UsageError(f"--weights has {len(weights)} values for {len(items)} adapters; give one weight per adapter")
+    check_weights(weights, len(items))
     if output is not None:
         writer_for(output, to)  # a name the writer refuses is refused before any work
     paths = [x for x in items if not isinstance(x, Adapter)]

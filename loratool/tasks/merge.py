@@ -78,6 +78,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     from ..fsutil import check_output
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
     from ..ops.merge import Merger, plan_merge
+    from ._inputs import check_weights, load_adapters
 
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
@@ -91,9 +92,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     paths = [os.fspath(x) for x in items if not isinstance(x, Adapter)]
     names = [f"adapter {i + 1}" if isinstance(x, Adapter) else os.fspath(x) for i, x in enumerate(items)]
     out_name = _dtype_name(dtype)
-    if weights is not None and len(weights) != len(items):
-        raise UsageError(f"--weights has {len(weights)} values for {len(items)} adapters; give one weight per "
-                         "adapter")
+    check_weights(weights, len(items))
     # Copy the base in the background while the adapters are read; once torch is loaded (a torch adapter or
     # base) there is less to hide, and targets would be copied only to be overwritten.
     if speculate is None:
@@ -109,7 +108,6 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             if speculate:  # into the temporary output only: a refusal below still leaves nothing
                 rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
-            from ._inputs import load_adapters
 
             read = iter(load_adapters(paths, reader_options, base=src.reader) if paths else [])
             loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
