@@ -123,7 +123,14 @@ class SafetensorsBase(BaseModel):
         lo = first - first % mmap.ALLOCATIONGRANULARITY
         if self.header.data_start + t.end > os.fstat(self._fd).st_size:
             raise FileError(f"{self.path}: is shorter than its header says; was it modified while reading?")
-        mm = mmap.mmap(self._fd, first + nbytes - lo, access=mmap.ACCESS_READ, offset=lo)
+        length = first + nbytes - lo
+        populate = getattr(mmap, "MAP_POPULATE", None)  # Linux
+        if populate is not None:
+            # The window is read whole right away: one call maps its pages, instead of a fault per few pages
+            # (about 15% of extract's reading on the 1.1B pair, benchmarks/README.md).
+            mm = mmap.mmap(self._fd, length, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ, offset=lo)
+        else:
+            mm = mmap.mmap(self._fd, length, access=mmap.ACCESS_READ, offset=lo)
         try:
             with contextlib.suppress(AttributeError, OSError):
                 mm.madvise(mmap.MADV_SEQUENTIAL)
