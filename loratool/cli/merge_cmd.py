@@ -75,4 +75,9 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
         line += f"; skipped {len(result.skipped)} target(s)"
     if result.verify:
         line += f"; verify: max relative error {result.verify['max_rel_error']:.3g}"
+    if result.requantized:
+        line += (f"; requantized {len(result.requantized)} float8 weight(s) with new scales, keeping at least "
+                 f"{min(result.requantized.values()):.1%} of the adapter's change")
     err.print(line)
+    for msg in result.warnings:
+        err.print(f"warning: {msg}")

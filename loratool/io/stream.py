@@ -231,11 +231,13 @@ def _layout(name: str, entries: list[Entry], metadata: dict, raw_header: bytes |
     return OutFile(name, header, entries)
 
 
-def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str]) -> list[OutFile]:
+def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str],
+               drop: frozenset = frozenset()) -> list[OutFile]:
     """The safetensors files to write (names relative to the output), with every tensor's offset.
 
     Args:
         out_dtype: (key, base dtype) -> output dtype.
+        drop: base keys not written (the scales of float8 weights written dequantized).
     """
     def entry(key, f, t):
         dt = out_dtype(key, t.dtype)
@@ -244,22 +246,26 @@ def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str])
     if base.kind == "torch":
         entries = []
         for key in base.keys():
+            if key in drop:
+                continue
             shape, dt = base.info(key)
             odt = out_dtype(key, dt)
             entries.append(Entry(key, odt, tuple(shape), math.prod(shape) * spec.DTYPE_SIZES[odt], src_dtype=dt))
         return [_layout("model.safetensors" if fmt == "folder" else "", entries, {"format": "pt"}, None)]
     per_file = []
     for f in base.files:
-        ents = [entry(k, f, t) for k, t in sorted(f.header.tensors.items(), key=lambda kv: kv[1].begin)]
-        per_file.append((f, ents))
+        ents = [entry(k, f, t) for k, t in sorted(f.header.tensors.items(), key=lambda kv: kv[1].begin)
+                if k not in drop]
+        per_file.append((f, ents, len(ents) < len(f.header.tensors)))
     if fmt == "folder" or len(per_file) == 1:
         # A single-file base written as a folder holds model.safetensors, as Hugging Face names it.
+        # A file that loses keys gets a new header: its own lists them.
         return [_layout(("model.safetensors" if base.folder is None else f.name) if fmt == "folder" else "", ents,
-                        f.header.metadata, f.raw_header) for f, ents in per_file]
+                        f.header.metadata, None if dropped else f.raw_header) for f, ents, dropped in per_file]
     meta = {}
-    for f, _ in per_file:
+    for f, _, _ in per_file:
         meta.update(f.header.metadata)
-    return [_layout("", [e for _, ents in per_file for e in ents], meta, None)]
+    return [_layout("", [e for _, ents, _ in per_file for e in ents], meta, None)]
 
 
 # ---- low-level writes -----------------------------------------------------------------------------------
@@ -306,8 +312,9 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, cancel=No
 TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def _set_config_dtype(config: Path, dtype: str) -> None:
-    """Name `dtype` in a Hugging Face config.json's dtype fields (those it has; torch_dtype when none)."""
+def _set_config_dtype(config: Path, dtype: str | None, dequantized: bool = False) -> None:
+    """Name `dtype` in a Hugging Face config.json's dtype fields (those it has; torch_dtype when none), and
+    drop its quantization_config when the weights were written `dequantized`."""
     from ..container import read_json_file
 
     if not config.is_file():
@@ -315,9 +322,11 @@ def _set_config_dtype(config: Path, dtype: str) -> None:
     cfg = read_json_file(config, "config.json")
     if not isinstance(cfg, dict):
         return
-    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
-    for k in keys:
-        cfg[k] = TORCH_DTYPE_NAMES[dtype]
+    if dtype is not None:
+        for k in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+            cfg[k] = TORCH_DTYPE_NAMES[dtype]
+    if dequantized:
+        cfg.pop("quantization_config", None)
     config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -369,8 +378,10 @@ class Rewriter:
     """
 
     def __init__(self, base: StreamBase, out, fmt: str, *, out_dtype: Callable[[str, str], str] | None = None,
-                 overwrite: bool = False, fsync: bool = True, workers: int | None = None):
+                 overwrite: bool = False, fsync: bool = True, workers: int | None = None,
+                 drop: frozenset = frozenset()):
         self.base, self.out, self.fmt = base, Path(out), fmt
+        self.drop = frozenset(drop)  # base keys not written (plan_files)
         self.out_dtype = out_dtype or (lambda key, dt: dt)
         self.overwrite, self.fsync = overwrite, fsync
         self.skipped_files: list[str] = []  # the base folder's files not copied, with the reason (commit)
@@ -392,7 +403,7 @@ class Rewriter:
                 self._tmpdir = Path(self._stack.enter_context(atomic_dir(self.out, overwrite, fsync=fsync)))
             return
         self._torch_out = False
-        self.files = plan_files(base, fmt, self.out_dtype)
+        self.files = plan_files(base, fmt, self.out_dtype, self.drop)
         try:
             self._open()
         except BaseException as exc:  # discard what _open made (a plain close() would commit it)
@@ -595,6 +606,8 @@ class Rewriter:
 
         state = {}
         for key in self.base.keys():
+            if key in self.drop:
+                continue
             W = self.base.read(key)
             tf = transforms.get(key)
             dt = self.base.info(key)[1]
@@ -619,18 +632,20 @@ class Rewriter:
         self.bytes_written = os.fstat(fobj.fileno()).st_size
         return {"bytes": self.bytes_written, "tensors": len(state), "transformed": len(transforms)}
 
-    def commit(self, config_dtype: str | None = None) -> None:
+    def commit(self, config_dtype: str | None = None, dequantized: bool = False) -> None:
         """Copy the base folder's other files, write the index, and move the output into place.
 
         Args:
             config_dtype: the dtype every floating-point tensor was written in (`--dtype`), which a copied
                 `config.json` then names (`torch_dtype`, and transformers 5's `dtype`), so that transformers
                 loads the model in it; None leaves the config as it is.
+            dequantized: the quantized weights were written dequantized: a copied `config.json` loses its
+                `quantization_config`.
         """
         if self.fmt == "folder" and self.base.folder is not None:
             self._copy_folder_files()
-            if config_dtype is not None:
-                _set_config_dtype(self._tmpdir / "config.json", config_dtype)
+            if config_dtype is not None or dequantized:
+                _set_config_dtype(self._tmpdir / "config.json", config_dtype, dequantized)
         self._committed = True
         self._stack.close()
 
@@ -643,6 +658,8 @@ class Rewriter:
         self.skipped_files = copy_model_files(self.base.folder, self._tmpdir, weights)
         if self.base.kind == "sharded":
             index = json.loads(json.dumps(self.base.index))
+            if self.drop and isinstance(index.get("weight_map"), dict):
+                index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in self.drop}
             total = sum(e.nbytes for of in self.files for e in of.entries)
             if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
                 index["metadata"]["total_size"] = total

@@ -63,21 +63,21 @@ class Plan:
         return len(self.terms)
 
 
-def _fit_problem(source: str, t: Target, info) -> str | None:
+def _fit_problem(source: str, t: Target, info, quantized=()) -> str | None:
     where = f"{source}: target \"{escape(t.key)}\""
     if info is None:
         return f"{where} is not in the base (rule B001)"
     shape, dtype = tuple(info[0]), info[1]
     if shape != tuple(t.shape):
         return f"{where} has shape {list(t.shape)} but the base tensor is {list(shape)} (rule B002)"
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES and t.key not in quantized:
         return f"{where}: base tensor is {dtype}; integer and quantized tensors cannot be merged (rule B003)"
     return None
 
 
 def plan_merge(adapters: Sequence[tuple[str, Adapter]], base_info: Callable[[str], tuple | None], *,
                weights: Sequence[float] | None = None, scale: float = 1.0, unmerge: bool = False,
-               allow_partial: bool = False) -> Plan:
+               allow_partial: bool = False, quantized=()) -> Plan:
     """Check every target of every adapter against the base and group the terms by base key.
 
     Args:
@@ -86,6 +86,8 @@ def plan_merge(adapters: Sequence[tuple[str, Adapter]], base_info: Callable[[str
         weights: one weight per adapter (default 1 each); the coefficient of a term is weight * scale,
             negated when `unmerge`.
         allow_partial: skip the targets that do not fit (their messages go to Plan.skipped) instead of raising.
+        quantized: base keys of a quantized dtype that are merged all the same (float8 weights with scales that
+            ops.fp8 dequantizes and requantizes).
     Returns:
         A Plan; its terms keep the adapters' order for each key.
     Raises:
@@ -104,7 +106,7 @@ def plan_merge(adapters: Sequence[tuple[str, Adapter]], base_info: Callable[[str
     problems = []
     for (name, adapter), w in zip(adapters, weights):
         for t in adapter:
-            problem = _fit_problem(name, t, base_info(t.key))
+            problem = _fit_problem(name, t, base_info(t.key), quantized)
             if problem:
                 problems.append(problem)
             else:

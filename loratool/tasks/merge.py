@@ -17,6 +17,9 @@ from ..errors import MismatchError, NumericError, UsageError
 # tensor once gives about eps/4 on a random probe; an orientation, scale or index mistake gives far more.
 VERIFY_EPS = 8
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+# A requantized float8 weight that keeps less than this share of the adapter's change (||Q(W + ΔW) − Q(W)|| /
+# ||ΔW||) is named in a warning: the float8 grid swallows most of the adapter there.
+SURVIVAL_WARN = 0.5
 
 
 @dataclass
@@ -37,6 +40,9 @@ class MergeResult:
     skipped_files: list[str] = field(default_factory=list)  # the base folder's files not copied, with the reason
     verify: dict | None = None  # {"max_rel_error", "target"} with verify
     probe_errors: dict[str, float] = field(default_factory=dict)
+    # float8 weights requantized with their scheme: key -> ||Q(W + ΔW) − Q(W)|| / ||ΔW|| (the adapter's share kept)
+    requantized: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds since the start
 
@@ -77,6 +83,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     from ..device import blas_threads, session
     from ..fsutil import check_output
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
+    from ..ops.fp8 import Dequantized, Fp8Target
     from ..ops.merge import Merger, plan_merge
     from ._inputs import check_weights, load_adapters
 
@@ -100,11 +107,15 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     with session(device) as dev, open_stream(base) as src:
         fmt = output_format(src, output)
         check_output(output, [*src.inputs, *paths], overwrite)
+        quant = _fp8_schemes(src)
+        # With --dtype the float8 weights are written dequantized in it, and their scales are not written.
+        dequant = quant if out_name is not None else {}
 
         def out_dtype(key, dt):
-            return out_name if out_name is not None and dt in FLOAT_DTYPES else dt
+            return out_name if out_name is not None and (dt in FLOAT_DTYPES or key in dequant) else dt
 
-        with Rewriter(src, output, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync) as rw:
+        with Rewriter(src, output, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync,
+                      drop=frozenset(s.scale_key for s in dequant.values())) as rw:
             if speculate:  # into the temporary output only: a refusal below still leaves nothing
                 rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
@@ -113,12 +124,21 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
             phase("adapters loaded")
             plan = plan_merge(list(zip(names, loaded)), src.info, weights=weights, scale=scale,
-                              unmerge=unmerge, allow_partial=allow_partial)
+                              unmerge=unmerge, allow_partial=allow_partial, quantized=quant)
             digests = {k: hashlib.sha256() for k, terms in plan.terms.items() if any(t.target.sha256 for t in terms)}
-            mergers = {}
+            mergers, fp8 = {}, {}
+            for key in dequant:  # every float8 weight, merged or not: dequantized into --dtype
+                mergers[key] = Dequantized(key, src.info(key)[0], dequant[key], plan.terms.get(key, []), src.reader,
+                                           out_name, device=dev, probe=verify and key in plan.terms)
             for key, terms in plan.terms.items():
                 shape, dt = src.info(key)
-                mergers[key] = Merger(key, shape, dt, terms, out_dtype(key, dt), device=dev, probe=verify)
+                if key in dequant:
+                    continue
+                if key in quant:  # dequantized, merged in float32, requantized with its own scheme
+                    fp8[key] = Fp8Target(key, shape, quant[key], terms, src.reader, device=dev, probe=verify)
+                    mergers[key], mergers[quant[key].scale_key] = fp8[key].weight, fp8[key].scales
+                else:
+                    mergers[key] = Merger(key, shape, dt, terms, out_dtype(key, dt), device=dev, probe=verify)
             phase("planned")
             if progress is not None:
                 progress(0, total=rw.total_bytes)
@@ -128,24 +148,33 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                 stats = rw.run(mergers, progress, digests=digests)
             phase("merged")
             _check_fingerprints(plan, {k: d.hexdigest() for k, d in digests.items()})
-            errors = {k: m.probe_error() for k, m in mergers.items()} if verify else {}
-            bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * dtypes.EPS[out_dtype(k, src.info(k)[1])]}
+            probes = {k: fp8[k].probe_merger if k in fp8 else mergers[k] for k in plan.terms}
+            errors = {k: m.probe_error() for k, m in probes.items()} if verify else {}
+            # A float8 weight's probe checks its float32 merge; the requantization is reported as `requantized`.
+            bad = {k: e for k, e in errors.items()
+                   if e > VERIFY_EPS * dtypes.EPS["F32" if k in fp8 else out_dtype(k, src.info(k)[1])]}
             if bad:
                 k = max(bad, key=bad.get)
                 raise NumericError(f"target \"{k}\": --verify probe error {bad[k]:.3g} is above {VERIFY_EPS} x the "
                                    f"output dtype's epsilon ({len(bad)} target(s) fail); the merge is wrong, nothing "
                                    "was written; please report it")
             src.reader.check_unchanged()  # a base written in place meanwhile would give a torn output
-            rw.commit(config_dtype=out_name)  # config.json says the dtype the weights now have
+            # config.json says the dtype the weights now have (and no quantization when they were dequantized)
+            rw.commit(config_dtype=out_name, dequantized=bool(dequant))
     phase("committed")
     worst = max(errors, key=errors.get) if errors else None
+    kept = {k: t.survival() for k, t in fp8.items()}
+    lost = sorted((k for k, v in kept.items() if v < SURVIVAL_WARN), key=kept.get)
+    warnings = [f"float8 requantization keeps under {SURVIVAL_WARN:.0%} of the adapter's change on {len(lost)} "
+                f"weight(s) (least: {lost[0]}, {kept[lost[0]]:.1%}); the float8 grid is coarser than the change: "
+                "pass --dtype bfloat16 for a dequantized merge"] if lost else []
     return MergeResult(
         base=str(base), output=str(output), format=fmt, adapters=names,
         operation="unmerge" if unmerge else "merge", targets=plan.n_targets,
         terms=sum(len(v) for v in plan.terms.values()), tensors=stats["tensors"], bytes=stats["bytes"],
         seconds=round(time.perf_counter() - t0, 3), skipped=plan.skipped, skipped_files=rw.skipped_files,
         verify={"max_rel_error": errors[worst], "target": worst} if worst else None, probe_errors=errors,
-        device=dev.name, phases=phases)
+        requantized=kept, warnings=warnings, device=dev.name, phases=phases)
 
 
 def _dtype_name(dtype: str | None) -> str | None:
@@ -154,6 +183,24 @@ def _dtype_name(dtype: str | None) -> str | None:
     if dtype not in DTYPE_NAMES:
         raise UsageError(f"dtype {dtype!r}: use one of {', '.join(sorted(DTYPE_NAMES))}")
     return DTYPE_NAMES[dtype]
+
+
+def _fp8_schemes(src) -> dict:
+    """The base's float8 weights with scales (ops.fp8.schemes), the block size from its config.json."""
+    from ..container import read_json_file
+    from ..errors import LoraToolError
+    from ..ops.fp8 import schemes
+
+    keys = src.keys()
+    if not any(src.info(k)[1] == "F8_E4M3" for k in keys):
+        return {}
+    config = None
+    if src.folder is not None and (src.folder / "config.json").is_file():
+        try:
+            config = read_json_file(src.folder / "config.json", "config.json")
+        except LoraToolError:
+            config = None  # the block size is then inferred from the scales' shapes
+    return schemes(src.info, keys, config)
 
 
 def _unlikely_targets(adapters):
