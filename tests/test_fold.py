@@ -292,3 +292,15 @@ def test_kohya_combined_without_base_folds_and_merges(sd):
     for key, got in _merged_deltas(sd / "m.safetensors", SD_BASE).items():
         want = 1.5 * dense_delta(full.targets[key])
         torch.testing.assert_close(got, want, atol=KOHYA * float(want.abs().max()) + 1e-7, rtol=0)
+
+
+def test_rescaled_combine_reaches_peft(tmp_path):
+    t1, t2 = linear_target(rank=3), linear_target(rank=2, seed=7, alpha=1.0)
+    both = combine([Adapter(targets={t1.key: t1}), Adapter(targets={t2.key: t2})], [1.0, 0.7]).adapter
+    native.save(both, tmp_path / "c.safetensors")
+    code, out, err = run("rescale", tmp_path / "c.safetensors", "--scale", "0.5", "-o", tmp_path / "p", "--json")
+    assert code == 0 and json.loads(out)["to"] == "peft", err
+    back = P.load(tmp_path / "p").targets[t1.key]
+    want = 0.5 * delta64(both.targets[t1.key])
+    assert back.rank == 5 and bool(np.all(np.abs(delta64(back) - want) <= ROUNDED * 0.5 * bound64(
+        both.targets[t1.key]) + F64_EXACT * np.abs(want).max()))
