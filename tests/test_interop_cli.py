@@ -78,11 +78,14 @@ def test_peft_folder_output_overwrite(gpt2, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no temporary folders left behind
 
 
-def test_row_blocks_to_peft_refused(tmp_path):
-    native.save(Adapter(targets={"h.0.attn.c_attn.weight": fused_target()}), tmp_path / "f.safetensors")
-    code, _, err = run("convert", tmp_path / "f.safetensors", "-o", tmp_path / "p", "--to", "peft")
-    assert code == 7 and "PEFT holds one A/B pair over the whole weight" in one_error_line(err)
-    assert not (tmp_path / "p").exists()
+def test_row_blocks_to_peft_are_folded(tmp_path):
+    t = fused_target()
+    native.save(Adapter(targets={t.key: t}), tmp_path / "f.safetensors")
+    code, out, err = run("convert", tmp_path / "f.safetensors", "-o", tmp_path / "p", "--to", "peft", "--json")
+    assert code == 0 and err == "" and json.loads(out)["folded"] == [t.key]
+    back = P.load(tmp_path / "p").targets[t.key]
+    assert back.is_whole and back.rank == t.rank  # two rank-2 row blocks -> one rank-4 pair, B block-diagonal
+    torch.testing.assert_close(dense_delta(back), dense_delta(t), atol=1e-6, rtol=0)  # float32 products
 
 
 def test_kohya_without_base_cannot_become_dotted(tmp_path):

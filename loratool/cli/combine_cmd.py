@@ -38,6 +38,8 @@ HELP = "\n\n".join([
     "Combine adapters into one: ΔW = Σ w_i ΔW_i, exactly or compressed.",
     "Targets are the union of the inputs' targets; a target that differs in kind, layout or shape between "
     "inputs is refused. Ranks, weights (negative too) and scale rules may differ.",
+    "Written to PEFT or kohya, a target with several blocks becomes one exact A/B pair of rank Σ r_i (alpha = "
+    "rank). kohya inputs read without --base are written as kohya again.",
     *(f"{m.name}{' (default)' if m.name == DEFAULT else ''}: {m.description}"
       + (f" ({m.paper}, arXiv:{m.arxiv}.)" if m.arxiv else "") for m in METHODS.values()),
     """Example:

@@ -33,8 +33,10 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
     .safetensors file is loratool, a folder (a trailing /, or a name without a suffix) is PEFT; a name the
     chosen dialect cannot be written to is refused. Per-module ranks and alphas become PEFT's
     rank_pattern/alpha_pattern; rsLoRA is kept; kohya alphas are chosen so each module's strength is
-    unchanged. A conversion that cannot be exact (row blocks to PEFT, GPT-2 Conv1D to kohya, ...) is refused
-    with the reason, and nothing is written. kohya names need --base to become dotted keys.
+    unchanged. A target with several blocks (an exact combine, row blocks of a fused qkv) becomes one A/B
+    pair in PEFT and kohya: B = [s1·B1 | s2·B2 | ...] zero-padded to the blocks' rows, A = [A1; A2; ...], rank
+    Σ r_i, exact. A conversion that cannot be exact (GPT-2 Conv1D to kohya, ...) is refused with the reason,
+    and nothing is written. kohya names need --base to become dotted keys.
 
     Example:
 
@@ -50,7 +52,7 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
               **reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out))
     adapter, dialect, to, nbytes = res.adapter, res.dialect, res.to, res.bytes
     doc = {"input": str(path), "dialect": dialect, "output": str(output), "to": to, "targets": len(adapter),
-           "parameters": adapter.n_params, "bytes": nbytes, "info": dict(adapter.info)}
+           "parameters": adapter.n_params, "bytes": nbytes, "folded": list(res.folded), "info": dict(adapter.info)}
     if json_:
         from .render import emit_json
 
@@ -60,6 +62,9 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
 
         err.print(f"{path} ({dialect}) -> {output} ({to}): {len(adapter)} targets, {adapter.n_params:,} parameters, "
                   f"{fmt_bytes(nbytes)}")
+        if res.folded:
+            err.print(f"folded {len(res.folded)} target(s) with several blocks into one A/B pair each (exact; the "
+                      "rank is the sum of the blocks' ranks)")
         if adapter.info.get("unknown_keys"):
             from ..io._common import listing
 

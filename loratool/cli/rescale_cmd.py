@@ -43,6 +43,10 @@ def rescale(path, output, to, scale, alpha, rank, energy, overwrite, json_, quie
     retained energy of each target is printed and recorded in the target's info (energy_retained,
     rank_before).
 
+    Written to PEFT or kohya, a target left with several blocks becomes one exact A/B pair of rank Σ r_i
+    (alpha = rank). A kohya input read without --base is written as kohya again (its target keys are kohya
+    names, which only kohya holds); another dialect needs --base.
+
     Example:
 
     \b

@@ -42,6 +42,9 @@ class Dialect:
         writes: "file" or "folder", what `save` writes.
         suffix: the suffix of the file `save` writes ("file" only).
         save_options: the keyword options `save` takes besides the adapter and the path.
+        holds: Target -> whether `save` writes this lora target as it is; None: every one. A dialect that
+            holds one A/B pair per module (PEFT, kohya) says no to several blocks, and the tasks that write
+            (tasks/convert.py) fold such a target into one exact pair first (ops/fold.py).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Dialect:
     writes: str | None = None
     suffix: str | None = None
     save_options: frozenset = frozenset()
+    holds: Callable[[Any], bool] | None = None
 
     def write(self, adapter, path, **options) -> int:
         """`save(adapter, path)` with the options it takes (others, meant for other writers, are dropped).

@@ -212,7 +212,24 @@ def kohya_name(t: Target, prefix: str) -> str:
     if not t.key.endswith(".weight"):
         raise UnsupportedError(f"target \"{escape(t.key)}\": kohya adapts modules, so a LoRA target key must end in "
                                "\".weight\"")
-    return prefix + t.key[: -len(".weight")].replace(".", "_")
+    module = t.key[: -len(".weight")]
+    if "." not in module and module.startswith(PREFIXES):
+        return module  # a kohya name kept as the key (read without a base), whose target info was not kept
+    return prefix + module.replace(".", "_")
+
+
+def holds(t: Target) -> bool:
+    """Whether kohya holds a lora target as it is: one pair over the whole weight, or split_dims (lora_flux.py):
+    equal-rank pairs of one scale (one alpha per module) tiling a Linear's rows in order. Others are folded
+    into one pair first (ops/fold.py), which every kohya reader (A1111, ComfyUI, sd-scripts) loads."""
+    if t.is_whole:
+        return True
+    out, inp = t.matrix_shape
+    blocks = sorted(t.blocks, key=lambda b: b.rows)
+    return len(blocks) > 1 and t.layout == "linear" and all(b.cols == (0, inp) for b in blocks) and \
+        blocks[0].rows[0] == 0 and blocks[-1].rows[1] == out and \
+        all(a.rows[1] == b.rows[0] for a, b in zip(blocks, blocks[1:])) and \
+        len({b.rank for b in blocks}) == 1 and len({b.scale for b in blocks}) == 1
 
 
 def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
@@ -245,24 +262,11 @@ def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
             raise UnsupportedError(f"{where} and \"{escape(seen[name])}\" both become kohya name \"{escape(name)}\"; "
                                    "underscores make them collide")
         seen[name] = t.key
-        out, inp = t.matrix_shape
+        if not holds(t):
+            raise UnsupportedError(f"{where} has {len(t.blocks)} block(s) that are neither one pair over the whole "
+                                   "weight nor split_dims row slices of a Linear with one rank and one scale; fold it "
+                                   "first (ops.fold.fold_target, which loratool.save and every command do)")
         blocks = sorted(t.blocks, key=lambda b: b.rows)
-        ranks = {b.rank for b in blocks}
-        tiled = all(b.cols == (0, inp) for b in blocks) and blocks[0].rows[0] == 0 and blocks[-1].rows[1] == out and \
-            all(a.rows[1] == b.rows[0] for a, b in zip(blocks, blocks[1:]))
-        if len(blocks) > 1 and not (tiled and len(ranks) == 1 and t.layout == "linear"):
-            raise UnsupportedError(f"{where} has {len(blocks)} blocks that do not tile its rows with one rank; kohya "
-                                   "holds one pair per module (or equal-rank split_dims row slices of a Linear), so "
-                                   "the conversion cannot be exact")
-        if len(blocks) == 1 and not t.is_whole:
-            raise UnsupportedError(f"{where} has one block over rows {blocks[0].rows[0]}:{blocks[0].rows[1]} cols "
-                                   f"{blocks[0].cols[0]}:{blocks[0].cols[1]}; kohya pairs cover the whole weight, so "
-                                   "the conversion cannot be exact")
-        # One alpha per module: blocks must share a scale; alpha_kohya = scale * r keeps it (kohya is alpha / r).
-        scales = {b.scale for b in blocks}
-        if len(scales) != 1:
-            raise UnsupportedError(f"{where} has blocks with different scales {sorted(scales)}; kohya stores one alpha "
-                                   "per module, so the conversion cannot be exact")
         b0 = blocks[0]
         alpha = b0.alpha if b0.scale_rule == "standard" else alpha_for_scale(b0.scale, b0.rank, "standard")
         if not math.isfinite(alpha):
@@ -343,6 +347,6 @@ DIALECT = Dialect(
     name="kohya", description="a kohya/sd-scripts LoRA .safetensors file (lora_down/lora_up/alpha)",
     detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown"}),
     reads=(".safetensors",), save=save, writes="file", suffix=".safetensors",
-    save_options=frozenset({"prefix", "overwrite"}))
+    save_options=frozenset({"prefix", "overwrite"}), holds=holds)
 
-__all__ = ["load", "save", "structure", "plan", "kohya_name", "strip_prefix", "DIALECT"]
+__all__ = ["load", "save", "structure", "plan", "holds", "kohya_name", "strip_prefix", "DIALECT"]

@@ -527,6 +527,11 @@ def _module_of(t: Target, suffix: str) -> str:
     return t.key[: -len(suffix)]
 
 
+def holds(t: Target) -> bool:
+    """Whether PEFT holds a lora target as it is: one A/B pair over the whole weight (others are folded first)."""
+    return t.is_whole
+
+
 def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
          task_type: str | None = None) -> tuple[dict, dict]:
     """The adapter_config.json dict and name -> tensor that express `adapter` exactly in PEFT.
@@ -548,7 +553,8 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
         if not t.is_whole:
             spans = ", ".join(f"rows {b.rows[0]}:{b.rows[1]} cols {b.cols[0]}:{b.cols[1]}" for b in t.blocks)
             raise UnsupportedError(f"target \"{escape(t.key)}\" has {len(t.blocks)} block(s) ({spans}); PEFT holds "
-                                   "one A/B pair over the whole weight, so the conversion cannot be exact")
+                                   "one A/B pair over the whole weight: fold it first (ops.fold.fold_target, which "
+                                   "loratool.save and every command do)")
     rule = _majority(t.blocks[0].scale_rule for t in lora)  # the majority rule is written as-is
     ranks, alphas = {}, {}
     for t in lora:
@@ -660,6 +666,6 @@ DIALECT = Dialect(
     name="peft", description="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin)",
     detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown"}),
     reads=(".safetensors", ".bin"), save=save, writes="folder",
-    save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}))
+    save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}), holds=holds)
 
-__all__ = ["load", "save", "structure", "plan", "read_config", "get_pattern_key", "DIALECT"]
+__all__ = ["load", "save", "structure", "plan", "holds", "read_config", "get_pattern_key", "DIALECT"]

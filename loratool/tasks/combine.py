@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from ..adapter import Adapter
 
@@ -53,6 +54,8 @@ def combine(adapters_or_paths, *, weights=None, method: str = "concat", rank: in
     names = [f"adapter {i + 1}" if isinstance(x, Adapter) else escape(str(x)) for i, x in enumerate(items)]
     result = run(adapters, weights=weights, method=method, rank=rank, density=density, seed=seed, names=names,
                  progress=progress)
+    if any(a.info.get("kohya_unmapped") for a in adapters):  # kohya names as keys: only kohya writes them back
+        result.adapter = replace(result.adapter, info={**dict(result.adapter.info), "kohya_unmapped": True})
     if output is not None:
         result.to, result.bytes = _write(result.adapter, output, to=to, overwrite=overwrite,
                                          inputs=[*paths, reader_options.get("base")])

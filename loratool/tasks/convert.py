@@ -31,30 +31,68 @@ def save(adapter: Adapter, path, *, to: str | None = None, overwrite: bool = Fal
 
 
 def _write(adapter: Adapter, path, *, to=None, overwrite=False, inputs=(), **options) -> tuple[str, int]:
-    """(dialect written, bytes written): `save`, for the tasks that report their size."""
+    """(dialect written, bytes written): `save`, for the tasks that report their size.
+
+    An adapter read from kohya without a base keeps kohya's names as target keys, which only kohya can write
+    back: a ".safetensors" name without `to` writes kohya then, and another dialect is refused (as `convert`
+    does), so the file written always fits the base that `merge` and `validate --base` are given.
+    """
     from ..fsutil import check_output
     from ..io import registry
 
-    writer = registry.writer_for(path, to)
+    unmapped = bool(adapter.info.get("kohya_unmapped"))
+    kohya = registry.get("kohya")
+    writer = kohya if unmapped and to is None and os.fspath(path).endswith(kohya.suffix) else \
+        registry.writer_for(path, to)
+    if unmapped and writer is not kohya:
+        raise _unmapped_error(adapter, path)
     check_output(path, [p for p in inputs if p is not None], overwrite)
-    nbytes = writer.write(adapter, path, overwrite=overwrite, **options)
+    nbytes = writer.write(fitted(adapter, writer), path, overwrite=overwrite, **options)
     return writer.name, nbytes
+
+
+def _unmapped_error(adapter: Adapter, path, fix: str = "pass --base, or write kohya (--to kohya)"):
+    from ..container import escape
+    from ..errors import MismatchError
+
+    return MismatchError(f"{path}: kohya names such as \"{escape(next(iter(adapter.targets), ''))}\" cannot be turned "
+                         f"back into dotted module paths without the model; {fix}")
+
+
+def fitted(adapter: Adapter, writer, folded: list | None = None) -> Adapter:
+    """The adapter as `writer` (an io.registry Dialect) holds it: every lora target the dialect does not hold as
+    it is (several blocks, for PEFT and kohya) folded into one exact pair over the whole weight (ops/fold.py;
+    the rank grows to the sum of the blocks' ranks). The adapter itself when nothing needs folding. The keys
+    of the targets folded are appended to `folded` when it is given."""
+    if writer.holds is None or all(t.kind != "lora" or writer.holds(t) for t in adapter):
+        return adapter
+    from ..ops.fold import fold_adapter
+
+    adapter, keys = fold_adapter(adapter, keep=writer.holds)
+    if folded is not None:
+        folded.extend(keys)
+    return adapter
 
 
 @dataclass(frozen=True)
 class ConvertResult:
-    """What `convert` did: the adapter as read (numpy factors), the dialects read and written, bytes written."""
+    """What `convert` did: the adapter as read (numpy factors), the dialects read and written, bytes written, and
+    the targets folded into one A/B pair because the output dialect holds one per module (ops/fold.py)."""
 
     adapter: Adapter
     dialect: str
     to: str
     bytes: int
     output: str = ""
+    folded: tuple[str, ...] = ()  # targets folded into one pair for the output dialect (ops/fold.py)
 
 
 def convert(path, output, *, to: str | None = None, overwrite: bool = False, kohya_prefix: str = "lora_unet_",
             **options) -> ConvertResult:
     """Read an adapter of any dialect and write it in another without changing ΔW, exactly or not at all.
+
+    A target with several blocks (an exact combine, a fused qkv adapted slice by slice) is folded into one
+    A/B pair of rank Σ r_i for dialects that hold one pair per module (PEFT, kohya): ops/fold.py.
 
     Args:
         path: the adapter (file or PEFT folder).
@@ -73,7 +111,6 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
         UnsupportedError: the conversion cannot be exact (the message says which target and why).
         SpecError, NumericError: as the reader or writer says.
     """
-    from ..errors import MismatchError
     from ..fsutil import check_output
     from ..io import registry
     from ..io.base import task_type_of
@@ -84,14 +121,16 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
     d = registry.detect(src)
     adapter = registry.load(src, dialect=d, **options)
     if adapter.info.get("kohya_unmapped") and writer.name != d.name:
-        raise MismatchError(f"{path}: kohya names such as \"{next(iter(adapter.targets))}\" cannot be turned back "
-                            "into dotted module paths without the model; pass --base")
+        raise _unmapped_error(adapter, path, "pass --base")
     base = options.get("base")
     # PEFT output names its base and task, so AutoPeftModelFor* loads it (kept from a PEFT input otherwise).
     named = ({"base_model_name_or_path": os.fspath(base), "task_type": task_type_of(base)}
              if isinstance(base, (str, os.PathLike)) else {})
-    nbytes = writer.write(adapter, output, overwrite=overwrite, prefix=kohya_prefix, **named)
-    return ConvertResult(adapter=adapter, dialect=d.name, to=writer.name, bytes=nbytes, output=os.fspath(output))
+    folded: list[str] = []
+    nbytes = writer.write(fitted(adapter, writer, folded), output, overwrite=overwrite, prefix=kohya_prefix,
+                          **named)
+    return ConvertResult(adapter=adapter, dialect=d.name, to=writer.name, bytes=nbytes, output=os.fspath(output),
+                         folded=tuple(folded))
 
 
-__all__ = ["save", "convert", "ConvertResult"]
+__all__ = ["save", "convert", "fitted", "ConvertResult"]
