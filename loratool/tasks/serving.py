@@ -402,8 +402,9 @@ DIFF_RUNTIME = Runtime(
 def _comfy_peft_keys(s: Subject):
     if s.dialect != "peft":
         return None
-    return ("PEFT keys (base_model.model.<module>.lora_A.weight) are mapped only for SD3 and HunyuanDiT models; for "
-            "others every key is printed as \"lora key not loaded\" and nothing is applied", [])
+    return ("PEFT keys (base_model.model.<module>.lora_A.weight) are in ComfyUI's key map for a few models only "
+            "(SD3, HunyuanDiT, ...); for the others every key is printed as \"lora key not loaded\" and nothing is "
+            "applied; the model decides", [])
 
 
 def _comfy_peft_alpha(s: Subject):
@@ -453,7 +454,7 @@ COMFY_RUNTIME = Runtime(
                      "\"lora key not loaded\"", f"{COMFY} comfy/lora.py load_lora, model_lora_keys_unet, "
                      "model_lora_keys_clip", lambda s: None),
     rules=(
-        Rule("COMFY002", "warning", "PEFT keys are mapped only for SD3 and HunyuanDiT models",
+        Rule("COMFY002", "warning", "PEFT keys are mapped for a few models only (SD3, HunyuanDiT, ...)",
              f"{COMFY} comfy/lora.py model_lora_keys_unet", _comfy_peft_keys),
         Rule("COMFY003", "error", "a PEFT file's lora_alpha is never read: scale 1 (alpha = rank)",
              f"{COMFY} comfy/weight_adapter/lora.py LoRAAdapter.calculate_weight (alpha None -> 1.0)",
