@@ -79,13 +79,13 @@ def _for_runtime(path, dialect, base, strict, runtime, json_):
             doc.update(errors=len(rep.errors), warnings=len(rep.warnings), findings=[f.as_dict() for f in rep.findings])
         emit_json(doc)
     else:
-        from .render import err, out, table
+        from .render import err, table, write
 
         if rep is not None and rep.findings:
-            out.print(table(None, ["rule", "severity", "target", "message"],
+            write(table(None, ["rule", "severity", "target", "message"],
                             [(f.rule, f.severity, f.target or "-", f.message) for f in rep.findings]))
         if found:
-            out.print(table(None, ["rule", "severity", "message", "source"],
+            write(table(None, ["rule", "severity", "message", "source"],
                             [(f.id, f.severity, f.message, f.source) for f in found]))
         n_err = sum(f.severity == "error" for f in found)
         verdict = "spec invalid" if spec_failed else f"{n_err} errors, {len(found) - n_err} warnings"
