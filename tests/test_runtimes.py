@@ -208,3 +208,13 @@ def test_every_rule_is_documented_with_its_source():
             assert path in doc, (r.id, path)
     assert set(re.findall(r"\*\*([A-Z]+\d{3})\*\*", doc)) == {r.id for _, r in serving.rules()}
     assert "--for" in (ROOT / "README.md").read_text()
+
+
+def test_loralib_file_needs_no_alpha_to_be_told_what_to_convert_to(tmp_path):
+    import torch
+
+    p = tmp_path / "lora.pt"
+    torch.save({"fc.lora_A": torch.zeros(2, 4), "fc.lora_B": torch.zeros(3, 2)}, p)
+    for rt, rule in (("vllm", "VLLM001"), ("llama.cpp", "LCPP001"), ("diffusers", "DIFF001"), ("comfyui", "COMFY001")):
+        f = loratool.check_runtime(p, rt)
+        assert ids(f) == [rule] and "loralib" in f[0].message, rt
