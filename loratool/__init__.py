@@ -7,6 +7,7 @@ numpy nor torch:
     import loratool
     adapter = loratool.load("adapter.safetensors")        # any dialect -> Adapter (numpy factors)
     report = loratool.validate("adapter.safetensors")     # all findings, never raises on the first
+    issues = loratool.check_runtime("peft_dir/", "vllm")  # what vLLM refuses or applies differently
     res = loratool.rescale(adapter, rank=16, output="r16.safetensors")
     loratool.merge("model/", ["r16.safetensors"], "merged/")
 """
@@ -34,6 +35,8 @@ _LAZY = {
     "combine": ("loratool.tasks.combine", "combine"),
     "merge": ("loratool.tasks.merge", "merge"),
     "extract": ("loratool.tasks.extract", "extract"),
+    # what a serving runtime (vLLM, llama.cpp, diffusers, ComfyUI) refuses or mishandles: `validate --for`
+    "check_runtime": ("loratool.tasks.serving", "check_runtime"),
 }
 
 

@@ -6,21 +6,27 @@ import sys
 
 import click
 
+from ..tasks.serving import names as runtimes
+
 
 @click.command()
 @click.argument("path", type=click.Path(exists=False, dir_okay=True))
 @click.option("--base", type=click.Path(exists=False, dir_okay=True),
               help="Base model (.safetensors, sharded Hugging Face folder, or .pt/.pth/.bin) to check targets against.")
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
+@click.option("--for", "for_", type=click.Choice(runtimes()),
+              help="Also report what this runtime refuses or applies differently (any dialect; docs/runtimes.md).")
 @click.option("--json", "json_", is_flag=True, help="Print the findings as one JSON document.")
-def validate(path, base, strict, json_):
+def validate(path, base, strict, for_, json_):
     """Check an adapter against every rule of the spec (and a base, with --base).
 
-    Exit status 0 when valid, 1 when any error is found (or any warning, with --strict).
+    Exit status 0 when valid, 1 when any error is found (or any warning, with --strict); with --for, 3 when
+    the runtime refuses or mishandles the adapter (or warns, with --strict).
 
     Example:
 
         loratool validate adapter.safetensors --base model/ --strict
+        loratool validate peft_adapter/ --for vllm
     """
     from ..tasks.validate import validate as validate_file
     from ..errors import SpecError
@@ -30,6 +36,8 @@ def validate(path, base, strict, json_):
         dialect = detect(path)
     except SpecError:
         dialect = "loratool"  # a header too broken to sniff: validate reports exactly which rules it breaks
+    if for_ is not None:
+        return _for_runtime(path, dialect, base, strict, for_, json_)
     if dialect != "loratool":
         raise SpecError(f"{path}: is a {dialect} adapter; `validate` checks loratool files, so run "
                         f"`loratool convert {path} -o adapter.safetensors --to loratool` first")
@@ -50,3 +58,36 @@ def validate(path, base, strict, json_):
         verdict = "invalid" if failed else "valid"
         err.print(f"{path}: {verdict}: {len(rep.errors)} errors, {len(rep.warnings)} warnings, {n} targets")
     sys.exit(1 if failed else 0)
+
+
+def _for_runtime(path, dialect, base, strict, runtime, json_):
+    """`--for RUNTIME`: the spec's rules on a native file, then the runtime's rules on any dialect."""
+    from ..tasks.serving import check_runtime
+    from ..tasks.validate import validate as validate_file
+
+    rep = validate_file(path, base=base) if dialect == "loratool" else None
+    spec_failed = rep is not None and (bool(rep.errors) or (strict and bool(rep.warnings)))
+    found = [] if spec_failed else check_runtime(path, runtime, **({"base": base} if base and dialect in
+                                                                    ("peft", "kohya") else {}))
+    rt_failed = any(f.severity == "error" or strict for f in found)
+    if json_:
+        from .render import emit_json
+
+        doc = {"path": str(path), "valid": not (spec_failed or rt_failed), "runtime": runtime,
+               "runtime_findings": [f.as_dict() for f in found]}
+        if rep is not None:
+            doc.update(errors=len(rep.errors), warnings=len(rep.warnings), findings=[f.as_dict() for f in rep.findings])
+        emit_json(doc)
+    else:
+        from .render import err, table, write
+
+        if rep is not None and rep.findings:
+            write(table(None, ["rule", "severity", "target", "message"],
+                            [(f.rule, f.severity, f.target or "-", f.message) for f in rep.findings]))
+        if found:
+            write(table(None, ["rule", "severity", "message", "source"],
+                            [(f.id, f.severity, f.message, f.source) for f in found]))
+        n_err = sum(f.severity == "error" for f in found)
+        verdict = "spec invalid" if spec_failed else f"{n_err} errors, {len(found) - n_err} warnings"
+        err.print(f"{path}: for {runtime}: {verdict}")
+    sys.exit(1 if spec_failed else 3 if rt_failed else 0)
