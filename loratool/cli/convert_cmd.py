@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from ..io.registry import writable
-from .options import dialect_options, reader_options
+from .options import dialect_options, reader_options_of, selection_options
 
 
 @click.command()
@@ -18,14 +18,14 @@ from .options import dialect_options, reader_options
 @click.option("--to", "to", type=click.Choice(writable()),
               help="Dialect to write (default: from OUTPUT's name: .safetensors -> loratool, a folder -> peft).")
 @dialect_options
+@selection_options
 @click.option("--kohya-prefix", default="lora_unet_", show_default=True,
               help="kohya only: prefix of names for targets that were not read from kohya (lora_unet_, lora_te_, "
                    "...).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document describing the conversion.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line.")
-def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out, kohya_prefix, overwrite,
-            json_, quiet):
+def convert(path, output, to, targets, exclude, kohya_prefix, overwrite, json_, quiet, **reader):
     """Convert an adapter between dialects without changing ΔW.
 
     Reads loratool, PEFT folders, kohya/sd-scripts .safetensors and loralib .pt state dicts; writes loratool,
@@ -34,7 +34,8 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
     chosen dialect cannot be written to is refused. Per-module ranks and alphas become PEFT's
     rank_pattern/alpha_pattern; rsLoRA is kept; kohya alphas are chosen so each module's strength is
     unchanged. A conversion that cannot be exact (row blocks to PEFT, GPT-2 Conv1D to kohya, ...) is refused
-    with the reason, and nothing is written. kohya names need --base to become dotted keys.
+    with the reason, and nothing is written. kohya names need --base to become dotted keys. PATH and --base
+    may be Hugging Face Hub ids (org/name, with --revision); --targets/--exclude choose the targets written.
 
     Example:
 
@@ -43,14 +44,17 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
         loratool convert lora.safetensors -o peft_out/ --to peft --base unet.safetensors
 
         loratool convert lora.pt -o adapter.safetensors --to loratool --alpha 16 --enable-lora 1,0,1 --fan-in-fan-out
+
+        loratool convert sdxl_lora.safetensors -o unet_only/ --to peft --base unet.safetensors --allow-partial
     """
     from ..tasks.convert import convert as run
 
-    res = run(path, output, to=to, overwrite=overwrite, kohya_prefix=kohya_prefix,
-              **reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out))
+    res = run(path, output, to=to, overwrite=overwrite, kohya_prefix=kohya_prefix, targets=targets, exclude=exclude,
+              **reader_options_of(reader))
     adapter, dialect, to, nbytes = res.adapter, res.dialect, res.to, res.bytes
     doc = {"input": str(path), "dialect": dialect, "output": str(output), "to": to, "targets": len(adapter),
-           "parameters": adapter.n_params, "bytes": nbytes, "info": dict(adapter.info)}
+           "parameters": adapter.n_params, "bytes": nbytes, "info": dict(adapter.info),
+           "skipped": list(adapter.info.get("skipped", [])), "excluded": list(res.excluded)}
     if json_:
         from .render import emit_json
 
@@ -60,6 +64,10 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
 
         err.print(f"{path} ({dialect}) -> {output} ({to}): {len(adapter)} targets, {adapter.n_params:,} parameters, "
                   f"{fmt_bytes(nbytes)}")
+        for msg in doc["skipped"]:
+            err.print(f"skipped: {msg}")
+        if res.excluded:
+            err.print(f"left out {len(res.excluded)} target(s) by --targets/--exclude: {', '.join(res.excluded)}")
         if adapter.info.get("unknown_keys"):
             from ..io._common import listing
 

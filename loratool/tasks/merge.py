@@ -99,11 +99,11 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
 
     items = [adapters] if isinstance(adapters, (str, os.PathLike, Adapter)) else list(adapters)
     names = [f"adapter {i + 1}" if isinstance(x, Adapter) else os.fspath(x) for i, x in enumerate(items)]
+    out_name = _dtype_name(dtype)
+    check_weights(weights, len(items))
     shown_base = str(base)
     base, items = hub_inputs(base, items, revision)  # Hub ids -> snapshot folders in the Hub cache
     paths = [os.fspath(x) for x in items if not isinstance(x, Adapter)]
-    out_name = _dtype_name(dtype)
-    check_weights(weights, len(items))
     # Copy the base in the background while the adapters are read; once torch is loaded (a torch adapter or
     # base) there is less to hide, and targets would be copied only to be overwritten.
     if speculate is None:
