@@ -126,13 +126,14 @@ def _snapshot(repo: str, revision: str | None, kind: str) -> str:
                         "found, private or gated: check the name, or log in with `hf auth login`)") from None
     except errors.LocalEntryNotFoundError as e:
         cache = cache_dir or constants.HF_HUB_CACHE
+        where = f"revision {revision or 'main'} in the Hub cache {cache}"
         if isinstance(e, getattr(errors, "IncompleteSnapshotError", ())):
-            why = f"its cached snapshot in {cache} is incomplete and the Hub cannot be reached"
+            why = f"its {where} is incomplete, and the Hub cannot be reached"
         elif offline:
-            why = f"HF_HUB_OFFLINE is set and {shown} is not in the cache {cache}"
+            why = f"nor is its {where}, and HF_HUB_OFFLINE=1 forbids downloading it"
         else:
-            why = f"the Hub cannot be reached and {shown} is not in the cache {cache}"
-        raise FileError(f"{repo}: is not a local path, and {why}; download it once online (`hf download "
+            why = f"nor is its {where}, and the Hub cannot be reached"
+        raise FileError(f"{repo}: is not a local path, {why}; download it once online (`hf download "
                         f"{repo}`), or pass a local path") from None
     except Exception as e:  # noqa: BLE001 - network and validation errors of another library: one line, no traceback
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
