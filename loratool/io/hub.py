@@ -104,7 +104,8 @@ def _snapshot(repo: str, revision: str | None, kind: str) -> str:
     """huggingface_hub.snapshot_download of the files `kind` needs, its errors as one FileError line."""
     try:
         import huggingface_hub
-        from huggingface_hub import constants, errors
+        from huggingface_hub import constants
+        from huggingface_hub import utils as errors  # these three live here from 0.24 to 2.x
     except ImportError:
         raise FileError(f"{repo}: is not a local path, and reading it from the Hugging Face Hub needs "
                         "huggingface_hub; pip install huggingface_hub, or pass a local path") from None
@@ -127,7 +128,11 @@ def _snapshot(repo: str, revision: str | None, kind: str) -> str:
     except errors.LocalEntryNotFoundError as e:
         cache = cache_dir or constants.HF_HUB_CACHE
         where = f"revision {revision or 'main'} in the Hub cache {cache}"
-        if isinstance(e, getattr(errors, "IncompleteSnapshotError", ())):
+        try:  # huggingface_hub >= 2: a cached snapshot its tree listing says is missing files
+            from huggingface_hub.errors import IncompleteSnapshotError
+        except ImportError:
+            IncompleteSnapshotError = ()
+        if isinstance(e, IncompleteSnapshotError):
             why = f"its {where} is incomplete, and the Hub cannot be reached"
         elif offline:
             why = f"nor is its {where}, and HF_HUB_OFFLINE=1 forbids downloading it"
