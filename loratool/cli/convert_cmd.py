@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from ..io.registry import writable
-from .options import dialect_options, reader_options
+from .options import dialect_options, reader_options_of, selection_options
 
 
 @click.command()
@@ -18,14 +18,14 @@ from .options import dialect_options, reader_options
 @click.option("--to", "to", type=click.Choice(writable()),
               help="Dialect to write (default: from OUTPUT's name: .safetensors -> loratool, a folder -> peft).")
 @dialect_options
+@selection_options
 @click.option("--kohya-prefix", default="lora_unet_", show_default=True,
               help="kohya only: prefix of names for targets that were not read from kohya (lora_unet_, lora_te_, "
                    "...).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document describing the conversion.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line.")
-def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out, kohya_prefix, overwrite,
-            json_, quiet):
+def convert(path, output, to, targets, exclude, kohya_prefix, overwrite, json_, quiet, **reader):
     """Convert an adapter between dialects without changing ΔW.
 
     Reads loratool, PEFT folders, kohya/sd-scripts .safetensors and loralib .pt state dicts; writes loratool,
@@ -36,7 +36,8 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
     unchanged. A target with several blocks (an exact combine, row blocks of a fused qkv) becomes one A/B
     pair in PEFT and kohya: B = [s1·B1 | s2·B2 | ...] zero-padded to the blocks' rows, A = [A1; A2; ...], rank
     Σ r_i, exact. A conversion that cannot be exact (GPT-2 Conv1D to kohya, ...) is refused with the reason,
-    and nothing is written. kohya names need --base to become dotted keys.
+    and nothing is written. kohya names need --base to become dotted keys. PATH and --base may be Hugging Face
+    Hub ids (org/name, with --revision); --targets/--exclude choose the targets written.
 
     Example:
 
@@ -45,14 +46,17 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
         loratool convert lora.safetensors -o peft_out/ --to peft --base unet.safetensors
 
         loratool convert lora.pt -o adapter.safetensors --to loratool --alpha 16 --enable-lora 1,0,1 --fan-in-fan-out
+
+        loratool convert sdxl_lora.safetensors -o unet_only/ --to peft --base unet.safetensors --allow-partial
     """
     from ..tasks.convert import convert as run
 
-    res = run(path, output, to=to, overwrite=overwrite, kohya_prefix=kohya_prefix,
-              **reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out))
+    res = run(path, output, to=to, overwrite=overwrite, kohya_prefix=kohya_prefix, targets=targets, exclude=exclude,
+              **reader_options_of(reader))
     adapter, dialect, to, nbytes = res.adapter, res.dialect, res.to, res.bytes
     doc = {"input": str(path), "dialect": dialect, "output": str(output), "to": to, "targets": len(adapter),
-           "parameters": adapter.n_params, "bytes": nbytes, "folded": list(res.folded), "info": dict(adapter.info)}
+           "parameters": adapter.n_params, "bytes": nbytes, "folded": list(res.folded), "info": dict(adapter.info),
+           "skipped": list(adapter.info.get("skipped", [])), "excluded": list(res.excluded)}
     if json_:
         from .render import emit_json
 
@@ -65,6 +69,10 @@ def convert(path, output, to, base, allow_unknown, alpha, r, enable_lora, fan_in
         if res.folded:
             err.print(f"folded {len(res.folded)} target(s) with several blocks into one A/B pair each (exact; the "
                       "rank is the sum of the blocks' ranks)")
+        for msg in doc["skipped"]:
+            err.print(f"skipped: {msg}")
+        if res.excluded:
+            err.print(f"left out {len(res.excluded)} target(s) by --targets/--exclude: {', '.join(res.excluded)}")
         if adapter.info.get("unknown_keys"):
             from ..io._common import listing
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..io.registry import writable
+from .options import revision_option
 
 
 @click.command()
@@ -42,15 +43,16 @@ from ..io.registry import writable
 @click.option("--oversample", type=click.IntRange(min=0), help="Extra sketch columns (default: the rank, >= 8).")
 @click.option("--power-iterations", type=click.IntRange(min=0), help="Power iterations of the randomized SVD.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@revision_option
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document (the report) instead of tables.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract(finetuned, base, output, rank, energy, threshold, max_params, targets, fan_in_fan_out, embeddings,
-            keep_full, device, to, dtype, clamp_quantile, seed, oversample, power_iterations, overwrite, json_,
-            quiet):
+            keep_full, device, to, dtype, clamp_quantile, seed, oversample, power_iterations, overwrite, revision,
+            json_, quiet):
     """Extract a LoRA adapter from a finetuned model and its base: ΔW = W_ft − W_base, truncated SVD.
 
-    Both models may be .safetensors files, sharded Hugging Face folders or .pt/.pth/.bin state dicts, in
-    any combination; they are read one tensor pair at a time. Choose the rank with exactly one of --rank,
+    Both models may be .safetensors files, sharded Hugging Face folders, .pt/.pth/.bin state dicts or Hub ids
+    (org/name, --revision), in any combination; they are read one tensor pair at a time. Choose the rank with exactly one of --rank,
     --energy, --threshold or --max-params. Each target gets B = U·diag(S), A = Vh, alpha = rank (scale 1).
     The report gives per target the rank, the relative Frobenius error ||ΔW − BA||/||ΔW|| and the energy
     kept; it is also stored in the adapter's metadata. Unchanged tensors are skipped; changed tensors
@@ -81,7 +83,8 @@ def extract(finetuned, base, output, rank, energy, threshold, max_params, target
                                max_params=max_params, targets=targets, fan_in_fan_out=fan_in_fan_out or None,
                                embeddings=embeddings, keep_full=keep_full, device=device, dtype=dtype,
                                clamp_quantile=clamp_quantile, seed=seed, oversample=oversample,
-                               power_iterations=power_iterations, overwrite=overwrite, progress=bar)
+                               power_iterations=power_iterations, overwrite=overwrite, progress=bar,
+                               revision=revision)
     _render(result, json_)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .options import dialect_options, reader_options
+from .options import dialect_options, reader_options_of
 
 
 @click.command()
@@ -14,7 +14,7 @@ from .options import dialect_options, reader_options
 @click.option("--stats", is_flag=True, help="Read the factors and add ||ΔW||_F, 90%/99% energy ranks and "
               "non-finite counts per target (computed from the factors, never out x in).")
 @dialect_options
-def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out):
+def inspect(path, json_, stats, **reader):
     """Summarise an adapter: format, targets, rank histogram, alpha and scale, dtypes, size.
 
     By default only headers and configs are read (a native file, a PEFT folder with
@@ -27,10 +27,12 @@ def inspect(path, json_, stats, base, allow_unknown, alpha, r, enable_lora, fan_
         loratool inspect adapter.safetensors --stats --json
 
         loratool inspect kohya_lora.safetensors --base unet.safetensors --allow-unknown
+
+        loratool inspect org/peft-adapter --revision v1
     """
     from ..tasks.inspect import inspect as summarise
 
-    doc = summarise(path, stats=stats, **reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out))
+    doc = summarise(path, stats=stats, **reader_options_of(reader))
     if json_:
         from .render import emit_json
 
@@ -62,6 +64,9 @@ def _render(doc, stats):
     for key in ("note", "alpha_defaulted", "shape_guessed", "needs_base"):  # what a foreign reader had to assume
         if isinstance(info.get(key), str):
             lines.append((key.replace("_", " "), info[key]))
+    if info.get("skipped"):
+        lines.append(("skipped", f"{len(info['skipped'])} module(s) that do not map to the base (--allow-partial): "
+                      + "; ".join(info["skipped"])))
     if doc.get("unknown_keys"):
         lines.append(("unknown keys", f"{len(doc['unknown_keys'])} ignored (--allow-unknown): "
                       + ", ".join(doc["unknown_keys"])))

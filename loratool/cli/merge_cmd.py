@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import dialect_options, reader_options_of
+from .options import dialect_options, reader_options_of, selection_options
 
 DTYPES = ("bfloat16", "float16", "float32", "float64")
 
@@ -21,8 +21,8 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead: turn a merged model back.")
 @click.option("--verify", is_flag=True, help="Probe each merged target with a random x and compare W'x with "
               "Wx + s·B(Ax); report the largest relative error and refuse a wrong merge.")
-@click.option("--allow-partial", is_flag=True, help="Skip (and report) targets that do not fit the base "
-              "instead of refusing.")
+@click.option("--allow-partial", is_flag=True, help="Skip (and report) targets that do not fit the base, and "
+              "PEFT, kohya or loralib modules that map to no base key, instead of refusing.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the float32 arithmetic runs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
@@ -31,14 +31,16 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @dialect_options(with_base=False)
+@selection_options
 def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_partial, device, overwrite, no_fsync,
-          json_, quiet, **reader):
+          json_, quiet, targets, exclude, **reader):
     """Merge LoRA adapters into a base model, streaming one tensor at a time.
 
     W' = W + Σ w_i·ΔW_i computed in float32 and cast once to each tensor's dtype; tensors no adapter
     touches are copied as raw bytes. BASE is a .safetensors file, a .pt/.pth/.bin state dict or a Hugging
-    Face folder (sharded or not; its other files are copied). Every adapter target must fit a floating-point
-    base tensor of the same shape, or nothing is written.
+    Face folder (sharded or not; its other files are copied); BASE and PEFT adapters may also be Hugging Face
+    Hub ids (org/name, --revision), read through the Hub cache (HF_HUB_OFFLINE=1: the cache only). Every
+    adapter target must fit a floating-point base tensor of the same shape, or nothing is written.
 
     Example:
 
@@ -46,11 +48,13 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
         loratool merge model/ adapter/ -o merged/
         loratool merge base.safetensors a.safetensors b.safetensors --weights 1,0.5 -o out.safetensors
         loratool merge merged/ adapter/ --unmerge -o base-again/ --verify
+        loratool merge meta-llama/Llama-3.2-1B org/my-adapter -o merged/ --exclude '*lm_head*'
     """
     from ..tasks.merge import merge as run
     from .render import Progress, emit_json, err, fmt_bytes
 
-    opts = {k: v for k, v in reader_options_of(reader).items() if k != "base"}
+    opts = {k: v for k, v in reader_options_of(reader).items() if k not in ("base", "allow_partial")}
+    revision = opts.pop("revision")
     ws = None
     if weights is not None:
         try:
@@ -61,12 +65,14 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
     with Progress("merge", None, enabled=not (quiet or json_)) as bar:
         result = run(base, adapters, out, weights=ws, scale=scale, dtype=dtype, unmerge=unmerge, verify=verify,
                      allow_partial=allow_partial, device=device, overwrite=overwrite, fsync=not no_fsync,
-                     progress=bar, reader_options=opts)
+                     progress=bar, reader_options=opts, revision=revision, targets=targets, exclude=exclude)
     if json_:
         emit_json(result.as_dict())
         return
     for msg in result.skipped:
         err.print(f"skipped: {msg}")
+    if result.excluded:
+        err.print(f"left out {len(result.excluded)} target(s) by --targets/--exclude: {', '.join(result.excluded)}")
     for msg in result.skipped_files:
         err.print(f"not copied: {msg}")
     line = (f"{result.operation}d {result.terms} target(s) into {result.targets} tensor(s) of "

@@ -7,17 +7,20 @@ import sys
 import click
 
 from ..tasks.serving import names as runtimes
+from .options import revision_option
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=False, dir_okay=True))
 @click.option("--base", type=click.Path(exists=False, dir_okay=True),
-              help="Base model (.safetensors, sharded Hugging Face folder, or .pt/.pth/.bin) to check targets against.")
+              help="Base model (.safetensors, Hugging Face folder, .pt/.pth/.bin, or a Hub id org/name) to check targets "
+                   "against.")
+@revision_option
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
 @click.option("--for", "for_", type=click.Choice(runtimes()),
               help="Also report what this runtime refuses or applies differently (any dialect; docs/runtimes.md).")
 @click.option("--json", "json_", is_flag=True, help="Print the findings as one JSON document.")
-def validate(path, base, strict, for_, json_):
+def validate(path, base, revision, strict, for_, json_):
     """Check an adapter against every rule of the spec (and a base, with --base).
 
     Exit status 0 when valid, 1 when any error is found (or any warning, with --strict); with --for, 3 when
@@ -41,7 +44,7 @@ def validate(path, base, strict, for_, json_):
     if dialect != "loratool":
         raise SpecError(f"{path}: is a {dialect} adapter; `validate` checks loratool files, so run "
                         f"`loratool convert {path} -o adapter.safetensors --to loratool` first")
-    rep = validate_file(path, base=base)
+    rep = validate_file(path, base=base, revision=revision)
     failed = bool(rep.errors) or (strict and bool(rep.warnings))
     if json_:
         from .render import emit_json

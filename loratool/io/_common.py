@@ -95,6 +95,23 @@ def check_unknown(path, dialect: str, unknown, allow_unknown: bool, info: dict) 
     info["unknown_keys"] = unknown
 
 
+def fits(build: Callable[[], Any], allow_partial: bool, skipped: list):
+    """`build()`, or None when it raises MismatchError (a module that maps to no base key, or does not fit
+    it) and `allow_partial` is set: the message is appended to `skipped`, which the reader keeps in
+    Adapter.info["skipped"] so that every skipped module is reported, never dropped without a trace.
+
+    Raises:
+        MismatchError: as `build`, when `allow_partial` is off.
+    """
+    try:
+        return build()
+    except MismatchError as e:
+        if not allow_partial:
+            raise
+        skipped.append(str(e))
+        return None
+
+
 def read_torch(path) -> dict:
     """A flat state dict from a torch file, loaded with weights_only=True and nothing else (torch tensors).
 
@@ -149,8 +166,13 @@ class Source:
 
 
 def as_source(path) -> Source:
-    """`path` as a Source (a Source is returned as it is)."""
-    return path if isinstance(path, Source) else Source(path)
+    """`path` as a Source (a Source is returned as it is); a Hugging Face Hub id (`org/name`, not a local path)
+    is the snapshot of that PEFT adapter in the Hub cache (io.hub.resolve)."""
+    if isinstance(path, Source):
+        return path
+    from .hub import resolve
+
+    return Source(resolve(path, "adapter"))
 
 
 @dataclass(frozen=True)

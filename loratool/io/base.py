@@ -306,13 +306,16 @@ def task_type_of(model_path) -> str | None:
 
 
 def open_base(path) -> BaseModel:
-    """Open a base model by its path, choosing the reader from the file name or folder contents.
+    """Open a base model by its path, choosing the reader from the file name or folder contents; a Hugging
+    Face Hub id (`org/name`, not a local path) is its snapshot in the Hub cache (io.hub.resolve).
 
     Raises:
         FileError: the path does not exist or a shard is missing.
         SpecError: the file or folder is not a base model loratool can read.
     """
-    p = Path(path)
+    from .hub import resolve
+
+    p = Path(resolve(path, "base"))
     if not p.exists():
         raise FileError(f"{p}: no such file or folder")
     if p.is_dir():

@@ -29,7 +29,7 @@ import re
 from ..adapter import Adapter, Block, Target, alpha_for_scale
 from ..container import escape, read_scalars, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import (Dialect, Meta, Source, as_source, base_keys, check_unknown, header_only, materialize,
+from ._common import (Dialect, Meta, Source, as_source, base_keys, check_unknown, fits, header_only, materialize,
                       metas_of_header, ref, safetensors_reader)
 from .native import numpy_tensors, tensors_of
 
@@ -62,39 +62,42 @@ def strip_prefix(name: str) -> str:
     return name
 
 
-def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
     """The adapter of a kohya file (every factor None) from its safetensors header, plus the 0-d `.alpha`
     tensors (a few bytes each, the only data it reads); no torch.
 
     Args and Raises: as `load`.
     """
-    return header_only(_plan(path, base, allow_unknown, then=lambda adapter, read: adapter))
+    return header_only(_plan(path, base, allow_unknown, allow_partial, then=lambda adapter, read: adapter))
 
 
-def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
     """Read a kohya/sd-scripts LoRA `.safetensors` with its tensors, as numpy arrays (no torch).
 
     Args:
         path: the file (or a Source of it).
         base: base model (path or io.base.BaseModel) to map underscore names to dotted keys and check shapes.
         allow_unknown: record keys that are not kohya LoRA tensors in info["unknown_keys"] instead of failing.
+        allow_partial: with a base, skip the modules whose names map to no base key (or whose shape does not
+            fit it), listing each in info["skipped"], instead of failing: the UNet part of a UNet + text
+            encoder file merges into a UNet.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, name and fix in the message.
     """
-    return _plan(path, base, allow_unknown, then=materialize)
+    return _plan(path, base, allow_unknown, allow_partial, then=materialize)
 
 
-def _plan(path, base, allow_unknown, then):
+def _plan(path, base, allow_unknown, allow_partial, then):
     src = as_source(path)
     hdr = src.checked_header()
     metas = metas_of_header(hdr)
     with base_keys(base) as bk:
         adapter = _build(src.path, metas, dict(hdr.metadata), lambda names: read_scalars(src.path, hdr, names), bk,
-                         allow_unknown)
+                         allow_unknown, allow_partial)
         return then(adapter, safetensors_reader(src.path, hdr))
 
 
-def _build(path, metas, meta, read_alphas, bk, allow_unknown) -> Adapter:
+def _build(path, metas, meta, read_alphas, bk, allow_unknown, allow_partial=False) -> Adapter:
     """The adapter with Lazy factors from the tensors' names and shapes (and the alpha values, read here)."""
     modules: dict[str, dict] = {}
     unknown = []
@@ -117,8 +120,11 @@ def _build(path, metas, meta, read_alphas, bk, allow_unknown) -> Adapter:
                           if d["alpha"] is not None and d["alpha"].numel == 1 and d["alpha"].dtype != "BOOL"})
     info: dict = {"dialect": "kohya"}
     targets: dict[str, Target] = {}
+    skipped: list[str] = []
     for name, d in sorted(modules.items()):
-        t = _target(path, name, d, alphas, bk)
+        t = fits(lambda: _target(path, name, d, alphas, bk), allow_partial, skipped)
+        if t is None:
+            continue
         if t.key in targets:
             raise SpecError(f"{path}: two kohya names map to base key \"{escape(t.key)}\"")
         targets[t.key] = t
@@ -128,6 +134,8 @@ def _build(path, metas, meta, read_alphas, bk, allow_unknown) -> Adapter:
     missing = sorted(t.key for t in targets.values() if t.info.get("alpha") in (ALPHA_MISSING, ALPHA_ZERO))
     if missing:
         info["alpha_defaulted"] = f"{len(missing)} module(s) without a usable alpha: alpha = rank, as sd-scripts does"
+    if skipped:
+        info["skipped"] = skipped
     check_unknown(path, "kohya", unknown, allow_unknown, info)
     return Adapter(targets=targets, metadata=dict(meta), info=info)
 
@@ -345,7 +353,7 @@ def _detect(src: Source) -> int:
 
 DIALECT = Dialect(
     name="kohya", description="a kohya/sd-scripts LoRA .safetensors file (lora_down/lora_up/alpha)",
-    detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown"}),
+    detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown", "allow_partial"}),
     reads=(".safetensors",), save=save, writes="file", suffix=".safetensors",
     save_options=frozenset({"prefix", "overwrite"}), holds=holds)
 

@@ -30,7 +30,7 @@ import math
 from ..adapter import Adapter, Block, Target
 from ..container import escape
 from ..errors import MismatchError, SpecError, UnsupportedError
-from ._common import (Dialect, Source, as_source, base_keys, check_unknown, finite_number, header_only,
+from ._common import (Dialect, Source, as_source, base_keys, check_unknown, finite_number, fits, header_only,
                       lazy_whole_target, materialize, metas_of_state_dict, positive_int, read_torch, ref, torch_reader)
 from .base import TORCH_SUFFIXES
 
@@ -58,15 +58,15 @@ def parse_enable_lora(value) -> list[bool] | None:
 
 
 def structure(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
-              allow_unknown: bool = False) -> Adapter:
+              allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
     """The adapter of a loralib state dict (every factor None). A torch file has no header to read alone, so
     the file is loaded (weights_only=True). Args and Raises: as `load`."""
-    return header_only(_plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown,
+    return header_only(_plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial,
                              then=lambda adapter, read: adapter))
 
 
 def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
-         allow_unknown: bool = False) -> Adapter:
+         allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
     """Read a loralib state dict, its factors as numpy arrays.
 
     Args:
@@ -77,13 +77,15 @@ def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = F
         fan_in_fan_out: the layers were built with fan_in_fan_out=True (weights stored (in, out)).
         base: base model for W's shape when the file holds only the LoRA factors.
         allow_unknown: record keys that are neither LoRA factors nor their modules' own weights.
+        allow_partial: skip the modules whose weight is not in the base (or does not fit the factors), listing
+            each in info["skipped"], instead of failing.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, module and fix in the message.
     """
-    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, then=materialize)
+    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then=materialize)
 
 
-def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, then):
+def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then):
     path = as_source(path).path
     if alpha is None:
         raise SpecError(f"{path}: loralib keeps lora_alpha in code, not in the file; pass it (--alpha)")
@@ -95,7 +97,7 @@ def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, then
     sd = read_torch(path)
     with base_keys(base) as bk:
         return then(_build(path, metas_of_state_dict(sd), float(alpha), r, enable, bool(fan_in_fan_out), bk,
-                           allow_unknown), torch_reader(sd))
+                           allow_unknown, allow_partial), torch_reader(sd))
 
 
 def _weight_shape(sd, m, bk, where):
@@ -115,13 +117,14 @@ def _weight_shape(sd, m, bk, where):
     return None, None
 
 
-def _build(path, sd, alpha, r_opt, enable, fio, bk, allow_unknown) -> Adapter:
+def _build(path, sd, alpha, r_opt, enable, fio, bk, allow_unknown, allow_partial=False) -> Adapter:
     modules = sorted({k[: -len(".lora_A")] for k in sd if k.endswith(".lora_A")} |
                      {k[: -len(".lora_B")] for k in sd if k.endswith(".lora_B")})
     if not modules:
         raise SpecError(f"{path}: no \"<module>.lora_A\" / \"<module>.lora_B\" tensors; not a loralib state dict")
     targets: dict[str, Target] = {}
     known = set()
+    skipped: list[str] = []
     for m in modules:
         where = f"{path}: module \"{escape(m)}\""
         if m + ".lora_A" not in sd or m + ".lora_B" not in sd:
@@ -131,23 +134,17 @@ def _build(path, sd, alpha, r_opt, enable, fio, bk, allow_unknown) -> Adapter:
         if not (A.is_float and B.is_float) or A.ndim != 2 or B.ndim != 2:
             raise SpecError(f"{where}: lora_A {list(A.shape)} {A.dtype} and lora_B {list(B.shape)} {B.dtype} must be "
                             "2-D floating-point matrices")
-        wkey, wshape = _weight_shape(sd, m, bk, where)
-        if wkey is not None and wkey in sd:
-            known |= {wkey, wkey[: -len("weight")] + "bias"}
-        if wshape is not None and len(wshape) > 2:
-            t = _conv(where, wkey, wshape, A, B, alpha)
-        elif int(A.shape[0]) != int(B.shape[1]) or (enable is not None and wshape is not None and
-                                                    _out_of(wshape, fio) == B.shape[0] // sum(enable) * len(enable)
-                                                    and _out_of(wshape, fio) != B.shape[0]):
-            t = _merged(where, m, wkey, wshape, A, B, alpha, enable, fio)
-        else:
-            t = _plain(where, m, wkey, wshape, A, B, alpha, fio)
+        t = fits(lambda: _module(sd, m, bk, where, A, B, alpha, enable, fio, known), allow_partial, skipped)
+        if t is None:
+            continue
         for b in t.blocks:
             if r_opt is not None and _lib_rank(t, b) != r_opt:
                 raise SpecError(f"{where}: factors have rank {_lib_rank(t, b)} but r = {r_opt} was given")
         targets[t.key] = t
     info: dict = {"dialect": "loralib", "alpha": alpha, "note": "lora_alpha, r, enable_lora and fan_in_fan_out come "
                   "from the command line: loralib does not store them"}
+    if skipped:
+        info["skipped"] = skipped
     check_unknown(path, "loralib", [k for k in sd if k not in known], allow_unknown, info)
     ignored = sorted(k for k in known if not k.endswith((".lora_A", ".lora_B")) and k in sd)
     if ignored:
@@ -157,6 +154,20 @@ def _build(path, sd, alpha, r_opt, enable, fio, bk, allow_unknown) -> Adapter:
         info["shape_guessed"] = (f"{len(guessed)} module(s) had no weight in the file and no --base, so they were read "
                                  "as Linear from the factor shapes; pass --base if any is a conv or embedding layer")
     return Adapter(targets=targets, metadata={}, info=info)
+
+
+def _module(sd, m, bk, where, A, B, alpha, enable, fio, known) -> Target:
+    """One module's target, its weight's shape from the file or the base (the keys it reads added to `known`)."""
+    wkey, wshape = _weight_shape(sd, m, bk, where)
+    if wkey is not None and wkey in sd:
+        known |= {wkey, wkey[: -len("weight")] + "bias"}
+    if wshape is not None and len(wshape) > 2:
+        return _conv(where, wkey, wshape, A, B, alpha)
+    if int(A.shape[0]) != int(B.shape[1]) or (enable is not None and wshape is not None and
+                                              _out_of(wshape, fio) == B.shape[0] // sum(enable) * len(enable)
+                                              and _out_of(wshape, fio) != B.shape[0]):
+        return _merged(where, m, wkey, wshape, A, B, alpha, enable, fio)
+    return _plain(where, m, wkey, wshape, A, B, alpha, fio)
 
 
 def _lib_rank(t: Target, b: Block) -> int:
@@ -236,7 +247,7 @@ def _detect(src: Source) -> int:
 DIALECT = Dialect(
     name="loralib", description="a loralib (microsoft/LoRA) state dict: a .pt/.pth/.bin torch file",
     detect=_detect, structure=structure, load=load,
-    options=frozenset({"alpha", "r", "enable_lora", "fan_in_fan_out", "base", "allow_unknown"}),
+    options=frozenset({"alpha", "r", "enable_lora", "fan_in_fan_out", "base", "allow_unknown", "allow_partial"}),
     reads=TORCH_SUFFIXES)
 
 __all__ = ["load", "structure", "parse_enable_lora", "DIALECT"]

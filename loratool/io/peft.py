@@ -44,7 +44,7 @@ from pathlib import Path
 from ..adapter import Adapter, Target, alpha_for_scale, scale_of
 from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, finite_number,
+from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, finite_number, fits,
                       header_only, is_float_name, lazy_whole_target, listing, materialize, metas_of_header,
                       metas_of_state_dict, positive_int, read_torch, ref, require_dir_or_file,
                       safetensors_reader, torch_reader)
@@ -190,7 +190,7 @@ def _tensors(src: Source, weights: Path):
     return metas_of_state_dict(sd), torch_reader(sd)
 
 
-def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
     """The adapter of a PEFT folder (every factor None) from adapter_config.json and the safetensors header
     alone: no tensor data read, no torch imported (adapter_model.bin is a torch file: it is loaded).
 
@@ -202,7 +202,7 @@ def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
 
     Args and Raises: as `load`, less the refusals that need a base or the tensors.
     """
-    plan = _plan(path, base, allow_unknown, describe=True, then=lambda plan, read: plan)
+    plan = _plan(path, base, allow_unknown, allow_partial, describe=True, then=lambda plan, read: plan)
     adapter = header_only(plan.adapter)
     info = dict(adapter.info)
     if plan.shadowed:
@@ -214,7 +214,7 @@ def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
     return replace(adapter, info=info)
 
 
-def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
     """Read a PEFT LoRA adapter (folder, or its weights file beside adapter_config.json) with its tensors, as
     numpy arrays (adapter_model.bin is loaded with torch weights_only=True and converted).
 
@@ -223,10 +223,13 @@ def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
         base: optional base model (path or io.base.BaseModel): resolves target keys, checks shapes,
             decides Conv1D vs nn.Linear by the stored shape, and turns whole saved tensors into deltas.
         allow_unknown: record keys that are not LoRA tensors in info["unknown_keys"] instead of failing.
+        allow_partial: with a base, skip the modules (and saved whole tensors) that map to no base key or do
+            not fit it, and accept target_modules that match no module of the base, listing each in
+            info["skipped"], instead of failing.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, key and fix in the message.
     """
-    return _plan(path, base, allow_unknown, describe=False, then=_read)
+    return _plan(path, base, allow_unknown, allow_partial, describe=False, then=_read)
 
 
 @dataclass
@@ -240,17 +243,18 @@ class _Plan:
     shadowed: dict = field(default_factory=dict)
 
 
-def _plan(path, base, allow_unknown, describe, then):
+def _plan(path, base, allow_unknown, allow_partial, describe, then):
     """then(_Plan, read) with the base open (DoRA and saved whole tensors read it when built)."""
     src = as_source(path)
     cfg_path, weights = _paths(src.path)
     cfg = read_config(cfg_path)
     metas, read = _tensors(src, weights)
     with base_keys(base) as bk:
+        skipped: list[str] = []
         if bk is not None:
-            _check_targets_exist(cfg_path, cfg, bk)
+            fits(lambda: _check_targets_exist(cfg_path, cfg, bk), allow_partial, skipped)
         plan = _Plan(weights)
-        plan.adapter = _build(weights, cfg, metas, bk, allow_unknown, describe, plan)
+        plan.adapter = _build(weights, cfg, metas, bk, allow_unknown, describe, plan, allow_partial, skipped)
         return then(plan, read)
 
 
@@ -305,7 +309,7 @@ def _read(plan: _Plan, read) -> Adapter:
 
 
 def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unknown: bool, describe: bool,
-           plan: _Plan) -> Adapter:
+           plan: _Plan, allow_partial: bool = False, skipped: list | None = None) -> Adapter:
     """The adapter with Lazy factors, from the config and the tensors' names, dtypes and shapes (saved whole
     tensors recorded in `plan`)."""
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -347,7 +351,11 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
         r_key, a_key = get_pattern_key(rank_pattern, module), get_pattern_key(alpha_pattern, module)
         rank = rank_pattern[r_key] if r_key is not None else cfg["r"]
         alpha = float(alpha_pattern[a_key] if a_key is not None else cfg["lora_alpha"])
-        t, bias = _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown)
+        built = fits(lambda: _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown), allow_partial,
+                     skipped)
+        if built is None:
+            continue
+        t, bias = built
         if dora:
             if mag is None:
                 raise SpecError(f"{where}: module \"{escape(module)}\" has no lora_magnitude_vector but the config "
@@ -361,12 +369,16 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
             targets[bias.key] = bias
 
     for name in whole:
-        t = _whole_tensor(where, metas[name], bk, describe)
+        t = fits(lambda: _whole_tensor(where, metas[name], bk, describe), allow_partial, skipped)
+        if t is None:
+            continue
         if t.key in targets:  # PEFT saves the base layer of an adapted embedding: when read, it must equal the base's
             plan.shadowed[t.key] = (name, t.delta)
             continue
         plan.saved[t.key] = name
         targets[t.key] = t
+    if skipped:
+        info["skipped"] = list(skipped)
     check_unknown(where, "PEFT", unknown, allow_unknown, info)
     meta = {"peft.r": str(cfg["r"]), "peft.lora_alpha": str(cfg["lora_alpha"])}
     for field in ("base_model_name_or_path", "task_type"):  # kept, so that a conversion back to PEFT loads
@@ -664,7 +676,8 @@ def _detect(src: Source) -> int:
 
 DIALECT = Dialect(
     name="peft", description="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin)",
-    detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown"}),
+    detect=_detect, structure=structure, load=load,
+    options=frozenset({"base", "allow_unknown", "allow_partial"}),
     reads=(".safetensors", ".bin"), save=save, writes="folder",
     save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}), holds=holds)
 

@@ -74,7 +74,9 @@ class StreamBase:
     """
 
     def __init__(self, path):
-        self.path = Path(path)
+        from .hub import resolve
+
+        self.path = Path(resolve(path, "base"))  # a Hub id is its snapshot folder, whose other files are copied
         self.folder = self.path if self.path.is_dir() else None
         reader = open_base(self.path)  # validates headers, index, shard names; raises SpecError/FileError
         self._reader = reader

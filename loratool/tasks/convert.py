@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..adapter import Adapter
 
@@ -85,27 +85,34 @@ class ConvertResult:
     bytes: int
     output: str = ""
     folded: tuple[str, ...] = ()  # targets folded into one pair for the output dialect (ops/fold.py)
+    excluded: list = field(default_factory=list)  # targets left out by `targets`/`exclude`
 
 
 def convert(path, output, *, to: str | None = None, overwrite: bool = False, kohya_prefix: str = "lora_unet_",
-            **options) -> ConvertResult:
+            revision: str | None = None, targets=(), exclude=(), **options) -> ConvertResult:
     """Read an adapter of any dialect and write it in another without changing ΔW, exactly or not at all.
 
     A target with several blocks (an exact combine, a fused qkv adapted slice by slice) is folded into one
     A/B pair of rank Σ r_i for dialects that hold one pair per module (PEFT, kohya): ops/fold.py.
 
     Args:
-        path: the adapter (file or PEFT folder).
+        path: the adapter (file or PEFT folder), or a PEFT adapter's Hugging Face Hub id (`org/name[@REV]`).
         output: the file or folder to write; with `to` None its name picks the dialect
             (io.registry.writer_for: ".safetensors" -> loratool, a folder -> peft).
         to: the dialect to write ("loratool", "peft", "kohya"), or None.
         overwrite: replace `output` if it exists.
         kohya_prefix: kohya only: the name prefix of targets not read from kohya.
-        options: reader options (base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out).
+        revision: the Hub revision of a Hub id (path or base) given without its own `@REV`.
+        targets, exclude: fnmatch globs selecting the targets written (tasks._inputs.select_targets); the
+            others are listed in the result's `excluded`.
+        options: reader options (base (a path or Hub id), allow_unknown, allow_partial (modules that map to
+            no base key are skipped and listed in the adapter's info["skipped"]), alpha, r, enable_lora,
+            fan_in_fan_out).
     Returns:
         A ConvertResult.
     Raises:
-        UsageError: `output`'s name is not one the chosen dialect is written to.
+        UsageError: `output`'s name is not one the chosen dialect is written to; a `targets` glob matches
+            nothing, or the selection leaves no target.
         FileError: `output` is an input, or exists without `overwrite`.
         MismatchError: kohya names without a base cannot become dotted keys.
         UnsupportedError: the conversion cannot be exact (the message says which target and why).
@@ -114,23 +121,32 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
     from ..fsutil import check_output
     from ..io import registry
     from ..io.base import task_type_of
+    from ._inputs import hub_inputs, select_targets
 
     writer = registry.writer_for(output, to)
-    check_output(output, [path, options.get("base")], overwrite)
-    src = registry.Source(path)
+    given_base = options.get("base")
+    base, (local,) = hub_inputs(given_base, [path], revision)
+    if base is not None:
+        options["base"] = base
+    check_output(output, [local, base], overwrite)
+    src = registry.Source(local)
     d = registry.detect(src)
     adapter = registry.load(src, dialect=d, **options)
+    if not len(adapter) and adapter.info.get("skipped"):
+        raise MismatchError(f"{path}: no module maps to the base ({len(adapter.info['skipped'])} skipped under "
+                            f"--allow-partial, the first: {adapter.info['skipped'][0]}); nothing was written")
+    (adapter,), excluded = select_targets([adapter], [os.fspath(path)], targets, exclude)
     if adapter.info.get("kohya_unmapped") and writer.name != d.name:
         raise _unmapped_error(adapter, path, "pass --base")
-    base = options.get("base")
-    # PEFT output names its base and task, so AutoPeftModelFor* loads it (kept from a PEFT input otherwise).
-    named = ({"base_model_name_or_path": os.fspath(base), "task_type": task_type_of(base)}
+    # PEFT output names its base (as given: a Hub id stays one) and task, so AutoPeftModelFor* loads it (kept
+    # from a PEFT input otherwise).
+    named = ({"base_model_name_or_path": os.fspath(given_base), "task_type": task_type_of(base)}
              if isinstance(base, (str, os.PathLike)) else {})
     folded: list[str] = []
     nbytes = writer.write(fitted(adapter, writer, folded), output, overwrite=overwrite, prefix=kohya_prefix,
                           **named)
     return ConvertResult(adapter=adapter, dialect=d.name, to=writer.name, bytes=nbytes, output=os.fspath(output),
-                         folded=tuple(folded))
+                         folded=tuple(folded), excluded=excluded)
 
 
 __all__ = ["save", "convert", "fitted", "ConvertResult"]

@@ -36,12 +36,12 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
             targets=(), fan_in_fan_out=None, embeddings: bool = False, keep_full: bool = False,
             device: str = "cpu", dtype: str | None = None, clamp_quantile: float | None = None, seed: int = 0,
             oversample: int | None = None, power_iterations: int | None = None, overwrite: bool = False,
-            progress=None) -> ExtractResult:
+            progress=None, revision: str | None = None) -> ExtractResult:
     """Extract a LoRA adapter from a finetuned model and its base, and write it (ops/extract.py has the method).
 
     Args:
         finetuned, base: paths of the two models: .safetensors files, Hugging Face folders (sharded or not) or
-            .pt/.pth/.bin state dicts, in any combination.
+            .pt/.pth/.bin state dicts, in any combination, or Hugging Face Hub ids (`org/name[@REV]`, io.hub).
         output: the file (a folder for PEFT) to write; None names it FINETUNED-minus-BASE-<rule> in the current
             folder (`default_extract_output`).
         to: "loratool", "peft" or "kohya"; None picks from the output's name (`loratool.save`), loratool without
@@ -55,6 +55,7 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
         clamp_quantile, seed, oversample, power_iterations: see ops.extract.ExtractOptions.
         overwrite: replace an existing output.
         progress: called with advance=0, total=<tensor pairs>, then advance=1 per pair.
+        revision: the Hub revision of the Hub ids given without their own `@REV`.
     Returns:
         ops.extract.ExtractResult, with `output` and `bytes` (written) set.
     Raises:
@@ -69,11 +70,14 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     from ..errors import NumericError
     from ..fsutil import check_output
     from ..io.base import open_base, task_type_of
+    from ..io.hub import resolve_all
     from ..io.registry import writer_for
     from ..ops.extract import ExtractOptions, extract as run, model_hints
     from .convert import _write
 
-    ffo = model_hints(finetuned, base) if fan_in_fan_out is None else tuple(fan_in_fan_out)
+    shown = (os.fspath(finetuned), os.fspath(base))
+    ft_path, base_path = resolve_all([(finetuned, "base"), (base, "base")], revision)
+    ffo = model_hints(ft_path, base_path) if fan_in_fan_out is None else tuple(fan_in_fan_out)
     opts = ExtractOptions(rank=rank, energy=energy, threshold=threshold, max_params=max_params,
                           targets=tuple(targets), fan_in_fan_out=ffo,
                           embeddings=embeddings, keep_full=keep_full, clamp_quantile=clamp_quantile,
@@ -83,22 +87,22 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     out = Path(output) if output is not None else default_extract_output(finetuned, base, rank, energy, threshold,
                                                                           max_params, to or "loratool")
     to = writer_for(out, to).name  # a name the writer refuses is refused before any work
-    ft_model = open_base(finetuned)
+    ft_model = open_base(ft_path)
     try:
-        base_model = open_base(base)
+        base_model = open_base(base_path)
     except BaseException:
         ft_model.close()
         raise
     with ft_model, base_model:
-        check_output(out, [finetuned, base, *ft_model.files, *base_model.files], overwrite)  # folders too
-        result = run(ft_model, base_model, opts, names=(str(finetuned), str(base)), progress=progress)
+        check_output(out, [ft_path, base_path, *ft_model.files, *base_model.files], overwrite)  # folders too
+        result = run(ft_model, base_model, opts, names=shown, progress=progress)
         ft_model.check_unchanged()  # a model written in place meanwhile would give factors of neither version
         base_model.check_unchanged()
     if not result.adapter.targets:
         raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
                            f"{len(result.not_extracted)} changed ones were not factorised; nothing was written")
     _, result.bytes = _write(result.adapter, out, to=to, overwrite=overwrite,
-                             base_model_name_or_path=os.fspath(base), task_type=task_type_of(base))
+                             base_model_name_or_path=shown[1], task_type=task_type_of(base_path))
     result.output = out
     return result
 

@@ -7,17 +7,19 @@ from collections import Counter
 from ..adapter import Adapter
 
 
-def inspect(path, *, stats: bool = False, dialect: str | None = None, **options) -> dict:
+def inspect(path, *, stats: bool = False, dialect: str | None = None, revision: str | None = None,
+            **options) -> dict:
     """A summary of an adapter of any dialect, from its structure: for a native file, a PEFT folder with
     adapter_model.safetensors or a kohya file, the headers and configs alone (no tensor data, no torch).
 
     Args:
-        path: an adapter file or a PEFT folder.
+        path: an adapter file or a PEFT folder, or a PEFT adapter's Hugging Face Hub id (`org/name[@REV]`).
         stats: also read the factors and add per target "stats": ||ΔW||_F, the ranks keeping 90% and 99% of
             the energy, and the count of non-finite values (counted, not refused).
         dialect: force a dialect instead of detecting it.
-        options: reader options (base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out); one that is set
-            and that the dialect does not take is refused.
+        revision: the Hub revision of a Hub id given without its own `@REV` (path or base).
+        options: reader options (base (a path or Hub id), allow_unknown, allow_partial, alpha, r, enable_lora,
+            fan_in_fan_out); one that is set and that the dialect does not take is refused.
     Returns:
         A dict: path, dialect, format and spec_version (of a native file, else None), unknown_keys (foreign
         dialects), the fields of `summary` (dtypes and bytes when the tensors sit in a safetensors file), and
@@ -27,8 +29,12 @@ def inspect(path, *, stats: bool = False, dialect: str | None = None, **options)
     """
     from .. import spec
     from ..io import registry
+    from ._inputs import hub_inputs
 
-    src = registry.Source(path)
+    base, (local,) = hub_inputs(options.get("base"), [path], revision)
+    if base is not None:
+        options["base"] = base
+    src = registry.Source(local)
     d = registry.get(dialect) if dialect else registry.detect(src)
     if stats:  # a native reader refuses non-finite factors unless told to leave them to be counted
         adapter = registry.load(src, dialect=d, **options, check=False)

@@ -37,6 +37,7 @@ class MergeResult:
     bytes: int
     seconds: float
     skipped: list[str] = field(default_factory=list)  # targets skipped under allow_partial, one message each
+    excluded: list[str] = field(default_factory=list)  # targets left out by `targets`/`exclude`, "adapter: key"
     skipped_files: list[str] = field(default_factory=list)  # the base folder's files not copied, with the reason
     verify: dict | None = None  # {"max_rel_error", "target"} with verify
     probe_errors: dict[str, float] = field(default_factory=dict)
@@ -54,17 +55,22 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
           dtype: str | None = None, unmerge: bool = False, verify: bool = False, allow_partial: bool = False,
           device: str = "cpu", overwrite: bool = False, fsync: bool = True,
           progress: Callable[..., None] | None = None, reader_options: dict | None = None,
-          speculate: bool | None = None) -> MergeResult:
+          speculate: bool | None = None, revision: str | None = None, targets: Sequence[str] = (),
+          exclude: Sequence[str] = ()) -> MergeResult:
     """Merge adapters into a base model file or folder and write the result to `output`, atomically.
 
     Args:
-        base: a .safetensors file, a .pt/.pth/.bin state dict, or a Hugging Face folder (sharded or not).
-        adapters: an adapter, or several: paths of any dialect loratool reads, or in-memory Adapters.
+        base: a .safetensors file, a .pt/.pth/.bin state dict, a Hugging Face folder (sharded or not), or a Hub
+            id `org/name[@REV]` (io.hub: a local path always wins).
+        adapters: an adapter, or several: paths of any dialect loratool reads, PEFT adapters' Hub ids, or
+            in-memory Adapters.
         output: the output file or folder; a .safetensors or .pt/.pth/.bin name picks that format, any other
             name keeps the base's.
         weights: one weight per adapter (default 1 each). scale: multiplies every weight.
         dtype: output dtype ("float32", "bfloat16", "float16", "float64" or F32/BF16/F16/F64) for every
             floating-point tensor; None keeps each tensor's.
+        allow_partial: skip (and list in `skipped`) the targets that do not fit the base, and the adapter
+            modules that map to no base key (the readers of PEFT, kohya and loralib), instead of refusing.
         unmerge: subtract instead of add. verify: probe every merged target (ops.merge.Merger) and refuse a
             result whose probe error is above VERIFY_EPS x the output dtype's epsilon.
         device: "cpu" or "cuda" (where the float32 arithmetic runs).
@@ -73,6 +79,9 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         reader_options: options for the adapters' readers (see `loratool.load`), e.g. loralib's alpha.
         speculate: copy the base into the temporary output in the background while the adapters are read
             (default: when torch is not imported yet, so that the copy hides its import).
+        revision: the Hub revision (branch, tag, commit) of every Hub id given without its own `@REV`.
+        targets, exclude: fnmatch globs; only targets matching some `targets` glob (all when empty) and no
+            `exclude` glob are merged (tasks._inputs.select_targets); the others are listed in `excluded`.
     Returns:
         A MergeResult.
     Raises:
@@ -85,7 +94,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
     from ..ops.fp8 import Dequantized, Fp8Target
     from ..ops.merge import Merger, plan_merge
-    from ._inputs import check_weights, load_adapters
+    from ._inputs import check_weights, hub_inputs, load_adapters, select_targets
 
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
@@ -96,10 +105,12 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     from ..adapter import Adapter
 
     items = [adapters] if isinstance(adapters, (str, os.PathLike, Adapter)) else list(adapters)
-    paths = [os.fspath(x) for x in items if not isinstance(x, Adapter)]
     names = [f"adapter {i + 1}" if isinstance(x, Adapter) else os.fspath(x) for i, x in enumerate(items)]
     out_name = _dtype_name(dtype)
     check_weights(weights, len(items))
+    shown_base = str(base)
+    base, items = hub_inputs(base, items, revision)  # Hub ids -> snapshot folders in the Hub cache
+    paths = [os.fspath(x) for x in items if not isinstance(x, Adapter)]
     # Copy the base in the background while the adapters are read; once torch is loaded (a torch adapter or
     # base) there is less to hide, and targets would be copied only to be overwritten.
     if speculate is None:
@@ -120,8 +131,10 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                 rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
 
-            read = iter(load_adapters(paths, reader_options, base=src.reader) if paths else [])
+            read = iter(load_adapters(paths, reader_options, base=src.reader, allow_partial=allow_partial)
+                        if paths else [])
             loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
+            loaded, excluded = select_targets(loaded, names, targets, exclude)
             phase("adapters loaded")
             plan = plan_merge(list(zip(names, loaded)), src.info, weights=weights, scale=scale,
                               unmerge=unmerge, allow_partial=allow_partial, quantized=quant)
@@ -169,10 +182,12 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                 f"weight(s) (least: {lost[0]}, {kept[lost[0]]:.1%}); the float8 grid is coarser than the change: "
                 "pass --dtype bfloat16 for a dequantized merge"] if lost else []
     return MergeResult(
-        base=str(base), output=str(output), format=fmt, adapters=names,
+        base=shown_base, output=str(output), format=fmt, adapters=names,
         operation="unmerge" if unmerge else "merge", targets=plan.n_targets,
         terms=sum(len(v) for v in plan.terms.values()), tensors=stats["tensors"], bytes=stats["bytes"],
-        seconds=round(time.perf_counter() - t0, 3), skipped=plan.skipped, skipped_files=rw.skipped_files,
+        seconds=round(time.perf_counter() - t0, 3),
+        skipped=[m for a in loaded for m in a.info.get("skipped", [])] + plan.skipped,
+        excluded=excluded, skipped_files=rw.skipped_files,
         verify={"max_rel_error": errors[worst], "target": worst} if worst else None, probe_errors=errors,
         requantized=kept, warnings=warnings, device=dev.name, phases=phases)
 

@@ -7,16 +7,21 @@ import os
 from ..validation import Report, check_base, check_values, validate_header
 
 
-def validate(path, base=None, read_data: bool = True) -> Report:
+def validate(path, base=None, read_data: bool = True, revision: str | None = None) -> Report:
     """Every rule of the spec on a native adapter file; with `base`, rules B001-B004 too.
 
     Args:
         path: the adapter file.
-        base: a base model path (file or folder) or an opened io.base.BaseModel, or None.
+        base: a base model path (file or folder), Hugging Face Hub id (`org/name[@REV]`) or an opened
+            io.base.BaseModel, or None.
         read_data: also read the factors for rules T006 and W003 (numpy, one tensor at a time; no torch).
+        revision: the Hub revision of a base Hub id given without its own `@REV`.
     Returns:
         A Report; `report.errors` is empty when the file is valid.
     """
+    from ._inputs import hub_inputs
+
+    base, _ = hub_inputs(base, [], revision)  # refused before the file is read when it names no Hub id
     rep = validate_header(path)
     if rep.adapter is None or rep.errors:
         return rep

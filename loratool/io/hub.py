@@ -1,0 +1,149 @@
+"""Hugging Face Hub ids as inputs: `org/name` (or `org/name@REV`) resolved to a snapshot folder of the Hub's
+own cache, through huggingface_hub (which downloads what is missing, or only reads the cache when
+HF_HUB_OFFLINE=1; HF_HOME and HF_HUB_CACHE choose the cache as they do for every Hugging Face library).
+
+The rules, in order:
+  1. a path that exists locally is that path, always;
+  2. a string shaped like `org/name` (one "/", Hub repo-name characters, an optional `@REV`, not ending in a
+     file suffix such as .safetensors) is a Hub model repository;
+  3. anything else is left as it is, for the reader to report as a missing file.
+
+Only the files loratool reads are fetched: a base's *.safetensors weights (top level, not the duplicate
+consolidated*.safetensors some repos ship), its JSON configs and tokenizer files; a PEFT adapter's
+adapter_config.json and adapter_model.safetensors. huggingface_hub is imported only when a Hub id is given,
+so `--help`, header reads and local paths never pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..container import escape
+from ..errors import FileError, UsageError
+
+# Hub repo names: letters, digits, "-", "_", "."; no leading "-"/"." (huggingface_hub's validate_repo_id
+# checks the rest and its refusal becomes the message).
+_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}"
+HUB_ID = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^@\s]+))?$")
+# A name ending in one of these is a file path that is missing, never a repository.
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf", ".json", ".npz", ".onnx")
+
+PATTERNS = {
+    "base": (["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt"],
+             # safetensors in subfolders are other components (diffusers) or duplicate copies of the weights
+             ["*/*.safetensors", "consolidated*.safetensors"]),
+    "adapter": (["adapter_config.json", "adapter_model.safetensors"], None),
+}
+
+
+def hub_id(path) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `path` is a Hub id by the rules above, else None (it exists locally,
+    or does not have the shape)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    text = os.fspath(path)
+    if not isinstance(text, str) or os.path.lexists(text):
+        return None
+    m = HUB_ID.match(text)
+    if m is None or m["repo"].endswith(_FILE_SUFFIXES) or ".." in m["repo"] or "--" in m["repo"]:
+        return None
+    return m["repo"], m["rev"]
+
+
+def resolve(path, kind: str, revision: str | None = None):
+    """The local path of `path`: itself unless it is a Hub id, else its snapshot folder in the Hub cache.
+
+    Args:
+        path: a local path (returned as it is) or a Hub id `org/name` / `org/name@REV`.
+        kind: "base" (weights, configs, tokenizer) or "adapter" (a PEFT adapter's two files): the files fetched.
+        revision: branch, tag or commit for a Hub id without its own `@REV` (default: main).
+    Returns:
+        `path` unchanged, or the snapshot folder (a Path).
+    Raises:
+        FileError: the repository, revision or files cannot be had: not in the cache while offline, not on the
+            Hub, private, or the Hub unreachable; one line saying which and what to do.
+    """
+    parsed = hub_id(path)
+    if parsed is None:
+        return path
+    repo, rev = parsed
+    rev = rev or revision
+    folder = Path(_snapshot(repo, rev, kind))
+    if kind == "adapter" and not (folder / "adapter_config.json").is_file():
+        raise FileError(f"{repo}: the Hub repository holds no adapter_config.json (revision {rev or 'main'}); "
+                        "loratool reads PEFT adapters from the Hub; for a single-file adapter download it "
+                        f"(`hf download {repo} FILE`) and pass its path")
+    return folder
+
+
+def resolve_all(items, revision: str | None = None) -> list:
+    """`resolve` for several (path, kind) pairs, refusing a `revision` that no Hub id uses.
+
+    Raises:
+        UsageError: `revision` is set and no item is a Hub id (it would be ignored).
+        FileError: as `resolve`.
+    """
+    items = list(items)
+    if revision is not None and not any(hub_id(p) is not None for p, _ in items):
+        raise UsageError(f"--revision {escape(revision)}: no input is a Hugging Face Hub id (org/name) that is not "
+                         "a local path; drop the option")
+    return [resolve(p, kind, revision) for p, kind in items]
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, when it is first imported)."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE")
+    return constants.HF_HUB_OFFLINE or (now is not None and now.strip().upper() in ("1", "ON", "YES", "TRUE"))
+
+
+def _snapshot(repo: str, revision: str | None, kind: str) -> str:
+    """huggingface_hub.snapshot_download of the files `kind` needs, its errors as one FileError line."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+        from huggingface_hub import utils as errors  # these three live here from 0.24 to 2.x
+    except ImportError:
+        raise FileError(f"{repo}: is not a local path, and reading it from the Hugging Face Hub needs "
+                        "huggingface_hub; pip install huggingface_hub, or pass a local path") from None
+    allow, ignore = PATTERNS[kind]
+    offline = _offline()
+    # HF_HUB_CACHE, the variable that overrides every other cache setting, as set now (huggingface_hub reads
+    # it when first imported); None leaves the choice (HF_HOME, ...) to huggingface_hub.
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    shown = f"{repo} (revision {revision or 'main'})"
+    try:
+        return huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=allow,
+                                                 ignore_patterns=ignore, local_files_only=offline,
+                                                 cache_dir=cache_dir)
+    except errors.RevisionNotFoundError:
+        raise FileError(f"{repo}: the Hugging Face Hub repository has no revision \"{escape(revision or 'main')}\"; "
+                        "pass an existing branch, tag or commit with --revision") from None
+    except errors.RepositoryNotFoundError:
+        raise FileError(f"{repo}: is neither a local path nor a Hugging Face Hub repository you can read (not "
+                        "found, private or gated: check the name, or log in with `hf auth login`)") from None
+    except errors.LocalEntryNotFoundError as e:
+        cache = cache_dir or constants.HF_HUB_CACHE
+        where = f"revision {revision or 'main'} in the Hub cache {cache}"
+        try:  # huggingface_hub >= 2: a cached snapshot its tree listing says is missing files
+            from huggingface_hub.errors import IncompleteSnapshotError
+        except ImportError:
+            IncompleteSnapshotError = ()
+        if isinstance(e, IncompleteSnapshotError):
+            why = f"its {where} is incomplete, and the Hub cannot be reached"
+        elif offline:
+            why = f"nor is its {where}, and HF_HUB_OFFLINE=1 forbids downloading it"
+        else:
+            why = f"nor is its {where}, and the Hub cannot be reached"
+        raise FileError(f"{repo}: is not a local path, {why}; download it once online (`hf download "
+                        f"{repo}`), or pass a local path") from None
+    except Exception as e:  # noqa: BLE001 - network and validation errors of another library: one line, no traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise FileError(f"{repo}: is not a local path, and fetching {shown} from the Hugging Face Hub failed: "
+                        f"{escape(first)}") from None
+
+
+__all__ = ["hub_id", "resolve", "resolve_all", "PATTERNS"]
