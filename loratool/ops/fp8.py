@@ -103,9 +103,7 @@ def dequantize(w: np.ndarray, s: np.ndarray, scheme: Scheme) -> np.ndarray:
     W = w.astype(np.float32)
     s = np.asarray(s, dtype=np.float32)
     if scheme.kind == "block":
-        bh, bw = scheme.block
-        full = np.repeat(np.repeat(s.reshape(-1, s.shape[-1]), bh, axis=0), bw, axis=1)  # (srows*bh, scols*bw)
-        W *= full[:W.shape[0], :W.shape[1]]
+        _blockwise(W, s.reshape(-1, s.shape[-1]), scheme.block, np.multiply)
     elif scheme.kind == "tensor":
         W *= s.reshape(())
     else:
@@ -140,12 +138,32 @@ def quantize(W: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
         if scheme.pow2:
             s = np.exp2(np.ceil(np.log2(np.maximum(s, np.finfo(np.float32).tiny)))).astype(np.float32)
             mult = (np.float32(1) / s).astype(np.float32)
-        Q = W * np.repeat(np.repeat(mult, bh, axis=0), bw, axis=1)[:h, :cols]
+        Q = np.array(W, copy=True)
+        _blockwise(Q, mult, scheme.block, np.multiply)
     else:  # compressed-tensors: scale amax / 448, W divided by it
         s = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
         Q = W / s
     np.clip(Q, -E4M3_MAX, E4M3_MAX, out=Q)
     return Q.astype(E4M3), s
+
+
+def _blockwise(X: np.ndarray, s: np.ndarray, block: tuple[int, int], op) -> None:
+    """X[i*bh:(i+1)*bh, j*bw:(j+1)*bw] = op(that block, s[i, j]) in place, for X (h, cols) and s covering it,
+    through broadcast views (no weight-sized array of scales)."""
+    bh, bw = block
+    h, cols = X.shape
+    full_r, full_c = h // bh, cols // bw
+    if full_r and full_c:  # whole blocks: (full_r, bh, full_c, bw) against s (full_r, 1, full_c, 1)
+        V = X[:full_r * bh, :full_c * bw].reshape(full_r, bh, full_c, bw)
+        op(V, s[:full_r, None, :full_c, None], out=V)
+    if full_c * bw < cols:  # the last, partial column block of every row
+        for i in range(-(-h // bh)):
+            R = X[i * bh:(i + 1) * bh, full_c * bw:]
+            op(R, s[i, full_c], out=R)
+    if full_r * bh < h:  # the last, partial row block's whole column blocks
+        for j in range(full_c):
+            R = X[full_r * bh:, j * bw:(j + 1) * bw]
+            op(R, s[full_r, j], out=R)
 
 
 class _Scaled:
