@@ -42,6 +42,8 @@ class Dialect:
         writes: "file" or "folder", what `save` writes.
         suffix: the suffix of the file `save` writes ("file" only).
         save_options: the keyword options `save` takes besides the adapter and the path.
+        structure_options: keyword options only `structure` takes ("partial": describe what the file alone
+            says where `load` would refuse for want of a config or an option, the unknowns named in info).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Dialect:
     writes: str | None = None
     suffix: str | None = None
     save_options: frozenset = frozenset()
+    structure_options: frozenset = frozenset()
 
     def write(self, adapter, path, **options) -> int:
         """`save(adapter, path)` with the options it takes (others, meant for other writers, are dropped).
