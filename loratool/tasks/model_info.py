@@ -162,7 +162,7 @@ def describe_model(path) -> dict:
     return {
         "kind": "model", "path": str(path), "format": fmt, "files": len(files), "tensors": len(shapes),
         "parameters": params, "dtypes": dict(sorted(dtypes.items())), "bytes": nbytes, "config": fields,
-        "tied_embeddings": _tied(cfg, shapes, whole and shard is None), "guess": guess(shapes, declared),
+        "tied_embeddings": _tied(cfg, shapes, shard is None), "guess": guess(shapes, declared),
         "training": training(meta), "notes": notes, "hint": HINT,
     }
 
