@@ -287,6 +287,12 @@ def test_a_model_file_and_a_shard_are_models(model_dirs):
     assert doc["config"]["hidden_size"] == 16 and doc["tied_embeddings"] is None  # the head may be in another shard
 
 
+def test_adapter_options_on_a_model_are_refused_not_ignored(model_dirs):
+    code, out, err = run("inspect", model_dirs["single"], "--stats", "--alpha", 4)
+    assert code == 2 and out == ""
+    assert err.strip().endswith("is a model, not an adapter; --stats, --alpha describe(s) adapters: drop it")
+
+
 def test_a_folder_without_weights_or_config_is_still_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = run("inspect", tmp_path / "empty")

@@ -32,6 +32,7 @@ def inspect(path, *, stats: bool = False, dialect: str | None = None, **options)
         asked. For a model, describe_model's dict (kind "model").
     Raises:
         SpecError, FileError, MismatchError, UnsupportedError: as the dialect's reader says.
+        UsageError: `path` is a model and `stats` or a reader option is set.
     """
     from .. import spec
     from ..guess import guess, training
@@ -39,8 +40,13 @@ def inspect(path, *, stats: bool = False, dialect: str | None = None, **options)
 
     src = registry.Source(path)
     if dialect is None and _is_model(src):
+        from ..errors import UsageError
         from .model_info import describe_model
 
+        given = (["--stats"] if stats else []) + ["--" + k.replace("_", "-") for k, v in options.items()
+                                                  if v not in (None, False, (), [])]
+        if given:  # an option is never silently ignored
+            raise UsageError(f"{path}: is a model, not an adapter; {', '.join(given)} describe(s) adapters: drop it")
         return describe_model(path)
     d = registry.get(dialect) if dialect else registry.detect(src)
     if stats:  # a native reader refuses non-finite factors unless told to leave them to be counted
