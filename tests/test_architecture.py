@@ -19,7 +19,7 @@ PKG = ROOT / "loratool"
 LAYERS = [
     {"spec", "errors"},
     {"fsutil", "container", "dtypes", "device"},
-    {"adapter"},
+    {"adapter", "guess"},
     {"validation"},
     {"io", "ops"},
     {"tasks"},
@@ -64,8 +64,8 @@ def test_import_direction():
 
 
 def test_light_modules_do_not_import_torch_at_top_level():
-    for name in ["spec.py", "errors.py", "container.py", "adapter.py", "validation.py", "fsutil.py", "tasks/__init__.py",
-                 "tasks/inspect.py", "tasks/validate.py", "tasks/convert.py", "tasks/_inputs.py",
+    for name in ["spec.py", "errors.py", "container.py", "adapter.py", "guess.py", "validation.py", "fsutil.py", "tasks/__init__.py",
+                 "tasks/inspect.py", "tasks/model_info.py", "tasks/validate.py", "tasks/convert.py", "tasks/_inputs.py",
                  "__init__.py", "cli/__init__.py", "cli/render.py", "io/detect.py", "io/native.py", "io/registry.py",
                  "io/_common.py", "io/peft.py", "io/kohya.py", "io/loralib.py", "cli/convert_cmd.py",
                  "cli/inspect_cmd.py"]:

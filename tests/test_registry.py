@@ -151,9 +151,11 @@ def test_accepted_options_are_what_each_reader_takes():
     import inspect
 
     for d in registry.DIALECTS:
-        for fn in (d.load, d.structure):
-            params = set(inspect.signature(fn).parameters) - {"path"}
-            assert params == set(d.options), (d.name, fn.__name__)
+        assert set(inspect.signature(d.load).parameters) - {"path"} == set(d.options), d.name
+        # structure takes the same options, plus the structure-only ones (partial)
+        assert set(inspect.signature(d.structure).parameters) - {"path"} == set(d.options) | d.structure_options, \
+            d.name
+        assert not d.structure_options & d.options, d.name
         assert D.accepted_options(d.name) == set(d.options)
         if d.save is not None:
             params = set(inspect.signature(d.save).parameters) - {"adapter", "path"}

@@ -36,6 +36,14 @@ def write(text: str = "") -> None:
         sys.stdout.write(f"{text}\n")
 
 
+def write_fields(pairs, width: int = 18) -> None:
+    """`label: value` lines with the values aligned at `width`; an empty label continues the line above, and
+    values (read from files) are escaped."""
+    for label, value in pairs:
+        head = f"{label}:" if label else ""
+        write(f"{head:<{width}}{' ' if len(head) >= width else ''}{escape(str(value))}")
+
+
 def printable(text: str) -> str:
     """`text` on one line with every control character escaped (\\x1b, \\n, ...): a name read from a file or
     typed by a user never reaches the terminal raw."""

@@ -45,6 +45,8 @@ class Dialect:
         holds: Target -> whether `save` writes this lora target as it is; None: every one. A dialect that
             holds one A/B pair per module (PEFT, kohya) says no to several blocks, and the tasks that write
             (tasks/convert.py) fold such a target into one exact pair first (ops/fold.py).
+        structure_options: keyword options only `structure` takes ("partial": describe what the file alone
+            says where `load` would refuse for want of a config or an option, the unknowns named in info).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Dialect:
     suffix: str | None = None
     save_options: frozenset = frozenset()
     holds: Callable[[Any], bool] | None = None
+    structure_options: frozenset = frozenset()
 
     def write(self, adapter, path, **options) -> int:
         """`save(adapter, path)` with the options it takes (others, meant for other writers, are dropped).

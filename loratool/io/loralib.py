@@ -26,6 +26,7 @@ planned once from the tensors' shapes (Lazy: which tensor, which slice) and `loa
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..adapter import Adapter, Block, Target
 from ..container import escape
@@ -58,11 +59,19 @@ def parse_enable_lora(value) -> list[bool] | None:
 
 
 def structure(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
-              allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
+              allow_unknown: bool = False, allow_partial: bool = False, partial: bool = False) -> Adapter:
     """The adapter of a loralib state dict (every factor None). A torch file has no header to read alone, so
-    the file is loaded (weights_only=True). Args and Raises: as `load`."""
+    the file is loaded (weights_only=True).
+
+    Args:
+        partial: without `alpha`, describe the file anyway: every block's alpha is NaN and
+            info["alpha_unknown"] says to pass --alpha (ranks and shapes come from the factors).
+        Others: as `load`.
+    Raises:
+        As `load` (less the missing alpha with `partial`).
+    """
     return header_only(_plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial,
-                             then=lambda adapter, read: adapter))
+                             then=lambda adapter, read: adapter, partial=partial))
 
 
 def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
@@ -85,19 +94,25 @@ def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = F
     return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then=materialize)
 
 
-def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then):
+def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then,
+          partial: bool = False):
     path = as_source(path).path
-    if alpha is None:
+    if alpha is None and not partial:
         raise SpecError(f"{path}: loralib keeps lora_alpha in code, not in the file; pass it (--alpha)")
-    if not finite_number(alpha):
+    if alpha is not None and not finite_number(alpha):
         raise SpecError(f"{path}: alpha {alpha!r} is not a finite number")
     if r is not None and not positive_int(r):
         raise SpecError(f"{path}: r {r!r} is not a positive integer")
     enable = parse_enable_lora(enable_lora)
     sd = read_torch(path)
     with base_keys(base) as bk:
-        return then(_build(path, metas_of_state_dict(sd), float(alpha), r, enable, bool(fan_in_fan_out), bk,
-                           allow_unknown, allow_partial), torch_reader(sd))
+        # partial without alpha: NaN, never a made-up number, and the info says what is missing
+        adapter = _build(path, metas_of_state_dict(sd), math.nan if alpha is None else float(alpha), r, enable,
+                         bool(fan_in_fan_out), bk, allow_unknown, allow_partial)
+        if alpha is None:
+            adapter = replace(adapter, info={**adapter.info, "alpha": None, "alpha_unknown":
+                                             "loralib keeps lora_alpha in code, not in the file; pass --alpha"})
+        return then(adapter, torch_reader(sd))
 
 
 def _weight_shape(sd, m, bk, where):
@@ -248,6 +263,6 @@ DIALECT = Dialect(
     name="loralib", description="a loralib (microsoft/LoRA) state dict: a .pt/.pth/.bin torch file",
     detect=_detect, structure=structure, load=load,
     options=frozenset({"alpha", "r", "enable_lora", "fan_in_fan_out", "base", "allow_unknown", "allow_partial"}),
-    reads=TORCH_SUFFIXES)
+    reads=TORCH_SUFFIXES, structure_options=frozenset({"partial"}))
 
 __all__ = ["load", "structure", "parse_enable_lora", "DIALECT"]

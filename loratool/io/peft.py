@@ -36,6 +36,7 @@ construction.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -115,11 +116,14 @@ def get_pattern_key(pattern_keys, module: str) -> str | None:
     return None
 
 
-def _paths(path) -> tuple[Path, Path]:
+def _paths(path, partial: bool = False) -> tuple[Path | None, Path]:
+    """(adapter_config.json, weights file); with `partial`, a weights file without its config gives None."""
     p = require_dir_or_file(path)
     folder = p if p.is_dir() else p.parent
     cfg = folder / CONFIG_NAME
     if not cfg.is_file():
+        if partial and p.is_file():
+            return None, p
         raise SpecError(f"{p}: no {CONFIG_NAME} in {folder}; PEFT keeps r and lora_alpha there, and loratool "
                         "never guesses them")
     if p.is_file():
@@ -190,7 +194,8 @@ def _tensors(src: Source, weights: Path):
     return metas_of_state_dict(sd), torch_reader(sd)
 
 
-def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
+def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False,
+              partial: bool = False) -> Adapter:
     """The adapter of a PEFT folder (every factor None) from adapter_config.json and the safetensors header
     alone: no tensor data read, no torch imported (adapter_model.bin is a torch file: it is loaded).
 
@@ -200,9 +205,16 @@ def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bo
     that LoRA factors also adapt (PEFT saves the base layer of an adapted embedding) is named in
     info["saved_beside_lora"] (`load` requires it to equal the base's).
 
-    Args and Raises: as `load`, less the refusals that need a base or the tensors.
+    Args:
+        partial: describe a weights file given without its adapter_config.json (a lone
+            adapter_model.safetensors, a diffusers LoRA file): ranks from the factor shapes, every block's alpha
+            NaN, info["alpha_unknown"] naming what is missing; DoRA and lora_bias are read as their tensors say.
+        Others: as `load`.
+    Raises:
+        As `load`, less the refusals that need a base or the tensors.
     """
-    plan = _plan(path, base, allow_unknown, allow_partial, describe=True, then=lambda plan, read: plan)
+    plan = _plan(path, base, allow_unknown, allow_partial, describe=True, then=lambda plan, read: plan,
+                 partial=partial)
     adapter = header_only(plan.adapter)
     info = dict(adapter.info)
     if plan.shadowed:
@@ -243,12 +255,14 @@ class _Plan:
     shadowed: dict = field(default_factory=dict)
 
 
-def _plan(path, base, allow_unknown, allow_partial, describe, then):
+def _plan(path, base, allow_unknown, allow_partial, describe, then, partial: bool = False):
     """then(_Plan, read) with the base open (DoRA and saved whole tensors read it when built)."""
     src = as_source(path)
-    cfg_path, weights = _paths(src.path)
-    cfg = read_config(cfg_path)
+    cfg_path, weights = _paths(src.path, partial)
+    cfg = read_config(cfg_path) if cfg_path is not None else None
     metas, read = _tensors(src, weights)
+    if cfg is None:
+        cfg = _config_of_keys(metas)
     with base_keys(base) as bk:
         skipped: list[str] = []
         if bk is not None:
@@ -256,6 +270,15 @@ def _plan(path, base, allow_unknown, allow_partial, describe, then):
         plan = _Plan(weights)
         plan.adapter = _build(weights, cfg, metas, bk, allow_unknown, describe, plan, allow_partial, skipped)
         return then(plan, read)
+
+
+def _config_of_keys(metas: dict) -> dict:
+    """What a missing adapter_config.json would have said, as far as the tensors tell: r and lora_alpha unknown
+    (None: ranks come from the factors), DoRA and lora_bias on when their tensors are there."""
+    names = list(metas)
+    return {"peft_type": "LORA", "r": None, "lora_alpha": None,
+            "use_dora": any(n.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight")) for n in names),
+            "lora_bias": any(n.endswith(".lora_B.bias") for n in names)}
 
 
 def _check_targets_exist(cfg_path, cfg: dict, bk: BaseKeys) -> None:
@@ -349,8 +372,9 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
         if not parts:
             continue
         r_key, a_key = get_pattern_key(rank_pattern, module), get_pattern_key(alpha_pattern, module)
-        rank = rank_pattern[r_key] if r_key is not None else cfg["r"]
-        alpha = float(alpha_pattern[a_key] if a_key is not None else cfg["lora_alpha"])
+        rank = rank_pattern[r_key] if r_key is not None else cfg["r"]  # None without a config: the factors' rank
+        alpha = alpha_pattern[a_key] if a_key is not None else cfg["lora_alpha"]
+        alpha = math.nan if alpha is None else float(alpha)  # unknown without a config: never a made-up number
         built = fits(lambda: _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown), allow_partial,
                      skipped)
         if built is None:
@@ -380,6 +404,11 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
     if skipped:
         info["skipped"] = list(skipped)
     check_unknown(where, "PEFT", unknown, allow_unknown, info)
+    if cfg["r"] is None:
+        info["alpha_unknown"] = (f"no {CONFIG_NAME} beside the weights: ranks come from the factor shapes; "
+                                 "lora_alpha, use_rslora and fan_in_fan_out are unknown; inspect the PEFT folder "
+                                 "with its config")
+        return Adapter(targets=targets, metadata={}, info=info)
     meta = {"peft.r": str(cfg["r"]), "peft.lora_alpha": str(cfg["lora_alpha"])}
     for field in ("base_model_name_or_path", "task_type"):  # kept, so that a conversion back to PEFT loads
         if cfg.get(field):
@@ -412,7 +441,7 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
             raise UnsupportedError(f"{where}: module \"{shown}\": lora_B {list(B.shape)} has {B.shape[1]} input "
                                    f"channels for rank {r}: a grouped convolution, which loratool does not read yet")
         raise SpecError(f"{where}: module \"{shown}\": lora_A rank {r} != lora_B rank {B.shape[1]}")
-    if r != rank:
+    if rank is not None and r != rank:
         raise SpecError(f"{where}: module \"{shown}\": factors have rank {r} but the config gives r = {rank} (after "
                         "rank_pattern); fix adapter_config.json")
     out = int(B.shape[0])
@@ -512,7 +541,8 @@ def _whole_tensor(where, x: Meta, bk, describe: bool) -> Target:
                                    "embedding layer) that replaces the base's; pass --base so loratool can store its "
                                    "difference from the base")
         return Target(key=key, kind="full", layout="full", shape=tuple(x.shape), delta=None, delta_scale=1.0,
-                      info={"peft": "whole saved tensor that replaces the base's; pass --base to know its delta"})
+                      info={"peft": "whole saved tensor that replaces the base's; pass --base to know its delta",
+                            "saved_as": name, "saved_dtype": x.dtype})
     key = bk.resolve_dotted(key, f"{where}: \"{escape(name)}\"")
     if bk.shape(key) != tuple(x.shape):
         raise MismatchError(f"{where}: \"{escape(name)}\" is {list(x.shape)} but base \"{escape(key)}\" is "
@@ -678,7 +708,7 @@ DIALECT = Dialect(
     name="peft", description="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin)",
     detect=_detect, structure=structure, load=load,
     options=frozenset({"base", "allow_unknown", "allow_partial"}),
-    reads=(".safetensors", ".bin"), save=save, writes="folder",
+    reads=(".safetensors", ".bin"), save=save, writes="folder", structure_options=frozenset({"partial"}),
     save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}), holds=holds)
 
 __all__ = ["load", "save", "structure", "plan", "holds", "read_config", "get_pattern_key", "DIALECT"]

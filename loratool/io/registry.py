@@ -104,13 +104,22 @@ def load(path, *, dialect=None, strict: bool = True, flags: dict | None = None, 
     return d.load(src, **opts)
 
 
-def structure(path, *, dialect=None, strict: bool = True, flags: dict | None = None, **options):
+def structure(path, *, dialect=None, strict: bool = True, flags: dict | None = None, partial: bool = False,
+              **options):
     """Read an adapter's structure (targets, shapes, ranks, alphas, layouts, blocks; every factor None). For
     safetensors-based dialects this reads headers and configs only and never imports torch.
 
-    Args and Raises: as `load`.
+    Args:
+        partial: for a dialect that can (Dialect.structure_options), describe what the file alone says where
+            `load` would refuse: a PEFT weights file without adapter_config.json, a loralib file without
+            alpha. Every block's alpha is then NaN and info["alpha_unknown"] says what is missing.
+        path, dialect, strict, flags, options: as `load`.
+    Raises:
+        As `load`.
     """
     src, d, opts = _resolve(path, dialect, strict, flags, options)
+    if partial and "partial" in d.structure_options:
+        opts["partial"] = True
     return d.structure(src, **opts)
 
 
