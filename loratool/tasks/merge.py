@@ -39,6 +39,8 @@ class MergeResult:
     probe_errors: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds since the start
+    ties: list[str] = field(default_factory=list)  # what became of tied weights an adapter touches, one line each
+    warnings: list[str] = field(default_factory=list)  # --keep-tied: a merged model that is not the adapter model
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +50,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
           dtype: str | None = None, unmerge: bool = False, verify: bool = False, allow_partial: bool = False,
           device: str = "cpu", overwrite: bool = False, fsync: bool = True,
           progress: Callable[..., None] | None = None, reader_options: dict | None = None,
-          speculate: bool | None = None) -> MergeResult:
+          speculate: bool | None = None, keep_tied: bool = False) -> MergeResult:
     """Merge adapters into a base model file or folder and write the result to `output`, atomically.
 
     Args:
@@ -67,6 +69,11 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         reader_options: options for the adapters' readers (see `loratool.load`), e.g. loralib's alpha.
         speculate: copy the base into the temporary output in the background while the adapters are read
             (default: when torch is not imported yet, so that the copy hides its import).
+        keep_tied: for a base whose head is tied to its embedding (io.ties), merge an adapter on either into the
+            one tensor so both sides move (PEFT's merge_and_unload), with a warning. By default the pair is
+            untied: the targeted side changes, the other keeps the original tensor (a head the base does not
+            store is written), and config.json says tie_word_embeddings false: the merged model computes
+            what the adapter model computes unmerged (ops/ties.py). Unmerging a tied base moves both sides.
     Returns:
         A MergeResult.
     Raises:
@@ -77,7 +84,9 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     from ..device import blas_threads, session
     from ..fsutil import check_output
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
+    from ..io.ties import CONFIG_KEY, find_ties, with_heads
     from ..ops.merge import Merger, plan_merge
+    from ..ops.ties import resolve_ties
     from ._inputs import check_weights, load_adapters
 
     t0 = time.perf_counter()
@@ -109,15 +118,25 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                 rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
 
-            read = iter(load_adapters(paths, reader_options, base=src.reader) if paths else [])
+            # Readers see a tied head the file does not store (io.ties), so a target on it resolves.
+            view = with_heads(src.reader, find_ties(src.reader, base))
+            read = iter(load_adapters(paths, reader_options, base=view) if paths else [])
             loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
             phase("adapters loaded")
-            plan = plan_merge(list(zip(names, loaded)), src.info, weights=weights, scale=scale,
+            ties = find_ties(src.reader, base, wanted=[k for a in loaded for k in a.targets])
+            plan = plan_merge(list(zip(names, loaded)), with_heads(src.reader, ties).info, weights=weights, scale=scale,
                               unmerge=unmerge, allow_partial=allow_partial)
+            tied = resolve_ties(plan.terms, ties, keep_tied=keep_tied, unmerge=unmerge)
+            plan.terms = tied.terms
+            rw.add_sources(tied.sources)  # a tied head the base does not store, written untied
+
+            def info(key):
+                return src.info(tied.sources.get(key, key))
+
             digests = {k: hashlib.sha256() for k, terms in plan.terms.items() if any(t.target.sha256 for t in terms)}
             mergers = {}
             for key, terms in plan.terms.items():
-                shape, dt = src.info(key)
+                shape, dt = info(key)
                 mergers[key] = Merger(key, shape, dt, terms, out_dtype(key, dt), device=dev, probe=verify)
             phase("planned")
             if progress is not None:
@@ -129,14 +148,19 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             phase("merged")
             _check_fingerprints(plan, {k: d.hexdigest() for k, d in digests.items()})
             errors = {k: m.probe_error() for k, m in mergers.items()} if verify else {}
-            bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * dtypes.EPS[out_dtype(k, src.info(k)[1])]}
+            bad = {k: e for k, e in errors.items() if e > VERIFY_EPS * dtypes.EPS[out_dtype(k, info(k)[1])]}
             if bad:
                 k = max(bad, key=bad.get)
                 raise NumericError(f"target \"{k}\": --verify probe error {bad[k]:.3g} is above {VERIFY_EPS} x the "
                                    f"output dtype's epsilon ({len(bad)} target(s) fail); the merge is wrong, nothing "
                                    "was written; please report it")
             src.reader.check_unchanged()  # a base written in place meanwhile would give a torn output
-            rw.commit(config_dtype=out_name)  # config.json says the dtype the weights now have
+            # config.json says the dtype the weights now have, and that an untied pair is no longer tied
+            rw.commit(config_dtype=out_name, config_updates={CONFIG_KEY: False} if tied.untie else None)
+            if tied.untie and not (fmt == "folder" and src.folder is not None
+                                   and (src.folder / "config.json").is_file()):
+                tied.notes.append(f"the output has no config.json: load it with {CONFIG_KEY}=False, or the loader "
+                                  "ties the head to the changed embedding again")
     phase("committed")
     worst = max(errors, key=errors.get) if errors else None
     return MergeResult(
@@ -145,7 +169,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         terms=sum(len(v) for v in plan.terms.values()), tensors=stats["tensors"], bytes=stats["bytes"],
         seconds=round(time.perf_counter() - t0, 3), skipped=plan.skipped, skipped_files=rw.skipped_files,
         verify={"max_rel_error": errors[worst], "target": worst} if worst else None, probe_errors=errors,
-        device=dev.name, phases=phases)
+        device=dev.name, phases=phases, ties=tied.notes, warnings=tied.warnings)
 
 
 def _dtype_name(dtype: str | None) -> str | None:
