@@ -22,6 +22,7 @@ from loratool.tasks.merge import merge
 from models import peft_model, sample_input, tiny_llama
 
 LOGIT_ATOL = 1e-5  # float32 logits of two forward passes through weights equal to 1 ulp (merge rounding)
+EXTRACT_ATOL = 1e-4  # logits through float32 SVD factors of an exactly low-rank delta (rel. error ~1e-6)
 
 warnings.filterwarnings("ignore", category=UserWarning)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -281,3 +282,75 @@ def test_background_copy_started_before_the_tie_is_known_gives_the_same_output(t
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def _finetune(base, folder, embed_delta=None, head_delta=None):
+    """`base` with low-rank changes: the embedding (the head moves with it while tied), or a head of its own
+    (the finetune then unties: tie_word_embeddings false, lm_head.weight stored)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, folder)
+    sd = load_file(str(base / "model.safetensors"))
+    E = sd["model.embed_tokens.weight"]
+    if embed_delta is not None:
+        sd["model.embed_tokens.weight"] = E + embed_delta
+    if head_delta is not None:
+        sd["lm_head.weight"] = E + head_delta
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["tie_word_embeddings"] = False
+        (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _low_rank(seed, shape=(64, 16), rank=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)) * 0.05
+
+
+def test_extract_on_a_tied_pair_reports_the_error_of_the_adapter_as_loaded(tmp_path):
+    """Both tied: the finetune's head moved with its embedding, the adapter's embedding target changes the
+    input side only in PEFT. The report counts the head's change as missed (sqrt((1 + eps^2)/2) for the
+    row), and the number matches the logits: the adapter model is no nearer the finetune than the base."""
+    from peft import PeftModel
+
+    from loratool.tasks.extract import extract
+
+    base = base_folder(tmp_path, tied=True)
+    ft = _finetune(base, tmp_path / "ft", embed_delta=_low_rank(3))
+    r = extract(ft, base, output=tmp_path / "ad", to="peft", rank=4, embeddings=True)
+    row = next(x for x in r.rows if x["key"] == "model.embed_tokens.weight")
+    assert row["tied"] == "lm_head.weight"
+    assert row["rel_error"] == pytest.approx((0.5 * (1 + 1e-12)) ** 0.5, abs=1e-6)  # exact rank: eps ~ 0
+    assert r.summary["rel_error"] == pytest.approx(row["rel_error"])
+    assert [x["key"] for x in r.not_extracted] == ["lm_head.weight"]
+    assert r.summary["ties"][0].startswith("lm_head.weight is tied to model.embed_tokens.weight (config.json)")
+    pm = PeftModel.from_pretrained(load(base), str(tmp_path / "ad")).eval()
+    got, want, before = logits(pm), logits(load(ft)), logits(load(base))
+    # the head's missed change is why: the model with the adapter equals neither the finetune nor the base
+    assert (got - want).abs().max() > 100 * LOGIT_ATOL and (before - want).abs().max() > 100 * LOGIT_ATOL
+    # merged tied, as the note says, it is the finetune
+    merge(base, [tmp_path / "ad"], tmp_path / "merged", keep_tied=True)
+    torch.testing.assert_close(logits(load(tmp_path / "merged")), want, atol=EXTRACT_ATOL, rtol=0)
+
+
+def test_extract_pairs_an_untied_finetune_head_with_the_tied_base_embedding(tmp_path):
+    """A finetune that untied its head (lm_head.weight stored) against a tied base (none stored): the head is
+    paired with the base's embedding, which is the head transformers loads, and the adapter is exact."""
+    from peft import PeftModel
+
+    from loratool.tasks.extract import extract
+
+    base = base_folder(tmp_path, tied=True)
+    ft = _finetune(base, tmp_path / "ft", embed_delta=_low_rank(3), head_delta=_low_rank(4))
+    r = extract(ft, base, output=tmp_path / "ad", to="peft", rank=4, embeddings=True)
+    assert {x["key"] for x in r.rows} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert r.summary["ties"] == [] and r.not_extracted == []
+    assert r.summary["rel_error"] < 1e-5
+    pm = PeftModel.from_pretrained(load(base), str(tmp_path / "ad")).eval()
+    torch.testing.assert_close(logits(pm), logits(load(ft)), atol=EXTRACT_ATOL, rtol=0)
+    # and merged (untied, the default), it loads as the finetune
+    merge(base, [tmp_path / "ad"], tmp_path / "merged")
+    torch.testing.assert_close(logits(load(tmp_path / "merged")), logits(load(ft)), atol=EXTRACT_ATOL, rtol=0)

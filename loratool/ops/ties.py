@@ -77,4 +77,49 @@ def resolve_ties(terms: dict, ties, *, keep_tied: bool = False, unmerge: bool = 
     return out
 
 
-__all__ = ["TiePlan", "resolve_ties"]
+def count_tied_heads(result, ties) -> list[str]:
+    """Make an extraction's report honest for a finetune whose head is tied to its embedding and stored by
+    neither model: the head moved with the embedding, but an adapter's target on the embedding changes the
+    input embedding only as PEFT applies it (unmerged, or merged untied). The head is listed as changed and
+    not in the adapter, and the embedding's row counts the head's delta as missed: with ΔE the embedding's
+    delta and ε the target's relative error, the two uses hold ||ΔE||^2 twice and miss ε^2 ||ΔE||^2 + ||ΔE||^2,
+    so the row's norm becomes sqrt(2) ||ΔE|| and its relative error sqrt((1 + ε^2) / 2) (at least 0.707).
+
+    Args:
+        result: an ops.extract.ExtractResult (rows, not_extracted and summary are updated in place).
+        ties: the finetune's io.ties.Tie objects whose head neither model stores.
+    Returns:
+        One note per tied pair whose embedding changed.
+    """
+    import math
+
+    notes = []
+    for t in ties:
+        row = next((r for r in result.rows if r["key"] == t.embed), None)
+        listed = next((r for r in result.not_extracted if r["key"] == t.embed), None)
+        if row is None and listed is None:
+            continue  # the embedding did not change, so neither did the head
+        e, h = escape(t.embed), escape(t.head)
+        result.not_extracted.append({"key": t.head, "shape": (row or listed)["shape"],
+                                     "reason": f"tied to {e} ({t.how}): it changed with the embedding; an adapter "
+                                               "on the embedding changes the input side only"})
+        if row is None:
+            continue
+        eps = row["rel_error"]
+        row.update(norm=math.sqrt(2.0) * row["norm"], rel_error=math.sqrt((1.0 + eps * eps) / 2.0), tied=t.head)
+        row["energy"] = 1.0 - row["rel_error"] ** 2
+        notes.append(f"{h} is tied to {e} ({t.how}) in the finetune and moved with it; the adapter's {e} changes "
+                     f"the input embedding only (as PEFT applies it), so its error counts the head's change as "
+                     f"missed: {row['rel_error']:.4g} instead of {eps:.4g}; merged with --keep-tied (or PEFT's "
+                     "merge_and_unload) it moves both, as the finetune did")
+    if notes:
+        s = result.summary
+        norm2 = sum(r["norm"] ** 2 for r in result.rows)
+        err2 = sum((r["rel_error"] * r["norm"]) ** 2 for r in result.rows)
+        s["rel_error"] = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+        s["energy"] = 1.0 - err2 / norm2 if norm2 > 0 else 1.0
+    result.not_extracted.sort(key=lambda r: r["key"])
+    return notes
+
+
+__all__ = ["TiePlan", "resolve_ties", "count_tied_heads"]
