@@ -123,9 +123,10 @@ def test_default_cli_prints_the_untie_note(tmp_path):
     ad, _ = adapter_for(tmp_path, base, ["embed_tokens"])
     code, out, err = run("merge", base, ad, "-o", tmp_path / "out")
     assert code == 0, err
-    assert " ".join(err.split()).startswith("note: untied lm_head.weight from model.embed_tokens.weight (config.json): the "
-                                   "adapter changes model.embed_tokens.weight, lm_head.weight keeps the original "
-                                   "tensor (lm_head.weight is written as a tensor of its own)")
+    assert " ".join(err.split()).startswith(  # the console wraps long lines
+        "note: untied lm_head.weight from model.embed_tokens.weight (config.json): the adapter changes "
+        "model.embed_tokens.weight, lm_head.weight keeps the original tensor (lm_head.weight is written as a tensor "
+        "of its own)")
 
 
 def test_unmerge_of_a_tied_merge_returns_the_base(tmp_path):
@@ -354,3 +355,19 @@ def test_extract_pairs_an_untied_finetune_head_with_the_tied_base_embedding(tmp_
     # and merged (untied, the default), it loads as the finetune
     merge(base, [tmp_path / "ad"], tmp_path / "merged")
     torch.testing.assert_close(logits(load(tmp_path / "merged")), logits(load(ft)), atol=EXTRACT_ATOL, rtol=0)
+
+
+def test_gpt2_whose_config_leaves_the_tie_to_the_default_is_untied(tmp_path):
+    """GPT-2 configs written by transformers 4 omit tie_word_embeddings (its default, true): the file without
+    lm_head.weight shows the tie."""
+    from models import tiny_gpt2
+
+    base = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(str(base))
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    (base / "config.json").write_text(json.dumps(cfg))
+    ad, pm = adapter_for(tmp_path, base, ["wte", "c_attn"])
+    r = merge(base, [ad], tmp_path / "out")
+    assert r.ties[0].startswith("untied lm_head.weight from transformer.wte.weight (config.json (default))")
+    torch.testing.assert_close(logits(load(tmp_path / "out")), logits(pm), atol=LOGIT_ATOL, rtol=0)

@@ -4,7 +4,7 @@ transformers ties the head to the token embedding when the config's `tie_word_em
 safetensors file then stores the embedding alone (`save_pretrained` drops `lm_head.weight`), and loading puts
 the embedding's tensor in both places. A torch state dict keeps both keys on one storage. PEFT wraps the two
 modules separately, so an adapter on one side changes that side only while it runs unmerged; merging it into
-the one tensor moves both sides (FORMATS.md, "Tied weights").
+the one tensor moves both sides (ops/ties.py: what merge and extract do about it).
 
 A tie is found from, in order:
   config.json   `tie_word_embeddings` (top level, or a multimodal model's `text_config`): true or false decides.
@@ -71,8 +71,8 @@ def config_tie(cfg: dict | None):
 
 def _embedding(keys, info) -> str | None:
     """The token embedding's key: the 2-D tensor named like one, the shortest key when several are."""
-    found = [k for k in keys if k.endswith(".weight") and k.split(".")[-2:-1] and k.split(".")[-2] in TOKEN_EMBEDDINGS
-             and len(info(k)[0]) == 2]
+    found = [k for k in keys if k.rsplit(".", 2)[-2:-1] and k.rsplit(".", 2)[-2] in TOKEN_EMBEDDINGS
+             and k.endswith(".weight") and len(info(k)[0]) == 2]
     return min(found, key=lambda k: (k.count("."), k)) if found else None
 
 

@@ -1,4 +1,5 @@
-"""Merging into tied weights: which tensors a merge writes when the head and the embedding are one tensor.
+"""Tied weights in merge and extract: which tensors a merge writes when the head and the embedding are one
+tensor, and what an extracted adapter misses of a tied head.
 
 PEFT wraps a tied head and embedding as two modules over one tensor: unmerged, an adapter on `embed_tokens`
 changes the input embedding only and one on `lm_head` the head only; its merge adds the delta to the one
