@@ -371,3 +371,14 @@ def test_gpt2_whose_config_leaves_the_tie_to_the_default_is_untied(tmp_path):
     r = merge(base, [ad], tmp_path / "out")
     assert r.ties[0].startswith("untied lm_head.weight from transformer.wte.weight (config.json (default))")
     torch.testing.assert_close(logits(load(tmp_path / "out")), logits(pm), atol=LOGIT_ATOL, rtol=0)
+
+
+def test_tied_safetensors_base_to_a_torch_file_writes_the_head_too(tmp_path):
+    base = base_folder(tmp_path, tied=True)
+    ad, pm = adapter_for(tmp_path, base, ["embed_tokens"])
+    merge(base, [ad], tmp_path / "out.pt")
+    sd = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert "lm_head.weight" in sd
+    model = tiny_llama(tied=False)
+    model.load_state_dict(sd)
+    torch.testing.assert_close(logits(model.eval()), logits(pm), atol=LOGIT_ATOL, rtol=0)

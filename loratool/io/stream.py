@@ -666,8 +666,12 @@ class Rewriter:
                 W = W.reshape(tuple(self.base.info(src)[0]))
             state[key] = dtypes.to_torch(W)
             progress(W.nbytes)
-        name = self.base.torch_base.path.name if self.base.folder is not None else "pytorch_model.bin"
-        dest = self._tmpdir / name if self.fmt == "folder" else self.out
+        if self.fmt == "folder":  # a torch base's folder keeps its file's name
+            tb = self.base.torch_base
+            dest = self._tmpdir / (tb.path.name if self.base.folder is not None and tb is not None
+                                   else "pytorch_model.bin")
+        else:  # a .pt name for a folder base of any kind
+            dest = self.out
         fobj = self._stack.enter_context(atomic_file(dest, fsync=self.fsync,
                                                      overwrite=self.overwrite or self.fmt == "folder"))
         torch.save(state, fobj)
