@@ -2,7 +2,7 @@
 
 Other test files import these builders: keep the names and signatures stable.
 
-    tiny_llama()   separate q/k/v/o and gate/up/down projections (nn.Linear, layout "linear")
+    tiny_llama(tied=False)   separate q/k/v/o and gate/up/down projections (nn.Linear, layout "linear")
     tiny_gpt2()    fused c_attn as transformers Conv1D (weight stored (in, out): layout "fan_in_fan_out")
     tiny_neox()    fused query_key_value nn.Linear
     peft_model(model, **lora_config_kwargs)   a PeftModel whose lora_B are random (non-zero) with a fixed seed
@@ -21,14 +21,15 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def tiny_llama(seed: int = 0, hidden: int = 16, layers: int = 2):
-    """A 2-layer Llama with hidden 16, 4 heads (2 key/value heads), intermediate 32, vocab 64, in float32."""
+def tiny_llama(seed: int = 0, hidden: int = 16, layers: int = 2, tied: bool = False):
+    """A 2-layer Llama with hidden 16, 4 heads (2 key/value heads), intermediate 32, vocab 64, in float32;
+    `tied`: lm_head is the embedding's tensor (tie_word_embeddings, as Llama 3.2 1B and Gemma)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _seeded(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -103,6 +103,8 @@ def _render(result, json_):
         out.print()
         out.print(table("changed but not in the adapter", ["tensor", "shape", "why"],
                         [(r["key"], "x".join(map(str, r["shape"])), r["reason"]) for r in result.not_extracted]))
+    for msg in s.get("ties", []):
+        err.print(f"note: {msg}")
     err.print(f"wrote {out_path} ({fmt_bytes(nbytes)}): {s['targets']} factorised targets, {s['full_targets']} "
               f"whole, {s['parameters']:,} parameters; overall rel. error {s['rel_error']:.4g}, energy "
               f"{s['energy']:.4f}; {s['unchanged']} unchanged tensors skipped, {len(result.not_extracted)} changed "

@@ -23,6 +23,9 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
               "Wx + s·B(Ax); report the largest relative error and refuse a wrong merge.")
 @click.option("--allow-partial", is_flag=True, help="Skip (and report) targets that do not fit the base, and "
               "PEFT, kohya or loralib modules that map to no base key, instead of refusing.")
+@click.option("--keep-tied", is_flag=True, help="On a base whose lm_head is tied to its embedding, merge an "
+              "adapter on either into the one tensor so both sides move, as PEFT's merge_and_unload does "
+              "(default: untie them, so the merged model equals the adapter model).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the float32 arithmetic runs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
@@ -32,8 +35,8 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @dialect_options(with_base=False)
 @selection_options
-def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_partial, device, overwrite, no_fsync,
-          json_, quiet, targets, exclude, **reader):
+def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_partial, keep_tied, device, overwrite,
+          no_fsync, json_, quiet, targets, exclude, **reader):
     """Merge LoRA adapters into a base model, streaming one tensor at a time.
 
     W' = W + Σ w_i·ΔW_i computed in float32 and cast once to each tensor's dtype; tensors no adapter
@@ -65,7 +68,8 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
     with Progress("merge", None, enabled=not (quiet or json_)) as bar:
         result = run(base, adapters, out, weights=ws, scale=scale, dtype=dtype, unmerge=unmerge, verify=verify,
                      allow_partial=allow_partial, device=device, overwrite=overwrite, fsync=not no_fsync,
-                     progress=bar, reader_options=opts, revision=revision, targets=targets, exclude=exclude)
+                     progress=bar, reader_options=opts, revision=revision, targets=targets, exclude=exclude,
+                     keep_tied=keep_tied)
     if json_:
         emit_json(result.as_dict())
         return
@@ -75,6 +79,10 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
         err.print(f"left out {len(result.excluded)} target(s) by --targets/--exclude: {', '.join(result.excluded)}")
     for msg in result.skipped_files:
         err.print(f"not copied: {msg}")
+    for msg in result.ties:
+        err.print(f"note: {msg}")
+    for msg in result.warnings:
+        err.print(f"warning: {msg}")
     line = (f"{result.operation}d {result.terms} target(s) into {result.targets} tensor(s) of "
             f"{result.tensors}; wrote {fmt_bytes(result.bytes)} to {result.output} in {result.seconds:.2f} s")
     if result.skipped:
@@ -85,5 +93,3 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
         line += (f"; requantized {len(result.requantized)} float8 weight(s) with new scales, keeping at least "
                  f"{min(result.requantized.values()):.1%} of the adapter's change")
     err.print(line)
-    for msg in result.warnings:
-        err.print(f"warning: {msg}")

@@ -323,7 +323,8 @@ class BaseKeys:
         if hasattr(b, "raw"):
             info = b.header.tensors[key]
             return from_buffer(b.raw(key), info.dtype, info.shape)
-        return from_torch(b.read(key))
+        a = b.read(key)  # io.base readers give numpy; a torch tensor from any other reader is converted
+        return from_torch(a) if hasattr(a, "detach") else a
 
     def resolve_dotted(self, key: str, where: str) -> str:
         """The base key for a dotted key: itself, or the one base key that differs from it only by a leading

@@ -249,6 +249,16 @@ class TorchBase(BaseModel):
         t = self._sd.get(key)
         return None if t is None else (tuple(t.shape), st_name(t.dtype))
 
+    def shared_keys(self) -> list[list[str]]:
+        """Groups of keys (each sorted, two or more) that are one tensor: the same storage, offset, shape and
+        stride, as `state_dict()` saves tied weights."""
+        groups: dict[tuple, list[str]] = {}
+        for k, t in self._sd.items():
+            if t.numel():
+                groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+                                   t.dtype), []).append(k)
+        return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
     def read(self, key):
         from ..dtypes import from_torch
 

@@ -200,6 +200,11 @@ class Entry:
     offset: int = 0  # absolute offset in the output file
     src: tuple[SourceFile, TensorInfo] | None = None  # safetensors source
     src_dtype: str = ""
+    src_key: str = ""  # the base key the bytes come from, when it is not `key` (a tied head written untied)
+
+    @property
+    def source_key(self) -> str:
+        return self.src_key or self.key
 
     @property
     def rows_cols(self) -> tuple[int, int]:
@@ -219,7 +224,7 @@ class OutFile:
 
 def _layout(name: str, entries: list[Entry], metadata: dict, raw_header: bytes | None) -> OutFile:
     """Offsets for `entries`: the source's `raw_header` and offsets when no entry changes dtype, else a new header."""
-    if raw_header is not None and all(e.dtype == e.src_dtype for e in entries):
+    if raw_header is not None and all(e.dtype == e.src_dtype and not e.src_key for e in entries):
         base = len(raw_header)
         for e in entries:
             e.offset = base + e.src[1].begin
@@ -233,32 +238,45 @@ def _layout(name: str, entries: list[Entry], metadata: dict, raw_header: bytes |
     return OutFile(name, header, entries)
 
 
+def _check_sources(base: StreamBase, sources: Mapping[str, str]) -> None:
+    for key, src in sources.items():
+        if base.info(key) is not None or base.info(src) is None:
+            raise ValueError(f"output tensor {key!r} from {src!r}: the key must be new and its source in the base")
+
+
 def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str],
-               drop: frozenset = frozenset()) -> list[OutFile]:
+               sources: Mapping[str, str] | None = None, drop: frozenset = frozenset()) -> list[OutFile]:
     """The safetensors files to write (names relative to the output), with every tensor's offset.
 
     Args:
         out_dtype: (key, base dtype) -> output dtype.
+        sources: extra output keys -> the base key each is read from; written after the tensors of the file
+            (shard) that holds its source.
         drop: base keys not written (the scales of float8 weights written dequantized).
     """
-    def entry(key, f, t):
+    sources = dict(sources or {})
+    _check_sources(base, sources)
+
+    def entry(key, f, t, src_key=""):
         dt = out_dtype(key, t.dtype)
-        return Entry(key, dt, t.shape, t.numel * spec.DTYPE_SIZES[dt], src=(f, t), src_dtype=t.dtype)
+        return Entry(key, dt, t.shape, t.numel * spec.DTYPE_SIZES[dt], src=(f, t), src_dtype=t.dtype,
+                     src_key=src_key)
 
     if base.kind == "torch":
         entries = []
-        for key in base.keys():
-            if key in drop:
-                continue
-            shape, dt = base.info(key)
+        for key, src_key in [(k, "") for k in base.keys() if k not in drop] + sorted(sources.items()):
+            shape, dt = base.info(src_key or key)
             odt = out_dtype(key, dt)
-            entries.append(Entry(key, odt, tuple(shape), math.prod(shape) * spec.DTYPE_SIZES[odt], src_dtype=dt))
+            entries.append(Entry(key, odt, tuple(shape), math.prod(shape) * spec.DTYPE_SIZES[odt], src_dtype=dt,
+                                 src_key=src_key))
         return [_layout("model.safetensors" if fmt == "folder" else "", entries, {"format": "pt"}, None)]
     per_file = []
     for f in base.files:
         ents = [entry(k, f, t) for k, t in sorted(f.header.tensors.items(), key=lambda kv: kv[1].begin)
                 if k not in drop]
-        per_file.append((f, ents, len(ents) < len(f.header.tensors)))
+        dropped = len(ents) < len(f.header.tensors)
+        ents += [entry(k, f, f.header.tensors[s], s) for k, s in sorted(sources.items()) if s in f.header.tensors]
+        per_file.append((f, ents, dropped))
     if fmt == "folder" or len(per_file) == 1:
         # A single-file base written as a folder holds model.safetensors, as Hugging Face names it.
         # A file that loses keys gets a new header: its own lists them.
@@ -314,9 +332,10 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, cancel=No
 TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def _set_config_dtype(config: Path, dtype: str | None, dequantized: bool = False) -> None:
-    """Name `dtype` in a Hugging Face config.json's dtype fields (those it has; torch_dtype when none), and
-    drop its quantization_config when the weights were written `dequantized`."""
+def _update_config(config: Path, dtype: str | None, updates: Mapping[str, Any], dequantized: bool = False) -> None:
+    """Name `dtype` in a Hugging Face config.json's dtype fields (those it has; torch_dtype when none), set
+    `updates` (at the top level, and in a multimodal `text_config` that holds the key too), and drop its
+    quantization_config when the weights were written `dequantized`."""
     from ..container import read_json_file
 
     if not config.is_file():
@@ -327,6 +346,10 @@ def _set_config_dtype(config: Path, dtype: str | None, dequantized: bool = False
     if dtype is not None:
         for k in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
             cfg[k] = TORCH_DTYPE_NAMES[dtype]
+    for k, v in updates.items():
+        cfg[k] = v
+        if isinstance(cfg.get("text_config"), dict) and k in cfg["text_config"]:
+            cfg["text_config"][k] = v
     if dequantized:
         cfg.pop("quantization_config", None)
     config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -398,6 +421,7 @@ class Rewriter:
         self._cancel = threading.Event()
         self._early: Callable[[str], bool] = lambda key: False
         self.bytes_written = 0
+        self.sources: dict[str, str] = {}  # extra output key -> the base key it is read from (add_sources)
         if fmt == "torch" or (fmt == "folder" and base.kind == "torch"):
             self.files = []
             self._torch_out = True
@@ -405,7 +429,7 @@ class Rewriter:
                 self._tmpdir = Path(self._stack.enter_context(atomic_dir(self.out, overwrite, fsync=fsync)))
             return
         self._torch_out = False
-        self.files = plan_files(base, fmt, self.out_dtype, self.drop)
+        self.files = plan_files(base, fmt, self.out_dtype, drop=self.drop)
         try:
             self._open()
         except BaseException as exc:  # discard what _open made (a plain close() would commit it)
@@ -417,8 +441,38 @@ class Rewriter:
         """Bytes of tensor data the output will hold."""
         if self.files:
             return sum(e.nbytes for of in self.files for e in of.entries)
-        return sum(math.prod(self.base.info(k)[0]) * spec.DTYPE_SIZES[self.out_dtype(k, self.base.info(k)[1])]
-                   for k in self.base.keys())
+        keys = [(k, k) for k in self.base.keys()] + list(self.sources.items())
+        return sum(math.prod(self.base.info(s)[0]) * spec.DTYPE_SIZES[self.out_dtype(k, self.base.info(s)[1])]
+                   for k, s in keys)
+
+    def add_sources(self, sources: Mapping[str, str]) -> None:
+        """Also write each new key of `sources`, read from the base key it names (a tied head written untied);
+        call before run(). The output's headers are laid out again; a background copy already under way (its
+        offsets are stale) is stopped and starts over in run().
+
+        Raises:
+            ValueError: a key is in the base already, or a source is not.
+        """
+        sources = {k: v for k, v in sources.items() if self.sources.get(k) != v}
+        if not sources:
+            return
+        _check_sources(self.base, sources)
+        self.sources.update(sources)
+        if self._torch_out:
+            return
+        if self._copier is not None:
+            self._cancel.set()
+            _join(self._copier)
+            if self._copy_error is not None:
+                raise self._copy_error
+            self._copier, self._copy_error, self._state = None, None, {}
+            self._cancel = threading.Event()
+        self.files = plan_files(self.base, self.fmt, self.out_dtype, self.sources, self.drop)
+        for of in self.files:
+            fd = self._fds[of.name]
+            os.ftruncate(fd, 0)  # drops pages copied at the old offsets
+            os.ftruncate(fd, of.size)
+            pwrite_all(fd, of.header, 0)
 
     # -- output files
     def _open(self):
@@ -575,7 +629,7 @@ class Rewriter:
         if e.nbytes == 0:
             return  # a zero-element tensor has no bytes to write
         if e.src is None:  # torch base: the tensor is memory-mapped by torch.load, seen here through numpy
-            W = self.base.read(e.key).reshape(rows, cols)
+            W = self.base.read(e.source_key).reshape(rows, cols)
             if tf is None:
                 pwrite_all(fd, np.ascontiguousarray(W).reshape(-1).view(np.uint8), e.offset)
                 done(e.nbytes)
@@ -583,7 +637,7 @@ class Rewriter:
             self._blocks(fd, e, tf, W, osize, done)
             return
         # The tensor over the page cache (io.base's mapping of its bytes alone): no read copy, unmapped right after.
-        with self.base.reader.mapped(e.key) as flat:
+        with self.base.reader.mapped(e.source_key) as flat:
             self._blocks(fd, e, tf, flat.reshape(rows, cols), osize, done)
             del flat  # every view of the mapping must be gone before it closes
 
@@ -607,12 +661,10 @@ class Rewriter:
         import torch
 
         state = {}
-        for key in self.base.keys():
-            if key in self.drop:
-                continue
-            W = self.base.read(key)
+        for key, src in [(k, k) for k in self.base.keys() if k not in self.drop] + sorted(self.sources.items()):
+            W = self.base.read(src)
             tf = transforms.get(key)
-            dt = self.base.info(key)[1]
+            dt = self.base.info(src)[1]
             odt = self.out_dtype(key, dt)
             if tf is None and odt != dt:
                 tf = _Cast(Entry(key, odt, tuple(W.shape), 0))
@@ -622,11 +674,15 @@ class Rewriter:
                 if key in self._digests:
                     self._digests[key].update(np.ascontiguousarray(V).reshape(-1).view(np.uint8))
                 W = np.concatenate([tf.block(V[a:b], a).copy() for a, b in row_spans(rows, tf.block_rows)])
-                W = W.reshape(tuple(self.base.info(key)[0]))
+                W = W.reshape(tuple(self.base.info(src)[0]))
             state[key] = dtypes.to_torch(W)
             progress(W.nbytes)
-        name = self.base.torch_base.path.name if self.base.folder is not None else "pytorch_model.bin"
-        dest = self._tmpdir / name if self.fmt == "folder" else self.out
+        if self.fmt == "folder":  # a torch base's folder keeps its file's name
+            tb = self.base.torch_base
+            dest = self._tmpdir / (tb.path.name if self.base.folder is not None and tb is not None
+                                   else "pytorch_model.bin")
+        else:  # a .pt name for a folder base of any kind
+            dest = self.out
         fobj = self._stack.enter_context(atomic_file(dest, fsync=self.fsync,
                                                      overwrite=self.overwrite or self.fmt == "folder"))
         torch.save(state, fobj)
@@ -634,20 +690,22 @@ class Rewriter:
         self.bytes_written = os.fstat(fobj.fileno()).st_size
         return {"bytes": self.bytes_written, "tensors": len(state), "transformed": len(transforms)}
 
-    def commit(self, config_dtype: str | None = None, dequantized: bool = False) -> None:
+    def commit(self, config_dtype: str | None = None, config_updates: Mapping[str, Any] | None = None,
+               dequantized: bool = False) -> None:
         """Copy the base folder's other files, write the index, and move the output into place.
 
         Args:
             config_dtype: the dtype every floating-point tensor was written in (`--dtype`), which a copied
                 `config.json` then names (`torch_dtype`, and transformers 5's `dtype`), so that transformers
                 loads the model in it; None leaves the config as it is.
+            config_updates: keys to set in a copied `config.json` (e.g. `tie_word_embeddings: false`).
             dequantized: the quantized weights were written dequantized: a copied `config.json` loses its
                 `quantization_config`.
         """
         if self.fmt == "folder" and self.base.folder is not None:
             self._copy_folder_files()
-            if config_dtype is not None or dequantized:
-                _set_config_dtype(self._tmpdir / "config.json", config_dtype, dequantized)
+            if config_dtype is not None or config_updates or dequantized:
+                _update_config(self._tmpdir / "config.json", config_dtype, config_updates or {}, dequantized)
         self._committed = True
         self._stack.close()
 
@@ -662,6 +720,10 @@ class Rewriter:
             index = json.loads(json.dumps(self.base.index))
             if self.drop and isinstance(index.get("weight_map"), dict):
                 index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in self.drop}
+            for of in self.files:  # the extra tensors (add_sources) are in the shard of their source
+                for e in of.entries:
+                    if e.src_key:
+                        index["weight_map"][e.key] = of.name
             total = sum(e.nbytes for of in self.files for e in of.entries)
             if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
                 index["metadata"]["total_size"] = total

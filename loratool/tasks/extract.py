@@ -73,6 +73,7 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     from ..io.hub import resolve_all
     from ..io.registry import writer_for
     from ..ops.extract import ExtractOptions, extract as run, model_hints
+    from ..ops.ties import count_tied_heads
     from .convert import _write
 
     shown = (os.fspath(finetuned), os.fspath(base))
@@ -95,9 +96,11 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
         raise
     with ft_model, base_model:
         check_output(out, [ft_path, base_path, *ft_model.files, *base_model.files], overwrite)  # folders too
-        result = run(ft_model, base_model, opts, names=shown, progress=progress)
+        ft_view, base_view, missed = _tied(ft_model, ft_path, base_model, base_path)
+        result = run(ft_view, base_view, opts, names=shown, progress=progress)
         ft_model.check_unchanged()  # a model written in place meanwhile would give factors of neither version
         base_model.check_unchanged()
+    result.summary["ties"] = count_tied_heads(result, missed)
     if not result.adapter.targets:
         raise NumericError(f"{finetuned}: no target to write: {result.unchanged} tensors are unchanged and "
                            f"{len(result.not_extracted)} changed ones were not factorised; nothing was written")
@@ -106,6 +109,20 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     result.output = out
     return result
 
+def _tied(ft, ft_path, base, base_path):
+    """The two models as extract pairs them, and the finetune's ties whose head neither stores.
+
+    A tied head one model does not store but the other does is paired with the embedding's tensor (what
+    transformers loads as that head: io.ties.HeadsView), so the adapter gets a head target relative to it. A
+    head neither stores is not paired; the finetune's ties among those are returned, for count_tied_heads.
+    """
+    from ..io.ties import find_ties, with_heads
+
+    ft_ties, base_ties = find_ties(ft, ft_path), find_ties(base, base_path)
+    ft_view = with_heads(ft, [t for t in ft_ties if base.info(t.head) is not None])
+    base_view = with_heads(base, [t for t in base_ties if ft.info(t.head) is not None])
+    missed = [t for t in ft_ties if not t.head_stored and base.info(t.head) is None]
+    return ft_view, base_view, missed
 
 
 __all__ = ["extract", "default_extract_output"]

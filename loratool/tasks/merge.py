@@ -43,9 +43,10 @@ class MergeResult:
     probe_errors: dict[str, float] = field(default_factory=dict)
     # float8 weights requantized with their scheme: key -> ||Q(W + ΔW) − Q(W)|| / ||ΔW|| (the adapter's share kept)
     requantized: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds since the start
+    ties: list[str] = field(default_factory=list)  # what became of tied weights an adapter touches, one line each
+    warnings: list[str] = field(default_factory=list)  # --keep-tied, float8 requantization that swallows an adapter
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +57,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
           device: str = "cpu", overwrite: bool = False, fsync: bool = True,
           progress: Callable[..., None] | None = None, reader_options: dict | None = None,
           speculate: bool | None = None, revision: str | None = None, targets: Sequence[str] = (),
-          exclude: Sequence[str] = ()) -> MergeResult:
+          exclude: Sequence[str] = (), keep_tied: bool = False) -> MergeResult:
     """Merge adapters into a base model file or folder and write the result to `output`, atomically.
 
     Args:
@@ -82,6 +83,11 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         revision: the Hub revision (branch, tag, commit) of every Hub id given without its own `@REV`.
         targets, exclude: fnmatch globs; only targets matching some `targets` glob (all when empty) and no
             `exclude` glob are merged (tasks._inputs.select_targets); the others are listed in `excluded`.
+        keep_tied: for a base whose head is tied to its embedding (io.ties), merge an adapter on either into the
+            one tensor so both sides move (PEFT's merge_and_unload), with a warning. By default the pair is
+            untied: the targeted side changes, the other keeps the original tensor (a head the base does not
+            store is written), and config.json says tie_word_embeddings false: the merged model computes
+            what the adapter model computes unmerged (ops/ties.py). Unmerging a tied base moves both sides.
     Returns:
         A MergeResult.
     Raises:
@@ -92,8 +98,10 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     from ..device import blas_threads, session
     from ..fsutil import check_output
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
+    from ..io.ties import CONFIG_KEY, find_ties, with_heads
     from ..ops.fp8 import Dequantized, Fp8Target
     from ..ops.merge import Merger, plan_merge
+    from ..ops.ties import resolve_ties
     from ._inputs import check_weights, hub_inputs, load_adapters, select_targets
 
     t0 = time.perf_counter()
@@ -131,20 +139,30 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                 rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
 
-            read = iter(load_adapters(paths, reader_options, base=src.reader, allow_partial=allow_partial)
+            # Readers see a tied head the file does not store (io.ties), so a target on it resolves.
+            view = with_heads(src.reader, find_ties(src.reader, base))
+            read = iter(load_adapters(paths, reader_options, base=view, allow_partial=allow_partial)
                         if paths else [])
             loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
             loaded, excluded = select_targets(loaded, names, targets, exclude)
             phase("adapters loaded")
-            plan = plan_merge(list(zip(names, loaded)), src.info, weights=weights, scale=scale,
-                              unmerge=unmerge, allow_partial=allow_partial, quantized=quant)
+            ties = find_ties(src.reader, base, wanted=[k for a in loaded for k in a.targets])
+            plan = plan_merge(list(zip(names, loaded)), with_heads(src.reader, ties).info, weights=weights,
+                              scale=scale, unmerge=unmerge, allow_partial=allow_partial, quantized=quant)
+            tied = resolve_ties(plan.terms, ties, keep_tied=keep_tied, unmerge=unmerge)
+            plan.terms = tied.terms
+            rw.add_sources(tied.sources)  # a tied head the base does not store, written untied
+
+            def info(key):
+                return src.info(tied.sources.get(key, key))
+
             digests = {k: hashlib.sha256() for k, terms in plan.terms.items() if any(t.target.sha256 for t in terms)}
             mergers, fp8 = {}, {}
             for key in dequant:  # every float8 weight, merged or not: dequantized into --dtype
                 mergers[key] = Dequantized(key, src.info(key)[0], dequant[key], plan.terms.get(key, []), src.reader,
                                            out_name, device=dev, probe=verify and key in plan.terms)
             for key, terms in plan.terms.items():
-                shape, dt = src.info(key)
+                shape, dt = info(key)
                 if key in dequant:
                     continue
                 if key in quant:  # dequantized, merged in float32, requantized with its own scheme
@@ -165,15 +183,21 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             errors = {k: m.probe_error() for k, m in probes.items()} if verify else {}
             # A float8 weight's probe checks its float32 merge; the requantization is reported as `requantized`.
             bad = {k: e for k, e in errors.items()
-                   if e > VERIFY_EPS * dtypes.EPS["F32" if k in fp8 else out_dtype(k, src.info(k)[1])]}
+                   if e > VERIFY_EPS * dtypes.EPS["F32" if k in fp8 else out_dtype(k, info(k)[1])]}
             if bad:
                 k = max(bad, key=bad.get)
                 raise NumericError(f"target \"{k}\": --verify probe error {bad[k]:.3g} is above {VERIFY_EPS} x the "
                                    f"output dtype's epsilon ({len(bad)} target(s) fail); the merge is wrong, nothing "
                                    "was written; please report it")
             src.reader.check_unchanged()  # a base written in place meanwhile would give a torn output
-            # config.json says the dtype the weights now have (and no quantization when they were dequantized)
-            rw.commit(config_dtype=out_name, dequantized=bool(dequant))
+            # config.json says the dtype the weights now have, that an untied pair is no longer tied, and no
+            # quantization when float8 weights were written dequantized
+            rw.commit(config_dtype=out_name, config_updates={CONFIG_KEY: False} if tied.untie else None,
+                      dequantized=bool(dequant))
+            if tied.untie and not (fmt == "folder" and src.folder is not None
+                                   and (src.folder / "config.json").is_file()):
+                tied.notes.append(f"the output has no config.json: load it with {CONFIG_KEY}=False, or the loader "
+                                  "ties the head to the changed embedding again")
     phase("committed")
     worst = max(errors, key=errors.get) if errors else None
     kept = {k: t.survival() for k, t in fp8.items()}
@@ -189,7 +213,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         skipped=[m for a in loaded for m in a.info.get("skipped", [])] + plan.skipped,
         excluded=excluded, skipped_files=rw.skipped_files,
         verify={"max_rel_error": errors[worst], "target": worst} if worst else None, probe_errors=errors,
-        requantized=kept, warnings=warnings, device=dev.name, phases=phases)
+        requantized=kept, device=dev.name, phases=phases, ties=tied.notes, warnings=tied.warnings + warnings)
 
 
 def _dtype_name(dtype: str | None) -> str | None:
