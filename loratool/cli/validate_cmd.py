@@ -1,4 +1,4 @@
-"""`loratool validate`: every rule of the spec, optionally against a base model."""
+"""`loratool validate`: every rule of an adapter's dialect, and with --base, how it fits that base."""
 
 from __future__ import annotations
 
@@ -6,47 +6,38 @@ import sys
 
 import click
 
+from .options import dialect_options, reader_options
+
 
 @click.command()
 @click.argument("path", type=click.Path(exists=False, dir_okay=True))
-@click.option("--base", type=click.Path(exists=False, dir_okay=True),
-              help="Base model (.safetensors, sharded Hugging Face folder, or .pt/.pth/.bin) to check targets against.")
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
-@click.option("--json", "json_", is_flag=True, help="Print the findings as one JSON document.")
-def validate(path, base, strict, json_):
-    """Check an adapter against every rule of the spec (and a base, with --base).
+@click.option("--json", "json_", is_flag=True, help="Print the report (findings and fit) as one JSON document.")
+@dialect_options
+def validate(path, strict, json_, base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out):
+    """Check an adapter of any dialect against its rules; with --base, report how it fits the base.
 
-    Exit status 0 when valid, 1 when any error is found (or any warning, with --strict).
+    Every finding has a rule id: C, M, T, W (the loratool format), P (PEFT), K (kohya), L (loralib), and with
+    --base B (base), F (fit). The fit report gives, per target, the base key, shapes, base dtype, scale,
+    layout, blocks and tied tensors. Exit status 0 when valid, 1 when any error is found (or any warning, with
+    --strict).
 
     Example:
 
         loratool validate adapter.safetensors --base model/ --strict
-    """
-    from ..tasks.validate import validate as validate_file
-    from ..errors import SpecError
-    from ..io.detect import detect
 
-    try:
-        dialect = detect(path)
-    except SpecError:
-        dialect = "loratool"  # a header too broken to sniff: validate reports exactly which rules it breaks
-    if dialect != "loratool":
-        raise SpecError(f"{path}: is a {dialect} adapter; `validate` checks loratool files, so run "
-                        f"`loratool convert {path} -o adapter.safetensors --to loratool` first")
-    rep = validate_file(path, base=base)
-    failed = bool(rep.errors) or (strict and bool(rep.warnings))
+        loratool validate peft_adapter/ --base model/ --json
+    """
+    from ..tasks.validate import validate as run_validate
+
+    rep = run_validate(path, **reader_options(base, allow_unknown, alpha, r, enable_lora, fan_in_fan_out))
+    failed = rep.failed(strict)
     if json_:
         from .render import emit_json
 
-        emit_json({"path": str(path), "valid": not failed, "errors": len(rep.errors),
-                   "warnings": len(rep.warnings), "findings": [f.as_dict() for f in rep.findings]})
+        emit_json(rep.as_dict(strict))
     else:
-        from .render import err, out, table
+        from .render import render_validation
 
-        if rep.findings:
-            out.print(table(None, ["rule", "severity", "target", "message"],
-                            [(f.rule, f.severity, f.target or "-", f.message) for f in rep.findings]))
-        n = len(rep.adapter) if rep.adapter is not None else 0
-        verdict = "invalid" if failed else "valid"
-        err.print(f"{path}: {verdict}: {len(rep.errors)} errors, {len(rep.warnings)} warnings, {n} targets")
+        render_validation(rep.as_dict(strict))
     sys.exit(1 if failed else 0)

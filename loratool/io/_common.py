@@ -348,9 +348,10 @@ class BaseKeys:
             return from_buffer(b.raw(key), info.dtype, info.shape)
         return from_torch(b.read(key))
 
-    def resolve_dotted(self, key: str, where: str) -> str:
+    def resolve_dotted(self, key: str, where: str, target: str | None = None) -> str:
         """The base key for a dotted key: itself, or the one base key that differs from it only by a leading
-        prefix on either side (a model saved with or without its `model.` wrapper, for example).
+        prefix on either side (a model saved with or without its `model.` wrapper, for example). `target` names
+        the adapter's module in the refusal's finding (default: the key).
 
         Raises:
             MismatchError: no base key, or more than one, fits.
@@ -362,13 +363,15 @@ class BaseKeys:
             return hits[0]
         if not hits:
             raise refusal(MismatchError, "B001", f"{where}: \"{escape(key)}\" is not in the base {self.base.path} "
-                          "(under any prefix); check that --base is the model this adapter was trained on", key)
+                          "(under any prefix); check that --base is the model this adapter was trained on",
+                          target or key)
         raise refusal(MismatchError, "F002", f"{where}: \"{escape(key)}\" fits several base keys ({listing(hits)}); "
-                      "pass a base with only the model this adapter belongs to", key)
+                      "pass a base with only the model this adapter belongs to", target or key)
 
-    def resolve_underscored(self, name: str, where: str) -> str:
+    def resolve_underscored(self, name: str, where: str, target: str | None = None) -> str:
         """The base key `<module>.weight` whose module path, with "." replaced by "_", is `name` or ends
-        with "_" + `name` (kohya names drop the dots and any wrapper prefix).
+        with "_" + `name` (kohya names drop the dots and any wrapper prefix). `target` names the adapter's module
+        in the refusal's finding (default: `name`).
 
         Raises:
             MismatchError: no base key, or more than one, fits.
@@ -385,10 +388,10 @@ class BaseKeys:
         if not hits:
             raise refusal(MismatchError, "B001", f"{where}: no base key of {self.base.path} matches the kohya name "
                           f"\"{escape(name)}\" (dots written as underscores); check that --base is the model this "
-                          "adapter was trained on", name)
+                          "adapter was trained on", target or name)
         raise refusal(MismatchError, "F002", f"{where}: kohya name \"{escape(name)}\" fits several base keys "
                       f"({listing(hits)}); underscores make them ambiguous, so pass a base holding only the model it "
-                      "belongs to", name)
+                      "belongs to", target or name)
 
 
 @contextlib.contextmanager

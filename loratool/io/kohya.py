@@ -195,7 +195,7 @@ def _target(path, name, d, alphas, bk) -> Target:
     shape = (out, *(int(s) for s in down0.shape[1:]))
     key = name + ".weight"
     if bk is not None:
-        key = bk.resolve_underscored(strip_prefix(name), f"{path}: module \"{shown}\"")
+        key = bk.resolve_underscored(strip_prefix(name), f"{path}: module \"{shown}\"", name)
         have = bk.shape(key)
         if conv and down0.shape[2:] == (1, 1) and have == shape[:2]:
             conv, shape = False, shape[:2]  # sd-scripts merges 1x1 conv factors into a Linear weight squeezed

@@ -446,7 +446,7 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
     key = module + ".weight"
     tinfo = {}
     if bk is not None:
-        key = bk.resolve_dotted(key, f"{where}: module \"{shown}\"")
+        key = bk.resolve_dotted(key, f"{where}: module \"{shown}\"", module)
         have = bk.shape(key)
         if layout in ("linear", "fan_in_fan_out") and have != shape:
             flipped = ("linear" if layout == "fan_in_fan_out" else "fan_in_fan_out", shape[::-1])

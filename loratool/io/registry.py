@@ -87,6 +87,17 @@ def _resolve(path, dialect, strict: bool, flags, options) -> tuple[Source, Diale
     return src, d, {k: v for k, v in options.items() if k in d.options}
 
 
+def taken_options(path, dialect=None, **options) -> tuple[Dialect, dict]:
+    """The dialect of `path` (detected unless given) and the options of `options` its reader takes.
+
+    Raises:
+        UsageError: an option is set that the dialect does not take.
+        FileError, SpecError: as `detect`.
+    """
+    _, d, opts = _resolve(path, dialect, True, None, options)
+    return d, opts
+
+
 def load(path, *, dialect=None, strict: bool = True, flags: dict | None = None, **options):
     """Read an adapter of any dialect with its tensors (numpy arrays).
 
@@ -165,5 +176,5 @@ def writer_for(output, to: str | None = None, *, choices=None) -> Dialect:
                      + (" or pass --to" if len(allowed) > 1 else ""))
 
 
-__all__ = ["DIALECTS", "Dialect", "Source", "names", "writable", "get", "detect", "accepted_options", "load",
-           "structure", "writer_for", "FILE_SUFFIXES"]
+__all__ = ["DIALECTS", "Dialect", "Source", "names", "writable", "get", "detect", "accepted_options", "taken_options",
+           "load", "structure", "writer_for", "FILE_SUFFIXES"]
