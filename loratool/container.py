@@ -27,7 +27,7 @@ class Finding:
 
     @property
     def severity(self) -> str:
-        return spec.RULES[self.rule].severity
+        return spec.rule(self.rule).severity
 
     def as_dict(self) -> dict:
         return {"rule": self.rule, "severity": self.severity, "target": self.target, "message": self.message}

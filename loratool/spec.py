@@ -107,3 +107,52 @@ _RULES = [
 ]
 
 RULES = {r.id: r for r in _RULES}
+
+# Not rules of this format: what `loratool validate` checks on the other dialects it reads (P: PEFT folders,
+# K: kohya/sd-scripts files, L: loralib state dicts) and, with a base, on the fit of any adapter to it (F). The
+# readers attach these ids to their refusals (io/), so a refusal and a finding are one check. README.md, section
+# `loratool validate`, lists them.
+_VALIDATE_RULES = [
+    Rule("P001", "error", "the folder has adapter_config.json (a JSON object) and adapter_model.safetensors or .bin"),
+    Rule("P002", "error", "peft_type is LORA and no variant loratool cannot hold exactly is set"),
+    Rule("P003", "error", "r is present and a positive integer"),
+    Rule("P004", "error", "lora_alpha is present and a finite number"),
+    Rule("P005", "error", "target_modules is present: a list of module names or a regular expression"),
+    Rule("P006", "error", "rank_pattern and alpha_pattern map regular expressions to a positive rank / finite alpha"),
+    Rule("P007", "error", "every rank_pattern and alpha_pattern key matches a module of the adapter"),
+    Rule("P008", "error", "use_rslora, fan_in_fan_out, lora_bias and use_dora are true or false"),
+    Rule("P009", "warning", "use_dora: W' is not W + low rank; loratool holds a DoRA module only as a dense W' - W "
+                            "computed from the base, and writes it to no LoRA format"),
+    Rule("P010", "error", "every tensor is base_model.model.<module>.<LoRA factor> or a saved whole tensor"),
+    Rule("P011", "error", "every module has both factors (lora_A and lora_B, or lora_embedding_A and _B), not a mix"),
+    Rule("P012", "error", "factors are floating point and form a pair: 2-D, or conv with a 1x1 lora_B, equal ranks"),
+    Rule("P013", "error", "the factors' rank equals r after rank_pattern"),
+    Rule("P014", "error", "lora_B.bias, lora_magnitude_vector and saved whole tensors fit their module"),
+    Rule("K001", "error", "every tensor is <name>.lora_down[.<i>].weight, <name>.lora_up[.<i>].weight or <name>.alpha"),
+    Rule("K002", "error", "no tensors of networks that only share kohya's names (LyCORIS, DoRA, OFT, GLoRA)"),
+    Rule("K003", "error", "every lora_down has its lora_up and every lora_up its lora_down"),
+    Rule("K004", "warning", "every module has a non-zero alpha (missing or 0 means alpha = rank, scale 1)"),
+    Rule("K005", "error", "alpha is one finite number"),
+    Rule("K006", "error", "factors are floating point and form a pair: 2-D, or conv with a 4-D lora_down and a 1x1 "
+                          "lora_up, equal ranks"),
+    Rule("K007", "error", "split_dims pairs are numbered 0..n-1, not mixed with an unnumbered pair, with equal "
+                          "2-D lora_down shapes"),
+    Rule("L001", "error", "lora_alpha is given (loralib keeps it in code, not in the file)"),
+    Rule("L002", "error", "the file is a weights-only state dict holding <module>.lora_A / <module>.lora_B tensors"),
+    Rule("L003", "error", "every module has lora_A and lora_B, 2-D floating-point matrices"),
+    Rule("L004", "error", "MergedLinear factors fit enable_lora (given when ranks differ, rows divide into the groups)"),
+    Rule("L005", "error", "the factors fit the module's weight (transposed when fan_in_fan_out is set)"),
+    Rule("L006", "error", "the factors' rank equals r when r is given"),
+    Rule("L007", "warning", "each module's weight shape is known (in the file or from the base), not guessed"),
+    Rule("L008", "error", "every key is a LoRA factor or its module's own weight or bias"),
+    Rule("F001", "error", "the adapter changes the base: some target fits it, and not every delta that fits is zero"),
+    Rule("F002", "error", "adapter names and base keys correspond one to one (no name fits several keys, no two "
+                          "names one key)"),
+    Rule("F003", "warning", "a target on a tied tensor (tie_word_embeddings) changes the other side too"),
+]
+VALIDATE_RULES = {r.id: r for r in _VALIDATE_RULES}
+
+
+def rule(rule_id: str) -> Rule:
+    """The Rule of an id, of this format (RULES) or of validate's other checks (VALIDATE_RULES)."""
+    return RULES.get(rule_id) or VALIDATE_RULES[rule_id]

@@ -30,12 +30,32 @@ def _is_num(v) -> bool:
 
 @dataclass
 class Report:
-    """What validation found; `adapter` is header-only (factors None) when the metadata could be parsed."""
+    """What validation found; `adapter` is header-only (factors None) when the metadata could be parsed.
+
+    `dialect` is the registry name of what was validated ("loratool" for this format); `fit`, with a base, the
+    fit report (tasks/fit.py: per target the base key, shapes, base dtype, scale, layout, blocks, ties).
+    """
 
     path: str
     findings: list[Finding] = field(default_factory=list)
     adapter: Adapter | None = None
     header: Header | None = None
+    dialect: str = "loratool"
+    fit: dict | None = None
+
+    def failed(self, strict: bool = False) -> bool:
+        """True when there is an error, or (strict) a warning."""
+        return bool(self.errors) or (strict and bool(self.warnings))
+
+    def as_dict(self, strict: bool = False) -> dict:
+        """The report as `validate --json` prints it."""
+        doc = {"path": self.path, "dialect": self.dialect, "valid": not self.failed(strict),
+               "errors": len(self.errors), "warnings": len(self.warnings),
+               "targets": len(self.adapter) if self.adapter is not None else 0,
+               "findings": [f.as_dict() for f in self.findings]}
+        if self.fit is not None:
+            doc["fit"] = self.fit
+        return doc
 
     @property
     def errors(self) -> list[Finding]:
@@ -267,23 +287,35 @@ def _check_tensor_names(hdr: Header, raw_targets: dict, targets: dict[str, Targe
     return findings
 
 
-def check_values(tensors, adapter: Adapter) -> list[Finding]:
-    """Rules T006 and W003 on loaded tensors (name -> numpy array or torch.Tensor)."""
+def check_values(tensors, adapter: Adapter, changed: set | None = None) -> list[Finding]:
+    """Rules T006 and W003 on loaded tensors (name -> numpy array or torch.Tensor, read one at a time).
+
+    `changed`, when given, gains the key of every target whose delta is not all zero (a block with both
+    factors non-zero, or a non-zero full delta): what rule F001 asks of an adapter and its base.
+    """
     findings = []
     for t in adapter:
         names = [spec.delta_name(t.key)] if t.kind == "full" else [
             spec.factor_name(t.key, i, f) for i in range(len(t.blocks)) for f in "AB"]
+        read, zero = set(), set()
         for n in names:
             x = tensors.get(n)
             if x is None:
                 continue
+            read.add(n)
             bad = _count_nonfinite(x)
             if bad:
                 findings.append(Finding("T006", f"tensor \"{escape(n)}\" has {bad} non-finite values",
                                         escape(t.key)))
-            elif t.kind == "lora" and not _any_nonzero(x):
-                findings.append(Finding("W003", f"tensor \"{escape(n)}\" is all zeros, so its block adds nothing",
-                                        escape(t.key)))
+            elif not _any_nonzero(x):
+                zero.add(n)
+                if t.kind == "lora":
+                    findings.append(Finding("W003", f"tensor \"{escape(n)}\" is all zeros, so its block adds "
+                                                    "nothing", escape(t.key)))
+        live = read - zero
+        if changed is not None and (live if t.kind == "full" else any(
+                {spec.factor_name(t.key, i, "A"), spec.factor_name(t.key, i, "B")} <= live for i in range(len(t.blocks)))):
+            changed.add(t.key)
     return findings
 
 

@@ -64,8 +64,9 @@ def test_import_direction():
 
 
 def test_light_modules_do_not_import_torch_at_top_level():
-    for name in ["spec.py", "errors.py", "container.py", "adapter.py", "guess.py", "validation.py", "fsutil.py", "tasks/__init__.py",
-                 "tasks/inspect.py", "tasks/model_info.py", "tasks/validate.py", "tasks/convert.py", "tasks/_inputs.py",
+    for name in ["spec.py", "errors.py", "container.py", "adapter.py", "guess.py", "validation.py", "fsutil.py",
+                 "tasks/__init__.py", "tasks/inspect.py", "tasks/model_info.py", "tasks/validate.py", "tasks/convert.py",
+                 "tasks/_inputs.py", "tasks/fit.py", "tasks/dialect_rules.py",
                  "__init__.py", "cli/__init__.py", "cli/render.py", "io/detect.py", "io/native.py", "io/registry.py",
                  "io/_common.py", "io/peft.py", "io/kohya.py", "io/loralib.py", "cli/convert_cmd.py",
                  "cli/inspect_cmd.py"]:
@@ -331,11 +332,15 @@ def test_readme_lists_exit_codes_and_rules_exist_in_spec():
     fmt = (ROOT / "spec" / "FORMAT.md").read_text()
     for rule in spec.RULES:
         assert f"**{rule}**" in fmt
-    # Every rule id used anywhere in the code is a defined rule.
+    # validate's rules beyond the format (other dialects, the fit to a base) are listed in the README.
+    for rule in spec.VALIDATE_RULES:
+        assert f"**{rule}**" in readme, f"rule {rule} is not in README.md"
+    assert not set(spec.RULES) & set(spec.VALIDATE_RULES)
+    # Every rule id used anywhere in the code (a finding, or a reader's refusal) is a defined rule.
     used = set()
     for path in PKG.rglob("*.py"):
-        used |= set(re.findall(r'Finding\("([A-Z]\d{3})"', path.read_text()))
-    assert used <= set(spec.RULES), used - set(spec.RULES)
+        used |= set(re.findall(r'(?:Finding\(|refusal\(\w+, )"([A-Z]\d{3})"', path.read_text()))
+    assert used <= set(spec.RULES) | set(spec.VALIDATE_RULES), used - set(spec.RULES) - set(spec.VALIDATE_RULES)
 
 
 def _quick_start():

@@ -147,7 +147,9 @@ def test_adapter_is_peft_and_loratool_reads_validates_and_merges_it(tiny, tmp_pa
     assert info["parameters"] == sum(v.size for v in lora.values())
     assert info["rank_histogram"] == {str(s.rank): 7 * s.layers}
 
-    # validate checks loratool files: the PEFT folder goes through convert first.
+    # validate takes the PEFT folder as it is, and its loratool conversion.
+    r = _loratool("validate", tiny / "adapter", "--base", tiny / "base", "--strict")
+    assert r.returncode == 0, r.stdout + r.stderr
     native = tmp_path / "adapter.safetensors"
     r = _loratool("convert", tiny / "adapter", "-o", native, "--to", "loratool")
     assert r.returncode == 0, r.stderr

@@ -136,11 +136,11 @@ def test_loralib_options_via_cli(tmp_path):
     t = native.load(tmp_path / "n.safetensors").targets["qkv.weight"]
     assert [b.rows for b in t.blocks] == [(0, 2), (4, 6)]
     code, _, err = run("inspect", tmp_path / "n.safetensors", "--alpha", 2)
-    assert code == 7 and one_error_line(err).endswith("is a loratool adapter, which does not take --alpha; drop the "
+    assert code == 2 and one_error_line(err).endswith("is a loratool adapter, which does not take --alpha; drop the "
                                                       "option")
     code, _, err = run("convert", tmp_path / "n.safetensors", "-o", tmp_path / "x.safetensors", "--to", "kohya",
                        "--alpha", 2)
-    assert code == 7 and one_error_line(err).endswith("is a loratool adapter, which does not take --alpha; drop the "
+    assert code == 2 and one_error_line(err).endswith("is a loratool adapter, which does not take --alpha; drop the "
                                                       "option")
 
 

@@ -165,7 +165,7 @@ def test_accepted_options_are_what_each_reader_takes():
 def test_host_option_is_still_accepted_when_not_strict(files):
     a = D.load_adapter(files / "kohya.safetensors", strict=False, host=True)
     assert all(type(b.A) is np.ndarray for t in a for b in t.blocks)
-    with pytest.raises(UnsupportedError, match=re.escape("is a kohya adapter, which does not take --host")):
+    with pytest.raises(UsageError, match=re.escape("is a kohya adapter, which does not take --host")):
         D.load_adapter(files / "kohya.safetensors", host=True)
 
 
@@ -190,7 +190,7 @@ def test_a_registered_dialect_is_detected_read_and_written(files, tmp_path, monk
     w = registry.writer_for(tmp_path / "out.fake")
     assert w is fake and w.write(made, tmp_path / "out.fake", flavour="y", prefix="ignored") == 1
     assert (tmp_path / "out.fake").read_text() == "y"
-    with pytest.raises(UnsupportedError, match=re.escape("is a fake adapter, which does not take --alpha")):
+    with pytest.raises(UsageError, match=re.escape("is a fake adapter, which does not take --alpha")):
         D.load_adapter(tmp_path / "a.fake", alpha=3)
 
 

@@ -152,3 +152,58 @@ class Progress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+FIT_ROWS = 40  # targets shown in validate's fit table; --json lists them all
+
+
+def render_validation(doc: dict) -> None:
+    """`validate`'s report for people: findings table and fit table on stdout, the verdict line on stderr."""
+    if doc["findings"]:
+        write(table(None, ["rule", "severity", "target", "message"],
+                    [(f["rule"], f["severity"], f["target"] or "-", f["message"]) for f in doc["findings"]]))
+    fit = doc.get("fit")
+    if fit is not None:
+        rows = fit["rows"]
+        shown = [(r["name"], r["base_key"] or "-", r["layout"], "x".join(map(str, r["shape"])),
+                  "x".join(map(str, r["base_shape"])) if r["base_shape"] else "-", "yes" if r["agrees"] else "NO",
+                  r["base_dtype"] or "-", ",".join(fmt_num(s) for s in r["scales"]), _blocks(r),
+                  r["tied_with"] or "-", "ok" if r["ok"] else "ERROR") for r in rows[:FIT_ROWS]]
+        if doc["findings"]:
+            write()
+        write(f"fit against {fit['base']}: {fit['fit']} of {fit['targets']} targets fit"
+              + ("" if fit["changes_base"] else "; the adapter changes nothing in the base"))
+        if shown:
+            write(table(None, ["target", "base key", "layout", "shape", "base shape", "agrees", "base dtype",
+                               "scale", "blocks", "tied with", "fit"], shown))
+        if len(rows) > FIT_ROWS:
+            write(f"... and {len(rows) - FIT_ROWS} more targets (--json lists every one)")
+        if fit["unmatched"]:  # every one: a wrong base shows as many names, and each is worth seeing
+            write(f"match nothing in the base ({len(fit['unmatched'])}): "
+                  + ", ".join(escape(n) for n in fit["unmatched"]))
+    verdict = "valid" if doc["valid"] else "invalid"
+    __getattr__("err").print(f"{escape(doc['path'])}: {doc['dialect']}: {verdict}: {doc['errors']} errors, "
+                             f"{doc['warnings']} warnings, {doc['targets']} targets")
+
+
+def _blocks(row: dict) -> str:
+    """"whole", or the target index: [rows] (and [cols] when not all columns) of each block."""
+    if row["whole"]:
+        return "whole" if row["kind"] == "lora" else "full"
+    out = []
+    for b in row["blocks"]:
+        r0, r1 = b["rows"]
+        c0, c1 = b["cols"]
+        out.append(f"[{r0}:{r1}]" + ("" if c0 == 0 and (c1 == _cols(row)) else f"[:, {c0}:{c1}]"))
+    return " ".join(out)
+
+
+def _cols(row: dict) -> int:
+    """The in dimension of a row's matrix view (the base shape, seen through the layout)."""
+    shape = row["shape"]
+    if row["layout"] in ("fan_in_fan_out", "embedding"):
+        return shape[0]
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n

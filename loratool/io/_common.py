@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import spec
-from ..container import Header, escape, read_header
-from ..errors import FileError, MismatchError, SpecError
+from ..container import Finding, Header, escape, read_header
+from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 
 MAX_LISTED = 5  # keys named in one error message; the rest are counted
 
@@ -83,6 +83,10 @@ def listing(keys, limit: int = MAX_LISTED) -> str:
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+# The rule (spec.VALIDATE_RULES) of keys a dialect's reader does not understand, by the dialect's registry name.
+UNKNOWN_RULES = {"peft": "P010", "kohya": "K001", "loralib": "L008"}
+
+
 def check_unknown(path, dialect: str, unknown, allow_unknown: bool, info: dict) -> None:
     """Raise on keys the reader did not understand, or record them in `info` when they are allowed.
 
@@ -93,8 +97,9 @@ def check_unknown(path, dialect: str, unknown, allow_unknown: bool, info: dict) 
     if not unknown:
         return
     if not allow_unknown:
-        raise SpecError(f"{path}: {len(unknown)} key(s) that are not {dialect} LoRA factors: {listing(unknown)}; "
-                        "pass --allow-unknown (allow_unknown=True) to ignore them")
+        raise refusal(SpecError, UNKNOWN_RULES[dialect.lower()],
+                      f"{path}: {len(unknown)} key(s) that are not {dialect} LoRA factors: {listing(unknown)}; pass "
+                      "--allow-unknown (allow_unknown=True) to ignore them")
     info["unknown_keys"] = unknown
 
 
@@ -113,6 +118,53 @@ def fits(build: Callable[[], Any], allow_partial: bool, skipped: list):
             raise
         skipped.append(str(e))
         return None
+
+
+# ---- refusals that `validate` reports as findings ----------------------------------------------------------
+
+REFUSALS = (SpecError, MismatchError, UnsupportedError, NumericError)  # what a reader refuses an input with
+
+
+def refusal(cls, rule: str, message: str, target: str | None = None):
+    """`cls(message)` carrying its rule id (spec.RULES or spec.VALIDATE_RULES) as a Finding on `target` (a
+    module or key, escaped here): the one check serves both the refusal and `validate`'s report."""
+    return cls(message, [Finding(rule, message, None if target is None else escape(target))])
+
+
+def attempt(refused: list, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, or None with its refusal appended to `refused`: one module refused, the others still
+    read, so that every refusal is reported together (`settle`)."""
+    try:
+        return fn(*args, **kwargs)
+    except REFUSALS as e:
+        refused.append(e)
+        return None
+
+
+def settle(where, refused: list, problems: list | None, what: str = "modules") -> None:
+    """The per-module refusals of one reading: appended to `problems` when the caller collects them (`validate`:
+    the refused modules are left out of the adapter, the rest is read), else raised as one error that names every
+    one of them (the first one's class; a fix shared by all is said once).
+
+    Raises:
+        SpecError, MismatchError, UnsupportedError, NumericError: some module was refused and `problems` is None.
+    """
+    if not refused:
+        return
+    if problems is not None:
+        problems.extend(refused)
+        return
+    if len(refused) == 1:
+        raise refused[0]
+    prefix = f"{where}: "
+    parts = [str(e).removeprefix(prefix) for e in refused]
+    fixes = {p.rpartition("; ")[2] for p in parts}
+    tail = ""
+    if len(fixes) == 1 and all("; " in p for p in parts):
+        tail = "; " + fixes.pop()
+        parts = [p.rpartition("; ")[0] for p in parts]
+    raise type(refused[0])(f"{prefix}{len(refused)} {what} are refused: " + "; ".join(parts) + tail,
+                           [f for e in refused for f in e.findings])
 
 
 def read_torch(path) -> dict:
@@ -326,9 +378,10 @@ class BaseKeys:
         a = b.read(key)  # io.base readers give numpy; a torch tensor from any other reader is converted
         return from_torch(a) if hasattr(a, "detach") else a
 
-    def resolve_dotted(self, key: str, where: str) -> str:
+    def resolve_dotted(self, key: str, where: str, target: str | None = None) -> str:
         """The base key for a dotted key: itself, or the one base key that differs from it only by a leading
-        prefix on either side (a model saved with or without its `model.` wrapper, for example).
+        prefix on either side (a model saved with or without its `model.` wrapper, for example). `target` names
+        the adapter's module in the refusal's finding (default: the key).
 
         Raises:
             MismatchError: no base key, or more than one, fits.
@@ -339,14 +392,16 @@ class BaseKeys:
         if len(hits) == 1:
             return hits[0]
         if not hits:
-            raise MismatchError(f"{where}: \"{escape(key)}\" is not in the base {self.base.path} (under any prefix); "
-                                "check that --base is the model this adapter was trained on")
-        raise MismatchError(f"{where}: \"{escape(key)}\" fits several base keys ({listing(hits)}); "
-                            "pass a base with only the model this adapter belongs to")
+            raise refusal(MismatchError, "B001", f"{where}: \"{escape(key)}\" is not in the base {self.base.path} "
+                          "(under any prefix); check that --base is the model this adapter was trained on",
+                          target or key)
+        raise refusal(MismatchError, "F002", f"{where}: \"{escape(key)}\" fits several base keys ({listing(hits)}); "
+                      "pass a base with only the model this adapter belongs to", target or key)
 
-    def resolve_underscored(self, name: str, where: str) -> str:
+    def resolve_underscored(self, name: str, where: str, target: str | None = None) -> str:
         """The base key `<module>.weight` whose module path, with "." replaced by "_", is `name` or ends
-        with "_" + `name` (kohya names drop the dots and any wrapper prefix).
+        with "_" + `name` (kohya names drop the dots and any wrapper prefix). `target` names the adapter's module
+        in the refusal's finding (default: `name`).
 
         Raises:
             MismatchError: no base key, or more than one, fits.
@@ -361,11 +416,12 @@ class BaseKeys:
         if len(hits) == 1:
             return hits[0]
         if not hits:
-            raise MismatchError(f"{where}: no base key of {self.base.path} matches the kohya name \"{escape(name)}\" "
-                                "(dots written as underscores); check that --base is the model this adapter was "
-                                "trained on")
-        raise MismatchError(f"{where}: kohya name \"{escape(name)}\" fits several base keys ({listing(hits)}); "
-                            "underscores make them ambiguous, so pass a base holding only the model it belongs to")
+            raise refusal(MismatchError, "B001", f"{where}: no base key of {self.base.path} matches the kohya name "
+                          f"\"{escape(name)}\" (dots written as underscores); check that --base is the model this "
+                          "adapter was trained on", target or name)
+        raise refusal(MismatchError, "F002", f"{where}: kohya name \"{escape(name)}\" fits several base keys "
+                      f"({listing(hits)}); underscores make them ambiguous, so pass a base holding only the model it "
+                      "belongs to", target or name)
 
 
 @contextlib.contextmanager

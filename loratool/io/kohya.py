@@ -29,8 +29,8 @@ import re
 from ..adapter import Adapter, Block, Target, alpha_for_scale
 from ..container import escape, read_scalars, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import (Dialect, Meta, Source, as_source, base_keys, check_unknown, fits, header_only, materialize,
-                      metas_of_header, ref, safetensors_reader)
+from ._common import (Dialect, Meta, Source, as_source, attempt, base_keys, check_unknown, fits, header_only,
+                      materialize, metas_of_header, ref, refusal, safetensors_reader, settle)
 from .native import numpy_tensors, tensors_of
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
@@ -62,16 +62,19 @@ def strip_prefix(name: str) -> str:
     return name
 
 
-def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
+def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False,
+              problems: list | None = None) -> Adapter:
     """The adapter of a kohya file (every factor None) from its safetensors header, plus the 0-d `.alpha`
     tensors (a few bytes each, the only data it reads); no torch.
 
     Args and Raises: as `load`.
     """
-    return header_only(_plan(path, base, allow_unknown, allow_partial, then=lambda adapter, read: adapter))
+    return header_only(_plan(path, base, allow_unknown, allow_partial, then=lambda adapter, read: adapter,
+                             problems=problems))
 
 
-def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
+def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False,
+         problems: list | None = None) -> Adapter:
     """Read a kohya/sd-scripts LoRA `.safetensors` with its tensors, as numpy arrays (no torch).
 
     Args:
@@ -81,35 +84,39 @@ def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = 
         allow_partial: with a base, skip the modules whose names map to no base key (or whose shape does not
             fit it), listing each in info["skipped"], instead of failing: the UNet part of a UNet + text
             encoder file merges into a UNet.
+        problems: a list to collect the refusals of single modules in (they are left out, the rest is read);
+            without it they are raised together, every module named.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, name and fix in the message.
     """
-    return _plan(path, base, allow_unknown, allow_partial, then=materialize)
+    return _plan(path, base, allow_unknown, allow_partial, then=materialize, problems=problems)
 
 
-def _plan(path, base, allow_unknown, allow_partial, then):
+def _plan(path, base, allow_unknown, allow_partial, then, problems=None):
     src = as_source(path)
     hdr = src.checked_header()
     metas = metas_of_header(hdr)
     with base_keys(base) as bk:
         adapter = _build(src.path, metas, dict(hdr.metadata), lambda names: read_scalars(src.path, hdr, names), bk,
-                         allow_unknown, allow_partial)
+                         allow_unknown, allow_partial, problems)
         return then(adapter, safetensors_reader(src.path, hdr))
 
 
-def _build(path, metas, meta, read_alphas, bk, allow_unknown, allow_partial=False) -> Adapter:
+def _build(path, metas, meta, read_alphas, bk, allow_unknown, allow_partial=False, problems=None) -> Adapter:
     """The adapter with Lazy factors from the tensors' names and shapes (and the alpha values, read here)."""
     modules: dict[str, dict] = {}
-    unknown = []
+    unknown, refused = [], []  # refused: every key and module refused, reported together (settle)
     for key, x in metas.items():
         m = NAME.match(key)
         if m is None:
             name, _, rest = key.partition(".")
-            for suffix, why in REFUSED.items():
-                if rest == suffix or rest.startswith(suffix + ".") or rest.startswith(suffix.split(".")[0] + "_"):
-                    raise UnsupportedError(f"{path}: \"{escape(key)}\" {why}; loratool reads plain LoRA "
-                                           "(lora_down/lora_up/alpha) only")
-            unknown.append(key)
+            why = next((why for suffix, why in REFUSED.items() if rest == suffix or rest.startswith(suffix + ".")
+                        or rest.startswith(suffix.split(".")[0] + "_")), None)
+            if why is not None:
+                refused.append(refusal(UnsupportedError, "K002", f"{path}: \"{escape(key)}\" {why}; loratool reads "
+                                       "plain LoRA (lora_down/lora_up/alpha) only", key))
+            else:
+                unknown.append(key)
             continue
         d = modules.setdefault(m["name"], {"down": {}, "up": {}, "alpha": None})
         if m["alpha"]:
@@ -122,12 +129,15 @@ def _build(path, metas, meta, read_alphas, bk, allow_unknown, allow_partial=Fals
     targets: dict[str, Target] = {}
     skipped: list[str] = []
     for name, d in sorted(modules.items()):
-        t = fits(lambda: _target(path, name, d, alphas, bk), allow_partial, skipped)
+        t = attempt(refused, fits, lambda name=name, d=d: _target(path, name, d, alphas, bk), allow_partial, skipped)
         if t is None:
             continue
         if t.key in targets:
-            raise SpecError(f"{path}: two kohya names map to base key \"{escape(t.key)}\"")
+            refused.append(refusal(SpecError, "F002", f"{path}: two kohya names map to base key \"{escape(t.key)}\"",
+                                   name))
+            continue
         targets[t.key] = t
+    settle(path, refused, problems)
     if bk is None and targets:
         info["kohya_unmapped"] = True
         info["note"] = "target keys are kohya names; pass --base to map them to the base's dotted keys"
@@ -143,7 +153,8 @@ def _build(path, metas, meta, read_alphas, bk, allow_unknown, allow_partial=Fals
 def _alpha_value(path, a: Meta, alphas: dict) -> float:
     """The number stored in a kohya `.alpha` tensor (any real dtype, one element)."""
     if a.dtype == "BOOL" or a.numel != 1:
-        raise SpecError(f"{path}: \"{escape(a.name)}\" has shape {list(a.shape)}; alpha is one number")
+        raise refusal(SpecError, "K005", f"{path}: \"{escape(a.name)}\" has shape {list(a.shape)}; alpha is one "
+                      "number", a.name)
     return alphas[a.name]
 
 
@@ -152,25 +163,29 @@ def _target(path, name, d, alphas, bk) -> Target:
     downs, ups = d["down"], d["up"]
     if not downs or set(downs) != set(ups):
         have = "lora_down" if downs else "lora_up"
-        raise SpecError(f"{path}: module \"{shown}\" has {have} without its matching "
-                        f"{'lora_up' if downs else 'lora_down'}; every kohya module needs both")
+        raise refusal(SpecError, "K003", f"{path}: module \"{shown}\" has {have} without its matching "
+                      f"{'lora_up' if downs else 'lora_down'}; every kohya module needs both", name)
     split = -1 not in downs
     if not split and len(downs) > 1:
-        raise SpecError(f"{path}: module \"{shown}\" mixes lora_down.weight with numbered split_dims factors")
+        raise refusal(SpecError, "K007", f"{path}: module \"{shown}\" mixes lora_down.weight with numbered split_dims "
+                      "factors", name)
     order = sorted(downs)
     if split and order != list(range(len(order))):
-        raise SpecError(f"{path}: module \"{shown}\": split_dims factors are numbered {order}, not 0..{len(order) - 1}")
+        raise refusal(SpecError, "K007", f"{path}: module \"{shown}\": split_dims factors are numbered {order}, not "
+                      f"0..{len(order) - 1}", name)
     pairs = [(downs[i], ups[i]) for i in order]
     for down, up in pairs:
         if not (down.is_float and up.is_float):
-            raise SpecError(f"{path}: module \"{shown}\": factors are {down.dtype}/{up.dtype}, not floating point")
+            raise refusal(SpecError, "K006", f"{path}: module \"{shown}\": factors are {down.dtype}/{up.dtype}, not "
+                          "floating point", name)
         if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or \
                 any(k != 1 for k in up.shape[2:]):
-            raise SpecError(f"{path}: module \"{shown}\": lora_down {list(down.shape)} and lora_up {list(up.shape)} "
-                            "are not a LoRA pair (2-D, or conv with a 1x1 lora_up)")
+            raise refusal(SpecError, "K006", f"{path}: module \"{shown}\": lora_down {list(down.shape)} and lora_up "
+                          f"{list(up.shape)} are not a LoRA pair (2-D, or conv with a 1x1 lora_up)", name)
     r = int(pairs[0][0].shape[0])
     if split and (any(p[0].ndim != 2 or p[0].shape != pairs[0][0].shape for p in pairs)):
-        raise SpecError(f"{path}: module \"{shown}\": split_dims pairs must be 2-D with equal lora_down shapes")
+        raise refusal(SpecError, "K007", f"{path}: module \"{shown}\": split_dims pairs must be 2-D with equal "
+                      "lora_down shapes", name)
     tinfo: dict = {"kohya_name": name}
     if d["alpha"] is None:
         alpha = float(r)
@@ -179,7 +194,7 @@ def _target(path, name, d, alphas, bk) -> Target:
         a = d["alpha"]
         alpha = _alpha_value(path, a, alphas)
         if not math.isfinite(alpha):
-            raise SpecError(f"{path}: \"{escape(a.name)}\" is {alpha}; alpha must be finite")
+            raise refusal(SpecError, "K005", f"{path}: \"{escape(a.name)}\" is {alpha}; alpha must be finite", a.name)
         if alpha == 0.0:
             alpha = float(r)
             tinfo["alpha"] = ALPHA_ZERO
@@ -189,13 +204,13 @@ def _target(path, name, d, alphas, bk) -> Target:
     shape = (out, *(int(s) for s in down0.shape[1:]))
     key = name + ".weight"
     if bk is not None:
-        key = bk.resolve_underscored(strip_prefix(name), f"{path}: module \"{shown}\"")
+        key = bk.resolve_underscored(strip_prefix(name), f"{path}: module \"{shown}\"", name)
         have = bk.shape(key)
         if conv and down0.shape[2:] == (1, 1) and have == shape[:2]:
             conv, shape = False, shape[:2]  # sd-scripts merges 1x1 conv factors into a Linear weight squeezed
         if have != shape:
-            raise MismatchError(f"{path}: module \"{shown}\": factors imply weight {list(shape)} but base "
-                                f"\"{escape(key)}\" is {list(have)}")
+            raise refusal(MismatchError, "B002", f"{path}: module \"{shown}\": factors imply weight {list(shape)} but "
+                          f"base \"{escape(key)}\" is {list(have)}", name)
     layout = "conv" if conv else "linear"
     inp = math.prod(shape[1:])
     blocks, row = [], 0
@@ -353,7 +368,8 @@ def _detect(src: Source) -> int:
 
 DIALECT = Dialect(
     name="kohya", description="a kohya/sd-scripts LoRA .safetensors file (lora_down/lora_up/alpha)",
-    detect=_detect, structure=structure, load=load, options=frozenset({"base", "allow_unknown", "allow_partial"}),
+    detect=_detect, structure=structure, load=load,
+    options=frozenset({"base", "allow_unknown", "allow_partial", "problems"}),
     reads=(".safetensors",), save=save, writes="file", suffix=".safetensors",
     save_options=frozenset({"prefix", "overwrite"}), holds=holds)
 

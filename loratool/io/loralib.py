@@ -31,8 +31,9 @@ from dataclasses import replace
 from ..adapter import Adapter, Block, Target
 from ..container import escape
 from ..errors import MismatchError, SpecError, UnsupportedError
-from ._common import (Dialect, Source, as_source, base_keys, check_unknown, finite_number, fits, header_only,
-                      lazy_whole_target, materialize, metas_of_state_dict, positive_int, read_torch, ref, torch_reader)
+from ._common import (Dialect, Source, as_source, attempt, base_keys, check_unknown, finite_number, fits,
+                      header_only, lazy_whole_target, materialize, metas_of_state_dict, positive_int, read_torch, ref,
+                      refusal, settle, torch_reader)
 from .base import TORCH_SUFFIXES
 
 
@@ -52,14 +53,15 @@ def parse_enable_lora(value) -> list[bool] | None:
         elif v in (False, 0, "0", "false", "False"):
             out.append(False)
         else:
-            raise SpecError(f"enable_lora {value!r}: each entry must be 1 or 0 (for example 1,0,1)")
+            raise refusal(SpecError, "L004", f"enable_lora {value!r}: each entry must be 1 or 0 (for example 1,0,1)")
     if not any(out):
-        raise SpecError(f"enable_lora {value!r}: at least one group must be enabled")
+        raise refusal(SpecError, "L004", f"enable_lora {value!r}: at least one group must be enabled")
     return out
 
 
 def structure(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
-              allow_unknown: bool = False, allow_partial: bool = False, partial: bool = False) -> Adapter:
+              allow_unknown: bool = False, allow_partial: bool = False, partial: bool = False,
+              problems: list | None = None) -> Adapter:
     """The adapter of a loralib state dict (every factor None). A torch file has no header to read alone, so
     the file is loaded (weights_only=True).
 
@@ -71,11 +73,11 @@ def structure(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: boo
         As `load` (less the missing alpha with `partial`).
     """
     return header_only(_plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial,
-                             then=lambda adapter, read: adapter, partial=partial))
+                             then=lambda adapter, read: adapter, partial=partial, problems=problems))
 
 
 def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
-         allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
+         allow_unknown: bool = False, allow_partial: bool = False, problems: list | None = None) -> Adapter:
     """Read a loralib state dict, its factors as numpy arrays.
 
     Args:
@@ -88,27 +90,31 @@ def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = F
         allow_unknown: record keys that are neither LoRA factors nor their modules' own weights.
         allow_partial: skip the modules whose weight is not in the base (or does not fit the factors), listing
             each in info["skipped"], instead of failing.
+        problems: a list to collect the refusals of single modules in (they are left out, the rest is read);
+            without it they are raised together, every module named.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, module and fix in the message.
     """
-    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then=materialize)
+    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then=materialize,
+                 problems=problems)
 
 
 def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then,
-          partial: bool = False):
+          partial: bool = False, problems=None):
     path = as_source(path).path
     if alpha is None and not partial:
-        raise SpecError(f"{path}: loralib keeps lora_alpha in code, not in the file; pass it (--alpha)")
+        raise refusal(SpecError, "L001", f"{path}: loralib keeps lora_alpha in code, not in the file; pass it "
+                      "(--alpha)")
     if alpha is not None and not finite_number(alpha):
-        raise SpecError(f"{path}: alpha {alpha!r} is not a finite number")
+        raise refusal(SpecError, "L001", f"{path}: alpha {alpha!r} is not a finite number")
     if r is not None and not positive_int(r):
-        raise SpecError(f"{path}: r {r!r} is not a positive integer")
+        raise refusal(SpecError, "L006", f"{path}: r {r!r} is not a positive integer")
     enable = parse_enable_lora(enable_lora)
     sd = read_torch(path)
     with base_keys(base) as bk:
         # partial without alpha: NaN, never a made-up number, and the info says what is missing
         adapter = _build(path, metas_of_state_dict(sd), math.nan if alpha is None else float(alpha), r, enable,
-                         bool(fan_in_fan_out), bk, allow_unknown, allow_partial)
+                         bool(fan_in_fan_out), bk, allow_unknown, allow_partial, problems)
         if alpha is None:
             adapter = replace(adapter, info={**adapter.info, "alpha": None, "alpha_unknown":
                                              "loralib keeps lora_alpha in code, not in the file; pass --alpha"})
@@ -127,35 +133,28 @@ def _weight_shape(sd, m, bk, where):
             except MismatchError:
                 continue
             return k, bk.shape(k)
-        raise MismatchError(f"{where}: neither \"{escape(m)}.weight\" nor \"{escape(m)}.conv.weight\" is in the base; "
-                            "check that --base is the model this adapter was trained on")
+        raise refusal(MismatchError, "B001", f"{where}: neither \"{escape(m)}.weight\" nor "
+                      f"\"{escape(m)}.conv.weight\" is in the base; check that --base is the model this adapter was "
+                      "trained on", m)
     return None, None
 
 
-def _build(path, sd, alpha, r_opt, enable, fio, bk, allow_unknown, allow_partial=False) -> Adapter:
+def _build(path, sd, alpha, r_opt, enable, fio, bk, allow_unknown, allow_partial=False, problems=None) -> Adapter:
     modules = sorted({k[: -len(".lora_A")] for k in sd if k.endswith(".lora_A")} |
                      {k[: -len(".lora_B")] for k in sd if k.endswith(".lora_B")})
     if not modules:
-        raise SpecError(f"{path}: no \"<module>.lora_A\" / \"<module>.lora_B\" tensors; not a loralib state dict")
+        raise refusal(SpecError, "L002", f"{path}: no \"<module>.lora_A\" / \"<module>.lora_B\" tensors; not a "
+                      "loralib state dict")
     targets: dict[str, Target] = {}
-    known = set()
-    skipped: list[str] = []
+    known: set = set()
+    refused: list = []  # every module refused, reported together (settle)
+    skipped: list[str] = []  # modules that do not fit the base, under allow_partial
     for m in modules:
-        where = f"{path}: module \"{escape(m)}\""
-        if m + ".lora_A" not in sd or m + ".lora_B" not in sd:
-            raise SpecError(f"{where} has only one of lora_A / lora_B; every loralib module needs both")
-        A, B = sd[m + ".lora_A"], sd[m + ".lora_B"]
-        known |= {m + ".lora_A", m + ".lora_B"}
-        if not (A.is_float and B.is_float) or A.ndim != 2 or B.ndim != 2:
-            raise SpecError(f"{where}: lora_A {list(A.shape)} {A.dtype} and lora_B {list(B.shape)} {B.dtype} must be "
-                            "2-D floating-point matrices")
-        t = fits(lambda: _module(sd, m, bk, where, A, B, alpha, enable, fio, known), allow_partial, skipped)
-        if t is None:
-            continue
-        for b in t.blocks:
-            if r_opt is not None and _lib_rank(t, b) != r_opt:
-                raise SpecError(f"{where}: factors have rank {_lib_rank(t, b)} but r = {r_opt} was given")
-        targets[t.key] = t
+        t = attempt(refused, fits, lambda m=m: _module(path, sd, m, alpha, r_opt, enable, fio, bk, known),
+                    allow_partial, skipped)
+        if t is not None:
+            targets[t.key] = t
+    settle(path, refused, problems)
     info: dict = {"dialect": "loralib", "alpha": alpha, "note": "lora_alpha, r, enable_lora and fan_in_fan_out come "
                   "from the command line: loralib does not store them"}
     if skipped:
@@ -171,18 +170,32 @@ def _build(path, sd, alpha, r_opt, enable, fio, bk, allow_unknown, allow_partial
     return Adapter(targets=targets, metadata={}, info=info)
 
 
-def _module(sd, m, bk, where, A, B, alpha, enable, fio, known) -> Target:
-    """One module's target, its weight's shape from the file or the base (the keys it reads added to `known`)."""
+def _module(path, sd, m, alpha, r_opt, enable, fio, bk, known) -> Target:
+    """The target of one loralib module (`known` gains the keys it accounts for)."""
+    where = f"{path}: module \"{escape(m)}\""
+    # Its keys are accounted for even when the module is refused: they are not unknown keys besides.
+    known |= {m + s for s in (".lora_A", ".lora_B", ".weight", ".bias", ".conv.weight", ".conv.bias")} & set(sd)
+    if m + ".lora_A" not in sd or m + ".lora_B" not in sd:
+        raise refusal(SpecError, "L003", f"{where} has only one of lora_A / lora_B; every loralib module needs "
+                      "both", m)
+    A, B = sd[m + ".lora_A"], sd[m + ".lora_B"]
+    if not (A.is_float and B.is_float) or A.ndim != 2 or B.ndim != 2:
+        raise refusal(SpecError, "L003", f"{where}: lora_A {list(A.shape)} {A.dtype} and lora_B {list(B.shape)} "
+                      f"{B.dtype} must be 2-D floating-point matrices", m)
     wkey, wshape = _weight_shape(sd, m, bk, where)
-    if wkey is not None and wkey in sd:
-        known |= {wkey, wkey[: -len("weight")] + "bias"}
     if wshape is not None and len(wshape) > 2:
-        return _conv(where, wkey, wshape, A, B, alpha)
-    if int(A.shape[0]) != int(B.shape[1]) or (enable is not None and wshape is not None and
-                                              _out_of(wshape, fio) == B.shape[0] // sum(enable) * len(enable)
-                                              and _out_of(wshape, fio) != B.shape[0]):
-        return _merged(where, m, wkey, wshape, A, B, alpha, enable, fio)
-    return _plain(where, m, wkey, wshape, A, B, alpha, fio)
+        t = _conv(where, wkey, wshape, A, B, alpha)
+    elif int(A.shape[0]) != int(B.shape[1]) or (enable is not None and wshape is not None and
+                                                _out_of(wshape, fio) == B.shape[0] // sum(enable) * len(enable)
+                                                and _out_of(wshape, fio) != B.shape[0]):
+        t = _merged(where, m, wkey, wshape, A, B, alpha, enable, fio)
+    else:
+        t = _plain(where, m, wkey, wshape, A, B, alpha, fio)
+    for b in t.blocks:
+        if r_opt is not None and _lib_rank(t, b) != r_opt:
+            raise refusal(SpecError, "L006", f"{where}: factors have rank {_lib_rank(t, b)} but r = {r_opt} was "
+                          "given", m)
+    return t
 
 
 def _lib_rank(t: Target, b: Block) -> int:
@@ -201,29 +214,30 @@ def _plain(where, m, wkey, wshape, A, B, alpha, fio) -> Target:
         if not fio and wshape == (inp, out):
             layout, shape = "embedding", (inp, out)  # loralib Embedding: W (num_embeddings, dim) += s (B A)^T
         else:
-            raise MismatchError(f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not fit weight "
-                                f"{list(wshape)}{' (with fan_in_fan_out)' if fio else ''}")
+            raise refusal(MismatchError, "L005", f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not "
+                          f"fit weight {list(wshape)}{' (with fan_in_fan_out)' if fio else ''}", m)
     return lazy_whole_target(wkey or m + ".weight", layout, shape, int(A.shape[0]), ref(A.name), ref(B.name), alpha,
                              info={} if wshape is not None else {"shape_from": "factors"})
 
 
 def _merged(where, m, wkey, wshape, A, B, alpha, enable, fio) -> Target:
     if enable is None:
-        raise SpecError(f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} have different ranks, as in a "
-                        "loralib MergedLinear; pass its enable_lora (for example --enable-lora 1,0,1)")
+        raise refusal(SpecError, "L004", f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} have different "
+                      "ranks, as in a loralib MergedLinear; pass its enable_lora (for example --enable-lora 1,0,1)", m)
     g = sum(enable)
     if A.shape[0] % g or B.shape[0] % g:
-        raise SpecError(f"{where}: lora_A rows {A.shape[0]} and lora_B rows {B.shape[0]} are not divisible by the "
-                        f"{g} enabled groups of enable_lora")
+        raise refusal(SpecError, "L004", f"{where}: lora_A rows {A.shape[0]} and lora_B rows {B.shape[0]} are not "
+                      f"divisible by the {g} enabled groups of enable_lora", m)
     r, inp = int(A.shape[0]) // g, int(A.shape[1])
     part = int(B.shape[0]) // g  # rows of one group: out / len(enable)
     if int(B.shape[1]) != r:
-        raise SpecError(f"{where}: lora_B has {B.shape[1]} columns but lora_A gives rank {r} per enabled group")
+        raise refusal(SpecError, "L004", f"{where}: lora_B has {B.shape[1]} columns but lora_A gives rank {r} per "
+                      "enabled group", m)
     out = part * len(enable)
     layout, shape = ("fan_in_fan_out", (inp, out)) if fio else ("linear", (out, inp))
     if wshape is not None and wshape != shape:
-        raise MismatchError(f"{where}: MergedLinear factors with enable_lora {enable} imply weight {list(shape)} but "
-                            f"it is {list(wshape)}")
+        raise refusal(MismatchError, "L005", f"{where}: MergedLinear factors with enable_lora {enable} imply weight "
+                      f"{list(shape)} but it is {list(wshape)}", m)
     blocks, j = [], 0
     for e, on in enumerate(enable):
         if not on:
@@ -243,11 +257,12 @@ def _conv(where, wkey, wshape, A, B, alpha) -> Target:
     P, Q = int(B.shape[0]), int(A.shape[1])
     R = int(A.shape[0])
     if int(B.shape[1]) != R or P % out or P * Q != out * cols:
-        raise UnsupportedError(f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} cannot be viewed as the "
-                               f"conv weight {list(wshape)} (loralib's view needs groups = 1 and a 2-D kernel)")
+        raise refusal(UnsupportedError, "L005", f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} cannot "
+                      f"be viewed as the conv weight {list(wshape)} (loralib's view needs groups = 1 and a 2-D "
+                      "kernel)", wkey)
     k = P // out  # B A (out k, in k) viewed row-major as (out, in k k): k column blocks per output row
     if R % k:
-        raise UnsupportedError(f"{where}: rank {R} is not a multiple of the kernel size {k}")
+        raise refusal(UnsupportedError, "L005", f"{where}: rank {R} is not a multiple of the kernel size {k}", wkey)
     blocks = tuple(Block(rank=R, alpha=alpha * k, scale_rule="standard", rows=(0, out), cols=(j * Q, (j + 1) * Q),
                          A=ref(A.name), B=ref(B.name, lambda b, j=j: b[j::k])) for j in range(k))
     return Target(key=wkey, layout="conv", shape=tuple(int(s) for s in wshape), blocks=blocks,
@@ -262,7 +277,8 @@ def _detect(src: Source) -> int:
 DIALECT = Dialect(
     name="loralib", description="a loralib (microsoft/LoRA) state dict: a .pt/.pth/.bin torch file",
     detect=_detect, structure=structure, load=load,
-    options=frozenset({"alpha", "r", "enable_lora", "fan_in_fan_out", "base", "allow_unknown", "allow_partial"}),
+    options=frozenset({"alpha", "r", "enable_lora", "fan_in_fan_out", "base", "allow_unknown", "allow_partial",
+                       "problems"}),
     reads=TORCH_SUFFIXES, structure_options=frozenset({"partial"}))
 
 __all__ = ["load", "structure", "parse_enable_lora", "DIALECT"]

@@ -45,10 +45,10 @@ from pathlib import Path
 from ..adapter import Adapter, Target, alpha_for_scale, scale_of
 from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, finite_number, fits,
-                      header_only, is_float_name, lazy_whole_target, listing, materialize, metas_of_header,
-                      metas_of_state_dict, positive_int, read_torch, ref, require_dir_or_file,
-                      safetensors_reader, torch_reader)
+from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, attempt, base_keys, check_unknown,
+                      finite_number, fits, header_only, is_float_name, lazy_whole_target, listing, materialize,
+                      metas_of_header, metas_of_state_dict, positive_int, read_torch, ref, refusal,
+                      require_dir_or_file, safetensors_reader, settle, torch_reader)
 from .base import TORCH_SUFFIXES
 from .native import _check_finite, _num, numpy_tensors, tensors_of
 
@@ -124,8 +124,8 @@ def _paths(path, partial: bool = False) -> tuple[Path | None, Path]:
     if not cfg.is_file():
         if partial and p.is_file():
             return None, p
-        raise SpecError(f"{p}: no {CONFIG_NAME} in {folder}; PEFT keeps r and lora_alpha there, and loratool "
-                        "never guesses them")
+        raise refusal(SpecError, "P001", f"{p}: no {CONFIG_NAME} in {folder}; PEFT keeps r and lora_alpha there, and "
+                      "loratool never guesses them")
     if p.is_file():
         return cfg, p
     for name in WEIGHTS_NAMES:
@@ -143,44 +143,50 @@ def read_config(cfg_path: Path) -> dict:
     """
     cfg = read_json_file(cfg_path, "PEFT adapter_config.json")
     if not isinstance(cfg, dict):
-        raise SpecError(f"{cfg_path}: top level is not a JSON object")
+        raise refusal(SpecError, "P001", f"{cfg_path}: top level is not a JSON object")
     ptype = cfg.get("peft_type")
     if not isinstance(ptype, str):
-        raise SpecError(f"{cfg_path}: \"peft_type\" is missing or not a string; a PEFT LoRA config has "
-                        "\"peft_type\": \"LORA\"")
+        raise refusal(SpecError, "P002", f"{cfg_path}: \"peft_type\" is missing or not a string; a PEFT LoRA config "
+                      "has \"peft_type\": \"LORA\"")
     if ptype.upper() != "LORA":
         why = NON_LORA.get(ptype.upper(), "loratool reads only LoRA (B @ A) adapters")
-        raise UnsupportedError(f"{cfg_path}: is a PEFT {escape(ptype)} adapter, not LoRA: {why}; it cannot be "
-                               "merged into W as a low-rank delta")
+        raise refusal(UnsupportedError, "P002", f"{cfg_path}: is a PEFT {escape(ptype)} adapter, not LoRA: {why}; it "
+                      "cannot be merged into W as a low-rank delta")
+    refused = []  # every field is checked; the ones that fail are raised together
+
+    def bad(cls, rule, message):
+        refused.append(refusal(cls, rule, f"{cfg_path}: {message}"))
+
     if "r" not in cfg:
-        raise SpecError(f"{cfg_path}: \"r\" is missing (PEFT would silently use 8); add the rank the adapter was "
-                        "trained with")
-    if not positive_int(cfg["r"]):
-        raise SpecError(f"{cfg_path}: \"r\" is {json.dumps(cfg['r'])}; it must be a positive integer")
+        bad(SpecError, "P003", "\"r\" is missing (PEFT would silently use 8); add the rank the adapter was trained "
+                               "with")
+    elif not positive_int(cfg["r"]):
+        bad(SpecError, "P003", f"\"r\" is {json.dumps(cfg['r'])}; it must be a positive integer")
     if "lora_alpha" not in cfg:
-        raise SpecError(f"{cfg_path}: \"lora_alpha\" is missing (PEFT would silently use 8); add the alpha the "
-                        "adapter was trained with")
-    if not finite_number(cfg["lora_alpha"]):
-        raise SpecError(f"{cfg_path}: \"lora_alpha\" is {json.dumps(cfg['lora_alpha'])}; it must be a finite number")
+        bad(SpecError, "P004", "\"lora_alpha\" is missing (PEFT would silently use 8); add the alpha the adapter was "
+                               "trained with")
+    elif not finite_number(cfg["lora_alpha"]):
+        bad(SpecError, "P004", f"\"lora_alpha\" is {json.dumps(cfg['lora_alpha'])}; it must be a finite number")
     for name, check, what in (("rank_pattern", positive_int, "a positive integer"),
                               ("alpha_pattern", finite_number, "a finite number")):
         pat = cfg.get(name) or {}
         if not isinstance(pat, dict):
-            raise SpecError(f"{cfg_path}: \"{name}\" is not an object of pattern -> value")
+            bad(SpecError, "P006", f"\"{name}\" is not an object of pattern -> value")
+            continue
         for k, v in pat.items():
             if not check(v):
-                raise SpecError(f"{cfg_path}: {name}[\"{escape(k)}\"] is {json.dumps(v)}; it must be {what}")
+                bad(SpecError, "P006", f"{name}[\"{escape(k)}\"] is {json.dumps(v)}; it must be {what}")
             try:
                 re.compile(k)
             except re.error as e:
-                raise SpecError(f"{cfg_path}: {name} key \"{escape(k)}\" is not a valid regular expression ({e})") \
-                    from None
+                bad(SpecError, "P006", f"{name} key \"{escape(k)}\" is not a valid regular expression ({e})")
     for name in ("use_rslora", "fan_in_fan_out", "lora_bias"):
         if not isinstance(cfg.get(name, False), bool):
-            raise SpecError(f"{cfg_path}: \"{name}\" is {json.dumps(cfg[name])}; it must be true or false")
+            bad(SpecError, "P008", f"\"{name}\" is {json.dumps(cfg[name])}; it must be true or false")
     for name, why in MUST_BE_OFF.items():
         if cfg.get(name) not in (None, False, [], {}):
-            raise UnsupportedError(f"{cfg_path}: \"{name}\" is set: {why}")
+            bad(UnsupportedError, "P002", f"\"{name}\" is set: {why}")
+    settle(cfg_path, refused, None, what="config fields")
     return cfg
 
 
@@ -195,7 +201,7 @@ def _tensors(src: Source, weights: Path):
 
 
 def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False,
-              partial: bool = False) -> Adapter:
+              partial: bool = False, problems: list | None = None) -> Adapter:
     """The adapter of a PEFT folder (every factor None) from adapter_config.json and the safetensors header
     alone: no tensor data read, no torch imported (adapter_model.bin is a torch file: it is loaded).
 
@@ -214,7 +220,7 @@ def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bo
         As `load`, less the refusals that need a base or the tensors.
     """
     plan = _plan(path, base, allow_unknown, allow_partial, describe=True, then=lambda plan, read: plan,
-                 partial=partial)
+                 partial=partial, problems=problems)
     adapter = header_only(plan.adapter)
     info = dict(adapter.info)
     if plan.shadowed:
@@ -226,7 +232,8 @@ def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bo
     return replace(adapter, info=info)
 
 
-def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False) -> Adapter:
+def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False,
+         problems: list | None = None) -> Adapter:
     """Read a PEFT LoRA adapter (folder, or its weights file beside adapter_config.json) with its tensors, as
     numpy arrays (adapter_model.bin is loaded with torch weights_only=True and converted).
 
@@ -238,10 +245,12 @@ def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = 
         allow_partial: with a base, skip the modules (and saved whole tensors) that map to no base key or do
             not fit it, and accept target_modules that match no module of the base, listing each in
             info["skipped"], instead of failing.
+        problems: a list to collect the refusals of single modules in (they are left out, the rest is read);
+            without it they are raised together, every module named.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, key and fix in the message.
     """
-    return _plan(path, base, allow_unknown, allow_partial, describe=False, then=_read)
+    return _plan(path, base, allow_unknown, allow_partial, describe=False, then=_read, problems=problems)
 
 
 @dataclass
@@ -255,8 +264,9 @@ class _Plan:
     shadowed: dict = field(default_factory=dict)
 
 
-def _plan(path, base, allow_unknown, allow_partial, describe, then, partial: bool = False):
-    """then(_Plan, read) with the base open (DoRA and saved whole tensors read it when built)."""
+def _plan(path, base, allow_unknown, allow_partial, describe, then, partial: bool = False, problems=None):
+    """then(_Plan, read) with the base open (DoRA and saved whole tensors read it when built); per-module
+    refusals go to `problems` when given (settle)."""
     src = as_source(path)
     cfg_path, weights = _paths(src.path, partial)
     cfg = read_config(cfg_path) if cfg_path is not None else None
@@ -266,9 +276,12 @@ def _plan(path, base, allow_unknown, allow_partial, describe, then, partial: boo
     with base_keys(base) as bk:
         skipped: list[str] = []
         if bk is not None:
-            fits(lambda: _check_targets_exist(cfg_path, cfg, bk), allow_partial, skipped)
+            refused = []
+            attempt(refused, fits, lambda: _check_targets_exist(cfg_path, cfg, bk), allow_partial, skipped)
+            settle(cfg_path, refused, problems)
         plan = _Plan(weights)
-        plan.adapter = _build(weights, cfg, metas, bk, allow_unknown, describe, plan, allow_partial, skipped)
+        plan.adapter = _build(weights, cfg, metas, bk, allow_unknown, describe, plan, allow_partial, skipped,
+                              problems)
         return then(plan, read)
 
 
@@ -301,16 +314,17 @@ def _check_targets_exist(cfg_path, cfg: dict, bk: BaseKeys) -> None:
         try:
             pattern = re.compile(targets)
         except re.error as e:
-            raise SpecError(f"{cfg_path}: \"target_modules\" is not a regular expression ({escape(str(e))})") \
+            raise refusal(SpecError, "P005", f"{cfg_path}: \"target_modules\" is not a regular expression "
+                          f"({escape(str(e))})") \
                 from None
         found = any(pattern.fullmatch(m) or pattern.fullmatch(m.partition(".")[2]) for m in modules)
     else:
         names = {str(t) for t in targets}
         found = any(m in names or any(m.endswith("." + t) for t in names) for m in modules)
     if not found:
-        raise MismatchError(f"{cfg_path}: target_modules {json.dumps(targets)} match no module of the base "
-                            f"{bk.base.path} (PEFT refuses this adapter too: \"Target modules ... not found in the "
-                            "base model\"); use the adapter's own base")
+        raise refusal(MismatchError, "B001", f"{cfg_path}: target_modules {json.dumps(targets)} match no module of "
+                      f"the base {bk.base.path} (PEFT refuses this adapter too: \"Target modules ... not found in the "
+                      "base model\"); use the adapter's own base")
 
 
 def _read(plan: _Plan, read) -> Adapter:
@@ -320,8 +334,8 @@ def _read(plan: _Plan, read) -> Adapter:
     unchanged = []
     for key, (name, delta) in sorted(plan.shadowed.items()):
         if delta.make(read({name})).any():
-            raise SpecError(f"{plan.where}: \"{escape(name)}\" replaces \"{escape(key)}\", which LoRA factors also "
-                            "change; PEFT applies one or the other, so refusing to guess")
+            raise refusal(SpecError, "P014", f"{plan.where}: \"{escape(name)}\" replaces \"{escape(key)}\", which "
+                          "LoRA factors also change; PEFT applies one or the other, so refusing to guess", key)
         unchanged.append(name)
     gone = {k for k in plan.saved if not adapter.targets[k].delta.any()}
     unchanged += [plan.saved[k] for k in gone]
@@ -332,7 +346,8 @@ def _read(plan: _Plan, read) -> Adapter:
 
 
 def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unknown: bool, describe: bool,
-           plan: _Plan, allow_partial: bool = False, skipped: list | None = None) -> Adapter:
+           plan: _Plan, allow_partial: bool = False, skipped: list | None = None,
+           problems: list | None = None) -> Adapter:
     """The adapter with Lazy factors, from the config and the tensors' names, dtypes and shapes (saved whole
     tensors recorded in `plan`)."""
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -365,6 +380,7 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
     if dora and bk is None and not describe:
         raise UnsupportedError(f"{where}: is a DoRA adapter (use_dora); its merged weight depends on the base's row "
                                "norms, so pass --base and loratool stores each module's exact W' - W")
+    refused = []  # modules refused one by one: every one is reported (settle)
     for module, parts in sorted(modules.items()):
         mag = parts.pop("magnitude", None)
         if mag is not None and not dora:
@@ -375,25 +391,15 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
         rank = rank_pattern[r_key] if r_key is not None else cfg["r"]  # None without a config: the factors' rank
         alpha = alpha_pattern[a_key] if a_key is not None else cfg["lora_alpha"]
         alpha = math.nan if alpha is None else float(alpha)  # unknown without a config: never a made-up number
-        built = fits(lambda: _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown), allow_partial,
-                     skipped)
-        if built is None:
-            continue
-        t, bias = built
-        if dora:
-            if mag is None:
-                raise SpecError(f"{where}: module \"{escape(module)}\" has no lora_magnitude_vector but the config "
-                                "sets use_dora")
-            t = _dora_full(where, module, t, mag, bk)
-        if t.key in targets:
-            raise SpecError(f"{where}: modules \"{escape(module)}\" and another both map to base key "
-                            f"\"{escape(t.key)}\"")
-        targets[t.key] = t
-        if bias is not None:
-            targets[bias.key] = bias
+        got = attempt(refused, fits, lambda module=module, parts=parts, mag=mag, rank=rank, alpha=alpha: _module(
+            where, module, parts, mag, rank, alpha, rule, cfg, bk, unknown, dora, targets), allow_partial, skipped)
+        if got is not None:
+            for t in got:
+                targets[t.key] = t
 
     for name in whole:
-        t = fits(lambda: _whole_tensor(where, metas[name], bk, describe), allow_partial, skipped)
+        t = attempt(refused, fits, lambda name=name: _whole_tensor(where, metas[name], bk, describe), allow_partial,
+                    skipped)
         if t is None:
             continue
         if t.key in targets:  # PEFT saves the base layer of an adapted embedding: when read, it must equal the base's
@@ -401,6 +407,7 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
             continue
         plan.saved[t.key] = name
         targets[t.key] = t
+    settle(where, refused, problems)
     if skipped:
         info["skipped"] = list(skipped)
     check_unknown(where, "PEFT", unknown, allow_unknown, info)
@@ -416,6 +423,20 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
     return Adapter(targets=targets, metadata=meta, info=info)
 
 
+def _module(where, module, parts, mag, rank, alpha, rule, cfg, bk, unknown, dora, targets) -> list[Target]:
+    """The targets of one PEFT module: its lora (or DoRA) target and its lora bias, if any."""
+    t, bias = _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown)
+    if dora:
+        if mag is None:
+            raise refusal(SpecError, "P014", f"{where}: module \"{escape(module)}\" has no lora_magnitude_vector but "
+                          "the config sets use_dora", module)
+        t = _dora_full(where, module, t, mag, bk)
+    if t.key in targets:
+        raise refusal(SpecError, "F002", f"{where}: modules \"{escape(module)}\" and another both map to base key "
+                      f"\"{escape(t.key)}\"", module)
+    return [t] if bias is None else [t, bias]
+
+
 def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
     """One lora Target (and its lora_bias full target, or None) from a module's PEFT tensors (Meta)."""
     shown = escape(module)
@@ -425,25 +446,30 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
         need, layout = ("lora_A.weight", "lora_B.weight"), None
     missing = [n for n in need if n not in parts]
     if missing:
-        raise SpecError(f"{where}: module \"{shown}\" has no {missing[0]}; every LoRA module needs both factors")
+        raise refusal(SpecError, "P011", f"{where}: module \"{shown}\" has no {missing[0]}; every LoRA module needs "
+                      "both factors", module)
     A, B = parts[need[0]], parts[need[1]]
     extra = [parts[n].name for n in parts if n not in need and n != "lora_B.bias"]
     if extra:
-        raise SpecError(f"{where}: module \"{shown}\" mixes embedding and linear factors ({listing(extra)})")
+        raise refusal(SpecError, "P011", f"{where}: module \"{shown}\" mixes embedding and linear factors "
+                      f"({listing(extra)})", module)
     if not (A.is_float and B.is_float):
-        raise SpecError(f"{where}: module \"{shown}\": factors are {A.dtype}/{B.dtype}; LoRA factors are floating point")
+        raise refusal(SpecError, "P012", f"{where}: module \"{shown}\": factors are {A.dtype}/{B.dtype}; LoRA factors "
+                      "are floating point", module)
     if A.ndim < 2 or B.ndim != A.ndim or any(d != 1 for d in B.shape[2:]):
-        raise SpecError(f"{where}: module \"{shown}\": lora_A {list(A.shape)} and lora_B {list(B.shape)} are not a "
-                        "LoRA pair (2-D, or conv with a 1x1 lora_B)")
+        raise refusal(SpecError, "P012", f"{where}: module \"{shown}\": lora_A {list(A.shape)} and lora_B "
+                      f"{list(B.shape)} are not a LoRA pair (2-D, or conv with a 1x1 lora_B)", module)
     r = int(A.shape[0])
     if B.shape[1] != r:
         if A.ndim > 2:
-            raise UnsupportedError(f"{where}: module \"{shown}\": lora_B {list(B.shape)} has {B.shape[1]} input "
-                                   f"channels for rank {r}: a grouped convolution, which loratool does not read yet")
-        raise SpecError(f"{where}: module \"{shown}\": lora_A rank {r} != lora_B rank {B.shape[1]}")
+            raise refusal(UnsupportedError, "P012", f"{where}: module \"{shown}\": lora_B {list(B.shape)} has "
+                          f"{B.shape[1]} input channels for rank {r}: a grouped convolution, which loratool does not "
+                          "read yet", module)
+        raise refusal(SpecError, "P012", f"{where}: module \"{shown}\": lora_A rank {r} != lora_B rank "
+                      f"{B.shape[1]}", module)
     if rank is not None and r != rank:
-        raise SpecError(f"{where}: module \"{shown}\": factors have rank {r} but the config gives r = {rank} (after "
-                        "rank_pattern); fix adapter_config.json")
+        raise refusal(SpecError, "P013", f"{where}: module \"{shown}\": factors have rank {r} but the config gives r "
+                      f"= {rank} (after rank_pattern); fix adapter_config.json", module)
     out = int(B.shape[0])
     if layout == "embedding":
         shape = (int(A.shape[1]), out)  # (num_embeddings, dim)
@@ -459,7 +485,7 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
     key = module + ".weight"
     tinfo = {}
     if bk is not None:
-        key = bk.resolve_dotted(key, f"{where}: module \"{shown}\"")
+        key = bk.resolve_dotted(key, f"{where}: module \"{shown}\"", module)
         have = bk.shape(key)
         if layout in ("linear", "fan_in_fan_out") and have != shape:
             flipped = ("linear" if layout == "fan_in_fan_out" else "fan_in_fan_out", shape[::-1])
@@ -468,8 +494,8 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
                 layout, shape = flipped
                 tinfo["layout_from"] = "base shape (PEFT decides fan_in_fan_out per module type)"
         if have != shape:
-            raise MismatchError(f"{where}: module \"{shown}\": LoRA factors imply {layout} weight {list(shape)} but "
-                                f"base \"{escape(key)}\" is {list(have)}")
+            raise refusal(MismatchError, "B002", f"{where}: module \"{shown}\": LoRA factors imply {layout} weight "
+                          f"{list(shape)} but base \"{escape(key)}\" is {list(have)}", module)
     target = lazy_whole_target(key, layout, shape, r, A2, B2, alpha, rule, info=tinfo)
     bias = None
     if "lora_B.bias" in parts:
@@ -478,12 +504,14 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
             unknown.append(bvec.name)  # PEFT itself ignores it when lora_bias is false: say so, never apply it
         else:
             if tuple(bvec.shape) != (out,):
-                raise SpecError(f"{where}: \"{escape(bvec.name)}\" has shape {list(bvec.shape)}, expected [{out}]")
+                raise refusal(SpecError, "P014", f"{where}: \"{escape(bvec.name)}\" has shape {list(bvec.shape)}, "
+                              f"expected [{out}]", module)
             bkey = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else module + ".bias"
             have_b = bk.shape(bkey) if bk is not None else (out,)
             if have_b != (out,):
-                raise MismatchError(f"{where}: module \"{shown}\" has a lora bias but base \"{escape(bkey)}\" is "
-                                    f"{'missing' if have_b is None else list(have_b)}; PEFT cannot merge it either")
+                raise refusal(MismatchError, "B002", f"{where}: module \"{shown}\" has a lora bias but base "
+                              f"\"{escape(bkey)}\" is {'missing' if have_b is None else list(have_b)}; PEFT cannot "
+                              "merge it either", module)
             bias = Target(key=bkey, kind="full", layout="full", shape=(out,), delta=ref(bvec.name),
                           delta_scale=scale_of(alpha, r, rule), info={"peft": "lora_B.bias"})
     return target, bias
@@ -494,11 +522,12 @@ def _dora_full(where, module, t: Target, mag: Meta, bk: BaseKeys | None) -> Targ
     computed from the base when loaded; without a base only its shape is known)."""
     shown = escape(module)
     if t.layout == "embedding":
-        raise UnsupportedError(f"{where}: module \"{shown}\" is a DoRA embedding, which loratool does not read yet")
+        raise refusal(UnsupportedError, "P002", f"{where}: module \"{shown}\" is a DoRA embedding, which loratool "
+                      "does not read yet", module)
     out, inp = t.matrix_shape
     if mag.numel != out or not mag.is_float:
-        raise SpecError(f"{where}: module \"{shown}\": lora_magnitude_vector has shape {list(mag.shape)}, expected "
-                        f"{out} floating-point values (one per output row)")
+        raise refusal(SpecError, "P014", f"{where}: module \"{shown}\": lora_magnitude_vector has shape "
+                      f"{list(mag.shape)}, expected {out} floating-point values (one per output row)", module)
     b = t.blocks[0]
     what = f"DoRA rank {b.rank}, scale {b.scale}"
     if bk is None:  # structure only: load refuses before getting here
@@ -506,7 +535,8 @@ def _dora_full(where, module, t: Target, mag: Meta, bk: BaseKeys | None) -> Targ
                       info={"peft": f"{what}: W' - W depends on the base's row norms; pass --base to compute it"})
     W_dtype = bk.base.info(t.key)[1]
     if not is_float_name(W_dtype):
-        raise UnsupportedError(f"{where}: base \"{escape(t.key)}\" is {W_dtype}; DoRA needs a floating-point weight")
+        raise refusal(UnsupportedError, "B003", f"{where}: base \"{escape(t.key)}\" is {W_dtype}; DoRA needs a "
+                      "floating-point weight", module)
 
     def make(arrays):
         import numpy as np
@@ -521,8 +551,8 @@ def _dora_full(where, module, t: Target, mag: Meta, bk: BaseKeys | None) -> Targ
         with np.errstate(divide="ignore", invalid="ignore"):
             D = (as_f32(arrays[mag.name]).reshape(out) / norm)[:, None] * V - M
         if not bool(np.isfinite(D).all()):
-            raise NumericError(f"{where}: module \"{shown}\": DoRA gives non-finite weights (a zero row norm of "
-                               "W + s B A)")
+            raise refusal(NumericError, "T006", f"{where}: module \"{shown}\": DoRA gives non-finite weights (a zero "
+                          "row norm of W + s B A)", module)
         return np.ascontiguousarray(D.T if t.layout == "fan_in_fan_out" else D.reshape(t.shape))
 
     names = tuple(n for x in (b.A, b.B) for n in x.names) + (mag.name,)
@@ -545,11 +575,11 @@ def _whole_tensor(where, x: Meta, bk, describe: bool) -> Target:
                             "saved_as": name, "saved_dtype": x.dtype})
     key = bk.resolve_dotted(key, f"{where}: \"{escape(name)}\"")
     if bk.shape(key) != tuple(x.shape):
-        raise MismatchError(f"{where}: \"{escape(name)}\" is {list(x.shape)} but base \"{escape(key)}\" is "
-                            f"{list(bk.shape(key))}")
+        raise refusal(MismatchError, "B002", f"{where}: \"{escape(name)}\" is {list(x.shape)} but base "
+                      f"\"{escape(key)}\" is {list(bk.shape(key))}", name)
     if not x.is_float:
-        raise UnsupportedError(f"{where}: \"{escape(name)}\" is {x.dtype}; only floating-point tensors can be stored "
-                               "as deltas")
+        raise refusal(UnsupportedError, "P014", f"{where}: \"{escape(name)}\" is {x.dtype}; only floating-point "
+                      "tensors can be stored as deltas", name)
 
     def make(arrays):
         from ..dtypes import as_f32
@@ -707,7 +737,7 @@ def _detect(src: Source) -> int:
 DIALECT = Dialect(
     name="peft", description="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin)",
     detect=_detect, structure=structure, load=load,
-    options=frozenset({"base", "allow_unknown", "allow_partial"}),
+    options=frozenset({"base", "allow_unknown", "allow_partial", "problems"}),
     reads=(".safetensors", ".bin"), save=save, writes="folder", structure_options=frozenset({"partial"}),
     save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}), holds=holds)
 

@@ -78,12 +78,24 @@ def _resolve(path, dialect, strict: bool, flags, options) -> tuple[Source, Diale
     src = as_source(path)
     d = detect(src) if dialect is None else (get(dialect) if isinstance(dialect, str) else dialect)
     # Options a dialect does not take are dropped when unset and refused when set, so that a flag such as
-    # --alpha is never silently ignored for a dialect that keeps alpha in its file.
+    # --alpha is never silently ignored for a dialect that keeps alpha in its file. A usage mistake (exit 2), as
+    # the same flag is for a command reading several adapters (tasks._inputs.load_adapters).
     extra = [k for k, v in options.items() if k not in d.options and v not in (None, False, (), [])]
     if extra and strict:
         named = ", ".join((flags or {}).get(k, "--" + k.replace("_", "-")) for k in sorted(extra))
-        raise UnsupportedError(f"{src.path}: is a {d.name} adapter, which does not take {named}; drop the option")
+        raise UsageError(f"{src.path}: is a {d.name} adapter, which does not take {named}; drop the option")
     return src, d, {k: v for k, v in options.items() if k in d.options}
+
+
+def taken_options(path, dialect=None, **options) -> tuple[Dialect, dict]:
+    """The dialect of `path` (detected unless given) and the options of `options` its reader takes.
+
+    Raises:
+        UsageError: an option is set that the dialect does not take.
+        FileError, SpecError: as `detect`.
+    """
+    _, d, opts = _resolve(path, dialect, True, None, options)
+    return d, opts
 
 
 def load(path, *, dialect=None, strict: bool = True, flags: dict | None = None, **options):
@@ -98,6 +110,7 @@ def load(path, *, dialect=None, strict: bool = True, flags: dict | None = None, 
             for the refusal's message.
         options: dialect-specific options (for example `base` for kohya names, `alpha` for loralib).
     Raises:
+        UsageError: `strict` and a set option the dialect does not take.
         SpecError, FileError, MismatchError, UnsupportedError: as the dialect's reader says.
     """
     src, d, opts = _resolve(path, dialect, strict, flags, options)
@@ -172,5 +185,5 @@ def writer_for(output, to: str | None = None, *, choices=None) -> Dialect:
                      + (" or pass --to" if len(allowed) > 1 else ""))
 
 
-__all__ = ["DIALECTS", "Dialect", "Source", "names", "writable", "get", "detect", "accepted_options", "load",
-           "structure", "writer_for", "FILE_SUFFIXES"]
+__all__ = ["DIALECTS", "Dialect", "Source", "names", "writable", "get", "detect", "accepted_options", "taken_options",
+           "load", "structure", "writer_for", "FILE_SUFFIXES"]
