@@ -27,9 +27,9 @@ def validate(path, base=None, *, read_data: bool = True, revision: str | None = 
             adapter's Hugging Face Hub id (`org/name[@REV]`).
         base: a base model path (file or folder), Hugging Face Hub id (`org/name[@REV]`) or an opened
             io.base.BaseModel, or None.
+        revision: the Hub revision of a Hub id given without its own `@REV`.
         read_data: also read the factors: non-finite values (T006), all-zero factors (W003), and with a base
             an adapter whose every delta is zero (F001). Numpy, one tensor at a time for native files.
-        revision: the Hub revision of a Hub id given without its own `@REV`.
         reader_options: the dialect's reader options (`allow_unknown`, loralib's `alpha`, `r`, `enable_lora`,
             `fan_in_fan_out`); unset ones (None, False) are ignored.
     Returns:
@@ -65,6 +65,18 @@ class _opened:
         if self.base is None:
             return None
         from ..io.base import BaseModel, open_base
+
+        if isinstance(self.base, BaseModel):
+            return self.base
+        self.own = open_base(self.base)
+        return self.own
+
+    def __exit__(self, *exc):
+        if self.own is not None:
+            self.own.close()
+
+
+def _native(path, base, read_data: bool) -> Report:
     rep = validate_header(path)
     if rep.adapter is None or rep.errors:
         return rep
