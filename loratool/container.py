@@ -277,14 +277,18 @@ def read_array(fd: int, data_start: int, info: TensorInfo):
     return from_buffer(pread_exact(fd, info.nbytes, data_start + info.begin), info.dtype, info.shape)
 
 
-def read_arrays(path, hdr: Header, names=None) -> dict:
-    """Tensors of a checked header (all, or those in `names`), name -> numpy array, read with pread."""
-    fd = os.open(os.fspath(path), os.O_RDONLY)
+def read_arrays(path, hdr: Header, names=None, fd: int | None = None) -> dict:
+    """Tensors of a checked header (all, or those in `names`), name -> numpy array, read with pread (from `fd`
+    when given, an open descriptor of `path` the caller closes)."""
+    own = fd is None
+    if own:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
         return {name: read_array(fd, hdr.data_start, info) for name, info in hdr.tensors.items()
                 if names is None or name in names}
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
 # struct formats of the dtypes a one-element tensor is decoded from without numpy (see read_scalars).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -240,11 +241,75 @@ def materialize(adapter, read: Callable[[set], dict]):
     return adapter.map_arrays(lambda x: x.make(arrays) if isinstance(x, Lazy) else x)
 
 
-def safetensors_reader(path, hdr: Header) -> Callable[[set], dict]:
-    """read(names) -> name -> numpy array, with pread from a checked header (no torch)."""
-    from ..container import read_arrays
+def deferred(adapter, read: Callable[[set], dict], check: Callable | None = None):
+    """The adapter's structure (every Lazy factor None) with, on each target, a loader (`Target.loaded`) that
+    reads that target's tensors with `read(names)` and builds its factors when called, each time anew; nothing
+    is kept, so a caller that drops a loaded target frees its factors.
 
-    return lambda names: read_arrays(path, hdr, names)
+    Args:
+        check: (loaded target, name -> array) -> None, raising on factors the reader refuses (native's T006),
+            run on each load.
+    """
+    def loader(planned):
+        parts = [planned.delta] if planned.kind == "full" else [z for b in planned.blocks for z in (b.A, b.B)]
+        names = {n for z in parts if isinstance(z, Lazy) for n in z.names}
+
+        def load(_target):
+            arrays = read(names) if names else {}
+            t = planned.map_arrays(lambda x: x.make(arrays) if isinstance(x, Lazy) else x)
+            if check is not None:
+                check(t, arrays)
+            return t
+
+        return load
+
+    return adapter.replace_targets(replace(t.map_arrays(lambda x: None if isinstance(x, Lazy) else x),
+                                           load=loader(t)) for t in adapter)
+
+
+def safetensors_reader(path, hdr: Header) -> Callable[[set], dict]:
+    """read(names) -> name -> numpy array, with pread from a checked header (no torch).
+
+    The file is pinned when the reader is made (device, inode, size, modification time): a read of a file
+    written, truncated or replaced since then is refused, so tensors read at different times (a deferred
+    load reads each target when it is merged) all come from the file the header describes.
+
+    Raises (from read):
+        FileError: the file changed since the reader was made, or cannot be read.
+    """
+    from ..container import read_arrays
+    from .base import _check_pin, _identity
+
+    try:
+        pin = _identity(os.stat(path))
+    except OSError as e:
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {e.strerror or e}") from None
+
+    def read(names):
+        fd = _open_pinned(path, pin)
+        try:
+            arrays = read_arrays(path, hdr, names, fd=fd)
+            _check_pin(path, pin, os.fstat(fd))  # a write during the read shows in the mtime
+            return arrays
+        finally:
+            os.close(fd)
+
+    return read
+
+
+def _open_pinned(path, pin: tuple) -> int:
+    from .base import _check_pin
+
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError as e:
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {e.strerror or e}") from None
+    try:
+        _check_pin(path, pin, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def torch_reader(sd: dict) -> Callable[[set], dict]:

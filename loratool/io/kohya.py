@@ -29,8 +29,8 @@ import re
 from ..adapter import Adapter, Block, Target, alpha_for_scale
 from ..container import escape, read_scalars, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import (Dialect, Meta, Source, as_source, base_keys, check_unknown, header_only, materialize,
-                      metas_of_header, ref, safetensors_reader)
+from ._common import (Dialect, Meta, Source, as_source, base_keys, check_unknown, deferred, header_only,
+                      materialize, metas_of_header, ref, safetensors_reader)
 from .native import numpy_tensors, tensors_of
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
@@ -71,27 +71,29 @@ def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
     return header_only(_plan(path, base, allow_unknown, then=lambda adapter, read: adapter))
 
 
-def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+def load(path, *, base=None, allow_unknown: bool = False, lazy: bool = False) -> Adapter:
     """Read a kohya/sd-scripts LoRA `.safetensors` with its tensors, as numpy arrays (no torch).
 
     Args:
         path: the file (or a Source of it).
         base: base model (path or io.base.BaseModel) to map underscore names to dotted keys and check shapes.
         allow_unknown: record keys that are not kohya LoRA tensors in info["unknown_keys"] instead of failing.
+        lazy: return the structure with each target's factors read on demand (`Target.loaded`).
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, name and fix in the message.
     """
-    return _plan(path, base, allow_unknown, then=materialize)
+    return _plan(path, base, allow_unknown, then=deferred if lazy else materialize)
 
 
 def _plan(path, base, allow_unknown, then):
     src = as_source(path)
     hdr = src.checked_header()
     metas = metas_of_header(hdr)
+    read = safetensors_reader(src.path, hdr)  # pinned now: the alphas and factors all come from this file
     with base_keys(base) as bk:
         adapter = _build(src.path, metas, dict(hdr.metadata), lambda names: read_scalars(src.path, hdr, names), bk,
                          allow_unknown)
-        return then(adapter, safetensors_reader(src.path, hdr))
+        return then(adapter, read)
 
 
 def _build(path, metas, meta, read_alphas, bk, allow_unknown) -> Adapter:

@@ -30,7 +30,7 @@ import math
 from ..adapter import Adapter, Block, Target
 from ..container import escape
 from ..errors import MismatchError, SpecError, UnsupportedError
-from ._common import (Dialect, Source, as_source, base_keys, check_unknown, finite_number, header_only,
+from ._common import (Dialect, Source, as_source, base_keys, check_unknown, deferred, finite_number, header_only,
                       lazy_whole_target, materialize, metas_of_state_dict, positive_int, read_torch, ref, torch_reader)
 from .base import TORCH_SUFFIXES
 
@@ -66,7 +66,7 @@ def structure(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: boo
 
 
 def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
-         allow_unknown: bool = False) -> Adapter:
+         allow_unknown: bool = False, lazy: bool = False) -> Adapter:
     """Read a loralib state dict, its factors as numpy arrays.
 
     Args:
@@ -77,10 +77,13 @@ def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = F
         fan_in_fan_out: the layers were built with fan_in_fan_out=True (weights stored (in, out)).
         base: base model for W's shape when the file holds only the LoRA factors.
         allow_unknown: record keys that are neither LoRA factors nor their modules' own weights.
+        lazy: return the structure with each target's factors converted to numpy on demand (`Target.loaded`);
+            the torch file itself is read whole either way.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, module and fix in the message.
     """
-    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, then=materialize)
+    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown,
+                 then=deferred if lazy else materialize)
 
 
 def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, then):

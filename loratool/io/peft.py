@@ -44,7 +44,8 @@ from pathlib import Path
 from ..adapter import Adapter, Target, alpha_for_scale, scale_of
 from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, finite_number,
+from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, deferred,
+                      finite_number,
                       header_only, is_float_name, lazy_whole_target, listing, materialize, metas_of_header,
                       metas_of_state_dict, positive_int, read_torch, ref, require_dir_or_file,
                       safetensors_reader, torch_reader)
@@ -214,7 +215,7 @@ def structure(path, *, base=None, allow_unknown: bool = False) -> Adapter:
     return replace(adapter, info=info)
 
 
-def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
+def load(path, *, base=None, allow_unknown: bool = False, lazy: bool = False) -> Adapter:
     """Read a PEFT LoRA adapter (folder, or its weights file beside adapter_config.json) with its tensors, as
     numpy arrays (adapter_model.bin is loaded with torch weights_only=True and converted).
 
@@ -223,10 +224,18 @@ def load(path, *, base=None, allow_unknown: bool = False) -> Adapter:
         base: optional base model (path or io.base.BaseModel): resolves target keys, checks shapes,
             decides Conv1D vs nn.Linear by the stored shape, and turns whole saved tensors into deltas.
         allow_unknown: record keys that are not LoRA tensors in info["unknown_keys"] instead of failing.
+        lazy: return the structure with each target's factors read on demand (`Target.loaded`); saved whole
+            tensors are still compared with the base now, one at a time. A DoRA module or a saved whole tensor
+            reads the base when it is loaded, so with a base given as a path (opened and closed here) the
+            adapter is read whole instead; pass an open io.base.BaseModel that outlives the adapter.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, key and fix in the message.
     """
-    return _plan(path, base, allow_unknown, describe=False, then=_read)
+    from .base import BaseModel
+
+    lazy = lazy and (base is None or isinstance(base, BaseModel))
+    return _plan(path, base, allow_unknown, describe=False,
+                 then=(lambda plan, read: _read(plan, read, lazy=True)) if lazy else _read)
 
 
 @dataclass
@@ -286,17 +295,18 @@ def _check_targets_exist(cfg_path, cfg: dict, bk: BaseKeys) -> None:
                             "base model\"); use the adapter's own base")
 
 
-def _read(plan: _Plan, read) -> Adapter:
-    """The planned adapter with its tensors. A saved whole tensor equal to the base's is dropped (ΔW is zero)
-    and named in info["unchanged_keys"]; one on a layer LoRA factors adapt must equal the base's."""
-    adapter = materialize(plan.adapter, read)
+def _read(plan: _Plan, read, lazy: bool = False) -> Adapter:
+    """The planned adapter with its tensors (`lazy`: with each target's read on demand). A saved whole tensor
+    equal to the base's is dropped (ΔW is zero) and named in info["unchanged_keys"]; one on a layer LoRA factors
+    adapt must equal the base's. Both are decided here, reading one saved tensor at a time when `lazy`."""
+    adapter = deferred(plan.adapter, read) if lazy else materialize(plan.adapter, read)
     unchanged = []
     for key, (name, delta) in sorted(plan.shadowed.items()):
         if delta.make(read({name})).any():
             raise SpecError(f"{plan.where}: \"{escape(name)}\" replaces \"{escape(key)}\", which LoRA factors also "
                             "change; PEFT applies one or the other, so refusing to guess")
         unchanged.append(name)
-    gone = {k for k in plan.saved if not adapter.targets[k].delta.any()}
+    gone = {k for k in plan.saved if not adapter.targets[k].loaded().delta.any()}
     unchanged += [plan.saved[k] for k in gone]
     if not unchanged:
         return adapter

@@ -6,7 +6,7 @@ from ..adapter import Adapter
 from ..errors import UsageError
 
 
-def load_adapters(paths, options: dict | None = None, base=None) -> list:
+def load_adapters(paths, options: dict | None = None, base=None, lazy: bool = False) -> list:
     """Read several adapters of any dialects.
 
     Args:
@@ -14,6 +14,7 @@ def load_adapters(paths, options: dict | None = None, base=None) -> list:
         options: reader options the user set (see `io.detect.load_adapter`); each is handed to the inputs whose
             dialect takes it.
         base: a base model the task has anyway (merge's BASE), handed to every reader that takes one.
+        lazy: each target's factors are read when `Target.loaded()` asks for them (see `io.registry.load`).
     Raises:
         UsageError: an option the user set is taken by none of the inputs' dialects.
         SpecError, FileError, UnsupportedError: as the readers say.
@@ -30,7 +31,7 @@ def load_adapters(paths, options: dict | None = None, base=None) -> list:
         raise UsageError(f"no input is of a dialect that takes {flags}; drop the option")
     if base is not None:
         options["base"] = base
-    return [load_adapter(p, dialect=d, strict=False, **options) for p, d in zip(paths, dialects)]
+    return [load_adapter(p, dialect=d, strict=False, lazy=lazy, **options) for p, d in zip(paths, dialects)]
 
 
 def check_weights(weights, n: int) -> None:

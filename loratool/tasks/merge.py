@@ -109,7 +109,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                 rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
 
-            read = iter(load_adapters(paths, reader_options, base=src.reader) if paths else [])
+            read = iter(load_adapters(paths, reader_options, base=src.reader, lazy=True) if paths else [])
             loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
             phase("adapters loaded")
             plan = plan_merge(list(zip(names, loaded)), src.info, weights=weights, scale=scale,
