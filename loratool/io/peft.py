@@ -45,9 +45,8 @@ from ..adapter import Adapter, Target, alpha_for_scale, scale_of
 from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, base_keys, check_unknown, deferred,
-                      finite_number,
-                      header_only, is_float_name, lazy_whole_target, listing, materialize, metas_of_header,
-                      metas_of_state_dict, positive_int, read_torch, ref, require_dir_or_file,
+                      finite_number, header_only, is_float_name, lazy_whole_target, listing, materialize,
+                      metas_of_header, metas_of_state_dict, positive_int, read_torch, ref, require_dir_or_file,
                       safetensors_reader, torch_reader)
 from .base import TORCH_SUFFIXES
 from .native import _check_finite, _num, numpy_tensors, tensors_of
