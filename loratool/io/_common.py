@@ -3,7 +3,9 @@ reader reads its structure from, Lazy factors, and base-key resolution.
 
 Every reader builds its adapter once, from headers and configs alone, with each factor a `Lazy` (which
 tensors, and which view of them); `structure` leaves those as None and never reads tensor data, `load`
-reads the named tensors (numpy arrays, ml_dtypes for BF16/FP8) and builds them.
+reads the named tensors (numpy arrays, ml_dtypes for BF16/FP8) and builds them, and `load(lazy=True)` (`deferred`)
+gives the structure with a loader on each target that reads its tensors when the caller asks (merge, one
+target at a time).
 
 Every foreign reader sorts each key of its input into one of: understood (becomes part of a target), recognised
 and refused (UnsupportedError), or unknown. Unknown keys are an error that lists them unless the caller

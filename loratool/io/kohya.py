@@ -13,8 +13,9 @@ target keys are resolved against a base (`base=`): the one base key `<module>.we
 module path equals the name after its prefix, or ends with "_" + it. Without a base the target key is
 `<name>.weight` and info["kohya_unmapped"] is set, which is enough to inspect or to write kohya again.
 
-`structure` reads the header and the 0-d alpha tensors only; `load` reads the factors as numpy arrays, each
-planned once (Lazy: which tensor, which reshape), so both agree by construction. No torch anywhere here.
+`structure` reads the header and the 0-d alpha tensors only; `load` reads the factors as numpy arrays (all now,
+or each target's when asked with `lazy=True`), each planned once (Lazy: which tensor, which reshape), so they
+agree by construction. No torch anywhere here.
 
 Merge math (LoRAInfModule.merge_to): linear W += s up @ down; conv 1x1 the same on squeezed factors;
 conv k x k W += s conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3), which equals
