@@ -79,6 +79,70 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def os_errors(path=None, writes: bool = True):
+    """Turn an OSError the file system raises in the block (disk full, no permission, read-only, a name too long)
+    into one FileError line: the path and what the errno means (errors.os_error_message).
+
+    Clean-ups inside the block run first (atomic_file and atomic_dir remove their temporary output as the
+    exception passes), so by the time the FileError is raised nothing is left. A broken pipe (EPIPE) passes
+    through: it is the reader of stdout going away, which the CLI handles.
+
+    Args:
+        path: the path the block reads or writes, named when the OSError does not name one (os.write and
+            fsync never do) or names a temporary name beside it.
+        writes: the block writes an output: the message ends with "nothing was written".
+    Raises:
+        FileError: for any OSError but EPIPE.
+    """
+    import errno
+
+    from .errors import os_error_message
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        where = _shown_path(e.filename, path)
+        raise FileError(f"{where + ': ' if where else ''}{os_error_message(e)}"
+                        f"{'; nothing was written' if writes else ''}") from None
+
+
+def _shown_path(filename, path) -> str:
+    """The OSError's file name, unless it is a temporary name (or inside one): then the output's path. (Control
+    characters are escaped where the message is printed: cli.render.)"""
+    if filename is not None and not isinstance(filename, int):
+        name = os.fsdecode(filename)
+        if not any(_TEMP_NAME.match(part) for part in Path(name).parts) or path is None:
+            return name
+    return "" if path is None else os.fsdecode(path)
+
+
+def maps_os_errors(arg: str = "output", writes: bool = True):
+    """Decorator: the function's OSErrors become FileErrors (`os_errors`), naming the argument `arg`.
+
+    One line on each task function (merge, extract, convert, rescale, combine write; inspect and validate
+    read) gives every command the same mapping; the CLI's own mapping of OSError stays as the last net.
+    """
+    import functools
+
+    def wrap(fn):
+        code = fn.__code__  # the argument's position, without importing `inspect` (inspect's start-up time)
+        position = code.co_varnames[:code.co_argcount].index(arg) if arg in code.co_varnames[:code.co_argcount] \
+            else None
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            path = kwargs.get(arg, args[position] if position is not None and position < len(args) else None)
+            with os_errors(path if isinstance(path, (str, os.PathLike)) else None, writes=writes):
+                return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
 def check_output(out, inputs, overwrite: bool = False) -> Path:
     """Refuse an output that is, contains, lies inside or would replace an input; refuse overwrite unless asked.
 

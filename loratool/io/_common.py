@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from .. import spec
 from ..container import Header, escape, read_header
-from ..errors import FileError, MismatchError, SpecError
+from ..errors import FileError, MismatchError, SpecError, os_error_message
 
 MAX_LISTED = 5  # keys named in one error message; the rest are counted
 
@@ -285,7 +285,7 @@ def safetensors_reader(path, hdr: Header) -> Callable[[set], dict]:
     try:
         pin = _identity(os.stat(path))
     except OSError as e:
-        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {e.strerror or e}") from None
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {os_error_message(e)}") from None
 
     def read(names):
         fd = _open_pinned(path, pin)
@@ -305,7 +305,7 @@ def _open_pinned(path, pin: tuple) -> int:
     try:
         fd = os.open(os.fspath(path), os.O_RDONLY)
     except OSError as e:
-        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {e.strerror or e}") from None
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {os_error_message(e)}") from None
     try:
         _check_pin(path, pin, os.fstat(fd))
     except BaseException:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 from ..adapter import Adapter
+from ..fsutil import maps_os_errors
 
 
+@maps_os_errors("output")
 def combine(adapters_or_paths, *, weights=None, method: str = "concat", rank: int | None = None,
             density: float | None = None, seed: int = 0, output=None, to: str | None = None,
             overwrite: bool = False, progress=None, **reader_options):

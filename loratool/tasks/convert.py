@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass
 
 from ..adapter import Adapter
+from ..fsutil import maps_os_errors
 
 
+@maps_os_errors("path")
 def save(adapter: Adapter, path, *, to: str | None = None, overwrite: bool = False, inputs=(), **options) -> int:
     """Write an adapter, atomically, in the dialect `to` or the one its name says (io.registry.writer_for:
     ".safetensors" -> loratool, a folder -> peft, kohya with `to="kohya"`).
@@ -32,12 +34,13 @@ def save(adapter: Adapter, path, *, to: str | None = None, overwrite: bool = Fal
 
 def _write(adapter: Adapter, path, *, to=None, overwrite=False, inputs=(), **options) -> tuple[str, int]:
     """(dialect written, bytes written): `save`, for the tasks that report their size."""
-    from ..fsutil import check_output
+    from ..fsutil import check_output, os_errors
     from ..io import registry
 
     writer = registry.writer_for(path, to)
     check_output(path, [p for p in inputs if p is not None], overwrite)
-    nbytes = writer.write(adapter, path, overwrite=overwrite, **options)
+    with os_errors(path):  # names this output, even for a caller whose own output argument was None
+        nbytes = writer.write(adapter, path, overwrite=overwrite, **options)
     return writer.name, nbytes
 
 
@@ -52,6 +55,7 @@ class ConvertResult:
     output: str = ""
 
 
+@maps_os_errors("output")
 def convert(path, output, *, to: str | None = None, overwrite: bool = False, kohya_prefix: str = "lora_unet_",
             **options) -> ConvertResult:
     """Read an adapter of any dialect and write it in another without changing ΔW, exactly or not at all.

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 from ..adapter import Adapter
+from ..fsutil import maps_os_errors
 
 
+@maps_os_errors("path", writes=False)
 def inspect(path, *, stats: bool = False, dialect: str | None = None, **options) -> dict:
     """A summary of an adapter of any dialect, from its structure: for a native file, a PEFT folder with
     adapter_model.safetensors or a kohya file, the headers and configs alone (no tensor data, no torch).

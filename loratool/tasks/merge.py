@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from .. import dtypes
 from ..errors import MismatchError, NumericError, UsageError
+from ..fsutil import maps_os_errors
 
 # --verify refuses a probe error above this many units of the output dtype's epsilon: rounding the merged
 # tensor once gives about eps/4 on a random probe; an orientation, scale or index mistake gives far more.
@@ -44,6 +45,7 @@ class MergeResult:
         return asdict(self)
 
 
+@maps_os_errors("output")
 def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None = None, scale: float = 1.0,
           dtype: str | None = None, unmerge: bool = False, verify: bool = False, allow_partial: bool = False,
           device: str = "cpu", overwrite: bool = False, fsync: bool = True,

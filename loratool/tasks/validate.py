@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+from ..fsutil import maps_os_errors
 from ..validation import Report, check_base, check_values, validate_header
 
 
+@maps_os_errors("path", writes=False)
 def validate(path, base=None, read_data: bool = True) -> Report:
     """Every rule of the spec on a native adapter file; with `base`, rules B001-B004 too.
 
