@@ -68,6 +68,27 @@ def test_a_pipe_given_as_a_file_is_refused_without_waiting(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "pipe.safetensors"]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+@pytest.mark.parametrize("pipe", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_pipe_inside_a_peft_folder_is_named_as_a_pipe(tmp_path, pipe):
+    """A pipe in place of a PEFT folder's config or weights: refused as a pipe (not "no adapter_config.json",
+    not a read that waits for a writer)."""
+    from loratool.adapter import Adapter, whole_target
+    from loratool.tasks.convert import save
+
+    t = whole_target("l.weight", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    save(Adapter({t.key: t}), tmp_path / "peft", to="peft")
+    (tmp_path / "peft" / pipe).unlink()
+    os.mkfifo(tmp_path / "peft" / pipe)
+    for args in (["inspect", tmp_path / "peft"], ["convert", tmp_path / "peft", "-o", tmp_path / "o.safetensors"]):
+        r = subprocess.run([sys.executable, "-m", "loratool", *map(str, args)], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 6, r.stderr
+        assert r.stderr == f"error: {tmp_path / 'peft' / pipe}: is not a regular file (a pipe, device or socket); " \
+            f"pass the {'PEFT adapter_config.json' if pipe.endswith('json') else 'safetensors file'} itself\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+
+
 def test_a_full_disk_is_one_line_and_exit_6_with_nothing_left(tmp_path, monkeypatch, capsys):
     from loratool.io import stream
 

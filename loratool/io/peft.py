@@ -119,13 +119,13 @@ def _paths(path) -> tuple[Path, Path]:
     p = require_dir_or_file(path)
     folder = p if p.is_dir() else p.parent
     cfg = folder / CONFIG_NAME
-    if not cfg.is_file():
+    if not cfg.exists():  # a pipe or a folder of that name is refused by the reader, saying what it is
         raise SpecError(f"{p}: no {CONFIG_NAME} in {folder}; PEFT keeps r and lora_alpha there, and loratool "
                         "never guesses them")
-    if p.is_file():
+    if not p.is_dir():  # the weights file itself (a pipe given as one is refused when it is read)
         return cfg, p
     for name in WEIGHTS_NAMES:
-        if (p / name).is_file():
+        if (p / name).exists():
             return cfg, p / name
     raise FileError(f"{p}: has {CONFIG_NAME} but neither {' nor '.join(WEIGHTS_NAMES)}")
 
@@ -656,9 +656,9 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
 def _detect(src: Source) -> int:
     p = src.path
     if p.is_dir():
-        return 100 if (p / CONFIG_NAME).is_file() else 0
+        return 100 if (p / CONFIG_NAME).exists() else 0
     if p.suffix in TORCH_SUFFIXES:
-        return 100 if (p.parent / CONFIG_NAME).is_file() else 0  # adapter_model.bin of a PEFT folder
+        return 100 if (p.parent / CONFIG_NAME).exists() else 0  # adapter_model.bin of a PEFT folder
     if p.suffix == ".safetensors":
         names = src.header().tensors
         return 40 if any(".lora_A." in n or ".lora_B." in n or ".lora_embedding_A" in n for n in names) else 0
