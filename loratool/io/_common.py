@@ -286,6 +286,8 @@ def safetensors_reader(path, hdr: Header) -> Callable[[set], dict]:
         pin = _identity(os.stat(path))
     except OSError as e:
         raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {os_error_message(e)}") from None
+    if pin[2] != hdr.file_size:  # it changed between the header's read and now: refused with _check_pin's message
+        _check_pin(path, (*pin[:2], hdr.file_size, pin[3]), os.stat(path))
 
     def read(names):
         fd = _open_pinned(path, pin)
