@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from . import spec
 
@@ -106,10 +106,28 @@ class Target:
     dtype: str | None = None  # base fingerprint: the base tensor's safetensors dtype name
     sha256: str | None = None  # base fingerprint: sha256 of the base tensor's little-endian bytes
     info: Mapping[str, Any] = field(default_factory=dict)  # free-form, never changes the delta
+    # Reads this target's factors on demand (a reader's deferred load): target -> the target with its factors.
+    # None when the factors are in memory (or when this is a structure, which has none to read).
+    load: Callable[["Target"], "Target"] | None = field(default=None, compare=False, repr=False)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         return matrix_shape(self.layout, self.shape)
+
+    def loaded(self) -> "Target":
+        """This target with its factors in memory: itself, or (a deferred load) the target read now from its
+        file. The copy is not kept here, so a caller that drops it frees its factors.
+
+        Raises:
+            SpecError, FileError, NumericError: as the reader that planned the target says.
+        """
+        return self if self.load is None else self.load(self)
+
+    def map_arrays(self, fn) -> "Target":
+        """The target with `fn` applied to every factor (A, B) or to its full delta, None included."""
+        if self.kind == "full":
+            return replace(self, delta=fn(self.delta))
+        return self.with_blocks(replace(b, A=fn(b.A), B=fn(b.B)) for b in self.blocks)
 
     @property
     def rank(self) -> int:
@@ -149,9 +167,7 @@ class Adapter:
 
     def map_arrays(self, fn) -> "Adapter":
         """The adapter with `fn` applied to every factor (A, B) and full delta, None included."""
-        return self.replace_targets(
-            replace(t, delta=fn(t.delta)) if t.kind == "full" else
-            t.with_blocks(replace(b, A=fn(b.A), B=fn(b.B)) for b in t.blocks) for t in self)
+        return self.replace_targets(t.map_arrays(fn) for t in self)
 
     def arrays(self):
         """Every factor (A, B) and full delta, in target order (None where not loaded)."""

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import spec
-from .errors import FileError, SpecError
+from .errors import FileError, SpecError, os_error_message
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def require_regular(path, what: str = "file") -> None:
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
-        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {e.strerror or e}") from None
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {os_error_message(e)}") from None
     if stat.S_ISDIR(mode):
         raise FileError(f"{escape(os.fsdecode(path))}: is a folder, not a {what}")
     if not stat.S_ISREG(mode):
@@ -129,7 +129,7 @@ def read_json_file(path, what: str = "JSON file"):
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
-        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {e.strerror or e}") from None
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {os_error_message(e)}") from None
     if len(raw) > MAX_JSON_BYTES:
         raise SpecError(f"{escape(os.fsdecode(path))}: is larger than {MAX_JSON_BYTES >> 20} MiB; not a {what}")
     try:
@@ -174,7 +174,7 @@ def read_header(path) -> Header:
     except IsADirectoryError:
         raise FileError(f"{path}: is a folder, not a safetensors file") from None
     except OSError as e:
-        raise FileError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise FileError(f"{path}: cannot read: {os_error_message(e)}") from None
     return parse_header(path, raw, size)
 
 
@@ -277,14 +277,18 @@ def read_array(fd: int, data_start: int, info: TensorInfo):
     return from_buffer(pread_exact(fd, info.nbytes, data_start + info.begin), info.dtype, info.shape)
 
 
-def read_arrays(path, hdr: Header, names=None) -> dict:
-    """Tensors of a checked header (all, or those in `names`), name -> numpy array, read with pread."""
-    fd = os.open(os.fspath(path), os.O_RDONLY)
+def read_arrays(path, hdr: Header, names=None, fd: int | None = None) -> dict:
+    """Tensors of a checked header (all, or those in `names`), name -> numpy array, read with pread (from `fd`
+    when given, an open descriptor of `path` the caller closes)."""
+    own = fd is None
+    if own:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
         return {name: read_array(fd, hdr.data_start, info) for name, info in hdr.tensors.items()
                 if names is None or name in names}
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
 # struct formats of the dtypes a one-element tensor is decoded from without numpy (see read_scalars).

@@ -49,6 +49,28 @@ class FileError(LoraToolError):
     exit_code = 6
 
 
+# What an errno means to someone running a command, and what to do about it (the one mapping of file-system
+# errors: fsutil.os_errors and the readers use it; strerror's own words for the rest).
+_ERRNO_MEANINGS = {
+    "ENOSPC": "no space left on the device; free some space or write elsewhere",
+    "EDQUOT": "disk quota exceeded; free some space or write elsewhere",
+    "EACCES": "permission denied; check the permissions or use another path",
+    "EPERM": "operation not permitted; check the permissions or use another path",
+    "EROFS": "read-only file system; write elsewhere",
+    "EISDIR": "is a folder where a file was expected",
+    "ENOTDIR": "a part of the path is not a folder",
+    "ENAMETOOLONG": "name too long for the file system; choose a shorter name",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """What the OSError's errno means, in a few words with the fix (its strerror for errnos not listed)."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or 0, "")
+    return _ERRNO_MEANINGS.get(name) or e.strerror or str(e)
+
+
 class UnsupportedError(LoraToolError):
     """An input loratool recognises but cannot process exactly (the message says why)."""
 

@@ -10,9 +10,11 @@ makes an output visible, `published()` counts it, so that the CLI holds later in
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -75,6 +77,70 @@ def _inside(child: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+@contextlib.contextmanager
+def os_errors(path=None, writes: bool = True):
+    """Turn an OSError the file system raises in the block (disk full, no permission, read-only, a name too long)
+    into one FileError line: the path and what the errno means (errors.os_error_message).
+
+    Clean-ups inside the block run first (atomic_file and atomic_dir remove their temporary output as the
+    exception passes), so by the time the FileError is raised nothing is left. A broken pipe (EPIPE) passes
+    through: it is the reader of stdout going away, which the CLI handles.
+
+    Args:
+        path: the path the block reads or writes, named when the OSError does not name one (os.write and
+            fsync never do) or names a temporary name beside it.
+        writes: the block writes an output: the message ends with "nothing was written".
+    Raises:
+        FileError: for any OSError but EPIPE.
+    """
+    import errno
+
+    from .errors import os_error_message
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        where = _shown_path(e.filename, path)
+        raise FileError(f"{where + ': ' if where else ''}{os_error_message(e)}"
+                        f"{'; nothing was written' if writes else ''}") from None
+
+
+def _shown_path(filename, path) -> str:
+    """The OSError's file name, unless it is a temporary name (or inside one): then the output's path. (Control
+    characters are escaped where the message is printed: cli.render.)"""
+    if filename is not None and not isinstance(filename, int):
+        name = os.fsdecode(filename)
+        if not any(_TEMP_NAME.match(part) for part in Path(name).parts) or path is None:
+            return name
+    return "" if path is None else os.fsdecode(path)
+
+
+def maps_os_errors(arg: str = "output", writes: bool = True):
+    """Decorator: the function's OSErrors become FileErrors (`os_errors`), naming the argument `arg`.
+
+    One line on each task function (merge, extract, convert, rescale, combine write; inspect and validate
+    read) gives every command the same mapping; the CLI's own mapping of OSError stays as the last net.
+    """
+    import functools
+
+    def wrap(fn):
+        code = fn.__code__  # the argument's position, without importing `inspect` (inspect's start-up time)
+        position = code.co_varnames[:code.co_argcount].index(arg) if arg in code.co_varnames[:code.co_argcount] \
+            else None
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            path = kwargs.get(arg, args[position] if position is not None and position < len(args) else None)
+            with os_errors(path if isinstance(path, (str, os.PathLike)) else None, writes=writes):
+                return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def check_output(out, inputs, overwrite: bool = False) -> Path:
@@ -234,9 +300,15 @@ def atomic_dir(path, overwrite: bool = False, fsync: bool = True):
 
     On any exception, interrupts included, the temporary folder is removed and `path` is as it was (an old
     folder moved aside is moved back). `fsync=False` skips the fsync of the folder's files (see atomic_file).
+    `overwrite=False` never replaces anything that appeared at `path` meanwhile, an empty folder included
+    (`_publish_new_dir`).
+
+    Raises:
+        FileError: `path` exists (without `overwrite`), or appeared while the folder was written.
     """
     path = Path(path)
     names: list[Path] = []  # [temporary folder, folder holding the old output], each known before it exists
+    claim: list[int] = []  # the inode of the temporary folder once `path` is claimed (_publish_new_dir)
     counted = 0
 
     def make(d):
@@ -257,19 +329,20 @@ def atomic_dir(path, overwrite: bool = False, fsync: bool = True):
             if child.is_file():
                 with open(child, "rb+") as f:
                     os.fsync(f.fileno())
-        if path.exists() and not overwrite:
-            raise FileError(f"{path}: already exists; pass --overwrite to replace it")
         if _visible(path):  # counted before the first rename: the two below are not cut apart by an interrupt
             _count(1)
             counted = 1
-        if path.exists():
-            old = _create(path, ".old", make)
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
+        if not overwrite:
+            _publish_new_dir(tmp, path, claim)
+        else:
+            if path.exists():
+                old = _create(path, ".old", make)
+                os.replace(path, old / "x")
+            os.replace(tmp, path)
     except BaseException:
         if counted:
             _count(-1)
-        _finish(_undo, path, names)
+        _finish(_undo, path, names, claim)
         raise
     finally:
         if names:
@@ -279,8 +352,54 @@ def atomic_dir(path, overwrite: bool = False, fsync: bool = True):
         shutil.rmtree(names[1], ignore_errors=True)
 
 
-def _undo(path: Path, names: list[Path]) -> None:
-    """Remove a temporary folder (names[0]); put back an old output moved aside for it (into names[1])."""
+def _publish_new_dir(tmp: Path, path: Path, claim: list[int]) -> None:
+    """Give the finished folder `tmp` the name `path` only if nothing has it.
+
+    A rename cannot do this alone: POSIX rename() replaces an empty folder, and the call that refuses to
+    (renameat2 with RENAME_NOREPLACE) is Linux-only and not in Python's os module. So the name is claimed first
+    with mkdir, which fails when anything exists there, and the finished folder is then renamed over the
+    claim, the empty folder this process just made. What a reader can see at `path` is nothing, then an empty
+    folder for the two system calls between the mkdir and the rename, then the whole output: never a part of
+    it. A writer that puts anything into the claim meanwhile makes the rename fail (ENOTEMPTY), and its files
+    stay. On Windows, rename never replaces a folder, so it is used alone.
+
+    Raises:
+        FileError: something is at `path` (it appeared after the command checked it).
+    """
+    def appeared():
+        return FileError(f"{path}: appeared while this command was writing it (another writer?); nothing was "
+                         "written; pass --overwrite to replace it")
+
+    if os.name == "nt":
+        try:
+            os.rename(tmp, path)
+        except FileExistsError:
+            raise appeared() from None
+        return
+    claim.append(os.lstat(tmp).st_ino)  # before the mkdir: an interrupt after it finds the claim to remove
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        claim.clear()  # not ours: never remove it
+        raise appeared() from None
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise appeared() from None
+        raise
+
+
+def _undo(path: Path, names: list[Path], claim: list[int] | None = None) -> None:
+    """Remove a temporary folder (names[0]); put back an old output moved aside for it (into names[1]); remove
+    the empty folder `_publish_new_dir` claimed `path` with, unless the output was renamed onto it (an
+    rmdir never removes a folder that is not empty: another writer's files stay)."""
+    if claim:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if st.st_ino != claim[0] and stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+        claim.clear()
     if len(names) > 1:
         if (names[1] / "x").exists() and not path.exists():
             os.replace(names[1] / "x", path)
@@ -302,8 +421,6 @@ def copy_model_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
     that are not the base's (`original/consolidated.00.pth`: a copy the merge would leave stale). Names in
     `skip` (the base's own weights and index, at the top level) and hidden names are left out silently.
     """
-    import stat
-
     root = _resolved(src)
     allowed = [root]
     if src.parent.name == "snapshots" and (src.parent.parent / "blobs").is_dir():

@@ -68,6 +68,27 @@ def test_a_pipe_given_as_a_file_is_refused_without_waiting(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "pipe.safetensors"]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+@pytest.mark.parametrize("pipe", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_pipe_inside_a_peft_folder_is_named_as_a_pipe(tmp_path, pipe):
+    """A pipe in place of a PEFT folder's config or weights: refused as a pipe (not "no adapter_config.json",
+    not a read that waits for a writer)."""
+    from loratool.adapter import Adapter, whole_target
+    from loratool.tasks.convert import save
+
+    t = whole_target("l.weight", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    save(Adapter({t.key: t}), tmp_path / "peft", to="peft")
+    (tmp_path / "peft" / pipe).unlink()
+    os.mkfifo(tmp_path / "peft" / pipe)
+    for args in (["inspect", tmp_path / "peft"], ["convert", tmp_path / "peft", "-o", tmp_path / "o.safetensors"]):
+        r = subprocess.run([sys.executable, "-m", "loratool", *map(str, args)], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 6, r.stderr
+        assert r.stderr == f"error: {tmp_path / 'peft' / pipe}: is not a regular file (a pipe, device or socket); " \
+            f"pass the {'PEFT adapter_config.json' if pipe.endswith('json') else 'safetensors file'} itself\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+
+
 def test_a_full_disk_is_one_line_and_exit_6_with_nothing_left(tmp_path, monkeypatch, capsys):
     from loratool.io import stream
 
@@ -85,8 +106,110 @@ def test_a_full_disk_is_one_line_and_exit_6_with_nothing_left(tmp_path, monkeypa
     monkeypatch.setattr(stream, "pwrite_all", full)
     out = tmp_path / "out"
     assert main(["merge", base, ad, "-o", out, "-q"]) == 6
-    assert one_line(capsys) == f"error: {os.strerror(errno.ENOSPC)}; nothing was written"
+    assert one_line(capsys) == (f"error: {out}: no space left on the device; free some space or write elsewhere; "
+                                "nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "base"]  # no temporary left
+
+
+class _FullFile:
+    """A file object whose writes fail as on a full disk (the rest is the real file's)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("command", ["merge", "extract", "convert", "rescale", "combine"])
+@pytest.mark.parametrize("fault", ["write", "fsync"])
+def test_every_writer_maps_a_full_disk_to_one_file_error(tmp_path, monkeypatch, command, fault):
+    """The library, not only the CLI, raises FileError (exit 6) naming the output and what ENOSPC means, with
+    the temporary output removed: a write that fails (os.write, os.pwrite, a file object's write), or a fsync
+    that reports it late (as a file system with delayed allocation does)."""
+    from dataclasses import replace
+
+    import loratool
+    from loratool.adapter import Adapter, whole_target
+    from loratool.errors import FileError
+
+    base = small_model(tmp_path / "base")
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    write_file(ft / "model.safetensors", {"w": np.ones((4, 4), np.float32) + np.outer(np.arange(4), np.ones(4))
+                                          .astype(np.float32)}, {"format": "pt"})
+    t = whole_target("w", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    loratool.save(Adapter({"w": t}), tmp_path / "a.safetensors")
+    loratool.save(Adapter({"w": t}), tmp_path / "b.safetensors")
+    loratool.save(Adapter({"l.weight": replace(t, key="l.weight")}), tmp_path / "c.safetensors")  # PEFT: a module
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / ("out" if command == "convert" else "out.safetensors")  # convert: a PEFT folder
+    if fault == "write":
+        real_fdopen = os.fdopen
+        monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FullFile(real_fdopen(fd, *a, **k)))
+        monkeypatch.setattr(os, "write", _no_space)
+        monkeypatch.setattr(os, "pwrite", _no_space)
+    else:
+        monkeypatch.setattr(os, "fsync", _no_space)
+    run = {
+        "merge": lambda: loratool.merge(base, tmp_path / "a.safetensors", out),
+        "extract": lambda: loratool.extract(ft, base, rank=1, output=out),
+        "convert": lambda: loratool.convert(tmp_path / "c.safetensors", out),
+        "rescale": lambda: loratool.rescale(tmp_path / "a.safetensors", scale=2.0, output=out),
+        "combine": lambda: loratool.combine([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], output=out),
+    }[command]
+    with pytest.raises(FileError) as e:
+        run()
+    assert str(e.value) == (f"{out}: no space left on the device; free some space or write elsewhere; nothing "
+                            "was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_name_too_long_is_one_file_error_naming_the_output(tmp_path, capsys):
+    """ENAMETOOLONG, from the file system itself: the temporary name beside the output is longer still, and the
+    message names the output the user gave, not that temporary name."""
+    from loratool.adapter import Adapter, whole_target
+    from loratool.io.native import save
+
+    t = whole_target("w", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    save(Adapter({"w": t}), tmp_path / "a.safetensors")
+    out = tmp_path / ("x" * 240 + ".safetensors")
+    assert main(["rescale", tmp_path / "a.safetensors", "--scale", "2", "-o", out]) == 6
+    assert one_line(capsys) == (f"error: {out}: name too long for the file system; choose a shorter name; nothing "
+                                "was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_folder_without_write_permission_is_one_file_error(tmp_path, capsys):
+    from loratool.adapter import Adapter, whole_target
+    from loratool.io.native import save
+
+    t = whole_target("w", "linear", (4, 4), np.ones((1, 4), np.float32), np.ones((4, 1), np.float32), 1.0)
+    save(Adapter({"w": t}), tmp_path / "a.safetensors")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(["rescale", tmp_path / "a.safetensors", "--scale", "2", "-o", ro / "o.safetensors"]) == 6
+        assert one_line(capsys) == (f"error: {ro / 'o.safetensors'}: permission denied; check the permissions or "
+                                    "use another path; nothing was written")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
 
 
 def test_escape_sequences_in_a_path_never_reach_the_terminal(tmp_path, capsys):

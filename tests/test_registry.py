@@ -2,6 +2,7 @@
 `structure` (headers and configs only) describes what `load` reads; inspect of PEFT and kohya never
 imports torch; an output name the command cannot write is one error line."""
 
+import contextlib
 import json
 import os
 import re
@@ -140,6 +141,28 @@ def test_structure_without_a_base_describes_what_load_refuses(files):
     assert s.targets["lm_head.weight"].kind == "full" and s.targets["lm_head.weight"].shape == (64, 16)
 
 
+@pytest.mark.parametrize("name, rel, opts, dialect", CASES, ids=[c[0] for c in CASES])
+def test_lazy_load_reads_each_target_as_load_does(files, name, rel, opts, dialect):
+    """`lazy=True` (merge's read) gives load's targets with no factor in memory, and each target's `loaded()`
+    gives load's factors, bit for bit: the same names, scales, transposes and dtypes."""
+    from loratool.io.base import open_base
+
+    opts = _opts(files, opts)
+    with contextlib.ExitStack() as stack:
+        if "base" in opts:  # an open base outlives the adapter, so DoRA and saved tensors are deferred too
+            opts["base"] = stack.enter_context(open_base(opts["base"]))
+        full = registry.load(files / rel, **opts)
+        lazy = registry.load(files / rel, lazy=True, **opts)
+        assert lazy == skeleton(full) and lazy.info == full.info
+        assert all(x is None for x in lazy.arrays())
+        for t in lazy:
+            got, want = t.loaded(), full.targets[t.key]
+            assert skeleton(Adapter({t.key: got})) == skeleton(Adapter({t.key: want}))
+            for x, y in zip(Adapter({t.key: got}).arrays(), Adapter({t.key: want}).arrays()):
+                assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+            assert got.load is None
+
+
 def test_loaded_factors_are_numpy(files):
     for name, rel, opts, _ in CASES:
         a = registry.load(files / rel, **_opts(files, opts))
@@ -151,10 +174,12 @@ def test_accepted_options_are_what_each_reader_takes():
     import inspect
 
     for d in registry.DIALECTS:
-        assert set(inspect.signature(d.load).parameters) - {"path"} == set(d.options), d.name
-        # structure takes the same options, plus the structure-only ones (partial)
-        assert set(inspect.signature(d.structure).parameters) - {"path"} == set(d.options) | d.structure_options, \
-            d.name
+        for fn in (d.load, d.structure):
+            params = set(inspect.signature(fn).parameters) - {"path"}
+            # `lazy` is the registry's own keyword (registry.load), never a user's option; structure takes the
+            # structure-only ones (partial)
+            want = set(d.options) | ({"lazy"} if fn is d.load else d.structure_options)
+            assert params == want, (d.name, fn.__name__)
         assert not d.structure_options & d.options, d.name
         assert D.accepted_options(d.name) == set(d.options)
         if d.save is not None:

@@ -3,7 +3,9 @@ reader reads its structure from, Lazy factors, and base-key resolution.
 
 Every reader builds its adapter once, from headers and configs alone, with each factor a `Lazy` (which
 tensors, and which view of them); `structure` leaves those as None and never reads tensor data, `load`
-reads the named tensors (numpy arrays, ml_dtypes for BF16/FP8) and builds them.
+reads the named tensors (numpy arrays, ml_dtypes for BF16/FP8) and builds them, and `load(lazy=True)` (`deferred`)
+gives the structure with a loader on each target that reads its tensors when the caller asks (merge, one
+target at a time).
 
 Every foreign reader sorts each key of its input into one of: understood (becomes part of a target), recognised
 and refused (UnsupportedError), or unknown. Unknown keys are an error that lists them unless the caller
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import spec
 from ..container import Finding, Header, escape, read_header
-from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
+from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError, os_error_message
 
 MAX_LISTED = 5  # keys named in one error message; the rest are counted
 
@@ -321,11 +324,77 @@ def materialize(adapter, read: Callable[[set], dict]):
     return adapter.map_arrays(lambda x: x.make(arrays) if isinstance(x, Lazy) else x)
 
 
-def safetensors_reader(path, hdr: Header) -> Callable[[set], dict]:
-    """read(names) -> name -> numpy array, with pread from a checked header (no torch)."""
-    from ..container import read_arrays
+def deferred(adapter, read: Callable[[set], dict], check: Callable | None = None):
+    """The adapter's structure (every Lazy factor None) with, on each target, a loader (`Target.loaded`) that
+    reads that target's tensors with `read(names)` and builds its factors when called, each time anew; nothing
+    is kept, so a caller that drops a loaded target frees its factors.
 
-    return lambda names: read_arrays(path, hdr, names)
+    Args:
+        check: (loaded target, name -> array) -> None, raising on factors the reader refuses (native's T006),
+            run on each load.
+    """
+    def loader(planned):
+        parts = [planned.delta] if planned.kind == "full" else [z for b in planned.blocks for z in (b.A, b.B)]
+        names = {n for z in parts if isinstance(z, Lazy) for n in z.names}
+
+        def load(_target):
+            arrays = read(names) if names else {}
+            t = planned.map_arrays(lambda x: x.make(arrays) if isinstance(x, Lazy) else x)
+            if check is not None:
+                check(t, arrays)
+            return t
+
+        return load
+
+    return adapter.replace_targets(replace(t.map_arrays(lambda x: None if isinstance(x, Lazy) else x),
+                                           load=loader(t)) for t in adapter)
+
+
+def safetensors_reader(path, hdr: Header) -> Callable[[set], dict]:
+    """read(names) -> name -> numpy array, with pread from a checked header (no torch).
+
+    The file is pinned when the reader is made (device, inode, size, modification time): a read of a file
+    written, truncated or replaced since then is refused, so tensors read at different times (a deferred
+    load reads each target when it is merged) all come from the file the header describes.
+
+    Raises (from read):
+        FileError: the file changed since the reader was made, or cannot be read.
+    """
+    from ..container import read_arrays
+    from .base import _check_pin, _identity
+
+    try:
+        pin = _identity(os.stat(path))
+    except OSError as e:
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {os_error_message(e)}") from None
+    if pin[2] != hdr.file_size:  # it changed between the header's read and now: refused with _check_pin's message
+        _check_pin(path, (*pin[:2], hdr.file_size, pin[3]), os.stat(path))
+
+    def read(names):
+        fd = _open_pinned(path, pin)
+        try:
+            arrays = read_arrays(path, hdr, names, fd=fd)
+            _check_pin(path, pin, os.fstat(fd))  # a write during the read shows in the mtime
+            return arrays
+        finally:
+            os.close(fd)
+
+    return read
+
+
+def _open_pinned(path, pin: tuple) -> int:
+    from .base import _check_pin
+
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError as e:
+        raise FileError(f"{escape(os.fsdecode(path))}: cannot read: {os_error_message(e)}") from None
+    try:
+        _check_pin(path, pin, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def torch_reader(sd: dict) -> Callable[[set], dict]:

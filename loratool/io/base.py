@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import spec
 from ..container import (Header, TensorInfo, escape, pread_exact, read_array, read_header, read_json_file,
                          require_regular)
-from ..errors import FileError, SpecError
+from ..errors import FileError, SpecError, os_error_message
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 INDEX_NAME = "model.safetensors.index.json"
@@ -229,7 +229,7 @@ class TorchBase(BaseModel):
                     raise
                 obj = torch.load(self.path, map_location="cpu", weights_only=True)
         except OSError as e:
-            raise FileError(f"{self.path}: cannot read: {e.strerror or e}") from None
+            raise FileError(f"{self.path}: cannot read: {os_error_message(e)}") from None
         except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SpecError(f"{self.path}: not a weights-only torch state dict ({escape(first[:200])})") from None
@@ -268,7 +268,7 @@ class TorchBase(BaseModel):
         try:
             now = os.stat(self.path)
         except OSError as e:
-            raise FileError(f"{self.path}: cannot read: {e.strerror or e}") from None
+            raise FileError(f"{self.path}: cannot read: {os_error_message(e)}") from None
         _check_pin(self.path, self._pin, now)
 
 

@@ -13,8 +13,9 @@ target keys are resolved against a base (`base=`): the one base key `<module>.we
 module path equals the name after its prefix, or ends with "_" + it. Without a base the target key is
 `<name>.weight` and info["kohya_unmapped"] is set, which is enough to inspect or to write kohya again.
 
-`structure` reads the header and the 0-d alpha tensors only; `load` reads the factors as numpy arrays, each
-planned once (Lazy: which tensor, which reshape), so both agree by construction. No torch anywhere here.
+`structure` reads the header and the 0-d alpha tensors only; `load` reads the factors as numpy arrays (all now,
+or each target's when asked with `lazy=True`), each planned once (Lazy: which tensor, which reshape), so they
+agree by construction. No torch anywhere here.
 
 Merge math (LoRAInfModule.merge_to): linear W += s up @ down; conv 1x1 the same on squeezed factors;
 conv k x k W += s conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3), which equals
@@ -29,8 +30,8 @@ import re
 from ..adapter import Adapter, Block, Target, alpha_for_scale
 from ..container import escape, read_scalars, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
-from ._common import (Dialect, Meta, Source, as_source, attempt, base_keys, check_unknown, fits, header_only,
-                      materialize, metas_of_header, ref, refusal, safetensors_reader, settle)
+from ._common import (Dialect, Meta, Source, as_source, attempt, base_keys, check_unknown, deferred, fits,
+                      header_only, materialize, metas_of_header, ref, refusal, safetensors_reader, settle)
 from .native import numpy_tensors, tensors_of
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
@@ -74,7 +75,7 @@ def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bo
 
 
 def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False,
-         problems: list | None = None) -> Adapter:
+         problems: list | None = None, lazy: bool = False) -> Adapter:
     """Read a kohya/sd-scripts LoRA `.safetensors` with its tensors, as numpy arrays (no torch).
 
     Args:
@@ -86,20 +87,23 @@ def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = 
             encoder file merges into a UNet.
         problems: a list to collect the refusals of single modules in (they are left out, the rest is read);
             without it they are raised together, every module named.
+        lazy: return the structure with each target's factors read on demand (`Target.loaded`).
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, name and fix in the message.
     """
-    return _plan(path, base, allow_unknown, allow_partial, then=materialize, problems=problems)
+    return _plan(path, base, allow_unknown, allow_partial, then=deferred if lazy else materialize,
+                 problems=problems)
 
 
 def _plan(path, base, allow_unknown, allow_partial, then, problems=None):
     src = as_source(path)
     hdr = src.checked_header()
     metas = metas_of_header(hdr)
+    read = safetensors_reader(src.path, hdr)  # pinned now: the alphas and factors all come from this file
     with base_keys(base) as bk:
         adapter = _build(src.path, metas, dict(hdr.metadata), lambda names: read_scalars(src.path, hdr, names), bk,
                          allow_unknown, allow_partial, problems)
-        return then(adapter, safetensors_reader(src.path, hdr))
+        return then(adapter, read)
 
 
 def _build(path, metas, meta, read_alphas, bk, allow_unknown, allow_partial=False, problems=None) -> Adapter:

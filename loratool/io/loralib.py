@@ -31,7 +31,7 @@ from dataclasses import replace
 from ..adapter import Adapter, Block, Target
 from ..container import escape
 from ..errors import MismatchError, SpecError, UnsupportedError
-from ._common import (Dialect, Source, as_source, attempt, base_keys, check_unknown, finite_number, fits,
+from ._common import (Dialect, Source, as_source, attempt, base_keys, check_unknown, deferred, finite_number, fits,
                       header_only, lazy_whole_target, materialize, metas_of_state_dict, positive_int, read_torch, ref,
                       refusal, settle, torch_reader)
 from .base import TORCH_SUFFIXES
@@ -77,7 +77,8 @@ def structure(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: boo
 
 
 def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = False, base=None,
-         allow_unknown: bool = False, allow_partial: bool = False, problems: list | None = None) -> Adapter:
+         allow_unknown: bool = False, allow_partial: bool = False, problems: list | None = None,
+         lazy: bool = False) -> Adapter:
     """Read a loralib state dict, its factors as numpy arrays.
 
     Args:
@@ -92,11 +93,13 @@ def load(path, *, alpha=None, r=None, enable_lora=None, fan_in_fan_out: bool = F
             each in info["skipped"], instead of failing.
         problems: a list to collect the refusals of single modules in (they are left out, the rest is read);
             without it they are raised together, every module named.
+        lazy: return the structure with each target's factors converted to numpy on demand (`Target.loaded`);
+            the torch file itself is read whole either way.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, module and fix in the message.
     """
-    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then=materialize,
-                 problems=problems)
+    return _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial,
+                 then=deferred if lazy else materialize, problems=problems)
 
 
 def _plan(path, alpha, r, enable_lora, fan_in_fan_out, base, allow_unknown, allow_partial, then,

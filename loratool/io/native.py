@@ -155,30 +155,50 @@ def structure(path, *, check: bool = True) -> Adapter:
     return rep.adapter
 
 
-def load(path, *, check: bool = True) -> Adapter:
+def load(path, *, check: bool = True, lazy: bool = False) -> Adapter:
     """Read a native adapter with its tensors, as numpy arrays (ml_dtypes for BF16/FP8; no torch).
 
     Args:
         path: the file, or a Source of it.
         check: also refuse non-finite factors (rule T006); off for a summary that counts them instead.
+        lazy: return the structure with each target's factors read on demand (`Target.loaded`, checked then)
+            instead of reading every tensor now.
     Raises:
         SpecError: the file breaks any error rule of the spec (container, metadata, names, shapes, values).
         FileError: the file cannot be read.
     """
-    from ..container import read_arrays
+    from ._common import deferred, safetensors_reader
 
     src = as_source(path)
     rep = _report(src)
     if rep.errors:
         raise report_error(rep)
     adapter = rep.adapter
-    tensors = read_arrays(src.path, rep.header)
-    if check:
+    read = safetensors_reader(src.path, rep.header)
+
+    def check_tensors(adapter, tensors):
         bad = [f for f in check_values(tensors, adapter) if f.severity == "error"]
         if bad:
-            rep.findings = bad
-            raise report_error(rep)
+            raise report_error(replace(rep, findings=bad))
+
+    if lazy:
+        planned = Adapter({t.key: _lazy_factors(t) for t in adapter}, adapter.metadata, adapter.info)
+        return deferred(planned, read,
+                        (lambda t, tensors: check_tensors(Adapter({t.key: t}), tensors)) if check else None)
+    tensors = read(None)
+    if check:
+        check_tensors(adapter, tensors)
     return attach(adapter, tensors)
+
+
+def _lazy_factors(t: Target) -> Target:
+    """A header-only target with each factor (or delta) a Lazy of its tensor name (spec section 3)."""
+    from ._common import ref
+
+    if t.kind == "full":
+        return replace(t, delta=ref(spec.delta_name(t.key)))
+    return t.with_blocks(replace(b, A=ref(spec.factor_name(t.key, i, "A")), B=ref(spec.factor_name(t.key, i, "B")))
+                         for i, b in enumerate(t.blocks))
 
 
 def attach(adapter: Adapter, tensors: dict) -> Adapter:

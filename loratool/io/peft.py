@@ -46,8 +46,8 @@ from ..adapter import Adapter, Target, alpha_for_scale, scale_of
 from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, attempt, base_keys, check_unknown,
-                      finite_number, fits, header_only, is_float_name, lazy_whole_target, listing, materialize,
-                      metas_of_header, metas_of_state_dict, positive_int, read_torch, ref, refusal,
+                      deferred, finite_number, fits, header_only, is_float_name, lazy_whole_target, listing,
+                      materialize, metas_of_header, metas_of_state_dict, positive_int, read_torch, ref, refusal,
                       require_dir_or_file, safetensors_reader, settle, torch_reader)
 from .base import TORCH_SUFFIXES
 from .native import _check_finite, _num, numpy_tensors, tensors_of
@@ -121,15 +121,15 @@ def _paths(path, partial: bool = False) -> tuple[Path | None, Path]:
     p = require_dir_or_file(path)
     folder = p if p.is_dir() else p.parent
     cfg = folder / CONFIG_NAME
-    if not cfg.is_file():
+    if not cfg.exists():  # a pipe or a folder of that name is refused by the reader, saying what it is
         if partial and p.is_file():
             return None, p
         raise refusal(SpecError, "P001", f"{p}: no {CONFIG_NAME} in {folder}; PEFT keeps r and lora_alpha there, and "
                       "loratool never guesses them")
-    if p.is_file():
+    if not p.is_dir():  # the weights file itself (a pipe given as one is refused when it is read)
         return cfg, p
     for name in WEIGHTS_NAMES:
-        if (p / name).is_file():
+        if (p / name).exists():
             return cfg, p / name
     raise FileError(f"{p}: has {CONFIG_NAME} but neither {' nor '.join(WEIGHTS_NAMES)}")
 
@@ -233,7 +233,7 @@ def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bo
 
 
 def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = False,
-         problems: list | None = None) -> Adapter:
+         problems: list | None = None, lazy: bool = False) -> Adapter:
     """Read a PEFT LoRA adapter (folder, or its weights file beside adapter_config.json) with its tensors, as
     numpy arrays (adapter_model.bin is loaded with torch weights_only=True and converted).
 
@@ -247,10 +247,18 @@ def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = 
             info["skipped"], instead of failing.
         problems: a list to collect the refusals of single modules in (they are left out, the rest is read);
             without it they are raised together, every module named.
+        lazy: return the structure with each target's factors read on demand (`Target.loaded`); saved whole
+            tensors are still compared with the base now, one at a time. A DoRA module or a saved whole tensor
+            reads the base when it is loaded, so with a base given as a path (opened and closed here) the
+            adapter is read whole instead; pass an open io.base.BaseModel that outlives the adapter.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, key and fix in the message.
     """
-    return _plan(path, base, allow_unknown, allow_partial, describe=False, then=_read, problems=problems)
+    from .base import BaseModel
+
+    lazy = lazy and (base is None or isinstance(base, BaseModel))
+    return _plan(path, base, allow_unknown, allow_partial, describe=False,
+                 then=(lambda plan, read: _read(plan, read, lazy=True)) if lazy else _read, problems=problems)
 
 
 @dataclass
@@ -327,17 +335,18 @@ def _check_targets_exist(cfg_path, cfg: dict, bk: BaseKeys) -> None:
                       "base model\"); use the adapter's own base")
 
 
-def _read(plan: _Plan, read) -> Adapter:
-    """The planned adapter with its tensors. A saved whole tensor equal to the base's is dropped (ΔW is zero)
-    and named in info["unchanged_keys"]; one on a layer LoRA factors adapt must equal the base's."""
-    adapter = materialize(plan.adapter, read)
+def _read(plan: _Plan, read, lazy: bool = False) -> Adapter:
+    """The planned adapter with its tensors (`lazy`: with each target's read on demand). A saved whole tensor
+    equal to the base's is dropped (ΔW is zero) and named in info["unchanged_keys"]; one on a layer LoRA factors
+    adapt must equal the base's. Both are decided here, reading one saved tensor at a time when `lazy`."""
+    adapter = deferred(plan.adapter, read) if lazy else materialize(plan.adapter, read)
     unchanged = []
     for key, (name, delta) in sorted(plan.shadowed.items()):
         if delta.make(read({name})).any():
             raise refusal(SpecError, "P014", f"{plan.where}: \"{escape(name)}\" replaces \"{escape(key)}\", which "
                           "LoRA factors also change; PEFT applies one or the other, so refusing to guess", key)
         unchanged.append(name)
-    gone = {k for k in plan.saved if not adapter.targets[k].delta.any()}
+    gone = {k for k in plan.saved if not adapter.targets[k].loaded().delta.any()}
     unchanged += [plan.saved[k] for k in gone]
     if not unchanged:
         return adapter
@@ -725,9 +734,9 @@ def save(adapter: Adapter, path, *, overwrite: bool = False, base_model_name_or_
 def _detect(src: Source) -> int:
     p = src.path
     if p.is_dir():
-        return 100 if (p / CONFIG_NAME).is_file() else 0
+        return 100 if (p / CONFIG_NAME).exists() else 0
     if p.suffix in TORCH_SUFFIXES:
-        return 100 if (p.parent / CONFIG_NAME).is_file() else 0  # adapter_model.bin of a PEFT folder
+        return 100 if (p.parent / CONFIG_NAME).exists() else 0  # adapter_model.bin of a PEFT folder
     if p.suffix == ".safetensors":
         names = src.header().tensors
         return 40 if any(".lora_A." in n or ".lora_B." in n or ".lora_embedding_A" in n for n in names) else 0

@@ -98,7 +98,7 @@ def taken_options(path, dialect=None, **options) -> tuple[Dialect, dict]:
     return d, opts
 
 
-def load(path, *, dialect=None, strict: bool = True, flags: dict | None = None, **options):
+def load(path, *, dialect=None, strict: bool = True, flags: dict | None = None, lazy: bool = False, **options):
     """Read an adapter of any dialect with its tensors (numpy arrays).
 
     Args:
@@ -108,13 +108,16 @@ def load(path, *, dialect=None, strict: bool = True, flags: dict | None = None, 
             adapters of different dialects, which check that some input takes each option).
         flags: the command-line flag of an option where it is not "--" + its name (rescale's --lora-alpha),
             for the refusal's message.
+        lazy: read each target's factors only when `Target.loaded()` asks for them (merge reads one target at
+            a time this way); a safetensors file is read per target, a torch file (.pt, .bin) whole.
         options: dialect-specific options (for example `base` for kohya names, `alpha` for loralib).
     Raises:
         UsageError: `strict` and a set option the dialect does not take.
-        SpecError, FileError, MismatchError, UnsupportedError: as the dialect's reader says.
+        SpecError, FileError, MismatchError, UnsupportedError: as the dialect's reader says (with `lazy`, a
+        file's refusals of its factors' values, or a file changed since, come from `Target.loaded()`).
     """
     src, d, opts = _resolve(path, dialect, strict, flags, options)
-    return d.load(src, **opts)
+    return d.load(src, lazy=True, **opts) if lazy else d.load(src, **opts)
 
 
 def structure(path, *, dialect=None, strict: bool = True, flags: dict | None = None, partial: bool = False,

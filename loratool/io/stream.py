@@ -32,7 +32,7 @@ import numpy as np
 from .. import spec
 from ..adapter import row_spans
 from ..container import Header, TensorInfo, build_header, escape
-from ..errors import FileError, SpecError
+from ..errors import FileError, SpecError, os_error_message
 from ..fsutil import atomic_dir, atomic_file, check_output
 from .. import dtypes
 from .base import INDEX_NAME, TORCH_SUFFIXES, ShardedBase, SafetensorsBase, TorchBase, open_base
@@ -60,7 +60,7 @@ class SourceFile:
             raw = os.pread(fd, sb.header.data_start, 0)
         except OSError as e:
             os.close(fd)
-            raise FileError(f"{sb.path}: cannot read: {e.strerror or e}") from None
+            raise FileError(f"{sb.path}: cannot read: {os_error_message(e)}") from None
         return cls(sb.path, sb.path.name, sb.header, raw, fd)
 
 

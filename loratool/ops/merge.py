@@ -162,6 +162,16 @@ class _Piece:
 
 
 def _pieces(terms: Sequence[Term], dev: Device, compute: str) -> list[_Piece]:
+    """The terms' blocks on the device; each term's target is `loaded()` (read now for a deferred target)."""
+    return _pieces_of(_loaded(terms), dev, compute)
+
+
+def _loaded(terms: Sequence[Term]) -> list[Term]:
+    """The terms with their targets' factors in memory (a deferred target is read from its file here)."""
+    return [t if t.target.load is None else Term(t.target.loaded(), t.weight, t.source) for t in terms]
+
+
+def _pieces_of(terms: Sequence[Term], dev: Device, compute: str) -> list[_Piece]:
     out = []
     for term in terms:
         t = term.target
@@ -217,6 +227,7 @@ class Merger:
         self.pieces: list[_Piece] | None = None  # built at the first block, dropped after the last
         self.block_rows = block_rows_for(self.rows, self.cols, block_bytes, 8 if self.compute == "F64" else 4)
         self.probe = probe
+        self._y_delta = None  # Σ coef·ΔW x, computed while the factors are in memory
         if probe:
             rng = np.random.default_rng(PROBE_SEED ^ zlib.crc32(key.encode("utf-8", "surrogatepass")))
             self._x = rng.standard_normal(self.cols)  # float64 probe in the row view: V'x
@@ -239,9 +250,14 @@ class Merger:
         if self.probe:
             self._y_old[r0:r1] = dev.to_numpy(X) @ self._x  # (n, cols) @ (cols,) -> (n,), in float64
         if self.pieces is None:
-            # The factors in the compute dtype on the device exist only while this tensor is merged, so that a
-            # merge holds one target's float32 copies at a time (per worker), not every target's.
-            self.pieces = _pieces(self.terms, self.dev, self.compute)
+            # The factors (read from the adapter's file for a deferred target) and their copies in the compute
+            # dtype exist only while this tensor is merged: a merge holds one target's factors at a time per
+            # worker, whatever the adapter's size.
+            terms = _loaded(self.terms)
+            self.pieces = _pieces_of(terms, self.dev, self.compute)
+            if self.probe:
+                self._y_delta = probe_delta(terms, self._x, self.rows, self.cols)
+            del terms
         pieces = self.pieces
         if r1 == self.rows:
             self.pieces = None
@@ -261,7 +277,9 @@ class Merger:
     def probe_error(self) -> float:
         """Relative error ||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||), in float64
         (`probe_relative_error`)."""
-        return probe_relative_error(self.terms, self._y_old, self._y_new, self._x, self.rows, self.cols)
+        if self._y_delta is None:  # no block ran (an empty tensor), or the pieces were given
+            self._y_delta = probe_delta(_loaded(self.terms), self._x, self.rows, self.cols)
+        return _relative_error(self._y_old, self._y_old + self._y_delta, self._y_new)
 
 
 def _first_bad_row(X: np.ndarray, out_name: str) -> int:
@@ -273,16 +291,21 @@ def _first_bad_row(X: np.ndarray, out_name: str) -> int:
 
 def probe_relative_error(terms: Sequence[Term], y_old, y_new, x, rows: int, cols: int) -> float:
     """||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||) in the row view, from y_old = Wx and
-    y_new = W'x (float64 numpy).
+    y_new = W'x (float64 numpy); `probe_delta` gives Σ coef·ΔW x without forming ΔW, so an orientation, scale
+    or index mistake in the merged tensor shows up as a large error."""
+    return _relative_error(y_old, y_old + probe_delta(_loaded(terms), x, rows, cols), y_new)
 
-    In the row view a direct block adds B(A x[cols]) to rows `rows`; a transposed one (V = M^T) adds
-    A^T(B^T x[rows]) to rows `cols`. Neither forms ΔW, so an orientation, scale or index mistake in the
-    merged tensor shows up as a large error.
+
+def probe_delta(terms: Sequence[Term], x, rows: int, cols: int):
+    """Σ coef·ΔW x in the row view (float64, (rows,)), from factors in memory.
+
+    A direct block adds B(A x[cols]) to rows `rows`; a transposed one (V = M^T) adds A^T(B^T x[rows]) to
+    rows `cols`.
     """
     def to64(a):
         return dtypes.as_numpy(a).astype(np.float64)
 
-    y = y_old.copy()
+    y = np.zeros(rows)
     for term in terms:
         t = term.target
         if t.kind == "full":
@@ -294,6 +317,10 @@ def probe_relative_error(terms: Sequence[Term], y_old, y_new, x, rows: int, cols
                 y[b.cols[0]:b.cols[1]] += (A.T @ (B.T @ x[b.rows[0]:b.rows[1]])) * c
             else:  # (rows_M, r) @ ((r, cols_M) @ (cols_M,)) -> (rows_M,)
                 y[b.rows[0]:b.rows[1]] += (B @ (A @ x[b.cols[0]:b.cols[1]])) * c
+    return y
+
+
+def _relative_error(y_old, y, y_new) -> float:
     # Relative to the larger of Wx and the expected W'x: unmerging cancels, and rounding scales with both.
     ref = max(float(np.linalg.norm(y)), float(np.linalg.norm(y_old)))
     err = float(np.linalg.norm(y_new - y))
@@ -338,5 +365,5 @@ def merge_state_dict(state, plan: Plan, out_dtype: str | None = None, *, device:
     return new, errors
 
 
-__all__ = ["Term", "Plan", "plan_merge", "Merger", "nonfinite_error", "probe_relative_error", "merge_tensor",
-           "merge_state_dict", "row_view_shape", "FLOAT_DTYPES", "BLOCK_BYTES"]
+__all__ = ["Term", "Plan", "plan_merge", "Merger", "nonfinite_error", "probe_relative_error", "probe_delta",
+           "merge_tensor", "merge_state_dict", "row_view_shape", "FLOAT_DTYPES", "BLOCK_BYTES"]

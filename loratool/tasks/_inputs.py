@@ -8,7 +8,8 @@ from ..adapter import Adapter
 from ..errors import UsageError
 
 
-def load_adapters(paths, options: dict | None = None, base=None, allow_partial: bool = False) -> list:
+def load_adapters(paths, options: dict | None = None, base=None, allow_partial: bool = False,
+                  lazy: bool = False) -> list:
     """Read several adapters of any dialects.
 
     Args:
@@ -18,6 +19,7 @@ def load_adapters(paths, options: dict | None = None, base=None, allow_partial: 
         base: a base model the task has anyway (merge's BASE), handed to every reader that takes one.
         allow_partial: handed to every reader that takes it (those mapping names to a base: their modules that
             map to no base key are skipped and listed in the adapter's info["skipped"]).
+        lazy: each target's factors are read when `Target.loaded()` asks for them (see `io.registry.load`).
     Raises:
         UsageError: an option the user set is taken by none of the inputs' dialects.
         SpecError, FileError, UnsupportedError: as the readers say.
@@ -36,7 +38,7 @@ def load_adapters(paths, options: dict | None = None, base=None, allow_partial: 
         options["base"] = base
     if allow_partial:
         options["allow_partial"] = True
-    return [load_adapter(p, dialect=d, strict=False, **options) for p, d in zip(paths, dialects)]
+    return [load_adapter(p, dialect=d, strict=False, lazy=lazy, **options) for p, d in zip(paths, dialects)]
 
 
 def check_weights(weights, n: int) -> None:

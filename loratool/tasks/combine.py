@@ -6,8 +6,10 @@ import os
 from dataclasses import replace
 
 from ..adapter import Adapter
+from ..fsutil import maps_os_errors
 
 
+@maps_os_errors("output")
 def combine(adapters_or_paths, *, weights=None, method: str = "concat", rank: int | None = None,
             density: float | None = None, seed: int = 0, output=None, to: str | None = None,
             overwrite: bool = False, progress=None, revision: str | None = None, **reader_options):

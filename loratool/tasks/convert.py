@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass, field
 
 from ..adapter import Adapter
+from ..fsutil import maps_os_errors
 
 
+@maps_os_errors("path")
 def save(adapter: Adapter, path, *, to: str | None = None, overwrite: bool = False, inputs=(), **options) -> int:
     """Write an adapter, atomically, in the dialect `to` or the one its name says (io.registry.writer_for:
     ".safetensors" -> loratool, a folder -> peft, kohya with `to="kohya"`).
@@ -37,7 +39,7 @@ def _write(adapter: Adapter, path, *, to=None, overwrite=False, inputs=(), **opt
     back: a ".safetensors" name without `to` writes kohya then, and another dialect is refused (as `convert`
     does), so the file written always fits the base that `merge` and `validate --base` are given.
     """
-    from ..fsutil import check_output
+    from ..fsutil import check_output, os_errors
     from ..io import registry
 
     unmapped = bool(adapter.info.get("kohya_unmapped"))
@@ -47,7 +49,8 @@ def _write(adapter: Adapter, path, *, to=None, overwrite=False, inputs=(), **opt
     if unmapped and writer is not kohya:
         raise _unmapped_error(adapter, path)
     check_output(path, [p for p in inputs if p is not None], overwrite)
-    nbytes = writer.write(fitted(adapter, writer), path, overwrite=overwrite, **options)
+    with os_errors(path):  # names this output, even for a caller whose own output argument was None
+        nbytes = writer.write(fitted(adapter, writer), path, overwrite=overwrite, **options)
     return writer.name, nbytes
 
 
@@ -88,6 +91,7 @@ class ConvertResult:
     excluded: list = field(default_factory=list)  # targets left out by `targets`/`exclude`
 
 
+@maps_os_errors("output")
 def convert(path, output, *, to: str | None = None, overwrite: bool = False, kohya_prefix: str = "lora_unet_",
             revision: str | None = None, targets=(), exclude=(), **options) -> ConvertResult:
     """Read an adapter of any dialect and write it in another without changing ΔW, exactly or not at all.

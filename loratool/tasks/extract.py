@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..fsutil import maps_os_errors
+
 if TYPE_CHECKING:
     from ..ops.extract import ExtractResult
 
@@ -31,6 +33,7 @@ def default_extract_output(finetuned, base, rank=None, energy=None, threshold=No
     return Path(name if to == "peft" else name + ".safetensors")
 
 
+@maps_os_errors("output")
 def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | None = None,
             energy: float | None = None, threshold: float | None = None, max_params: int | None = None,
             targets=(), fan_in_fan_out=None, embeddings: bool = False, keep_full: bool = False,

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 from ..adapter import Adapter
+from ..fsutil import maps_os_errors
 
 
+@maps_os_errors("path", writes=False)
 def inspect(path, *, stats: bool = False, dialect: str | None = None, revision: str | None = None,
             **options) -> dict:
     """A summary of whatever `path` is, from its structure: for a native file, a PEFT folder with

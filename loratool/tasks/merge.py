@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from .. import dtypes
 from ..errors import MismatchError, NumericError, UsageError
+from ..fsutil import maps_os_errors
 
 # --verify refuses a probe error above this many units of the output dtype's epsilon: rounding the merged
 # tensor once gives about eps/4 on a random probe; an orientation, scale or index mistake gives far more.
@@ -52,6 +53,7 @@ class MergeResult:
         return asdict(self)
 
 
+@maps_os_errors("output")
 def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None = None, scale: float = 1.0,
           dtype: str | None = None, unmerge: bool = False, verify: bool = False, allow_partial: bool = False,
           device: str = "cpu", overwrite: bool = False, fsync: bool = True,
@@ -139,9 +141,10 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
                 rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
 
-            # Readers see a tied head the file does not store (io.ties), so a target on it resolves.
+            # Readers see a tied head the file does not store (io.ties), so a target on it resolves; each target's
+            # factors are read when its tensor is merged (lazy), so memory does not grow with the adapter.
             view = with_heads(src.reader, find_ties(src.reader, base))
-            read = iter(load_adapters(paths, reader_options, base=view, allow_partial=allow_partial)
+            read = iter(load_adapters(paths, reader_options, base=view, allow_partial=allow_partial, lazy=True)
                         if paths else [])
             loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
             loaded, excluded = select_targets(loaded, names, targets, exclude)

@@ -3,6 +3,8 @@ model it is given in place of an adapter."""
 
 from __future__ import annotations
 
+import os
+
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +32,7 @@ EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "sh
 
 def is_model_folder(path: Path) -> bool:
     """A folder without adapter_config.json that holds model weights (a Hugging Face or diffusers folder)."""
-    if not path.is_dir() or (path / ADAPTER_CONFIG).is_file():
+    if not path.is_dir() or os.path.lexists(path / ADAPTER_CONFIG):  # whatever it is, the adapter reader says
         return False
     return any((path / n).is_file() for n in WEIGHT_NAMES) or any(path.glob("*.safetensors"))
 

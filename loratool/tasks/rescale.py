@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+from ..fsutil import maps_os_errors
 
+
+@maps_os_errors("output")
 def rescale(adapter_or_path, *, scale: float | None = None, alpha: float | None = None, rank: int | None = None,
             energy: float | None = None, output=None, to: str | None = None, overwrite: bool = False,
             progress=None, revision: str | None = None, **reader_options):

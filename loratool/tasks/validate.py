@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ..container import Finding
+from ..fsutil import maps_os_errors
 from ..validation import Report, check_values, validate_header
 
 # The rule a refusal without one is reported under, by dialect (for a refusal no reader tags: a file the
@@ -19,6 +20,7 @@ from ..validation import Report, check_values, validate_header
 _FILE_RULES = {"peft": "P001", "kohya": "K001", "loralib": "L002"}
 
 
+@maps_os_errors("path", writes=False)
 def validate(path, base=None, *, read_data: bool = True, revision: str | None = None, **reader_options) -> Report:
     """Every rule of the adapter's dialect, as findings with rule ids; with `base`, the fit report too.
 
