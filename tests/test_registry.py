@@ -196,7 +196,7 @@ def test_convert_to_choices_are_the_registry_writers():
     from loratool.cli.convert_cmd import convert
 
     to = next(p for p in convert.params if p.name == "to")
-    assert list(to.type.choices) == registry.writable() == ["loratool", "peft", "kohya", "diffusers", "comfy"]
+    assert list(to.type.choices) == registry.writable() == ["loratool", "peft", "kohya", "diffusers", "comfy", "mlx"]
 
 
 def test_unknown_file_type_names_what_the_registry_reads(tmp_path):
@@ -224,7 +224,7 @@ def test_writer_for_picks_one_dialect(output, to, choices, want):
     ("half.pt", None, ("loratool",), "half.pt: this command cannot write a .pt file; it writes a .safetensors file "
                                      "(loratool): choose -o accordingly"),
     ("out.onnx", None, None, "out.onnx: this command cannot write a .onnx file; it writes a .safetensors file "
-                             "(loratool, kohya, diffusers, comfy) or a folder (peft): choose -o accordingly or pass --to"),
+                             "(loratool, kohya, diffusers, comfy) or a folder (peft, mlx): choose -o accordingly or pass --to"),
     ("newdir/", None, ("loratool",), "newdir/: this command cannot write a folder; it writes a .safetensors file "
                                      "(loratool): choose -o accordingly"),
     ("x.safetensors", "peft", None, "--to peft writes a folder (adapter_config.json + adapter_model.safetensors); "
