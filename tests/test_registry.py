@@ -223,14 +223,20 @@ def test_convert_to_choices_are_the_registry_writers():
     from loratool.cli.convert_cmd import convert
 
     to = next(p for p in convert.params if p.name == "to")
-    assert list(to.type.choices) == registry.writable() == ["loratool", "peft", "kohya"]
+    assert list(to.type.choices) == registry.writable() == ["loratool", "peft", "kohya", "diffusers", "comfy", "mlx", "gguf"]
 
 
 def test_unknown_file_type_names_what_the_registry_reads(tmp_path):
+    (tmp_path / "x.onnx").write_bytes(b"ONNX")
+    code, _, err = run("inspect", tmp_path / "x.onnx")
+    assert code == 3 and one_error_line(err) == (f"error: {tmp_path / 'x.onnx'}: unknown adapter file type; expected "
+                                                 ".safetensors, .bin, .gguf, .pt, .pth or a PEFT folder")
+
+
+def test_a_truncated_gguf_adapter_is_one_clean_error(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     code, _, err = run("inspect", tmp_path / "x.gguf")
-    assert code == 3 and one_error_line(err) == (f"error: {tmp_path / 'x.gguf'}: unknown adapter file type; expected "
-                                                 ".safetensors, .bin, .pt, .pth or a PEFT folder")
+    assert code == 3 and one_error_line(err).startswith(f"error: {tmp_path / 'x.gguf'}: not a readable GGUF file (")
 
 
 # ---- the writer of an output ---------------------------------------------------------------------------------
@@ -250,8 +256,8 @@ def test_writer_for_picks_one_dialect(output, to, choices, want):
 @pytest.mark.parametrize("output, to, choices, message", [
     ("half.pt", None, ("loratool",), "half.pt: this command cannot write a .pt file; it writes a .safetensors file "
                                      "(loratool): choose -o accordingly"),
-    ("out.gguf", None, None, "out.gguf: this command cannot write a .gguf file; it writes a .safetensors file "
-                             "(loratool, kohya) or a folder (peft): choose -o accordingly or pass --to"),
+    ("out.onnx", None, None, "out.onnx: this command cannot write a .onnx file; it writes a .safetensors file "
+                             "(loratool, kohya, diffusers, comfy) or a folder (peft, mlx) or a .gguf file (gguf): choose -o accordingly or pass --to"),
     ("newdir/", None, ("loratool",), "newdir/: this command cannot write a folder; it writes a .safetensors file "
                                      "(loratool): choose -o accordingly"),
     ("x.safetensors", "peft", None, "--to peft writes a folder (adapter_config.json + adapter_model.safetensors); "
@@ -265,7 +271,7 @@ def test_writer_for_refuses_what_it_cannot_write(output, to, choices, message):
         registry.writer_for(output, to, choices=choices)
 
 
-@pytest.mark.parametrize("out, extra", [("out.gguf", []), ("half.pt", []), ("x.bin", ["--to", "loratool"]),
+@pytest.mark.parametrize("out, extra", [("out.onnx", []), ("half.pt", []), ("x.bin", ["--to", "loratool"]),
                                         ("k", ["--to", "kohya"])])
 def test_convert_refuses_an_output_it_cannot_write(files, tmp_path, out, extra):
     code, stdout, err = run("convert", files / "native.safetensors", "-o", tmp_path / out, *extra)

@@ -1,5 +1,6 @@
 """Lazy readers for base models: a torch .pt/.pth/.bin state dict, a .safetensors file, or a Hugging Face
-folder (sharded `model.safetensors.index.json`, single `model.safetensors`, or `pytorch_model.bin`).
+folder (sharded `model.safetensors.index.json`, single `model.safetensors`, or `pytorch_model.bin`), or a
+diffusers model folder (`diffusion_pytorch_model.safetensors`, sharded with its `.index.json`).
 
 Shapes and dtypes come from headers; tensors are read one at a time with pread, so a model never sits
 in memory whole. torch files load with `weights_only=True` and nothing else, ever.
@@ -19,6 +20,9 @@ from ..errors import FileError, SpecError, os_error_message
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 INDEX_NAME = "model.safetensors.index.json"
+# A diffusers model folder (unet/, transformer/, vae/ of a pipeline) names its weights this way.
+DIFFUSERS_NAME = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX_NAME = DIFFUSERS_NAME + ".index.json"
 
 
 class BaseModel:
@@ -154,12 +158,14 @@ class SafetensorsBase(BaseModel):
 
 
 class ShardedBase(BaseModel):
-    """A Hugging Face folder with `model.safetensors.index.json` and its shards."""
+    """A Hugging Face folder with `model.safetensors.index.json` (or diffusers'
+    `diffusion_pytorch_model.safetensors.index.json`, `index_name`) and its shards."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, index_name: str = INDEX_NAME):
         self.path = Path(folder)
-        index_path = self.path / INDEX_NAME
-        index = read_json_file(index_path, "model.safetensors.index.json")
+        self.index_name = index_name
+        index_path = self.path / index_name
+        index = read_json_file(index_path, index_name)
         try:
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -335,7 +341,12 @@ def open_base(path) -> BaseModel:
             return SafetensorsBase(p / "model.safetensors")
         if (p / "pytorch_model.bin").is_file():
             return TorchBase(p / "pytorch_model.bin")
-        raise SpecError(f"{p}: folder has neither {INDEX_NAME}, model.safetensors nor pytorch_model.bin")
+        if (p / DIFFUSERS_INDEX_NAME).is_file():
+            return ShardedBase(p, DIFFUSERS_INDEX_NAME)
+        if (p / DIFFUSERS_NAME).is_file():
+            return SafetensorsBase(p / DIFFUSERS_NAME)
+        raise SpecError(f"{p}: folder has neither {INDEX_NAME}, model.safetensors, pytorch_model.bin nor a diffusers "
+                        f"{DIFFUSERS_NAME}; pass the model folder (a pipeline's unet/ or transformer/)")
     if p.suffix == ".safetensors":
         return SafetensorsBase(p)
     if p.suffix in TORCH_SUFFIXES:

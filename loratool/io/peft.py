@@ -141,7 +141,16 @@ def read_config(cfg_path: Path) -> dict:
         SpecError: malformed JSON, `r` missing, not an integer or <= 0, alpha missing or not finite.
         UnsupportedError: not a LoRA adapter, or a LoRA variant loratool cannot hold exactly.
     """
-    cfg = read_json_file(cfg_path, "PEFT adapter_config.json")
+    return check_config(read_json_file(cfg_path, "PEFT adapter_config.json"), cfg_path)
+
+
+def check_config(cfg, cfg_path) -> dict:
+    """A PEFT LoraConfig dict (from adapter_config.json, or a diffusers file's lora_adapter_metadata) checked for
+    everything that changes ΔW; `cfg_path` names where it came from in messages.
+
+    Raises:
+        SpecError, UnsupportedError: as `read_config`.
+    """
     if not isinstance(cfg, dict):
         raise refusal(SpecError, "P001", f"{cfg_path}: top level is not a JSON object")
     ptype = cfg.get("peft_type")
@@ -750,4 +759,4 @@ DIALECT = Dialect(
     reads=(".safetensors", ".bin"), save=save, writes="folder", structure_options=frozenset({"partial"}),
     save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}), holds=holds)
 
-__all__ = ["load", "save", "structure", "plan", "holds", "read_config", "get_pattern_key", "DIALECT"]
+__all__ = ["load", "save", "structure", "plan", "holds", "read_config", "check_config", "get_pattern_key", "DIALECT"]

@@ -16,11 +16,12 @@ import os
 from pathlib import Path
 
 from ..errors import SpecError, UnsupportedError, UsageError
-from . import kohya, loralib, native, peft
+from . import comfy, diffusers, gguf_lora, kohya, loralib, mlx, native, peft
 from ._common import Dialect, Source, as_source, require_dir_or_file
 
 # Registry order breaks detection ties and picks the default writer of a suffix (loratool for .safetensors).
-DIALECTS: tuple[Dialect, ...] = (native.DIALECT, peft.DIALECT, kohya.DIALECT, loralib.DIALECT)
+DIALECTS: tuple[Dialect, ...] = (native.DIALECT, peft.DIALECT, kohya.DIALECT, loralib.DIALECT, diffusers.DIALECT,
+                                  comfy.DIALECT, mlx.DIALECT, gguf_lora.DIALECT)
 _BY_NAME = {d.name: d for d in DIALECTS}
 
 

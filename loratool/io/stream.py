@@ -97,7 +97,7 @@ class StreamBase:
                 for f in self.files:
                     for key in f.header.tensors:
                         if key in self._where and self._where[key][0] is not f:
-                            raise SpecError(f"{self.path / INDEX_NAME}: \"{escape(key)}\" is in shard {escape(f.name)}"
+                            raise SpecError(f"{self.path / reader.index_name}: \"{escape(key)}\" is in shard {escape(f.name)}"
                                             " but the index does not map it there; fix the index")
             elif isinstance(reader, SafetensorsBase):
                 self.kind = "safetensors"
@@ -712,7 +712,8 @@ class Rewriter:
     def _copy_folder_files(self) -> None:
         from ..fsutil import copy_model_files
 
-        weights = {f.path.name for f in self.base.files} | {INDEX_NAME}
+        index_name = self.base.reader.index_name if self.base.kind == "sharded" else INDEX_NAME
+        weights = {f.path.name for f in self.base.files} | {index_name}
         if self.base.kind == "torch":
             weights.add(self.base.torch_base.path.name)
         self.skipped_files = copy_model_files(self.base.folder, self._tmpdir, weights)
@@ -727,7 +728,7 @@ class Rewriter:
             total = sum(e.nbytes for of in self.files for e in of.entries)
             if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
                 index["metadata"]["total_size"] = total
-            (self._tmpdir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+            (self._tmpdir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
                                                    encoding="utf-8")
 
 
