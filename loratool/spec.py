@@ -148,7 +148,8 @@ _VALIDATE_RULES = [
     Rule("F001", "error", "the adapter changes the base: some target fits it, and not every delta that fits is zero"),
     Rule("F002", "error", "adapter names and base keys correspond one to one (no name fits several keys, no two "
                           "names one key)"),
-    Rule("F003", "warning", "a target on a tied tensor (tie_word_embeddings) changes the other side too"),
+    Rule("F003", "warning", "a target on a tied tensor (tie_word_embeddings): merged into the one tensor, it changes "
+                          "the other side too"),
 ]
 VALIDATE_RULES = {r.id: r for r in _VALIDATE_RULES}
 

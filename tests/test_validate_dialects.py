@@ -173,9 +173,21 @@ def test_tied_embeddings_and_integer_base_tensors(tmp_path):
     code, doc, _ = _validate_json(tmp_path / "peft", "--base", tmp_path / "base")
     assert code == 0 and _rules(doc) == ["F003"]
     row = next(r for r in doc["fit"]["rows"] if r["name"] == EMBED)
-    assert row["layout"] == "embedding" and "output head" in row["tied_with"]
-    assert "changing it changes the output head" in doc["findings"][0]["message"]
+    assert row["layout"] == "embedding" and row["tied_with"].startswith("lm_head.weight (not stored")
+    assert "changes both sides" in doc["findings"][0]["message"]
+    assert doc["fit"]["tied"] == [{"embed": "model.embed_tokens.weight", "head": "lm_head.weight",
+                                   "head_stored": False, "how": "config.json"}]
     assert run("validate", tmp_path / "peft", "--base", tmp_path / "base", "--strict")[0] == 1
+    # An adapter on the head of a tied model whose file does not store it: the head is the embedding's tensor.
+    tied = tiny_llama(layers=1, tied=True)
+    tsd = base_state_dict(tied)
+    tsd.pop("lm_head.weight", None)
+    (tmp_path / "tbase").mkdir()
+    save_file(tsd, str(tmp_path / "tbase" / "model.safetensors"))
+    (tmp_path / "tbase" / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
+    peft_model(tied, target_modules=["lm_head"]).save_pretrained(str(tmp_path / "head"))
+    code, doc, _ = _validate_json(tmp_path / "head", "--base", tmp_path / "tbase")
+    assert code == 0 and _rules(doc) == ["F003"] and doc["fit"]["rows"][0]["base_key"] == "lm_head.weight"
     sd[f"{Q}.weight"] = torch.zeros(16, 16, dtype=torch.int8)
     save_file(sd, str(tmp_path / "base" / "model.safetensors"))
     code, doc, _ = _validate_json(tmp_path / "peft", "--base", tmp_path / "base")

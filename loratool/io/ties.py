@@ -124,6 +124,7 @@ class HeadsView(BaseModel):
     def __init__(self, reader, ties: list[Tie]):
         self._r = reader
         self.path, self.files = reader.path, reader.files
+        self.ties = list(ties)  # as found on the reader (a head it lacks is "not stored", whatever the view shows)
         self._missing = {t.head: t.embed for t in ties if not t.head_stored}
 
     def keys(self):

@@ -14,51 +14,24 @@ from pathlib import Path
 from ..adapter import Adapter
 from ..container import Finding, escape
 
-# Module names of input embeddings and output heads that transformers ties with tie_word_embeddings.
-EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
-HEADS = ("lm_head", "embed_out", "output")
+def ties_of(base, wanted=()) -> list:
+    """The tied tensors of an open base (io.ties.find_ties: its config.json, shared storage, or a head it lacks
+    that an adapter targets)."""
+    from ..io.ties import HeadsView, find_ties
+
+    if isinstance(base, HeadsView):  # the view shows the missing head: its ties were found on the file itself
+        return base.ties
+    return find_ties(base, Path(base.path), wanted)
 
 
-def tied_pair(base) -> tuple[list[str], list[str]] | None:
-    """(input embedding keys, output head keys) of a base whose config ties them, else None.
-
-    The config is the base folder's `config.json` (for a file, the one beside it): `tie_word_embeddings` true,
-    or absent (transformers' default is true) while the base stores no output head, which is what
-    `save_pretrained` writes for a tied model.
-    """
-    from ..container import read_json_file
-    from ..errors import LoraToolError
-
-    path = Path(base.path)
-    folder = path if path.is_dir() else path.parent
-    try:
-        cfg = read_json_file(folder / "config.json", "config.json")
-    except LoraToolError:
-        return None
-    keys = list(base.keys())
-    embeds = [k for k in keys if _module_name(k) in EMBEDDINGS]
-    heads = [k for k in keys if _module_name(k) in HEADS]
-    tie = cfg.get("tie_word_embeddings") if isinstance(cfg, dict) else None
-    if tie is True or (tie is None and isinstance(cfg, dict) and embeds and not heads):
-        return embeds, heads
+def _tied_note(key: str, ties) -> tuple[str, str] | None:
+    """(the other key of the tie `key` is in, how the tie was found), or None."""
+    for t in ties:
+        if key == t.embed:
+            return t.head + ("" if t.head_stored else " (not stored: the embedding's tensor)"), t.how
+        if key == t.head:
+            return t.embed, t.how
     return None
-
-
-def _module_name(key: str) -> str:
-    """"model.embed_tokens.weight" -> "embed_tokens": the module's own name of a parameter key."""
-    parts = key.split(".")
-    return parts[-2] if len(parts) >= 2 else parts[0]
-
-
-def _tied_note(key: str, tied) -> str | None:
-    if tied is None or _module_name(key) not in EMBEDDINGS + HEADS:
-        return None
-    embeds, heads = tied
-    if _module_name(key) in EMBEDDINGS:
-        other = ", ".join(f"\"{escape(k)}\"" for k in heads) or "the output head (lm_head, not stored: tied)"
-    else:
-        other = ", ".join(f"\"{escape(k)}\"" for k in embeds) or "the input embeddings"
-    return other
 
 
 def report(adapter: Adapter | None, base, *, names: dict | None = None, refused=(), changed: set | None = None,
@@ -85,16 +58,18 @@ def report(adapter: Adapter | None, base, *, names: dict | None = None, refused=
     if adapter is not None:
         findings += check_base(adapter, base)
     bad = {f.target for f in findings if f.severity == "error"}
-    tied = tied_pair(base)
+    ties = ties_of(base, [t.key for t in targets])
     rows = []
     for t in targets:
         got = base.info(t.key)
         shape, dtype = (tuple(got[0]), got[1]) if got is not None else (None, None)
-        note = _tied_note(t.key, tied)
-        if note is not None and escape(t.key) not in bad:
-            findings.append(Finding("F003", f"target \"{escape(t.key)}\": the base ties its input embeddings and "
-                                            f"output head (tie_word_embeddings), so changing it changes {note} too",
-                                    escape(t.key)))
+        tied = _tied_note(t.key, ties)
+        note = None if tied is None else tied[0]
+        if tied is not None and escape(t.key) not in bad:
+            findings.append(Finding("F003", f"target \"{escape(t.key)}\": the base ties it to \"{escape(tied[0])}\" "
+                                            f"({tied[1]}); a merge into the one tensor (PEFT's merge_and_unload) "
+                                            "changes both sides, while the adapter run unmerged changes this one: "
+                                            "`loratool merge` unties them (--keep-tied moves both)", escape(t.key)))
         blocks = [{"rows": list(b.rows), "cols": list(b.cols), "rank": b.rank, "alpha": b.alpha,
                    "scale_rule": b.scale_rule, "scale": b.scale if scale_known else None} for b in t.blocks]
         rows.append({
@@ -117,7 +92,7 @@ def report(adapter: Adapter | None, base, *, names: dict | None = None, refused=
                                         "delta (B = 0, as PEFT initialises it), so the adapter changes nothing"))
     doc = {
         "base": str(base.path),
-        "tied": None if tied is None else {"embeddings": tied[0], "heads": tied[1]},
+        "tied": [{"embed": t.embed, "head": t.head, "head_stored": t.head_stored, "how": t.how} for t in ties],
         "targets": len(rows) + len({f.target for f in refused if f.target is not None}), "fit": len(fitting),
         "changes_base": bool(changing),
         "rows": rows,
@@ -142,4 +117,4 @@ def own_names(resolved: Adapter, own: Adapter | None) -> dict[str, str]:
     return names
 
 
-__all__ = ["report", "own_names", "tied_pair", "EMBEDDINGS", "HEADS"]
+__all__ = ["report", "own_names", "ties_of"]

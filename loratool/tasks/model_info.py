@@ -105,8 +105,11 @@ def _fields(cfg: dict) -> dict:
 def _tied(cfg: dict | None, keys, whole: bool) -> dict | None:
     """Whether the output head shares the input embedding: config.json's tie_word_embeddings, else (for a whole
     model) an embedding without lm_head.weight."""
-    if cfg is not None and isinstance(cfg.get("tie_word_embeddings"), bool):
-        return {"tied": cfg["tie_word_embeddings"], "from": "config.json tie_word_embeddings"}
+    from ..io.ties import config_tie
+
+    said = config_tie(cfg)  # top level, or a multimodal model's text_config
+    if said is not None:
+        return {"tied": said, "from": "config.json tie_word_embeddings"}
     if not whole or not any(k.endswith(EMBEDDINGS) for k in keys):
         return None
     head = any(k.endswith("lm_head.weight") for k in keys)

@@ -68,10 +68,13 @@ class _opened:
             return None
         from ..io.base import BaseModel, open_base
 
-        if isinstance(self.base, BaseModel):
-            return self.base
-        self.own = open_base(self.base)
-        return self.own
+        from ..io.ties import with_heads
+        from .fit import ties_of
+
+        b = self.base if isinstance(self.base, BaseModel) else open_base(self.base)
+        self.own = None if b is self.base else b
+        # A head the base ties to its embedding without storing it is a tensor adapters may target (io.ties).
+        return with_heads(b, ties_of(b))
 
     def __exit__(self, *exc):
         if self.own is not None:
