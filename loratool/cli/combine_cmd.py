@@ -92,5 +92,5 @@ def combine(paths, output, to, weights, method, rank, density, seed, overwrite, 
     write(table(None, ["target", "kind", "from", "rank in", "rank out", "energy retained"], rows,
                 justify={"rank in": "right", "rank out": "right", "energy retained": "right"}))
     if not quiet:
-        err.print(f"wrote {output} ({fmt_bytes(nbytes)}): {len(res.adapter)} targets from {len(paths)} adapters, "
-                  f"method {method}")
+        err.print(f"wrote {output} ({res.to}, {fmt_bytes(nbytes)}): {len(res.adapter)} targets from {len(paths)} "
+                  f"adapters, method {method}")

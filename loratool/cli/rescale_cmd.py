@@ -89,4 +89,4 @@ def _render(res, output, nbytes, quiet):
     if not quiet:
         what = f"strength x{res.scale:g}" if res.scale is not None else \
             f"{res.parameters_before:,} -> {res.adapter.n_params:,} parameters"
-        err.print(f"wrote {output} ({fmt_bytes(nbytes)}): {len(res.adapter)} targets, {what}")
+        err.print(f"wrote {output} ({res.to}, {fmt_bytes(nbytes)}): {len(res.adapter)} targets, {what}")
