@@ -28,6 +28,13 @@ def _fp8_weight(rows, cols, seed=0, block=(128, 128)):
     return q, s
 
 
+def test_decoding_table_is_ml_dtypes():
+    codes = np.arange(256, dtype=np.uint8).view(E4M3)
+    got = fp8.dequantize(codes.reshape(16, 16), np.ones((1, 1), np.float32), BLOCK)
+    want = codes.astype(np.float32).reshape(16, 16)
+    assert np.array_equal(got, want, equal_nan=True)  # the two NaN codes too
+
+
 def test_dequantize_matches_transformers_partial_edge_blocks():
     from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 

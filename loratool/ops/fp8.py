@@ -97,10 +97,21 @@ def schemes(info, keys, config: dict | None = None) -> dict[str, Scheme]:
     return out
 
 
+# Every float8_e4m3fn code as float32, from ml_dtypes itself. Decoding by table lookup gives ml_dtypes' values
+# (tests/test_fp8.py compares all 256) about 2.5x faster than `astype` (2.0 against 5.2 ns per element on the
+# benchmark machine; a float32 multiply is 0.36): ml_dtypes converts float8 element by element.
+_E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
+
+
+def _decode(w: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn values as a new float32 array."""
+    return _E4M3_TO_F32[np.asarray(w).view(np.uint8)]
+
+
 def dequantize(w: np.ndarray, s: np.ndarray, scheme: Scheme) -> np.ndarray:
     """W = w · s in float32 for weight rows `w` (h, cols) and the scale rows that cover them (block: the
     ceil(h / bh) scale rows; tensor: the one value; channel: h values)."""
-    W = w.astype(np.float32)
+    W = _decode(w)
     s = np.asarray(s, dtype=np.float32)
     if scheme.kind == "block":
         _blockwise(W, s.reshape(-1, s.shape[-1]), scheme.block, np.multiply)
