@@ -5,6 +5,7 @@ Three adapters, written once with numpy (seeded bf16 factors) into --dir:
   peft    a Llama-8B-shaped PEFT folder: q/k/v/o (4096 x 4096), gate/up (14336 x 4096), down (4096 x 14336)
           on 32 layers, rank 176, lora_alpha 32 (224 modules, 0.99 GB adapter_model.safetensors)
   kohya   the same modules as a kohya file (lora_down/lora_up/alpha, `lora_unet_` names)
+  diffusers, comfy, mlx, gguf   the PEFT adapter written in that dialect by loratool (`--dialects` picks them)
 
 Each inspect and each `--version` is a whole process (interpreter start included, bytecode cached), run
 alternately, median of N runs; peak RSS comes from GNU time (/usr/bin/time). It also checks, with
@@ -96,8 +97,26 @@ def make_kohya(path: Path) -> None:
     write_file(path, tensors, {"ss_network_dim": str(PEFT_RANK), "ss_network_alpha": "32"})
 
 
+def _converted(to: str, **options):
+    """A maker that writes the PEFT adapter (made first if needed) in another dialect with loratool itself."""
+
+    def make(path: Path) -> None:
+        from loratool.io import registry
+
+        peft = path.parent / MAKERS["peft"][0]
+        if not peft.exists():
+            make_peft(peft)
+        registry.get(to).write(registry.load(peft), path, overwrite=True, **options)
+
+    return make
+
+
 MAKERS = {"native": ("adapter-1gb.safetensors", make_native), "peft": ("peft-1gb", make_peft),
-          "kohya": ("kohya-1gb.safetensors", make_kohya)}
+          "kohya": ("kohya-1gb.safetensors", make_kohya),
+          "diffusers": ("diffusers-1gb.safetensors", _converted("diffusers")),
+          "comfy": ("comfy-1gb.safetensors", _converted("comfy")),
+          "mlx": ("mlx-1gb", _converted("mlx")),
+          "gguf": ("lora-1gb.gguf", _converted("gguf", heads=(32, 8)))}
 
 
 # Bytecode is cached as after any install; a PYTHONDONTWRITEBYTECODE in the caller's environment would make

@@ -23,6 +23,8 @@ embeddings, whole-tensor deltas, blocks and quantized (Q8_0 ...) LoRA tensors ar
 
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 from pathlib import Path
@@ -44,7 +46,10 @@ def _n_blocks(names) -> int:
     return max(ns) + 1 if ns else 1
 
 
+@functools.lru_cache(maxsize=8)
 def _name_map(n_blocks: int):
+    """gguf's tensor name map of a Llama with `n_blocks` blocks (built once: building it formats every name of
+    every block, 15 ms for 32 blocks, which once per target made `inspect` of a 224-target file take 3 s)."""
     import gguf
 
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
