@@ -157,3 +157,23 @@ def test_fused_adapter_maps_onto_a_per_expert_base(tmp_path):
     got = load_st(out)
     assert s.targets == 9 and "model.layers.0.block_sparse_moe.experts.2.w3.weight" in got
     assert_within_ulp(got, split_experts(oracle, got, "mixtral"), ulps=2, identical=0.99)
+
+
+def test_validate_fit_report_names_the_expert_layouts(tmp_path):
+    from loratool.tasks.validate import validate
+    from models import tiny_mixtral
+
+    model = tiny_mixtral()
+    ad, _ = per_expert_adapter(tmp_path / "peft", model, "mixtral")
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)
+    model.save_pretrained(tmp_path / "per_expert")
+    rep = validate(ad, base=tmp_path / "fused")
+    assert not rep.errors, rep.findings
+    assert rep.fit["experts"] == {"base": ["experts"], "targets": {"experts": 2}, "moved": 2}
+    assert rep.fit["fit"] == 2 and {r["base_key"] for r in rep.fit["rows"]} == {
+        "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
+    rep = validate(ad, base=tmp_path / "per_expert")
+    assert not rep.errors and rep.fit["experts"] == {"base": ["per_expert"], "targets": {"per_expert": 9}, "moved": 0}
+    _, pw, _ = fused_case(tmp_path, tiny_mixtral)
+    rep = validate(pw, base=tmp_path / "per_expert")
+    assert not rep.errors and rep.fit["experts"]["moved"] == 9

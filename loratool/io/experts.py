@@ -227,8 +227,12 @@ def _moved(key: str, srcs: list[Target], view, slots) -> Target:
             blocks.extend(_cut(t, key, slots[t.key]))
     first = srcs[0]
     layout = "experts" if len(shape) == 3 else "linear"
+    info = dict(first.info)
+    # the fit report names where a moved target came from ("per_expert" or "fused")
+    info["moved_from"] = "per_expert" if len(shape) == 3 else "fused"
+    info["moved_keys"] = sorted({t.key for t in srcs if t.key != key})
     return Target(key=key, layout=layout, shape=shape, blocks=tuple(blocks), dtype=first.dtype if first.key == key
-                  else None, info=dict(first.info))
+                  else None, info=info)
 
 
 def _cut(t: Target, key: str, ss: list[Slot]) -> list[Block]:
@@ -261,21 +265,5 @@ def _rows(B, a: int, b: int):
     return B[a:b]
 
 
-def describe(adapter: Adapter, view=None) -> list[str]:
-    """One line per expert layout the adapter's targets use, for the fit report: "fused experts (E, out, in)",
-    "fused experts input-major (E, in, out)", "per-expert linears", with counts."""
-    fused = sum(1 for t in adapter if t.layout == "experts")
-    fused_t = sum(1 for t in adapter if t.layout == "experts_t")
-    per = sum(1 for t in adapter if PER_EXPERT.match(t.key))
-    lines = []
-    if per:
-        lines.append(f"{per} per-expert linear target(s)")
-    if fused:
-        lines.append(f"{fused} fused expert target(s), (E, out, in) as transformers 5 Mixtral/Qwen-MoE/DeepSeek")
-    if fused_t:
-        lines.append(f"{fused_t} fused expert target(s), (E, in, out) as gpt-oss")
-    return lines
-
-
-__all__ = ["ExpertsView", "experts_view", "fit_experts", "fused_layout", "per_expert_key", "describe", "Slot",
+__all__ = ["ExpertsView", "experts_view", "fit_experts", "fused_layout", "per_expert_key", "Slot",
            "FUSED", "PER_EXPERT"]
