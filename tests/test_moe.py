@@ -177,3 +177,23 @@ def test_validate_fit_report_names_the_expert_layouts(tmp_path):
     _, pw, _ = fused_case(tmp_path, tiny_mixtral)
     rep = validate(pw, base=tmp_path / "per_expert")
     assert not rep.errors and rep.fit["experts"]["moved"] == 9
+
+
+def test_fused_adapter_converts_to_native_and_merges_the_same(tmp_path):
+    """convert keeps the expert layout (spec layouts "experts"/"experts_t"), and PEFT, which holds expert factors
+    only as a ParamWrapper, refuses a fused target in one line rather than writing something else."""
+    import loratool
+    from loratool.errors import UnsupportedError
+    from models import tiny_gpt_oss
+
+    base, ad, oracle = fused_case(tmp_path, tiny_gpt_oss)
+    native = tmp_path / "a.safetensors"
+    loratool.convert(ad, native, base=base)
+    a = loratool.load(native)
+    assert {t.layout for t in a} == {"experts_t"} and all(len(t.blocks) == 3 for t in a)
+    assert not loratool.validate(native).errors
+    out = tmp_path / "out.safetensors"
+    run_merge(base, [native], out)
+    assert_within_ulp(load_st(out), oracle, ulps=2, identical=0.99)
+    with pytest.raises(UnsupportedError):
+        loratool.convert(native, tmp_path / "p", to="peft")
