@@ -8,6 +8,10 @@ Every delta is defined on the target's *matrix view* M (out, in):
   fan_in_fan_out  M = W^T                     W is (in, out), GPT-2 Conv1D
   embedding       M = W^T                     W is (num_embeddings, dim), PEFT lora_embedding_A/B
   conv            M = W.reshape(out, -1)      W is (out, in/groups, *kernel)
+  experts         M = W.reshape(E*out, -1)    W is (E, out, in): fused MoE experts (transformers 5 Mixtral,
+                                              Qwen-MoE, DeepSeek); expert e is M rows [e*out, (e+1)*out)
+  experts_t       M = W.reshape(E*in, out)^T  W is (E, in, out): fused experts stored input-major (gpt-oss);
+                                              expert e is M columns [e*in, (e+1)*in)
 and a block adds  M[rows, cols] += scale * B @ A  with A (rank, cols) and B (rows, rank).
 """
 
@@ -42,6 +46,10 @@ def matrix_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, int]:
         return shape[1], shape[0]
     if layout == "conv":
         return shape[0], math.prod(shape[1:])
+    if layout == "experts":  # each expert's (out, in) matrix stacked along the rows
+        return shape[0] * shape[1], shape[2]
+    if layout == "experts_t":  # each expert's (out, in) = W[e]^T side by side along the columns
+        return shape[2], shape[0] * shape[1]
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -208,5 +216,17 @@ def whole_target(key: str, layout: str, shape, A, B, alpha: float, scale_rule: s
     return Target(key=key, layout=layout, shape=shape, blocks=(block,), **kw)
 
 
+EXPERT_LAYOUTS = ("experts", "experts_t")
+
+
+def expert_span(layout: str, shape: tuple[int, ...], e: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rows, cols) of expert e's own (out, in) matrix inside the matrix view of a fused expert tensor."""
+    n_out, n_in = (shape[1], shape[2]) if layout == "experts" else (shape[2], shape[1])
+    if layout == "experts":
+        return (e * n_out, (e + 1) * n_out), (0, n_in)
+    return (0, n_out), (e * n_in, (e + 1) * n_in)
+
+
 __all__ = ["Adapter", "Block", "Target", "scale_of", "alpha_for_scale", "matrix_shape", "whole_target", "spec",
+           "EXPERT_LAYOUTS", "expert_span",
            "GEMM_MIN_ROWS", "block_rows_for", "row_spans"]

@@ -33,7 +33,7 @@ DTYPE_SIZES = {
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # base tensors that can take a delta (rule B003)
 FACTOR_DTYPES = FLOAT_DTYPES
 
-LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv")
+LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv", "experts", "experts_t")
 SCALE_RULES = ("standard", "rslora")
 KINDS = ("lora", "full")
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import spec
-from .adapter import Adapter, Block, Target, matrix_shape
+from .adapter import EXPERT_LAYOUTS, Adapter, Block, Target, matrix_shape
 from .container import Finding, Header, escape, read_header, strict_json, _Duplicate
 
 _TARGET_FIELDS = {"kind", "layout", "shape", "blocks", "scale", "dtype", "sha256", "info"}
@@ -150,7 +150,8 @@ def _parse_target(key: str, raw, add) -> Target | None:
     if layout not in spec.LAYOUTS:
         add(Finding("M005", f"target \"{key}\": layout {layout!r} is not one of {', '.join(spec.LAYOUTS)}", key))
         return None
-    if (layout == "conv") != (len(shape) >= 3) or (layout != "conv" and len(shape) != 2):
+    dims_ok = len(shape) >= 3 if layout == "conv" else len(shape) == (3 if layout in EXPERT_LAYOUTS else 2)
+    if not dims_ok:
         add(Finding("M009", f"target \"{key}\": shape {list(shape)} does not fit layout {layout}", key))
         return None
     if "scale" in raw:

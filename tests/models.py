@@ -5,6 +5,8 @@ Other test files import these builders: keep the names and signatures stable.
     tiny_llama(tied=False)   separate q/k/v/o and gate/up/down projections (nn.Linear, layout "linear")
     tiny_gpt2()    fused c_attn as transformers Conv1D (weight stored (in, out): layout "fan_in_fan_out")
     tiny_neox()    fused query_key_value nn.Linear
+    tiny_mixtral(), tiny_qwen2_moe(), tiny_gpt_oss()   MoE models; transformers 5 holds their experts fused,
+                   `mlp.experts.gate_up_proj` / `down_proj` 3-D parameters ((E, out, in); gpt-oss (E, in, out))
     peft_model(model, **lora_config_kwargs)   a PeftModel whose lora_B are random (non-zero) with a fixed seed
     base_state_dict(model)   the model's state dict as contiguous float32 clones (what a base file holds)
     sample_input()           a fixed batch of token ids
@@ -52,6 +54,40 @@ def tiny_neox(seed: int = 0, hidden: int = 16, layers: int = 2):
                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64,
                         tie_word_embeddings=False)
     return GPTNeoXForCausalLM(cfg).eval()
+
+
+def tiny_mixtral(seed: int = 0, hidden: int = 16, experts: int = 3):
+    """A 1-layer Mixtral, hidden 16, intermediate 24, `experts` experts (top 2), vocab 64."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    _seeded(seed)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=24, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2,
+                        max_position_embeddings=64)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def tiny_qwen2_moe(seed: int = 0, hidden: int = 16, experts: int = 4):
+    """A 1-layer Qwen2-MoE, hidden 16, expert intermediate 8, a shared expert of 16, `experts` experts (top 2)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    _seeded(seed)
+    cfg = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=32, moe_intermediate_size=8,
+                         shared_expert_intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=experts, num_experts_per_tok=2, max_position_embeddings=64)
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+def tiny_gpt_oss(seed: int = 0, hidden: int = 16, experts: int = 3):
+    """A 1-layer gpt-oss, hidden 16, intermediate 12: experts stored (E, in, out), gate/up interleaved."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    _seeded(seed)
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=12, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=4, num_local_experts=experts,
+                       num_experts_per_tok=2, max_position_embeddings=64, layer_types=["full_attention"],
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return GptOssForCausalLM(cfg).eval()
 
 
 def peft_model(model, seed: int = 1, **lora_config_kwargs):

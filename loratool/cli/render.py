@@ -178,6 +178,11 @@ def render_validation(doc: dict) -> None:
                                "scale", "blocks", "tied with", "fit"], shown))
         if len(rows) > FIT_ROWS:
             write(f"... and {len(rows) - FIT_ROWS} more targets (--json lists every one)")
+        ex = fit.get("experts")
+        if ex:  # which expert layouts were found: the base's, the targets', and how many moved between the forms
+            write(f"experts: base {', '.join(ex['base'])}; targets "
+                  + (", ".join(f"{n} {k}" for k, n in sorted(ex["targets"].items())) or "none")
+                  + (f"; {ex['moved']} moved between per-expert and fused tensors" if ex["moved"] else ""))
         if fit["unmatched"]:  # every one: a wrong base shows as many names, and each is worth seeing
             write(f"match nothing in the base ({len(fit['unmatched'])}): "
                   + ", ".join(escape(n) for n in fit["unmatched"]))

@@ -49,6 +49,7 @@ from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, attempt,
                       deferred, finite_number, fits, header_only, is_float_name, lazy_whole_target, listing,
                       materialize, metas_of_header, metas_of_state_dict, positive_int, read_torch, ref, refusal,
                       require_dir_or_file, safetensors_reader, settle, torch_reader)
+from . import peft_params
 from .base import TORCH_SUFFIXES
 from .native import _check_finite, _num, numpy_tensors, tensors_of
 
@@ -86,8 +87,6 @@ MUST_BE_OFF = {
     "use_qalora": "QA-LoRA pools the input in groups before lora_A, so its ΔW is not B @ A",
     "layer_replication": "layer_replication duplicates base layers, so targets are not the base's tensors",
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens and cannot be merged into W",
-    "target_parameters": "LoRA on nn.Parameter targets (MoE experts) uses per-expert factors loratool does not "
-                         "read yet",
     "use_bdlora": "block-diagonal LoRA shares factors across blocks in a layout loratool does not read yet",
     "arrow_config": "Arrow routes between several LoRA experts per token",
     "kasa_config": "KaSA adds singular-value factors between A and B",
@@ -102,6 +101,7 @@ KNOWN_FIELDS = {
     "layers_to_transform", "layers_pattern", "task_type", "base_model_name_or_path", "revision", "inference_mode",
     "auto_mapping", "peft_version", "megatron_config", "megatron_core", "loftq_config", "eva_config",
     "corda_config", "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+    "target_parameters",  # read by io/peft_params.py
 } | set(MUST_BE_OFF)
 # init_lora_weights values whose saved factors are relative to a modified (residual) base until converted.
 RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga", "eva")
@@ -405,6 +405,12 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
             unknown.append(mag.name)  # PEFT ignores a magnitude vector when use_dora is false: say so, never apply it
         if not parts:
             continue
+        if cfg.get("target_parameters") and peft_params.is_parameter_module(cfg, module):
+            got = attempt(refused, fits, lambda module=module, parts=parts: _parameter(
+                where, module, parts, cfg, bk, rule), allow_partial, skipped)
+            if got is not None:
+                targets[got.key] = got
+            continue
         r_key, a_key = get_pattern_key(rank_pattern, module), get_pattern_key(alpha_pattern, module)
         rank = rank_pattern[r_key] if r_key is not None else cfg["r"]  # None without a config: the factors' rank
         alpha = alpha_pattern[a_key] if a_key is not None else cfg["lora_alpha"]
@@ -439,6 +445,25 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
         if cfg.get(field):
             meta[f"peft.{field}"] = str(cfg[field])
     return Adapter(targets=targets, metadata=meta, info=info)
+
+
+def _parameter(where, module, parts, cfg, bk, rule) -> Target:
+    """The target of one ParamWrapper (`target_parameters`, io/peft_params.py)."""
+    if set(parts) != {"lora_A.weight", "lora_B.weight"}:
+        raise refusal(SpecError, "P011", f"{where}: module \"{escape(module)}\" targets parameters and has "
+                      f"{sorted(parts)}; a ParamWrapper holds lora_A.weight and lora_B.weight only", module)
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+
+    def rank_of(key):
+        k = get_pattern_key(rank_pattern, key)
+        return rank_pattern[k] if k is not None else cfg["r"]
+
+    def alpha_of(key):
+        k = get_pattern_key(alpha_pattern, key)
+        return float(alpha_pattern[k] if k is not None else cfg["lora_alpha"])
+
+    return peft_params.target(where, module, parts["lora_A.weight"], parts["lora_B.weight"], cfg, rank_of, alpha_of,
+                              rule, bk)
 
 
 def _module(where, module, parts, mag, rank, alpha, rule, cfg, bk, unknown, dora, targets) -> list[Target]:

@@ -9,7 +9,8 @@ every tensor keeps its offset: tensors nobody transforms are copied as raw bytes
 
 Transformed tensors are read through a mapping of each tensor's bytes alone, held while it is transformed
 (a mapped shard would count every touched page in the RSS); untouched ones are copied inside the kernel.
-Transforms are duck-typed objects with `block_rows` and `block(V, r0) -> array` (see ops.merge.Merger) that
+Transforms are duck-typed objects with `block_rows` and `block(V, r0) -> array` (see ops.merge.Merger; an optional
+`row_view` (rows, cols) says how the transform cuts the tensor, the row view otherwise) that
 take numpy row blocks of the source (ml_dtypes for BF16) and return numpy rows of the output dtype: io never
 imports ops. torch is imported only when a torch file is read or written.
 """
@@ -209,6 +210,12 @@ class Entry:
     @property
     def rows_cols(self) -> tuple[int, int]:
         return (1, 1) if not self.shape else (self.shape[0], math.prod(self.shape[1:]))
+
+
+def _view(e: Entry, tf) -> tuple[int, int]:
+    """The rows the transform cuts the tensor in: its `row_view` when it has one (ops.merge.Merger of a fused
+    expert tensor: (E·d1, d2)), else the entry's row view."""
+    return getattr(tf, "row_view", None) or e.rows_cols
 
 
 @dataclass
@@ -624,7 +631,7 @@ class Rewriter:
                 "transformed": len([j for j in jobs_tf if j[2] is not None])}
 
     def _transform(self, fd: int, e: Entry, tf, done) -> None:
-        rows, cols = e.rows_cols
+        rows, cols = _view(e, tf)
         osize = spec.DTYPE_SIZES[e.dtype]
         if e.nbytes == 0:
             return  # a zero-element tensor has no bytes to write
@@ -642,7 +649,7 @@ class Rewriter:
             del flat  # every view of the mapping must be gone before it closes
 
     def _blocks(self, fd, e: Entry, tf, W, osize: int, done) -> None:
-        rows, cols = e.rows_cols
+        rows, cols = _view(e, tf)
         digest = self._digests.get(e.key)
         for r0, r1 in row_spans(rows, tf.block_rows):
             if self._cancel.is_set():  # the run failed or was interrupted: the output is discarded
@@ -669,7 +676,8 @@ class Rewriter:
             if tf is None and odt != dt:
                 tf = _Cast(Entry(key, odt, tuple(W.shape), 0))
             if tf is not None:
-                rows = 1 if W.ndim == 0 else W.shape[0]
+                rows = getattr(tf, "row_view", None)
+                rows = rows[0] if rows else 1 if W.ndim == 0 else W.shape[0]
                 V = W.reshape(rows, -1)
                 if key in self._digests:
                     self._digests[key].update(np.ascontiguousarray(V).reshape(-1).view(np.uint8))

@@ -82,8 +82,10 @@ def to_base_layout(t: Target, M):
     """
     if t.layout in ("fan_in_fan_out", "embedding"):
         return M.T  # (in, out): GPT-2 Conv1D stores W transposed; PEFT embeddings use (B @ A)^T
-    if t.layout == "conv":
+    if t.layout in ("conv", "experts"):
         return M.reshape(t.shape)
+    if t.layout == "experts_t":  # (out, E·in)^T = (E·in, out) -> (E, in, out)
+        return M.T.reshape(t.shape)
     return M
 
 
@@ -91,8 +93,10 @@ def from_base_layout(t: Target, W):
     """Inverse of to_base_layout: the (out, in) matrix view of a tensor in the base's shape (same kind as W)."""
     if t.layout in ("fan_in_fan_out", "embedding"):
         return W.T
-    if t.layout == "conv":
+    if t.layout in ("conv", "experts"):
         return W.reshape(t.matrix_shape)
+    if t.layout == "experts_t":
+        return W.reshape(-1, t.shape[2]).T
     return W
 
 

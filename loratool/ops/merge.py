@@ -9,7 +9,9 @@ Coordinates. A base tensor W of shape (d0, d1, ...) is cut along its first dimen
 V = W.reshape(d0, -1) (a 0-d or 1-d tensor is one column). The adapter's matrix view M (adapter.py) is
 V itself for "linear" and "conv", and V^T for "fan_in_fan_out" and "embedding". A block adding
 s·B @ A to M[rows, cols] therefore adds s·(B @ A) to V[rows, cols] (direct) or s·(B @ A)^T to
-V[cols, rows] (transposed).
+V[cols, rows] (transposed). A fused expert tensor (E, d1, d2) targeted by an "experts"/"experts_t" target is
+cut finer, V = W.reshape(E·d1, d2) (`merge_view_shape`): M is then V ("experts") or V^T ("experts_t"), so
+expert e's slice W[e] is V rows [e·d1, (e+1)·d1) and its blocks are ordinary direct or transposed pieces.
 
 Arithmetic. Each delta is computed in float32 as (B @ A) then multiplied by its coefficient, added to the
 float32 base block, and the sum is rounded once to the output dtype (round to nearest even, ml_dtypes):
@@ -31,13 +33,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import dtypes, spec
-from ..adapter import Target, block_rows_for, row_spans
+from ..adapter import EXPERT_LAYOUTS, Target, block_rows_for, row_spans
 from ..container import escape
 from ..device import Device, cpu
 from ..errors import MismatchError, NumericError
 
 FLOAT_DTYPES = spec.FLOAT_DTYPES
-TRANSPOSED = ("fan_in_fan_out", "embedding")
+TRANSPOSED = ("fan_in_fan_out", "embedding", "experts_t")
 BLOCK_BYTES = 1 << 20  # float32 bytes of one row block: stays in L2 while it is widened, added and rounded
 PROBE_SEED = 0x10A7
 
@@ -126,6 +128,14 @@ def row_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def merge_view_shape(shape: tuple[int, ...], terms: Sequence[Term] = ()) -> tuple[int, int]:
+    """(rows, cols) of the view a Merger cuts: the row view, or (E·d1, d2) for a fused expert tensor (E, d1, d2)
+    that some term targets with an expert layout (module docstring)."""
+    if len(shape) == 3 and any(t.target.layout in EXPERT_LAYOUTS for t in terms):
+        return shape[0] * shape[1], shape[2]
+    return row_view_shape(shape)
+
+
 @dataclass
 class _Piece:
     """One block in row-view coordinates: V[r0:r1, c0:c1] += coef * delta(rows i0:i1 of the piece)."""
@@ -163,7 +173,7 @@ class _Piece:
 
 def _pieces(terms: Sequence[Term], dev: Device, compute: str) -> list[_Piece]:
     """The terms' blocks on the device; each term's target is `loaded()` (read now for a deferred target)."""
-    return _pieces_of(_loaded(terms), dev, compute)
+    return _pieces_of(_loaded(terms), dev, compute, merge_view_shape(terms[0].target.shape, terms) if terms else None)
 
 
 def _loaded(terms: Sequence[Term]) -> list[Term]:
@@ -171,12 +181,12 @@ def _loaded(terms: Sequence[Term]) -> list[Term]:
     return [t if t.target.load is None else Term(t.target.loaded(), t.weight, t.source) for t in terms]
 
 
-def _pieces_of(terms: Sequence[Term], dev: Device, compute: str) -> list[_Piece]:
+def _pieces_of(terms: Sequence[Term], dev: Device, compute: str, view=None) -> list[_Piece]:
     out = []
     for term in terms:
         t = term.target
         if t.kind == "full":
-            rows, cols = row_view_shape(t.shape)
+            rows, cols = view or row_view_shape(t.shape)
             D = dev.asarray(t.delta, compute).reshape(rows, cols)
             out.append(_Piece(0, rows, 0, cols, term.weight * t.delta_scale, D=D))
             continue
@@ -219,8 +229,9 @@ class Merger:
     def __init__(self, key: str, shape, base_dtype: str, terms: Sequence[Term], out_dtype: str, *,
                  device: Device | None = None, probe: bool = False, block_bytes: int = BLOCK_BYTES):
         self.key, self.shape = key, tuple(shape)
-        self.rows, self.cols = row_view_shape(self.shape)
         self.terms = list(terms)
+        self.rows, self.cols = merge_view_shape(self.shape, self.terms)
+        self.row_view = (self.rows, self.cols)  # the Rewriter cuts the base tensor in these rows
         self.out_name = out_dtype
         self.dev = device or cpu()
         self.compute = "F64" if "F64" in (base_dtype, out_dtype) else "F32"
@@ -254,7 +265,7 @@ class Merger:
             # dtype exist only while this tensor is merged: a merge holds one target's factors at a time per
             # worker, whatever the adapter's size.
             terms = _loaded(self.terms)
-            self.pieces = _pieces_of(terms, self.dev, self.compute)
+            self.pieces = _pieces_of(terms, self.dev, self.compute, (self.rows, self.cols))
             if self.probe:
                 self._y_delta = probe_delta(terms, self._x, self.rows, self.cols)
             del terms
@@ -366,4 +377,4 @@ def merge_state_dict(state, plan: Plan, out_dtype: str | None = None, *, device:
 
 
 __all__ = ["Term", "Plan", "plan_merge", "Merger", "nonfinite_error", "probe_relative_error", "probe_delta",
-           "merge_tensor", "merge_state_dict", "row_view_shape", "FLOAT_DTYPES", "BLOCK_BYTES"]
+           "merge_tensor", "merge_state_dict", "row_view_shape", "merge_view_shape", "FLOAT_DTYPES", "BLOCK_BYTES"]

@@ -48,7 +48,10 @@ def _peft(path, adapter: Adapter) -> list[Finding]:
     cfg = read_json_file(cfg_path, "PEFT adapter_config.json")  # the reader has just read it: a dict
     out = []
     tm = cfg.get("target_modules")
-    if not (isinstance(tm, str) or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
+    tp = cfg.get("target_parameters")  # parameters only (MoE experts): target_modules may be empty
+    params_only = isinstance(tp, list) and tp and tm in (None, [])
+    if not params_only and not (isinstance(tm, str) or (isinstance(tm, list) and tm
+                                                         and all(isinstance(x, str) for x in tm))):
         shown = "missing" if "target_modules" not in cfg else json.dumps(tm)
         out.append(Finding("P005", f"{cfg_path}: \"target_modules\" is {shown}; PEFT needs the list of module names "
                                    "(or a regular expression) the adapter was trained on to load it"))

@@ -79,6 +79,7 @@ def report(adapter: Adapter | None, base, *, names: dict | None = None, refused=
             "scales": sorted({b["scale"] for b in blocks}, key=lambda s: (s is None, s)) if blocks else
             [t.delta_scale], "blocks": blocks, "whole": t.kind == "full" or t.is_whole,
             "tied_with": note, "changes": None if changed is None else t.key in changed,
+            "moved_from": t.info.get("moved_from"),
             "ok": escape(t.key) not in bad})
     unfit = [{"name": f.target, "rule": f.rule, "message": f.message} for f in refused]
     unfit += [{"name": r["name"], "rule": f.rule, "message": f.message} for r in rows for f in findings
@@ -98,8 +99,44 @@ def report(adapter: Adapter | None, base, *, names: dict | None = None, refused=
         "rows": rows,
         "unfit": unfit,
         "unmatched": sorted({u["name"] for u in unfit if u["rule"] == "B001" and u["name"] is not None}),
+        "experts": _experts(rows, base),
     }
     return doc, findings
+
+
+def experts_fitted(adapter: Adapter | None, base, changed: set | None = None):
+    """(the adapter with its targets on expert tensors the base (an io.experts view) only shows moved onto the
+    ones it stores (io.experts.fit_experts), as merge applies them; `changed` with the keys they moved to)."""
+    from ..io.experts import fit_experts
+
+    if adapter is None:
+        return None, changed
+    fitted = fit_experts(adapter, base)
+    if changed is not None and fitted is not adapter:
+        changed = changed | {t.key for t in fitted if set(t.info.get("moved_keys", ())) & changed}
+    return fitted, changed
+
+
+def _experts(rows: list[dict], base) -> dict | None:
+    """Which expert layouts the fit found: the base's (fused "experts", gpt-oss "experts_t", per-expert) and the
+    adapter's targets on them, and how many were moved between the forms."""
+    from ..io.experts import FUSED, PER_EXPERT, fused_layout
+
+    keys = list(base.keys())
+    shown = getattr(base, "slots", {})
+    stored = [k for k in keys if k not in shown]
+    fused = sorted({fused_layout(base.info, k.rsplit(".", 1)[0]) for k in stored if FUSED.match(k)} - {None})
+    per = any(PER_EXPERT.match(k) for k in stored)
+    if not fused and not per:
+        return None
+    layouts: dict[str, int] = {}
+    for r in rows:
+        lay = r["layout"] if r["layout"] in ("experts", "experts_t") else \
+            "per_expert" if r["base_key"] and PER_EXPERT.match(r["base_key"]) else None
+        if lay:
+            layouts[lay] = layouts.get(lay, 0) + 1
+    return {"base": fused + (["per_expert"] if per else []), "targets": layouts,
+            "moved": sum(1 for r in rows if r.get("moved_from"))}
 
 
 def own_names(resolved: Adapter, own: Adapter | None) -> dict[str, str]:

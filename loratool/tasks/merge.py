@@ -100,6 +100,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     from ..device import blas_threads, session
     from ..fsutil import check_output
     from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
+    from ..io.experts import experts_view, fit_experts
     from ..io.ties import CONFIG_KEY, find_ties, with_heads
     from ..ops.fp8 import Dequantized, Fp8Target
     from ..ops.merge import Merger, plan_merge
@@ -143,10 +144,12 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
 
             # Readers see a tied head the file does not store (io.ties), so a target on it resolves; each target's
             # factors are read when its tensor is merged (lazy), so memory does not grow with the adapter.
-            view = with_heads(src.reader, find_ties(src.reader, base))
+            # ... and the experts under both forms (io.experts), so that a per-expert adapter resolves on a fused
+            # base and a fused one on a per-expert base; fit_experts then moves those targets onto stored tensors.
+            view = experts_view(with_heads(src.reader, find_ties(src.reader, base)))
             read = iter(load_adapters(paths, reader_options, base=view, allow_partial=allow_partial, lazy=True)
                         if paths else [])
-            loaded = [x if isinstance(x, Adapter) else next(read) for x in items]
+            loaded = [fit_experts(x if isinstance(x, Adapter) else next(read), view) for x in items]
             loaded, excluded = select_targets(loaded, names, targets, exclude)
             phase("adapters loaded")
             ties = find_ties(src.reader, base, wanted=[k for a in loaded for k in a.targets])

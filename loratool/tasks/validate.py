@@ -52,6 +52,10 @@ def validate(path, base=None, *, read_data: bool = True, revision: str | None = 
         dialect = native.DIALECT  # a header too broken to sniff: the native rules say exactly what is wrong
     dialect, opts = registry.taken_options(path, dialect, **reader_options)
     with _opened(base) as b:
+        if b is not None:  # experts under both forms: an adapter in either fits (io.experts)
+            from ..io.experts import experts_view
+
+            b = experts_view(b)
         if dialect is native.DIALECT:
             return _native(path, b, read_data)
         return _foreign(path, dialect, b, read_data, opts)
@@ -107,7 +111,8 @@ def _native(path, base, read_data: bool) -> Report:
     if base is not None:
         from . import fit
 
-        rep.fit, more = fit.report(rep.adapter, base, changed=changed)
+        fitted, changed = fit.experts_fitted(rep.adapter, base, changed)
+        rep.fit, more = fit.report(fitted, base, changed=changed)
         rep.findings += more
     return rep
 
@@ -191,7 +196,8 @@ def _foreign(path, dialect, base, read_data: bool, opts: dict) -> Report:
         found.add(_values(read, dialect, base, changed), new_targets_only=True)
     if base is not None and own is not None:
         names = fit.own_names(resolved, own) if resolved is not None else {}
-        rep.fit, more = fit.report(resolved, base, names=names, refused=refused, changed=changed,
+        fitted, changed = fit.experts_fitted(resolved, base, changed)
+        rep.fit, more = fit.report(fitted, base, names=names, refused=refused, changed=changed,
                                    scale_known=scale_known)
         found.add(more)
     rep.findings = list(found)
