@@ -206,7 +206,7 @@ def _lycoris_target(path, name, d, alphas, bk, kind) -> Target:
         axis, eps = lycoris.dora_of(path, name, lyc["dora_scale"], pair.shape)
         m = lyc["dora_scale"]
         return replace(pair, kind="dora", magnitude=ref(m.name, lambda x: x.reshape(-1)), dora_axis=axis,
-                       dora_eps=eps, info={**pair.info, "lycoris": "dora"})
+                       dora_eps=eps, info={**pair.info, "lycoris": "dora", "dora_scale_shape": list(m.shape)})
     got, shape, r, both_whole = lycoris.factors_of(path, name, kind, lyc, d)
     alpha = _alpha(path, d, alphas, r, tinfo) if r else 1.0
     if d["alpha"] is not None:
@@ -216,6 +216,7 @@ def _lycoris_target(path, name, d, alphas, bk, kind) -> Target:
     if "dora_scale" in lyc:
         axis, eps = lycoris.dora_of(path, name, lyc["dora_scale"], shape)
         magnitude = ref(lyc["dora_scale"].name, lambda x: x.reshape(-1))
+        tinfo["dora_scale_shape"] = list(lyc["dora_scale"].shape)
     return Target(key=key, layout="conv" if len(shape) > 2 else "linear", shape=shape, kind=kind,
                   factors=lycoris.lazy_factors(kind, got), delta_scale=lycoris.scale_for(kind, alpha, r, both_whole),
                   magnitude=magnitude, dora_axis=axis, dora_eps=eps, info=tinfo)

@@ -143,10 +143,11 @@ def dora_of(path, name: str, m, shape) -> tuple[str, float]:
     """
     if not m.is_float:
         raise _bad(path, name, f"dora_scale is {m.dtype}, not floating point")
-    ones = (1,) * (len(shape) - 1)
-    if m.shape == (shape[0], *ones) or m.shape == (shape[0],):
+    # The weight may be known only flat (out, in·k) until a base gives its kernel, so trailing 1s of any count.
+    if len(m.shape) >= 1 and m.shape[0] == shape[0] and all(x == 1 for x in m.shape[1:]):
         return "out", EPS.get(m.dtype, EPS["F32"])
-    if len(shape) >= 2 and m.shape == (1, shape[1], *ones[1:]):
+    if len(shape) >= 2 and len(m.shape) >= 2 and m.shape[0] == 1 and all(x == 1 for x in m.shape[2:]) and \
+            (m.shape[1] == shape[1] or (len(shape) == 2 and len(m.shape) > 2 and shape[1] % m.shape[1] == 0)):
         return "in", EPS.get(m.dtype, EPS["F32"])
     raise _bad(path, name, f"dora_scale {list(m.shape)} is neither ({shape[0]}, 1, …) nor (1, "
                f"{shape[1] if len(shape) > 1 else '?'}, …) for a weight {list(shape)}")
@@ -212,7 +213,10 @@ def plan_target(t: Target, name: str, where: str) -> dict:
     if t.magnitude is not None:
         m = t.magnitude
         ones = [1] * (len(t.shape) - 1)
-        if t.dora_axis == "out":
+        kept = t.info.get("dora_scale_shape")
+        if isinstance(kept, (list, tuple)) and math.prod(kept) == m.size:  # the shape it was read with
+            out[f"{name}.dora_scale"] = m.reshape(tuple(kept))
+        elif t.dora_axis == "out":
             out[f"{name}.dora_scale"] = m.reshape(t.shape[0], *ones)
         else:
             out[f"{name}.dora_scale"] = m.reshape(1, t.shape[1], *ones[1:])

@@ -113,7 +113,16 @@ def save(adapter: Adapter, path, *, overwrite: bool = True) -> int:
         FileError: `overwrite` is False and `path` exists.
         SpecError: a factor was never loaded or is not floating point.
         NumericError: a factor, delta or alpha is not finite (nothing is written).
+        UnsupportedError: a target of a kind the spec does not define (LyCORIS LoHa/LoKr/Tucker, DoRA).
     """
+    for t in adapter:
+        if t.kind not in spec.KINDS or t.magnitude is not None:
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError(f"{path}: target \"{escape(t.key)}\" is {t.kind}"
+                                   f"{' with DoRA' if t.magnitude is not None and t.kind != 'dora' else ''}, a kind "
+                                   f"spec {spec.SPEC_VERSION_STR} does not define; write it as kohya (--to kohya), or "
+                                   "convert it to LoRA (--rank)")
     tensors = numpy_tensors(tensors_of(adapter), path)
     for t in adapter:
         for b in t.blocks:

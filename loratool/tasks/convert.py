@@ -172,16 +172,16 @@ def _check_kinds(adapter: Adapter, writer) -> None:
     from ..container import escape
     from ..errors import UnsupportedError
 
-    if writer.name in ("kohya", "loratool"):  # LyCORIS's names, and spec 1.1's kinds
+    if writer.name == "kohya":  # LyCORIS's names
         return
     for t in adapter:
         if t.is_dora:
             raise UnsupportedError(f"target \"{escape(t.key)}\" is DoRA, which {writer.name} cannot hold here: its "
-                                   "merge is not W + low rank; write kohya or loratool, or merge it")
+                                   "merge is not W + low rank; write kohya (--to kohya), or merge it")
         if t.kind in FACTORED_KINDS:
             raise UnsupportedError(f"target \"{escape(t.key)}\" is {t.kind}, which {writer.name} cannot hold; pass "
                                    "--rank or --energy to make it LoRA by the optimal truncation of its exact ΔW, or "
-                                   "write kohya or loratool")
+                                   "write kohya (--to kohya)")
 
 
 __all__ = ["save", "convert", "fitted", "ConvertResult"]
