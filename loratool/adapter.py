@@ -121,6 +121,7 @@ class Target:
     magnitude: Any = None  # DoRA magnitude (1-D): kind "dora", or a LyCORIS kind with DoRA (dora_scale)
     dora_axis: str = "out"  # "out": one norm per row of M; "in": one per input channel (W's dimension 1)
     dora_eps: float = 0.0  # added to each norm (LyCORIS: float32 eps; PEFT: 0)
+    dora: bool = False  # a LyCORIS kind with DoRA: true even in a structure, whose magnitude is None
     dtype: str | None = None  # base fingerprint: the base tensor's safetensors dtype name
     sha256: str | None = None  # base fingerprint: sha256 of the base tensor's little-endian bytes
     info: Mapping[str, Any] = field(default_factory=dict)  # free-form, never changes the delta
@@ -170,7 +171,7 @@ class Target:
     @property
     def is_dora(self) -> bool:
         """True when the merge rescales W + ΔW to a magnitude (kind "dora", or a LyCORIS kind with DoRA)."""
-        return self.kind == "dora" or self.magnitude is not None
+        return self.kind == "dora" or self.dora or self.magnitude is not None
 
     @property
     def rank(self) -> int:
@@ -235,9 +236,10 @@ class Adapter:
         for t in self.targets.values():
             if t.kind == "full":
                 n += math.prod(t.shape)
-            n += sum(math.prod(_shape(x)) for x in t.factors.values())
-            if t.magnitude is not None:
-                n += math.prod(_shape(t.magnitude))
+            shapes = t.info.get("factor_shapes", {})  # a structure's factors are None: the reader kept shapes
+            n += sum(math.prod(_shape(x) if x is not None else shapes.get(k, ())) for k, x in t.factors.items())
+            if t.magnitude is not None or (t.kind in FACTORED_KINDS and "magnitude" in shapes):
+                n += math.prod(_shape(t.magnitude) if t.magnitude is not None else shapes["magnitude"])
             for b in t.blocks:
                 n += b.rank * (b.n_rows + b.n_cols)
         return n

@@ -36,6 +36,9 @@ FACTOR_DTYPES = FLOAT_DTYPES
 LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv")
 SCALE_RULES = ("standard", "rslora")
 KINDS = ("lora", "full")
+# LyCORIS kinds and DoRA (read from kohya-named files; not kinds of this spec version): the names their
+# tensors take in memory-side reports (validate's value checks), `<target>.<kind>.<factor>`, `<target>.magnitude`.
+FACTORED_KINDS = ("loha", "lokr", "tucker")
 
 # Tensor naming grammar (spec section 3). The target key is everything before the last suffix, so a
 # base key may itself contain ".lora." without ambiguity.
@@ -51,6 +54,16 @@ def factor_name(target: str, block: int, factor: str) -> str:
 def delta_name(target: str) -> str:
     """Tensor name of the whole-tensor delta of a `full` target (spec section 3)."""
     return f"{target}.delta"
+
+
+def kind_factor_name(target: str, kind: str, factor: str) -> str:
+    """Name of factor `factor` of a LyCORIS-kind target (loha, lokr, tucker)."""
+    return f"{target}.{kind}.{factor}"
+
+
+def magnitude_name(target: str) -> str:
+    """Name of the DoRA magnitude of a target."""
+    return f"{target}.magnitude"
 
 
 @dataclass(frozen=True)

@@ -181,3 +181,24 @@ def test_loha_unmerge_returns_the_base(tmp_path):
     merged, _ = merge_tensor(W, t.key, [Term(t, 1.0)])
     back, _ = merge_tensor(merged, t.key, [Term(t, -1.0)])
     assert np.abs(back - W).max() < 1e-12  # float64 base: exact up to float64 rounding
+
+
+@pytest.mark.parametrize("label", ["dora-lokr-in", "loha-tucker"])
+def test_cli_merge_reads_each_target_lazily_and_equals_lycoris(tmp_path, label):
+    from safetensors.torch import load_file
+
+    _, cls, kw, conv = next(c for c in CASES if c[0] == label)
+    layer, W0, m = build(cls, kw, conv)
+    f = write(tmp_path, m)
+    save_file({"x.weight": W0.contiguous()}, str(tmp_path / "base.safetensors"))
+    code, _, err = run("merge", tmp_path / "base.safetensors", f, "-o", tmp_path / "m.safetensors", "--verify")
+    assert code == 0, err
+    m.apply_to()
+    x = torch.randn(2, 8, 6, 6) if conv else torch.randn(3, 16)
+    with torch.no_grad():
+        y = layer(x)
+    W = load_file(str(tmp_path / "m.safetensors"))["x.weight"]
+    y2 = torch.nn.functional.conv2d(x, W) if conv else x @ W.T
+    assert float((y - y2).abs().max()) <= RTOL * float(y.abs().max())
+    code, out, _ = run("inspect", f, "--json")
+    assert code == 0 and '"parameters"' in out

@@ -217,9 +217,12 @@ def _lycoris_target(path, name, d, alphas, bk, kind) -> Target:
         axis, eps = lycoris.dora_of(path, name, lyc["dora_scale"], shape)
         magnitude = ref(lyc["dora_scale"].name, lambda x: x.reshape(-1))
         tinfo["dora_scale_shape"] = list(lyc["dora_scale"].shape)
+    tinfo["factor_shapes"] = {k: list(m.shape) for k, m in got.items()}
+    if magnitude is not None:
+        tinfo["factor_shapes"]["magnitude"] = list(lyc["dora_scale"].shape)
     return Target(key=key, layout="conv" if len(shape) > 2 else "linear", shape=shape, kind=kind,
                   factors=lycoris.lazy_factors(kind, got), delta_scale=lycoris.scale_for(kind, alpha, r, both_whole),
-                  magnitude=magnitude, dora_axis=axis, dora_eps=eps, info=tinfo)
+                  magnitude=magnitude, dora_axis=axis, dora_eps=eps, dora=magnitude is not None, info=tinfo)
 
 
 def _target(path, name, d, alphas, bk) -> Target:

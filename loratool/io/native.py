@@ -62,6 +62,11 @@ def tensors_of(adapter: Adapter) -> dict:
     """name -> tensor, by the naming grammar of spec section 3."""
     out = {}
     for t in adapter:
+        if t.magnitude is not None:
+            out[spec.magnitude_name(t.key)] = t.magnitude
+        if t.kind in spec.FACTORED_KINDS:
+            out.update({spec.kind_factor_name(t.key, t.kind, k): v for k, v in t.factors.items()})
+            continue
         if t.kind == "full":
             out[spec.delta_name(t.key)] = t.delta
             continue
@@ -116,7 +121,7 @@ def save(adapter: Adapter, path, *, overwrite: bool = True) -> int:
         UnsupportedError: a target of a kind the spec does not define (LyCORIS LoHa/LoKr/Tucker, DoRA).
     """
     for t in adapter:
-        if t.kind not in spec.KINDS or t.magnitude is not None:
+        if t.kind not in spec.KINDS or t.is_dora:
             from ..errors import UnsupportedError
 
             raise UnsupportedError(f"{path}: target \"{escape(t.key)}\" is {t.kind}"
