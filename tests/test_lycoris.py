@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from clitools import run
 from loratool.errors import UnsupportedError
 from loratool.io import kohya as K
-from loratool.ops.kinds import dense_matrix, to_lora
+from loratool.ops.kinds import dense_matrix
+from loratool.ops.to_lora import to_lora
 from loratool.ops.merge import Term, merge_tensor
 
 lycoris = pytest.importorskip("lycoris")

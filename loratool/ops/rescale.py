@@ -162,7 +162,7 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         progress(0, total=len(adapter))
     targets, rows = [], []
     for t in adapter:
-        if t.dense:  # kept: a LyCORIS kind becomes LoRA by `convert --rank` (ops.kinds.to_lora)
+        if t.dense:  # kept: a LyCORIS kind becomes LoRA by `convert --rank` (ops.to_lora)
             targets.append(t)
             rows.append({"target": t.key, "kind": t.kind, "rank_before": None, "rank_after": None,
                          "blocks_before": 0, "blocks_after": 0, "energy_retained": 1.0, "relative_error": 0.0})

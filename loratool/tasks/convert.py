@@ -112,7 +112,7 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
         targets, exclude: fnmatch globs selecting the targets written (tasks._inputs.select_targets); the
             others are listed in the result's `excluded`.
         rank, energy: make every LoHa, LoKr and LoCon-Tucker target a LoRA pair by the optimal truncation of
-            its exact ΔW at this rank, or retaining this fraction of ‖ΔW‖²_F (ops.kinds.to_lora); the result's
+            its exact ΔW at this rank, or retaining this fraction of ‖ΔW‖²_F (ops.to_lora); the result's
             `converted` lists each with its error and the optimum. Without them such a target is written only
             to dialects that hold it (kohya, loratool) and refused by the others.
         options: reader options (base (a path or Hub id), allow_unknown, allow_partial (modules that map to
@@ -154,7 +154,7 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
              if isinstance(base, (str, os.PathLike)) else {})
     converted: list = []
     if rank is not None or energy is not None:
-        from ..ops.kinds import to_lora
+        from ..ops.to_lora import to_lora
 
         adapter, converted = to_lora(adapter, rank=rank, energy=energy)
     else:
