@@ -13,6 +13,15 @@ Every delta is defined on the target's *matrix view* M (out, in):
   experts_t       M = W.reshape(E*in, out)^T  W is (E, in, out): fused experts stored input-major (gpt-oss);
                                               expert e is M columns [e*in, (e+1)*in)
 and a block adds  M[rows, cols] += scale * B @ A  with A (rank, cols) and B (rows, rank).
+
+LyCORIS kinds (spec 1.1) hold their factors by name in `factors`, in LyCORIS's own shapes, and their scale s
+in `delta_scale`; ops/kinds.py computes their exact dense delta on M (layout linear or conv):
+  loha    ΔM = s·(w1a @ w1b) ⊙ (w2a @ w2b), or with Tucker cores t1/t2 each half rebuilt from (t, wa, wb)
+  lokr    ΔM = s·kron(W1, W2), W1 = w1 or w1a @ w1b, W2 = w2 or w2a @ w2b (or Tucker t2, w2a, w2b)
+  tucker  ΔM = s·up @ (mid ×₂ down): a LoCon pair with a Tucker core (lora_mid)
+DoRA (kind "dora", a LoRA pair; or a LyCORIS kind with a magnitude) holds `magnitude` (1-D) and rescales
+W + ΔW to it: W' = m / ‖W + ΔW‖ · (W + ΔW), the norm per row of M (`dora_axis` "out") or per input channel
+(`dora_axis` "in", LyCORIS wd_on_out=False), with `dora_eps` added to the norm (LyCORIS adds float32 eps).
 """
 
 from __future__ import annotations
@@ -100,6 +109,10 @@ class Block:
         return self.cols[1] - self.cols[0]
 
 
+FACTORED_KINDS = ("loha", "lokr", "tucker")  # a dense delta from named factors, scaled by delta_scale
+LORA_KINDS = ("lora", "dora")  # a delta from blocks
+
+
 @dataclass(frozen=True)
 class Target:
     """Everything an adapter changes in one base tensor, named by the base tensor's full key."""
@@ -107,10 +120,16 @@ class Target:
     key: str
     layout: str
     shape: tuple[int, ...]
-    kind: str = "lora"  # "lora": sum of blocks; "full": delta_scale * delta (whole tensor, layout "full")
+    kind: str = "lora"  # "lora": sum of blocks; "full": delta_scale * delta (whole tensor, layout "full");
+    #                     "dora": blocks + magnitude; "loha", "lokr", "tucker": delta_scale * f(factors)
     blocks: tuple[Block, ...] = ()
     delta: Any = None  # torch.Tensor of `shape` for kind "full"
     delta_scale: float = 1.0
+    factors: Mapping[str, Any] = field(default_factory=dict)  # name -> array, kinds loha / lokr / tucker
+    magnitude: Any = None  # DoRA magnitude (1-D): kind "dora", or a LyCORIS kind with DoRA (dora_scale)
+    dora_axis: str = "out"  # "out": one norm per row of M; "in": one per input channel (W's dimension 1)
+    dora_eps: float = 0.0  # added to each norm (LyCORIS: float32 eps; PEFT: 0)
+    dora: bool = False  # a LyCORIS kind with DoRA: true even in a structure, whose magnitude is None
     dtype: str | None = None  # base fingerprint: the base tensor's safetensors dtype name
     sha256: str | None = None  # base fingerprint: sha256 of the base tensor's little-endian bytes
     info: Mapping[str, Any] = field(default_factory=dict)  # free-form, never changes the delta
@@ -132,14 +151,41 @@ class Target:
         return self if self.load is None else self.load(self)
 
     def map_arrays(self, fn) -> "Target":
-        """The target with `fn` applied to every factor (A, B) or to its full delta, None included."""
+        """The target with `fn` applied to every factor (A, B, LyCORIS factors, magnitude) or to its full delta,
+        None included."""
+        t = self if self.magnitude is None else replace(self, magnitude=fn(self.magnitude))
         if self.kind == "full":
-            return replace(self, delta=fn(self.delta))
-        return self.with_blocks(replace(b, A=fn(b.A), B=fn(b.B)) for b in self.blocks)
+            return replace(t, delta=fn(self.delta))
+        if self.kind in FACTORED_KINDS:
+            return replace(t, factors={k: fn(v) for k, v in self.factors.items()})
+        return t.with_blocks(replace(b, A=fn(b.A), B=fn(b.B)) for b in self.blocks)
+
+    def arrays(self):
+        """Every array of the target (None where not loaded)."""
+        if self.kind == "full":
+            yield self.delta
+        yield from self.factors.values()
+        for b in self.blocks:
+            yield b.A
+            yield b.B
+        if self.magnitude is not None:
+            yield self.magnitude
+
+    @property
+    def dense(self) -> bool:
+        """True for the kinds whose delta is delta_scale x a dense tensor (full, loha, lokr, tucker)."""
+        return self.kind == "full" or self.kind in FACTORED_KINDS
+
+    @property
+    def is_dora(self) -> bool:
+        """True when the merge rescales W + ΔW to a magnitude (kind "dora", or a LyCORIS kind with DoRA)."""
+        return self.kind == "dora" or self.dora or self.magnitude is not None
 
     @property
     def rank(self) -> int:
-        """Total rank of the target (sum over blocks); 0 for a full target."""
+        """Total rank of the target (sum over blocks); the factor rank of a LyCORIS kind; 0 for a full target."""
+        if self.kind in FACTORED_KINDS:
+            return _factor_rank(self)
         return sum(b.rank for b in self.blocks)
 
     @property
@@ -178,13 +224,10 @@ class Adapter:
         return self.replace_targets(t.map_arrays(fn) for t in self)
 
     def arrays(self):
-        """Every factor (A, B) and full delta, in target order (None where not loaded)."""
+        """Every factor (A, B, LyCORIS factors, magnitudes) and full delta, in target order (None where not
+        loaded)."""
         for t in self:
-            if t.kind == "full":
-                yield t.delta
-            for b in t.blocks:
-                yield b.A
-                yield b.B
+            yield from t.arrays()
 
     def as_numpy(self) -> "Adapter":
         """The adapter with every factor and full delta a numpy array (torch tensors converted; None kept);
@@ -201,9 +244,26 @@ class Adapter:
         for t in self.targets.values():
             if t.kind == "full":
                 n += math.prod(t.shape)
+            shapes = t.info.get("factor_shapes", {})  # a structure's factors are None: the reader kept shapes
+            n += sum(math.prod(_shape(x) if x is not None else shapes.get(k, ())) for k, x in t.factors.items())
+            if t.magnitude is not None or (t.kind in FACTORED_KINDS and "magnitude" in shapes):
+                n += math.prod(_shape(t.magnitude) if t.magnitude is not None else shapes["magnitude"])
             for b in t.blocks:
                 n += b.rank * (b.n_rows + b.n_cols)
         return n
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
+
+
+def _factor_rank(t: Target) -> int:
+    """The rank r of a LyCORIS kind's decomposed factor (the r of its alpha / r); 0 when no factor is."""
+    f = t.factors
+    for name in ("w1b", "w2b", "down"):  # (r, ...) in every LyCORIS shape
+        if f.get(name) is not None:
+            return int(_shape(f[name])[0])
+    return 0
 
 
 def whole_target(key: str, layout: str, shape, A, B, alpha: float, scale_rule: str = "standard",
@@ -227,6 +287,6 @@ def expert_span(layout: str, shape: tuple[int, ...], e: int) -> tuple[tuple[int,
     return (0, n_out), (e * n_in, (e + 1) * n_in)
 
 
-__all__ = ["Adapter", "Block", "Target", "scale_of", "alpha_for_scale", "matrix_shape", "whole_target", "spec",
-           "EXPERT_LAYOUTS", "expert_span",
+__all__ = ["Adapter", "Block", "Target", "FACTORED_KINDS", "LORA_KINDS", "scale_of", "alpha_for_scale",
+           "matrix_shape", "whole_target", "spec", "EXPERT_LAYOUTS", "expert_span",
            "GEMM_MIN_ROWS", "block_rows_for", "row_spans"]

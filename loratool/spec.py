@@ -36,6 +36,9 @@ FACTOR_DTYPES = FLOAT_DTYPES
 LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv", "experts", "experts_t")
 SCALE_RULES = ("standard", "rslora")
 KINDS = ("lora", "full")
+# LyCORIS kinds and DoRA (read from kohya-named files; not kinds of this spec version): the names their
+# tensors take in memory-side reports (validate's value checks), `<target>.<kind>.<factor>`, `<target>.magnitude`.
+FACTORED_KINDS = ("loha", "lokr", "tucker")
 
 # Tensor naming grammar (spec section 3). The target key is everything before the last suffix, so a
 # base key may itself contain ".lora." without ambiguity.
@@ -51,6 +54,16 @@ def factor_name(target: str, block: int, factor: str) -> str:
 def delta_name(target: str) -> str:
     """Tensor name of the whole-tensor delta of a `full` target (spec section 3)."""
     return f"{target}.delta"
+
+
+def kind_factor_name(target: str, kind: str, factor: str) -> str:
+    """Name of factor `factor` of a LyCORIS-kind target (loha, lokr, tucker)."""
+    return f"{target}.{kind}.{factor}"
+
+
+def magnitude_name(target: str) -> str:
+    """Name of the DoRA magnitude of a target."""
+    return f"{target}.magnitude"
 
 
 @dataclass(frozen=True)
@@ -128,8 +141,10 @@ _VALIDATE_RULES = [
     Rule("P012", "error", "factors are floating point and form a pair: 2-D, or conv with a 1x1 lora_B, equal ranks"),
     Rule("P013", "error", "the factors' rank equals r after rank_pattern"),
     Rule("P014", "error", "lora_B.bias, lora_magnitude_vector and saved whole tensors fit their module"),
-    Rule("K001", "error", "every tensor is <name>.lora_down[.<i>].weight, <name>.lora_up[.<i>].weight or <name>.alpha"),
-    Rule("K002", "error", "no tensors of networks that only share kohya's names (LyCORIS, DoRA, OFT, GLoRA)"),
+    Rule("K001", "error", "every tensor is <name>.lora_down[.<i>].weight, <name>.lora_up[.<i>].weight, <name>.alpha "
+                          "or a LyCORIS LoCon/LoHa/LoKr/DoRA tensor"),
+    Rule("K002", "error", "no tensors of networks that only share kohya's names (OFT, GLoRA, LyCORIS full or norm "
+                          "deltas)"),
     Rule("K003", "error", "every lora_down has its lora_up and every lora_up its lora_down"),
     Rule("K004", "warning", "every module has a non-zero alpha (missing or 0 means alpha = rank, scale 1)"),
     Rule("K005", "error", "alpha is one finite number"),
@@ -137,6 +152,8 @@ _VALIDATE_RULES = [
                           "lora_up, equal ranks"),
     Rule("K007", "error", "split_dims pairs are numbered 0..n-1, not mixed with an unnumbered pair, with equal "
                           "2-D lora_down shapes"),
+    Rule("K008", "error", "LyCORIS modules (LoHa hada_*, LoKr lokr_*, LoCon lora_mid, dora_scale) have every factor, "
+                          "floating point, with shapes that fit together (one rank per module)"),
     Rule("L001", "error", "lora_alpha is given (loralib keeps it in code, not in the file)"),
     Rule("L002", "error", "the file is a weights-only state dict holding <module>.lora_A / <module>.lora_B tensors"),
     Rule("L003", "error", "every module has lora_A and lora_B, 2-D floating-point matrices"),

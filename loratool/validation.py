@@ -273,8 +273,12 @@ def _check_tensor_names(hdr: Header, raw_targets: dict, targets: dict[str, Targe
                                 f"expected {list(want)} (rank {b.rank})", escape(key)))
         seen.add(name)
     for t in targets.values():
-        names = [spec.delta_name(t.key)] if t.kind == "full" else [
+        factored = t.kind in spec.FACTORED_KINDS
+        names = [spec.delta_name(t.key)] if t.kind == "full" else \
+            [spec.kind_factor_name(t.key, t.kind, k) for k in t.factors] if factored else [
             spec.factor_name(t.key, i, f) for i in range(len(t.blocks)) for f in "AB"]
+        if t.magnitude is not None:
+            names.append(spec.magnitude_name(t.key))
         for n in names:
             if n not in hdr.tensors:
                 add(Finding("T003", f"target \"{escape(t.key)}\" declares tensor \"{escape(n)}\" but the file lacks "
@@ -296,8 +300,12 @@ def check_values(tensors, adapter: Adapter, changed: set | None = None) -> list[
     """
     findings = []
     for t in adapter:
-        names = [spec.delta_name(t.key)] if t.kind == "full" else [
+        factored = t.kind in spec.FACTORED_KINDS
+        names = [spec.delta_name(t.key)] if t.kind == "full" else \
+            [spec.kind_factor_name(t.key, t.kind, k) for k in t.factors] if factored else [
             spec.factor_name(t.key, i, f) for i in range(len(t.blocks)) for f in "AB"]
+        if t.magnitude is not None:
+            names.append(spec.magnitude_name(t.key))
         read, zero = set(), set()
         for n in names:
             x = tensors.get(n)
@@ -314,7 +322,9 @@ def check_values(tensors, adapter: Adapter, changed: set | None = None) -> list[
                     findings.append(Finding("W003", f"tensor \"{escape(n)}\" is all zeros, so its block adds "
                                                     "nothing", escape(t.key)))
         live = read - zero
-        if changed is not None and (live if t.kind == "full" else any(
+        if factored:  # a product of factors: zero when one is (Hadamard, Kronecker, Tucker chain)
+            nonzero = not zero and len(read) == len(names)
+        if changed is not None and (live if t.kind == "full" else nonzero if factored else any(
                 {spec.factor_name(t.key, i, "A"), spec.factor_name(t.key, i, "B")} <= live for i in range(len(t.blocks)))):
             changed.add(t.key)
     return findings

@@ -191,16 +191,19 @@ def test_writer_refusals(tmp_path):
     assert not (tmp_path / "k.safetensors").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"lora_unet_x.hada_w1_a": torch.ones(2, 2)}, "\"lora_unet_x.hada_w1_a\" is a LyCORIS LoHa factor"),
-    ({"lora_unet_x.dora_scale": torch.ones(2)}, "\"lora_unet_x.dora_scale\" is a DoRA magnitude (LyCORIS); DoRA merge "
-                                                "is not supported yet"),
-    ({"lora_unet_x.lora_mid.weight": torch.ones(2, 2, 3, 3)}, "is a LyCORIS Tucker (CP) core"),
+@pytest.mark.parametrize("extra, error, message", [
+    ({"lora_unet_x.hada_w1_a": torch.ones(2, 2)}, SpecError,
+     "module \"lora_unet_x\": loha factors do not fit together (w1a [2, 2]); see lycoris-lora's modules/loha.py"),
+    ({"lora_unet_x.dora_scale": torch.ones(2)}, SpecError,
+     "module \"lora_unet_x\": dora_scale [2] is neither (4, 1, …) nor (1, 3, …) for a weight [4, 3]"),
+    ({"lora_unet_x.lora_mid.weight": torch.ones(2, 2, 3, 3)}, SpecError, "tucker factors do not fit together"),
+    ({"lora_unet_x.oft_blocks": torch.ones(2, 2, 2)}, UnsupportedError, "is an OFT/BOFT block (multiplicative)"),
 ])
-def test_lycoris_keys_are_refused(tmp_path, extra, message):
+def test_malformed_lycoris_modules_are_refused(tmp_path, extra, error, message):
+    # LyCORIS modules are read (tests/test_lycoris.py); a module whose tensors do not fit is refused (K008).
     sd = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.ones(4, 2)} | extra
     save_file(sd, str(tmp_path / "l.safetensors"))
-    with pytest.raises(UnsupportedError, match=re.escape(message)):
+    with pytest.raises(error, match=re.escape(message)):
         K.load(tmp_path / "l.safetensors")
 
 

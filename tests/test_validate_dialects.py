@@ -242,9 +242,10 @@ def test_kohya_alpha_of_wrong_shape_and_missing_alpha(tmp_path):
 
 def test_kohya_broken_pairs_and_lycoris_keys_are_all_reported(tmp_path):
     k, _ = _kohya(tmp_path, **{f"{KQ}.lora_up.weight": None, f"{KC}.lora_up.weight": _r(8, 2, 3, 3, seed=7),
-                               f"{KC}.hada_w1_a": _r(2, 2, seed=8)})
+                               f"{KC}.hada_w1_a": _r(2, 2, seed=8), "lora_unet_o.oft_blocks": _r(2, 2, 2, seed=9)})
     code, doc, _ = _validate_json(k)
-    assert code == 1 and _rules(doc, "error") == ["K002", "K003", "K006"]
+    # K008: a LoHa factor beside a pair is a LyCORIS module whose factors do not fit together
+    assert code == 1 and _rules(doc, "error") == ["K002", "K003", "K008"]
 
 
 def test_merge_with_a_wrong_base_names_every_kohya_module(tmp_path):

@@ -22,10 +22,15 @@ from .options import dialect_options, reader_options_of, selection_options
 @click.option("--kohya-prefix", default="lora_unet_", show_default=True,
               help="kohya only: prefix of names for targets that were not read from kohya (lora_unet_, lora_te_, "
                    "...).")
+@click.option("--rank", type=int, default=None,
+              help="Make LoHa, LoKr and LoCon-Tucker targets LoRA of this rank by the optimal truncation of their "
+                   "exact ΔW (the error and the optimum are reported per target).")
+@click.option("--energy", type=float, default=None,
+              help="As --rank, keeping the fewest singular values that retain this fraction of ||ΔW||².")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON document describing the conversion.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line.")
-def convert(path, output, to, targets, exclude, kohya_prefix, overwrite, json_, quiet, **reader):
+def convert(path, output, to, targets, exclude, kohya_prefix, rank, energy, overwrite, json_, quiet, **reader):
     """Convert an adapter between dialects without changing ΔW.
 
     Reads loratool, PEFT folders, kohya/sd-scripts .safetensors and loralib .pt state dicts; writes loratool,
@@ -48,15 +53,20 @@ def convert(path, output, to, targets, exclude, kohya_prefix, overwrite, json_, 
         loratool convert lora.pt -o adapter.safetensors --to loratool --alpha 16 --enable-lora 1,0,1 --fan-in-fan-out
 
         loratool convert sdxl_lora.safetensors -o unet_only/ --to peft --base unet.safetensors --allow-partial
+
+        loratool convert loha.safetensors -o lora_out/ --to peft --base unet.safetensors --rank 16
     """
     from ..tasks.convert import convert as run
 
+    if rank is not None and energy is not None:
+        raise click.UsageError("pass --rank or --energy, not both")
     res = run(path, output, to=to, overwrite=overwrite, kohya_prefix=kohya_prefix, targets=targets, exclude=exclude,
-              **reader_options_of(reader))
+              rank=rank, energy=energy, **reader_options_of(reader))
     adapter, dialect, to, nbytes = res.adapter, res.dialect, res.to, res.bytes
     doc = {"input": str(path), "dialect": dialect, "output": str(output), "to": to, "targets": len(adapter),
            "parameters": adapter.n_params, "bytes": nbytes, "folded": list(res.folded), "info": dict(adapter.info),
-           "skipped": list(adapter.info.get("skipped", [])), "excluded": list(res.excluded)}
+           "skipped": list(adapter.info.get("skipped", [])), "excluded": list(res.excluded),
+           "converted": res.converted}
     if json_:
         from .render import emit_json
 
@@ -66,6 +76,9 @@ def convert(path, output, to, targets, exclude, kohya_prefix, overwrite, json_, 
 
         err.print(f"{path} ({dialect}) -> {output} ({to}): {len(adapter)} targets, {adapter.n_params:,} parameters, "
                   f"{fmt_bytes(nbytes)}")
+        for row in res.converted:
+            err.print(f"{row['target']}: {row['kind']} -> LoRA rank {row['rank_after']}: relative error "
+                      f"{row['relative_error']:.4g} (optimum {row['optimal_error']:.4g})")
         if res.folded:
             err.print(f"folded {len(res.folded)} target(s) with several blocks into one A/B pair each (exact; the "
                       "rank is the sum of the blocks' ranks)")

@@ -334,8 +334,7 @@ def deferred(adapter, read: Callable[[set], dict], check: Callable | None = None
             run on each load.
     """
     def loader(planned):
-        parts = [planned.delta] if planned.kind == "full" else [z for b in planned.blocks for z in (b.A, b.B)]
-        names = {n for z in parts if isinstance(z, Lazy) for n in z.names}
+        names = {n for z in planned.arrays() if isinstance(z, Lazy) for n in z.names}
 
         def load(_target):
             arrays = read(names) if names else {}

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
-from ..adapter import Adapter, Block, Target, alpha_for_scale
+from ..adapter import FACTORED_KINDS, Adapter, Block, Target, alpha_for_scale
 from ..container import escape, read_scalars, write_file
 from ..errors import MismatchError, NumericError, SpecError, UnsupportedError
+from . import lycoris
 from ._common import (Dialect, Meta, Source, as_source, attempt, base_keys, check_unknown, deferred, fits,
                       header_only, materialize, metas_of_header, ref, refusal, safetensors_reader, settle)
 from .native import numpy_tensors, tensors_of
@@ -38,13 +40,9 @@ PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lo
 NAME = re.compile(r"^(?P<name>[^.]+)\.(?:(?P<f>lora_down|lora_up)(?:\.(?P<i>0|[1-9][0-9]{0,4}))?\.weight"
                   r"|(?P<alpha>alpha))$", re.S)
 # Keys of other networks that share kohya's naming: recognised and refused with the reason.
+# LyCORIS's LoCon (Tucker), LoHa, LoKr and DoRA tensors are read (io/lycoris.py).
 REFUSED = {
-    "dora_scale": "is a DoRA magnitude (LyCORIS); DoRA merge is not supported yet",
-    "dora_layer.weight": "is a DoRA magnitude; DoRA merge is not supported yet",
-    "lora_mid.weight": "is a LyCORIS Tucker (CP) core; its delta is not up @ down",
-    "hada_w1_a": "is a LyCORIS LoHa factor (Hadamard product), not LoRA",
-    "lokr_w1": "is a LyCORIS LoKr factor (Kronecker product), not LoRA",
-    "lokr_w1_a": "is a LyCORIS LoKr factor (Kronecker product), not LoRA",
+    "dora_layer.weight": "is a DoRA magnitude in a layout no loader defines (LyCORIS writes dora_scale)",
     "oft_blocks": "is an OFT/BOFT block (multiplicative), not LoRA",
     "diff": "is a LyCORIS full-weight difference, not LoRA",
     "w_norm": "is a LyCORIS norm delta, not LoRA",
@@ -114,15 +112,18 @@ def _build(path, metas, meta, read_alphas, bk, allow_unknown, allow_partial=Fals
         m = NAME.match(key)
         if m is None:
             name, _, rest = key.partition(".")
+            if rest in lycoris.SUFFIXES:
+                modules.setdefault(name, {"down": {}, "up": {}, "alpha": None, "lyc": {}})["lyc"][rest] = x
+                continue
             why = next((why for suffix, why in REFUSED.items() if rest == suffix or rest.startswith(suffix + ".")
                         or rest.startswith(suffix.split(".")[0] + "_")), None)
             if why is not None:
                 refused.append(refusal(UnsupportedError, "K002", f"{path}: \"{escape(key)}\" {why}; loratool reads "
-                                       "plain LoRA (lora_down/lora_up/alpha) only", key))
+                                       "LoRA, LoCon, LoHa, LoKr and DoRA only", key))
             else:
                 unknown.append(key)
             continue
-        d = modules.setdefault(m["name"], {"down": {}, "up": {}, "alpha": None})
+        d = modules.setdefault(m["name"], {"down": {}, "up": {}, "alpha": None, "lyc": {}})
         if m["alpha"]:
             d["alpha"] = x
         else:
@@ -162,8 +163,75 @@ def _alpha_value(path, a: Meta, alphas: dict) -> float:
     return alphas[a.name]
 
 
+def _alpha(path, d, alphas, r, tinfo) -> float:
+    """The module's alpha; missing or 0 means alpha = r (recorded in tinfo), as sd-scripts and LyCORIS do."""
+    if d["alpha"] is None:
+        tinfo["alpha"] = ALPHA_MISSING
+        return float(r)
+    a = d["alpha"]
+    alpha = _alpha_value(path, a, alphas)
+    if not math.isfinite(alpha):
+        raise refusal(SpecError, "K005", f"{path}: \"{escape(a.name)}\" is {alpha}; alpha must be finite", a.name)
+    if alpha == 0.0:
+        tinfo["alpha"] = ALPHA_ZERO
+        return float(r)
+    return alpha
+
+
+def _resolve(path, name, shape, bk) -> tuple[str, tuple[int, ...]]:
+    """The base key of a module and the weight shape to use: the factors' shape, or the base's when it is the
+    same weight seen flat (a conv ΔW the factors give as (out, in·k), or 1x1 conv factors on a Linear)."""
+    shown = escape(name)
+    if bk is None:
+        return name + ".weight", shape
+    key = bk.resolve_underscored(strip_prefix(name), f"{path}: module \"{shown}\"", name)
+    have = bk.shape(key)
+    if have is not None and have != shape and len(have) >= 2 and have[0] == shape[0] and \
+            math.prod(have[1:]) == math.prod(shape[1:]) and (len(have) > 2 or all(k == 1 for k in shape[2:])):
+        shape = tuple(have)
+    if have != shape:
+        raise refusal(MismatchError, "B002", f"{path}: module \"{shown}\": factors imply weight {list(shape)} but "
+                      f"base \"{escape(key)}\" is {list(have)}", name)
+    return key, shape
+
+
+def _lycoris_target(path, name, d, alphas, bk, kind) -> Target:
+    """A LoHa, LoKr, LoCon-Tucker or DoRA module (io/lycoris.py)."""
+    tinfo: dict = {"kohya_name": name, "lycoris": kind}
+    lyc = d["lyc"]
+    if kind == "dora":
+        pair = _target(path, name, {**d, "lyc": {}}, alphas, bk)
+        if len(pair.blocks) != 1:
+            raise lycoris._bad(path, name, "dora_scale on split_dims pairs")
+        axis, eps = lycoris.dora_of(path, name, lyc["dora_scale"], pair.shape)
+        m = lyc["dora_scale"]
+        return replace(pair, kind="dora", magnitude=ref(m.name, lambda x: x.reshape(-1)), dora_axis=axis,
+                       dora_eps=eps, info={**pair.info, "lycoris": "dora", "dora_scale_shape": list(m.shape)})
+    got, shape, r, both_whole = lycoris.factors_of(path, name, kind, lyc, d)
+    alpha = _alpha(path, d, alphas, r, tinfo) if r else 1.0
+    if d["alpha"] is not None:
+        tinfo["lycoris_alpha"] = alphas.get(d["alpha"].name, alpha)
+    key, shape = _resolve(path, name, tuple(int(x) for x in shape), bk)
+    magnitude, axis, eps = None, "out", 0.0
+    if "dora_scale" in lyc:
+        axis, eps = lycoris.dora_of(path, name, lyc["dora_scale"], shape)
+        magnitude = ref(lyc["dora_scale"].name, lambda x: x.reshape(-1))
+        tinfo["dora_scale_shape"] = list(lyc["dora_scale"].shape)
+    tinfo["factor_shapes"] = {k: list(m.shape) for k, m in got.items()}
+    if magnitude is not None:
+        tinfo["factor_shapes"]["magnitude"] = list(lyc["dora_scale"].shape)
+    return Target(key=key, layout="conv" if len(shape) > 2 else "linear", shape=shape, kind=kind,
+                  factors=lycoris.lazy_factors(kind, got), delta_scale=lycoris.scale_for(kind, alpha, r, both_whole),
+                  magnitude=magnitude, dora_axis=axis, dora_eps=eps, dora=magnitude is not None, info=tinfo)
+
+
 def _target(path, name, d, alphas, bk) -> Target:
     shown = escape(name)
+    kind = lycoris.kind_of(d["lyc"], bool(d["down"]))
+    if kind is not None:
+        return _lycoris_target(path, name, d, alphas, bk, kind)
+    if d["lyc"]:
+        raise lycoris._bad(path, name, f"{', '.join(sorted(d['lyc']))} without the factors it belongs to")
     downs, ups = d["down"], d["up"]
     if not downs or set(downs) != set(ups):
         have = "lora_down" if downs else "lora_up"
@@ -191,17 +259,7 @@ def _target(path, name, d, alphas, bk) -> Target:
         raise refusal(SpecError, "K007", f"{path}: module \"{shown}\": split_dims pairs must be 2-D with equal "
                       "lora_down shapes", name)
     tinfo: dict = {"kohya_name": name}
-    if d["alpha"] is None:
-        alpha = float(r)
-        tinfo["alpha"] = ALPHA_MISSING
-    else:
-        a = d["alpha"]
-        alpha = _alpha_value(path, a, alphas)
-        if not math.isfinite(alpha):
-            raise refusal(SpecError, "K005", f"{path}: \"{escape(a.name)}\" is {alpha}; alpha must be finite", a.name)
-        if alpha == 0.0:
-            alpha = float(r)
-            tinfo["alpha"] = ALPHA_ZERO
+    alpha = _alpha(path, d, alphas, r, tinfo)
     down0 = pairs[0][0]
     out = sum(int(p[1].shape[0]) for p in pairs)
     conv = down0.ndim == 4
@@ -249,7 +307,7 @@ def holds(t: Target) -> bool:
     """Whether kohya holds a lora target as it is: one pair over the whole weight, or split_dims (lora_flux.py):
     equal-rank pairs of one scale (one alpha per module) tiling a Linear's rows in order. Others are folded
     into one pair first (ops/fold.py), which every kohya reader (A1111, ComfyUI, sd-scripts) loads."""
-    if t.is_whole:
+    if t.is_whole or t.kind in FACTORED_KINDS:
         return True
     out, inp = t.matrix_shape
     blocks = sorted(t.blocks, key=lambda b: b.rows)
@@ -289,6 +347,9 @@ def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
             raise UnsupportedError(f"{where} and \"{escape(seen[name])}\" both become kohya name \"{escape(name)}\"; "
                                    "underscores make them collide")
         seen[name] = t.key
+        if t.kind in FACTORED_KINDS:  # LoHa, LoKr, LoCon-Tucker: LyCORIS's names (io/lycoris.py)
+            tensors.update(lycoris.plan_target(t, name, where))
+            continue
         if not holds(t):
             raise UnsupportedError(f"{where} has {len(t.blocks)} block(s) that are neither one pair over the whole "
                                    "weight nor split_dims row slices of a Linear with one rank and one scale; fold it "
@@ -309,6 +370,10 @@ def plan(adapter: Adapter, prefix: str = "lora_unet_") -> dict:
         # alpha = scale * r, rarely a float32): then float64, which every reader's .item()/.float() accepts.
         exact32 = float(np.float32(alpha)) == alpha
         tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float32 if exact32 else np.float64)
+        if t.magnitude is not None:  # DoRA: LyCORIS's dora_scale
+            if len(blocks) != 1:
+                raise UnsupportedError(f"{where} is DoRA on split_dims pairs, which LyCORIS does not define")
+            tensors.update(lycoris.plan_target(t, name, where))
     return tensors
 
 

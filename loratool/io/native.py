@@ -62,6 +62,11 @@ def tensors_of(adapter: Adapter) -> dict:
     """name -> tensor, by the naming grammar of spec section 3."""
     out = {}
     for t in adapter:
+        if t.magnitude is not None:
+            out[spec.magnitude_name(t.key)] = t.magnitude
+        if t.kind in spec.FACTORED_KINDS:
+            out.update({spec.kind_factor_name(t.key, t.kind, k): v for k, v in t.factors.items()})
+            continue
         if t.kind == "full":
             out[spec.delta_name(t.key)] = t.delta
             continue
@@ -113,7 +118,16 @@ def save(adapter: Adapter, path, *, overwrite: bool = True) -> int:
         FileError: `overwrite` is False and `path` exists.
         SpecError: a factor was never loaded or is not floating point.
         NumericError: a factor, delta or alpha is not finite (nothing is written).
+        UnsupportedError: a target of a kind the spec does not define (LyCORIS LoHa/LoKr/Tucker, DoRA).
     """
+    for t in adapter:
+        if t.kind not in spec.KINDS or t.is_dora:
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError(f"{path}: target \"{escape(t.key)}\" is {t.kind}"
+                                   f"{' with DoRA' if t.magnitude is not None and t.kind != 'dora' else ''}, a kind "
+                                   f"spec {spec.SPEC_VERSION_STR} does not define; write it as kohya (--to kohya), or "
+                                   "convert it to LoRA (--rank)")
     tensors = numpy_tensors(tensors_of(adapter), path)
     for t in adapter:
         for b in t.blocks:

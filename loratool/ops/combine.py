@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from ..adapter import Adapter, Target
 from ..container import escape
-from ..errors import MismatchError, NumericError
+from ..errors import UnsupportedError, MismatchError, NumericError
 from .combine_methods import DEFAULT, METHODS, Options
 
 
@@ -71,6 +71,14 @@ def aligned_targets(adapters, names) -> dict[str, list[tuple[int, Target]]]:
         for t in a:
             out.setdefault(t.key, []).append((i, t))
     for key, items in out.items():
+        for i, t in items:
+            if t.is_dora or t.kind not in ("lora", "full"):
+                why = ("DoRA's merge W' = m/‖W + ΔW‖·(W + ΔW) is not a sum of deltas" if t.is_dora else
+                       f"a {t.kind} delta is not a sum of low-rank pairs, so no combined pair or factor set holds "
+                       "the weighted sum exactly")
+                fix = "merge the adapters one after another" if t.is_dora else \
+                    "convert it to LoRA first (loratool convert --rank N) or merge the adapters one after another"
+                raise UnsupportedError(f"target \"{escape(key)}\" of {names[i]} is {t.kind}: {why}; {fix}")
         i0, t0 = items[0]
         for i, t in items[1:]:
             if (t.kind, t.layout, tuple(t.shape)) != (t0.kind, t0.layout, tuple(t0.shape)):

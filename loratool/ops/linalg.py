@@ -104,6 +104,10 @@ def delta_tensor(t: Target) -> np.ndarray:
     """The dense float32 delta in the base tensor's shape, for any target kind."""
     if t.kind == "full":
         return as_f32(t.delta) * F32(t.delta_scale)
+    if t.dense:  # LyCORIS kinds (ops/kinds.py)
+        from .kinds import dense_matrix
+
+        return to_base_layout(t, dense_matrix(t))
     return to_base_layout(t, delta_matrix(t))
 
 
@@ -133,7 +137,7 @@ def factored_svd(B, A):
 
 def singular_values(t: Target) -> np.ndarray:
     """Singular values of the target's delta (descending, float32), from the factors for lora targets."""
-    if t.kind == "full":
+    if t.dense:
         D = delta_tensor(t)
         if D.ndim < 2:
             return np.sort(np.abs(D.reshape(-1)))[::-1]
@@ -144,9 +148,9 @@ def singular_values(t: Target) -> np.ndarray:
 
 def frobenius_norm(t: Target) -> float:
     """||ΔW||_F exactly, from the factors: ||Bs As||_F^2 = trace((Bs^T Bs)(As As^T)), never out x in."""
-    if t.kind == "full":
-        d = as_f32(t.delta).reshape(-1).astype(np.float64)
-        return math.sqrt(float(d @ d)) * abs(t.delta_scale)
+    if t.dense:
+        d = delta_tensor(t).reshape(-1).astype(np.float64)
+        return math.sqrt(float(d @ d))
     Bs, As = stacked_factors(t)
     G = (Bs.T @ Bs) * (As @ As.T)  # (R, R) elementwise product; its sum is the trace of the product
     return math.sqrt(max(float(G.sum(dtype=np.float64)), 0.0))

@@ -36,7 +36,8 @@ from .. import dtypes, spec
 from ..adapter import EXPERT_LAYOUTS, Target, block_rows_for, row_spans
 from ..container import escape
 from ..device import Device, cpu
-from ..errors import MismatchError, NumericError
+from .kinds import dora_apply
+from ..errors import MismatchError, NumericError, UnsupportedError
 
 FLOAT_DTYPES = spec.FLOAT_DTYPES
 TRANSPOSED = ("fan_in_fan_out", "embedding", "experts_t")
@@ -109,6 +110,12 @@ def plan_merge(adapters: Sequence[tuple[str, Adapter]], base_info: Callable[[str
     for (name, adapter), w in zip(adapters, weights):
         for t in adapter:
             problem = _fit_problem(name, t, base_info(t.key), quantized)
+            if t.is_dora and sign * w * scale != 1.0:
+                raise UnsupportedError(
+                    f"{name}: target \"{escape(t.key)}\" is DoRA, whose merge W' = m/‖W + ΔW‖·(W + ΔW) is not "
+                    f"linear in ΔW, so a strength of {sign * w * scale:g} has no exact meaning"
+                    + (" and W cannot be recovered from W' (the norm of W is lost); keep the base to undo a DoRA "
+                       "merge" if unmerge else "; merge it with weight 1 and scale 1"))
             if problem:
                 problems.append(problem)
             else:
@@ -149,6 +156,7 @@ class _Piece:
     A: Any = None  # (r, n_cols_M)
     transposed: bool = False
     D: Any = None  # full delta, as the row view (rows, cols)
+    dora: Any = None  # a DoRA target: the piece rescales W + ΔW (ops.kinds.dora_apply) instead of adding
 
     def delta(self, dev: Device, i0: int, i1: int, work):
         """coef x the delta of V rows [i0, i1) (absolute, inside [r0, r1)) over columns [c0, c1).
@@ -182,13 +190,20 @@ def _loaded(terms: Sequence[Term]) -> list[Term]:
 
 
 def _pieces_of(terms: Sequence[Term], dev: Device, compute: str, view=None) -> list[_Piece]:
+    from .kinds import factored_matrix
+
     out = []
     for term in terms:
         t = term.target
-        if t.kind == "full":
+        if t.dense:
             rows, cols = view or row_view_shape(t.shape)
-            D = dev.asarray(t.delta, compute).reshape(rows, cols)
+            if t.kind == "full":
+                D = dev.asarray(t.delta, compute).reshape(rows, cols)
+            else:  # LyCORIS kinds: the exact dense delta on M (the row view of a linear or conv weight)
+                D = dev.asarray(factored_matrix(t, np.float64 if compute == "F64" else np.float32), compute)
             out.append(_Piece(0, rows, 0, cols, term.weight * t.delta_scale, D=D))
+            if t.is_dora:
+                out.append(_Piece(0, rows, 0, cols, 1.0, dora=t, D=dev.asarray(t.magnitude, compute).reshape(-1)))
             continue
         tr = t.layout in TRANSPOSED
         for b in t.blocks:
@@ -196,6 +211,9 @@ def _pieces_of(terms: Sequence[Term], dev: Device, compute: str, view=None) -> l
             B = dev.asarray(b.B, compute)  # (n_rows_M, r)
             (r0, r1), (c0, c1) = (b.cols, b.rows) if tr else (b.rows, b.cols)
             out.append(_Piece(r0, r1, c0, c1, term.weight * b.scale, B=B, A=A, transposed=tr))
+        if t.is_dora:  # D is the magnitude (1-D) on the device
+            rows, cols = row_view_shape(t.shape)
+            out.append(_Piece(0, rows, 0, cols, 1.0, dora=t, D=dev.asarray(t.magnitude, compute).reshape(-1)))
     return out
 
 
@@ -237,6 +255,16 @@ class Merger:
         self.compute = "F64" if "F64" in (base_dtype, out_dtype) else "F32"
         self.pieces: list[_Piece] | None = None  # built at the first block, dropped after the last
         self.block_rows = block_rows_for(self.rows, self.cols, block_bytes, 8 if self.compute == "F64" else 4)
+        from .kinds import dora_row_local
+
+        dora = [t.target for t in self.terms if t.target.is_dora]
+        if any(not dora_row_local(t) for t in dora):
+            self.block_rows = self.rows  # a norm per column needs every row: the tensor is one block
+        # DoRA is not linear in ΔW, so the probe's expected W'x comes from the same merge in float64.
+        self._reference = Merger(key, shape, "F64", terms, "F64", block_bytes=block_bytes) \
+            if probe and dora else None
+        if self._reference is not None:
+            self._reference.block_rows = self.block_rows
         self.probe = probe
         self._y_delta = None  # Σ coef·ΔW x, computed while the factors are in memory
         if probe:
@@ -266,16 +294,23 @@ class Merger:
             # worker, whatever the adapter's size.
             terms = _loaded(self.terms)
             self.pieces = _pieces_of(terms, self.dev, self.compute, (self.rows, self.cols))
-            if self.probe:
+            if self.probe and self._reference is None:
                 self._y_delta = probe_delta(terms, self._x, self.rows, self.cols)
             del terms
         pieces = self.pieces
         if r1 == self.rows:
             self.pieces = None
         for p in pieces:
+            if p.dora is not None:  # every piece before it (its own ΔW included) is in X: W + ΔW
+                dora_apply(X, p.dora, r0, p.D)
+                continue
             i0, i1 = max(r0, p.r0), min(r1, p.r1)
             if i0 < i1:
                 X[i0 - r0:i1 - r0, p.c0:p.c1] += p.delta(dev, i0, i1, work)
+        if self._reference is not None:
+            ref = self._reference.block(np.asarray(V, np.float64), r0)
+            self._y_ref = getattr(self, "_y_ref", np.zeros(self.rows))
+            self._y_ref[r0:r1] = ref @ self._x
         big = dtypes.out_of_range(X, self.out_name)
         if big is not None:
             raise nonfinite_error(self.key, r0 + _first_bad_row(dev.to_numpy(X), self.out_name), self.out_name,
@@ -288,6 +323,8 @@ class Merger:
     def probe_error(self) -> float:
         """Relative error ||W'x - (Wx + Σ coef·ΔW x)|| / max(||Wx + Σ coef·ΔW x||, ||Wx||), in float64
         (`probe_relative_error`)."""
+        if self._reference is not None and hasattr(self, "_y_ref"):
+            return _relative_error(self._y_old, self._y_ref, self._y_new)
         if self._y_delta is None:  # no block ran (an empty tensor), or the pieces were given
             self._y_delta = probe_delta(_loaded(self.terms), self._x, self.rows, self.cols)
         return _relative_error(self._y_old, self._y_old + self._y_delta, self._y_new)
@@ -321,6 +358,11 @@ def probe_delta(terms: Sequence[Term], x, rows: int, cols: int):
         t = term.target
         if t.kind == "full":
             y += (to64(t.delta).reshape(rows, cols) @ x) * (term.weight * t.delta_scale)
+            continue
+        if t.dense:  # a LyCORIS kind: its dense delta, formed in float64
+            from .kinds import factored_matrix
+
+            y += (factored_matrix(t, np.float64) @ x) * (term.weight * t.delta_scale)
             continue
         for b in t.blocks:
             A, B, c = to64(b.A), to64(b.B), term.weight * b.scale

@@ -65,8 +65,9 @@ def scale_adapter(adapter: Adapter, s: float) -> Adapter:
     """
     s = _finite("scale", s)
     targets = []
+    _refuse_dora(adapter)
     for t in adapter.as_numpy():
-        if t.kind == "full":
+        if t.dense:  # full, and the LyCORIS kinds: ΔW = delta_scale · f(factors)
             nt = replace(t, delta_scale=t.delta_scale * s)
             if not math.isfinite(nt.delta_scale):
                 raise NumericError(f"target \"{escape(t.key)}\": scale {t.delta_scale} x {s} overflows; "
@@ -79,6 +80,15 @@ def scale_adapter(adapter: Adapter, s: float) -> Adapter:
             nt = t.with_blocks(blocks)
         targets.append(nt)
     return adapter.replace_targets(targets)
+
+
+def _refuse_dora(adapter: Adapter) -> None:
+    """DoRA's W' = m/‖W + ΔW‖·(W + ΔW) does not scale with ΔW: no alpha or rank change has an exact meaning."""
+    for t in adapter:
+        if t.is_dora:
+            raise UnsupportedError(f"target \"{escape(t.key)}\" is DoRA, whose merge W' = m/‖W + ΔW‖·(W + ΔW) is not "
+                                   "linear in ΔW, so scaling or truncating ΔW does not scale the change; rescale the "
+                                   "adapter's other targets (--exclude), or merge it as it is")
 
 
 def uniform_alpha(adapter: Adapter) -> float:
@@ -120,7 +130,7 @@ def set_alpha(adapter: Adapter, alpha: float) -> tuple[Adapter, float]:
     s = alpha / old
     out = scale_adapter(adapter, s)
     # Set the alpha itself rather than old * (alpha / old), so the file shows exactly the value asked for.
-    targets = [t.with_blocks([replace(b, alpha=alpha) for b in t.blocks]) if t.kind != "full" else t for t in out]
+    targets = [t.with_blocks([replace(b, alpha=alpha) for b in t.blocks]) if not t.dense else t for t in out]
     return out.replace_targets(targets), s
 
 
@@ -147,13 +157,14 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
     if energy is not None and not (0.0 < float(energy) <= 1.0):
         raise NumericError(f"energy {energy} is outside (0, 1]; pass a fraction such as 0.99")
     adapter = adapter.as_numpy()
+    _refuse_dora(adapter)
     if progress is not None:
         progress(0, total=len(adapter))
     targets, rows = [], []
     for t in adapter:
-        if t.kind == "full":
+        if t.dense:  # kept: a LyCORIS kind becomes LoRA by `convert --rank` (ops.to_lora)
             targets.append(t)
-            rows.append({"target": t.key, "kind": "full", "rank_before": None, "rank_after": None,
+            rows.append({"target": t.key, "kind": t.kind, "rank_before": None, "rank_after": None,
                          "blocks_before": 0, "blocks_after": 0, "energy_retained": 1.0, "relative_error": 0.0})
         else:
             nt, row = truncate_target(t, rank=rank, energy=energy)
@@ -204,8 +215,8 @@ def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None
     for t_old, t_new in zip(adapter, new):
         if progress is not None:
             progress(1)
-        if t_old.kind == "full":
-            rows.append({"target": t_old.key, "kind": "full", "scale_before": [t_old.delta_scale],
+        if t_old.dense:
+            rows.append({"target": t_old.key, "kind": t_old.kind, "scale_before": [t_old.delta_scale],
                          "scale_after": [t_new.delta_scale]})
         else:
             rows.append({"target": t_old.key, "kind": t_old.kind, "scale_before": [b.scale for b in t_old.blocks],

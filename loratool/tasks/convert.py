@@ -89,11 +89,13 @@ class ConvertResult:
     output: str = ""
     folded: tuple[str, ...] = ()  # targets folded into one pair for the output dialect (ops/fold.py)
     excluded: list = field(default_factory=list)  # targets left out by `targets`/`exclude`
+    converted: list = field(default_factory=list)  # LyCORIS targets made LoRA by `rank`/`energy` (ops.kinds)
 
 
 @maps_os_errors("output")
 def convert(path, output, *, to: str | None = None, overwrite: bool = False, kohya_prefix: str = "lora_unet_",
-            revision: str | None = None, targets=(), exclude=(), **options) -> ConvertResult:
+            revision: str | None = None, targets=(), exclude=(), rank: int | None = None,
+            energy: float | None = None, **options) -> ConvertResult:
     """Read an adapter of any dialect and write it in another without changing ΔW, exactly or not at all.
 
     A target with several blocks (an exact combine, a fused qkv adapted slice by slice) is folded into one
@@ -109,6 +111,10 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
         revision: the Hub revision of a Hub id (path or base) given without its own `@REV`.
         targets, exclude: fnmatch globs selecting the targets written (tasks._inputs.select_targets); the
             others are listed in the result's `excluded`.
+        rank, energy: make every LoHa, LoKr and LoCon-Tucker target a LoRA pair by the optimal truncation of
+            its exact ΔW at this rank, or retaining this fraction of ‖ΔW‖²_F (ops.to_lora); the result's
+            `converted` lists each with its error and the optimum. Without them such a target is written only
+            to dialects that hold it (kohya, loratool) and refused by the others.
         options: reader options (base (a path or Hub id), allow_unknown, allow_partial (modules that map to
             no base key are skipped and listed in the adapter's info["skipped"]), alpha, r, enable_lora,
             fan_in_fan_out).
@@ -146,11 +152,36 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
     # from a PEFT input otherwise).
     named = ({"base_model_name_or_path": os.fspath(given_base), "task_type": task_type_of(base)}
              if isinstance(base, (str, os.PathLike)) else {})
+    converted: list = []
+    if rank is not None or energy is not None:
+        from ..ops.to_lora import to_lora
+
+        adapter, converted = to_lora(adapter, rank=rank, energy=energy)
+    else:
+        _check_kinds(adapter, writer)
     folded: list[str] = []
     nbytes = writer.write(fitted(adapter, writer, folded), output, overwrite=overwrite, prefix=kohya_prefix,
                           **named)
     return ConvertResult(adapter=adapter, dialect=d.name, to=writer.name, bytes=nbytes, output=os.fspath(output),
-                         folded=tuple(folded), excluded=excluded)
+                         folded=tuple(folded), excluded=excluded, converted=converted)
+
+
+def _check_kinds(adapter: Adapter, writer) -> None:
+    """Refuse, before anything is written, a LyCORIS or DoRA target for a dialect that has no such kind."""
+    from ..adapter import FACTORED_KINDS
+    from ..container import escape
+    from ..errors import UnsupportedError
+
+    if writer.name == "kohya":  # LyCORIS's names
+        return
+    for t in adapter:
+        if t.is_dora:
+            raise UnsupportedError(f"target \"{escape(t.key)}\" is DoRA, which {writer.name} cannot hold here: its "
+                                   "merge is not W + low rank; write kohya (--to kohya), or merge it")
+        if t.kind in FACTORED_KINDS:
+            raise UnsupportedError(f"target \"{escape(t.key)}\" is {t.kind}, which {writer.name} cannot hold; pass "
+                                   "--rank or --energy to make it LoRA by the optimal truncation of its exact ΔW, or "
+                                   "write kohya (--to kohya)")
 
 
 __all__ = ["save", "convert", "fitted", "ConvertResult"]
