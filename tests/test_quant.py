@@ -1,0 +1,227 @@
+"""Quantized bases: the scheme registry (ops/quant.py) against each scheme's library or published formula, and
+merges of quantized bases into their dequantized weights."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loratool import dtypes
+from loratool.ops import quant
+
+
+class Arrays:
+    """A mapping of name -> numpy array seen as a base reader (keys, info, read, mapped)."""
+
+    def __init__(self, tensors):
+        self.t = {k: dtypes.as_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in tensors.items()}
+
+    def keys(self):
+        return list(self.t)
+
+    def info(self, key):
+        a = self.t.get(key)
+        return None if a is None else (tuple(a.shape), dtypes.dtype_of(a))
+
+    def read(self, key):
+        return self.t[key]
+
+    @contextlib.contextmanager
+    def mapped(self, key, start=0, stop=None):
+        yield np.ascontiguousarray(self.t[key]).reshape(-1)[start:stop]
+
+
+def found(tensors, config=None):
+    r = Arrays(tensors)
+    return r, quant.find_weights(r.info, r.keys(), config, r.read)
+
+
+def rows_in_pieces(r, qw, step):
+    """The weight read in row blocks of `step` rows (as the merge and extract read it), stacked."""
+    rows = qw.rows_cols[0]
+    return np.concatenate([quant.dequantize_rows(r, qw, a, min(rows, a + step)) for a in range(0, rows, step)])
+
+
+# ---- bitsandbytes ----------------------------------------------------------------------------------------
+
+def bnb4_tensors(W, kind="nf4", nested=False, prefix="m.q_proj.weight", blocksize=64):
+    import bitsandbytes.functional as F
+
+    q, st = F.quantize_4bit(W, blocksize=blocksize, quant_type=kind, compress_statistics=nested)
+    out = {prefix: q}
+    out.update({f"{prefix}.{k}": v for k, v in st.as_dict(packed=True).items()})
+    return out, F.dequantize_4bit(q, st)
+
+
+@pytest.mark.parametrize("kind,nested,blocksize", [("nf4", False, 64), ("nf4", True, 64), ("fp4", False, 128),
+                                                   ("fp4", True, 128)])
+def test_bnb4_equals_bitsandbytes(kind, nested, blocksize):
+    # Rows of 128, a multiple of the block size as in real models: bitsandbytes' CPU kernel reads a block that
+    # straddles two rows differently from its reference (backends/default) and CUDA kernels, which ops/quant.py
+    # follows. 160 rows: 320 absmax values, two blocks of the nested absmax (256 each).
+    W = torch.randn(160, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    tensors, ref = bnb4_tensors(W, kind, nested, blocksize=blocksize)
+    r, f = found(tensors)
+    qw = f["m.q_proj.weight"]
+    assert qw.scheme == f"bnb-{kind}" and qw.shape == (160, 128) and len(qw.owned) == (6 if nested else 4)
+    # bitsandbytes computes code * absmax in float32 and rounds once to its dtype: the same rounding of ours
+    ours = rows_in_pieces(r, qw, 7)  # 7-row pieces: the nested absmax blocks are split
+    assert np.array_equal(dtypes.cast(ours, "BF16"), dtypes.as_numpy(ref))
+
+
+def test_int8_equals_bitsandbytes():
+    import bitsandbytes.functional as F
+
+    W = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    CB, SCB, _ = F.int8_vectorwise_quant(W.half())
+    r, f = found({"m.fc.weight": CB, "m.fc.SCB": SCB, "m.fc.weight_format": torch.tensor(0, dtype=torch.uint8)})
+    qw = f["m.fc.weight"]
+    assert qw.scheme == "bnb-int8" and set(qw.owned) == {"m.fc.weight", "m.fc.SCB", "m.fc.weight_format"}
+    assert np.array_equal(rows_in_pieces(r, qw, 5), F.int8_vectorwise_dequant(CB, SCB).numpy())
+
+
+# ---- GPTQ and AWQ: the published formulas, written out with torch as their sources do -------------------
+
+def pack_rows(codes, bits):
+    """GPTQ's qweight: codes (in, out) packed 32 // bits per int32 along the input dimension, low bits first."""
+    pf = 32 // bits
+    c = codes.astype(np.uint32).reshape(-1, pf, codes.shape[1])
+    return sum(c[:, t] << (bits * t) for t in range(pf)).astype(np.uint32).view(np.int32)
+
+
+def pack_cols(codes, bits, order=None):
+    """codes (n, m) packed along the columns; `order[t]` is the packed slot of logical column t (AWQ)."""
+    pf = 32 // bits
+    c = codes.astype(np.uint32).reshape(codes.shape[0], -1, pf)
+    slot = order or list(range(pf))
+    return sum(c[:, :, t] << (bits * slot[t]) for t in range(pf)).astype(np.uint32).view(np.int32)
+
+
+def gptq_reference(qweight, qzeros, scales, g_idx, bits):
+    """AutoGPTQ auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py forward (torch fallback), in float32:
+    zeros = ((qzeros >> wf) & maxq) + 1; weight = (qweight >> wf) & maxq;
+    weights = scales[g_idx] * (weight - zeros[g_idx]) -> (in, out); nn.Linear's weight is its transpose."""
+    wf = torch.arange(0, 32, bits, dtype=torch.int32)
+    qz, qwt = torch.from_numpy(qzeros), torch.from_numpy(qweight)
+    zeros = torch.bitwise_right_shift(qz.unsqueeze(2).expand(-1, -1, 32 // bits), wf.view(1, 1, -1))
+    zeros = (torch.bitwise_and(zeros, 2 ** bits - 1) + 1).reshape(scales.shape)
+    weight = torch.bitwise_right_shift(qwt.unsqueeze(1).expand(-1, 32 // bits, -1), wf.view(1, -1, 1))
+    weight = torch.bitwise_and(weight, 2 ** bits - 1).reshape(-1, qwt.shape[1])
+    g = torch.from_numpy(g_idx).long()
+    return (torch.from_numpy(scales).float()[g] * (weight - zeros[g]).float()).T.numpy()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_equals_published_formula(bits, act_order):
+    rng = np.random.default_rng(2)
+    n_in, out, group = 64, 48, 16
+    codes = rng.integers(0, 2 ** bits, (n_in, out))
+    zeros = rng.integers(0, 2 ** bits - 1, (n_in // group, out))  # stored as z - 1 ("gptq" format)
+    scales = (rng.random((n_in // group, out)) * 0.01 + 0.001).astype(np.float16)
+    g_idx = (rng.permutation(n_in) if act_order else np.arange(n_in)) // group
+    t = {"m.q.qweight": pack_rows(codes, bits), "m.q.qzeros": pack_cols(zeros, bits), "m.q.scales": scales,
+         "m.q.g_idx": g_idx.astype(np.int32), "m.q.bias": np.zeros(out, np.float16)}
+    r, f = found(t, {"quantization_config": {"quant_method": "gptq", "bits": bits, "group_size": group}})
+    qw = f["m.q.weight"]
+    assert qw.scheme == "gptq" and qw.shape == (out, n_in) and "m.q.bias" not in qw.owned
+    ref = gptq_reference(t["m.q.qweight"], t["m.q.qzeros"], scales, t["m.q.g_idx"], bits)
+    assert np.array_equal(rows_in_pieces(r, qw, 5), ref)  # integer times float16 scale: exact in float32
+
+
+def awq_reference(qweight, qzeros, scales, bits, group):
+    """AutoAWQ awq/utils/packing_utils.py dequantize_gemm: unpack columnwise (shifts 0, bits, ...), undo the AWQ
+    order with AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7], (iweight - izeros) * scales -> (in, out)."""
+    shifts = torch.arange(0, 32, bits)
+    qwt, qz = torch.from_numpy(qweight), torch.from_numpy(qzeros)
+    iw = torch.bitwise_right_shift(qwt[:, :, None], shifts[None, None, :]).to(torch.int8).view(qwt.shape[0], -1)
+    iz = torch.bitwise_right_shift(qz[:, :, None], shifts[None, None, :]).to(torch.int8).view(qz.shape[0], -1)
+    rev = torch.arange(iz.shape[-1]).view(-1, 32 // bits)[:, [0, 4, 1, 5, 2, 6, 3, 7]].view(-1)
+    iw, iz = iw[:, rev] & (2 ** bits - 1), iz[:, rev] & (2 ** bits - 1)
+    s = torch.from_numpy(scales).float().repeat_interleave(group, dim=0)
+    return ((iw - iz.repeat_interleave(group, dim=0)).float() * s).T.numpy()
+
+
+def test_awq_equals_published_formula():
+    rng = np.random.default_rng(3)
+    n_in, out, group, bits = 64, 32, 16, 4
+    codes, zeros = rng.integers(0, 16, (n_in, out)), rng.integers(0, 16, (n_in // group, out))
+    scales = (rng.random((n_in // group, out)) * 0.01).astype(np.float16)
+    awq_slot = [0, 2, 4, 6, 1, 3, 5, 7]  # AWQ_ORDER: logical column t packed at slot position awq_slot.index(t)
+    order = [awq_slot.index(t) for t in range(8)]
+    t = {"m.k.qweight": pack_cols(codes, bits, order), "m.k.qzeros": pack_cols(zeros, bits, order),
+         "m.k.scales": scales}
+    r, f = found(t, {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": group,
+                                             "version": "gemm"}})
+    qw = f["m.k.weight"]
+    assert qw.scheme == "awq" and qw.shape == (out, n_in)
+    ref = awq_reference(t["m.k.qweight"], t["m.k.qzeros"], scales, bits, group)
+    assert np.array_equal(ref.T, ((codes - np.repeat(zeros, group, 0)) * np.repeat(scales, group, 0)).astype(
+        np.float32))  # the packing above is AWQ's
+    assert np.array_equal(rows_in_pieces(r, qw, 3), ref)
+
+
+# ---- MXFP4 ----------------------------------------------------------------------------------------------
+
+def test_mxfp4_equals_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    rng = np.random.default_rng(4)
+    E, R, G = 3, 10, 2
+    blocks = rng.integers(0, 256, (E, R, G, 16), dtype=np.uint8)
+    scales = rng.integers(118, 134, (E, R, G), dtype=np.uint8)
+    r, f = found({"l.mlp.experts.gate_up_proj_blocks": blocks, "l.mlp.experts.gate_up_proj_scales": scales,
+                  "l.mlp.experts.gate_up_proj_bias": np.zeros((E, R), np.float32)})
+    qw = f["l.mlp.experts.gate_up_proj"]
+    assert qw.scheme == "mxfp4" and qw.shape == (E, G * 32, R)
+    ref = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+    assert np.array_equal(rows_in_pieces(r, qw, 2).reshape(qw.shape), ref.numpy())
+
+
+# ---- compressed-tensors float8 (ops/fp8.py through the registry) --------------------------------------
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_fp8_compressed_tensors_equals_library(strategy):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle import dequantize, quantize
+
+    W = torch.randn(20, 32, generator=torch.Generator().manual_seed(5))
+    amax = W.abs().amax() if strategy == "tensor" else W.abs().amax(dim=1, keepdim=True)
+    scale = (amax / 448.0).reshape(() if strategy == "tensor" else (20, 1)).float()
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True)
+    q = quantize(W, scale, torch.zeros_like(scale), args, dtype=torch.float8_e4m3fn)
+    ref = dequantize(q, scale, torch.zeros_like(scale), args, dtype=torch.float32)
+    r, f = found({"m.o.weight": q, "m.o.weight_scale": scale.reshape(1) if strategy == "tensor" else scale,
+                  "m.o.input_scale": torch.ones(1)})
+    qw = f["m.o.weight"]
+    assert qw.scheme == f"fp8-{strategy}" and "m.o.input_scale" in qw.owned
+    assert np.array_equal(rows_in_pieces(r, qw, 3), ref.numpy())
+
+
+# ---- the view ------------------------------------------------------------------------------------------
+
+def test_view_presents_the_float_model():
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    tensors, ref = bnb4_tensors(W, "nf4", True)
+    tensors["m.norm.weight"] = torch.ones(64)
+    r, f = found(tensors)
+    v = quant.DequantizedView(r, f)
+    assert sorted(v.keys()) == ["m.norm.weight", "m.q_proj.weight"]
+    assert v.info("m.q_proj.weight") == ((16, 64), "F32") and v.scheme("m.q_proj.weight") == "bnb-nf4"
+    assert v.info("m.q_proj.weight.absmax") is None and v.scheme("m.norm.weight") is None
+    with v.mapped("m.q_proj.weight", 100, 300) as flat:  # a window not on row bounds
+        assert np.array_equal(dtypes.cast(flat, "BF16"), dtypes.as_numpy(ref).reshape(-1)[100:300])
+
+
+def test_unknown_layouts_are_not_claimed():
+    bad_state = np.frombuffer(json.dumps({"shape": [4, 4]}).encode(), np.uint8)  # no blocksize
+    r, f = found({"a.weight": np.zeros((8, 1), np.uint8), "a.weight.absmax": np.ones(1, np.float32),
+                  "a.weight.quant_map": np.zeros(16, np.float32),
+                  "a.weight.quant_state.bitsandbytes__nf4": bad_state,
+                  "b.qweight": np.zeros((4, 5), np.int32), "b.qzeros": np.zeros((1, 3), np.int32),
+                  "b.scales": np.zeros((1, 5), np.float16)})  # 3 x 32 / 5 bits: no scheme
+    assert f == {}
