@@ -225,3 +225,167 @@ def test_unknown_layouts_are_not_claimed():
                   "b.qweight": np.zeros((4, 5), np.int32), "b.qzeros": np.zeros((1, 3), np.int32),
                   "b.scales": np.zeros((1, 5), np.float16)})  # 3 x 32 / 5 bits: no scheme
     assert f == {}
+
+
+# ---- merges into quantized bases -----------------------------------------------------------------------
+
+def save_folder(path, tensors, config=None):
+    from safetensors.numpy import save_file
+
+    path.mkdir()
+    save_file({k: np.ascontiguousarray(dtypes.as_numpy(v) if isinstance(v, torch.Tensor) else v)
+               for k, v in tensors.items()}, str(path / "model.safetensors"))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def read_folder(path):
+    from loratool.container import read_arrays, read_header
+
+    return read_arrays(path / "model.safetensors", read_header(path / "model.safetensors"))
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_qlora_merge_equals_peft_on_dequantized_nf4(tmp_path):
+    """A PEFT adapter merged into an nf4 base (double quantization) equals PEFT's merge_and_unload into the
+    dequantized weights, the model the adapter was trained against, within one bfloat16 rounding."""
+    import bitsandbytes.functional as F
+
+    from tests.models import base_state_dict, peft_model, tiny_llama
+    from tests.ulp import ulp_distance
+
+    model = tiny_llama(hidden=64)  # in_features 64 and 128: whole nf4 blocks per row
+    sd, stored, deq = base_state_dict(model), {}, {}
+    for k, W in sd.items():
+        if k.rsplit(".", 2)[-2] in LINEARS:
+            q, st = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+            stored[k] = q
+            stored.update({f"{k}.{n}": v for n, v in st.as_dict(packed=True).items()})
+            deq[k] = F.dequantize_4bit(q, st)  # float32, as bitsandbytes dequantizes a float32 weight
+        else:
+            stored[k] = W
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    base = save_folder(tmp_path / "base", stored, config)
+    model.load_state_dict({**sd, **deq})
+    pm = peft_model(model, target_modules=["q_proj", "v_proj", "down_proj"])
+    pm.save_pretrained(tmp_path / "ad")
+    want = {k: v.detach() for k, v in pm.merge_and_unload().state_dict().items()}
+
+    result = __import__("loratool").merge(base, tmp_path / "ad", tmp_path / "out")
+    got = read_folder(tmp_path / "out")
+    assert set(got) == set(want)  # companions dropped, every weight under its own key
+    assert result.targets == 6 and set(result.dequantized) == set(deq)
+    assert set(result.dequantized.values()) == {"bnb-nf4"}
+    for k in deq:  # float32 arithmetic as PEFT's, rounded once to bfloat16
+        assert dtypes.dtype_of(got[k]) == "BF16"
+        assert ulp_distance(got[k], dtypes.cast(dtypes.as_numpy(want[k]), "BF16")).max() <= 1, k
+    assert np.array_equal(got["model.norm.weight"], dtypes.as_numpy(want["model.norm.weight"]))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+
+
+def gptq_files(rng, n_in=64, out=32, group=16, bits=4, prefix="m.q."):
+    codes = rng.integers(0, 2 ** bits, (n_in, out))
+    zeros = rng.integers(0, 2 ** bits - 1, (n_in // group, out))
+    scales = (rng.random((n_in // group, out)) * 0.01 + 0.001).astype(np.float16)
+    t = {prefix + "qweight": pack_rows(codes, bits), prefix + "qzeros": pack_cols(zeros, bits),
+         prefix + "scales": scales, prefix + "g_idx": (np.arange(n_in) // group).astype(np.int32)}
+    return t, gptq_reference(t[prefix + "qweight"], t[prefix + "qzeros"], scales, t[prefix + "g_idx"], bits)
+
+
+@pytest.mark.parametrize("out_name", ["o", "o.pt"])
+def test_gptq_merge_writes_weight(tmp_path, out_name):
+    import loratool
+    from loratool.adapter import Adapter
+    from tests.builders import as_numpy_target, linear_target
+
+    t, W = gptq_files(np.random.default_rng(7))
+    t["m.q.bias"] = np.ones(32, np.float16)
+    cfg = {"model_type": "llama", "torch_dtype": "float16",
+           "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 16}}
+    base = save_folder(tmp_path / "base", t, cfg)
+    target = as_numpy_target(linear_target("m.q.weight", out=32, inp=64, rank=2, alpha=2.0))
+    out = tmp_path / out_name
+    res = loratool.merge(base, Adapter({target.key: target}), out, dtype="float16")
+    assert res.dequantized == {"m.q.weight": "gptq"}
+    if out_name.endswith(".pt"):
+        got = {k: dtypes.as_numpy(v) for k, v in torch.load(out, weights_only=True).items()}
+    else:
+        got = read_folder(out)
+        assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert set(got) == {"m.q.weight", "m.q.bias"}
+    B, A = target.blocks[0].B, target.blocks[0].A
+    want = dtypes.cast(W + (B @ A).astype(np.float32), "F16")
+    from tests.ulp import ulp_distance
+
+    assert dtypes.dtype_of(got["m.q.weight"]) == "F16" and ulp_distance(got["m.q.weight"], want).max() <= 1
+
+
+def test_int8_and_mxfp4_bases_are_written_dequantized(tmp_path):
+    import bitsandbytes.functional as F
+    import loratool
+    from loratool.adapter import Adapter
+    from tests.builders import as_numpy_target, linear_target
+
+    CB, SCB, _ = F.int8_vectorwise_quant(torch.randn(8, 16, generator=torch.Generator().manual_seed(8)).half())
+    rng = np.random.default_rng(9)
+    blocks = rng.integers(0, 256, (2, 6, 1, 16), dtype=np.uint8)
+    scales = rng.integers(120, 130, (2, 6, 1), dtype=np.uint8)
+    t = {"a.fc.weight": CB, "a.fc.SCB": SCB, "a.fc.weight_format": torch.tensor(0, dtype=torch.uint8),
+         "a.experts.down_proj_blocks": blocks, "a.experts.down_proj_scales": scales,
+         "a.norm.weight": np.ones(16, np.float32)}
+    base = save_folder(tmp_path / "base", t)
+    target = as_numpy_target(linear_target("a.fc.weight", out=8, inp=16, rank=2, alpha=2.0))
+    res = loratool.merge(base, Adapter({target.key: target}), tmp_path / "out")
+    got = read_folder(tmp_path / "out")
+    assert set(got) == {"a.fc.weight", "a.experts.down_proj", "a.norm.weight"}
+    assert res.dequantized == {"a.fc.weight": "bnb-int8", "a.experts.down_proj": "mxfp4"}
+    W = F.int8_vectorwise_dequant(CB, SCB).numpy()
+    B, A = target.blocks[0].B, target.blocks[0].A
+    assert np.array_equal(got["a.fc.weight"], dtypes.cast(W + (B @ A).astype(np.float32), "BF16"))
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    ref = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales))  # bfloat16
+    assert np.array_equal(got["a.experts.down_proj"], dtypes.as_numpy(ref))
+
+
+def test_keep_quantized_is_refused_for_4bit(tmp_path):
+    import loratool
+    from loratool.adapter import Adapter
+    from loratool.errors import UnsupportedError, UsageError
+    from tests.builders import as_numpy_target, linear_target
+
+    t, _ = bnb4_tensors(torch.randn(8, 64, generator=torch.Generator().manual_seed(1)), prefix="m.q.weight")
+    base = save_folder(tmp_path / "base", t)
+    t_ = as_numpy_target(linear_target("m.q.weight", out=8, inp=64, rank=2))
+    ad = Adapter({t_.key: t_})
+    with pytest.raises(UnsupportedError, match="is quantized as bnb-nf4 .*requantizes FP8 only.*drop --keep-quantized"):
+        loratool.merge(base, ad, tmp_path / "o", keep_quantized=True)
+    with pytest.raises(UsageError, match="pass one of them"):
+        loratool.merge(base, ad, tmp_path / "o", keep_quantized=True, dtype="float32")
+    assert not (tmp_path / "o").exists()
+    from tests.clitools import one_error_line, run
+
+    loratool.save(ad, tmp_path / "ad.safetensors")
+    code, _, err = run("merge", base, tmp_path / "ad.safetensors", "-o", tmp_path / "o", "--keep-quantized")
+    assert code == 7 and "writing bnb-nf4 again is out of scope" in one_error_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_integer_tensor_is_refused_as_quantized(tmp_path):
+    import loratool
+    from loratool.adapter import Adapter
+    from loratool.errors import MismatchError
+    from tests.builders import as_numpy_target, linear_target
+
+    base = save_folder(tmp_path / "base", {"m.q.weight": np.zeros((8, 2), np.int32)})  # a layout nobody reads
+    t_ = as_numpy_target(linear_target("m.q.weight", out=8, inp=16, rank=2))
+    ad = Adapter({t_.key: t_})
+    with pytest.raises(MismatchError, match=r"\"m.q.weight\": base tensor is I32, a quantized or integer tensor "
+                                            r"in a layout loratool does not read .*\(rule B003\)"):
+        loratool.merge(base, ad, tmp_path / "o")
