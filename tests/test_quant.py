@@ -389,3 +389,59 @@ def test_unknown_integer_tensor_is_refused_as_quantized(tmp_path):
     with pytest.raises(MismatchError, match=r"\"m.q.weight\": base tensor is I32, a quantized or integer tensor "
                                             r"in a layout loratool does not read .*\(rule B003\)"):
         loratool.merge(base, ad, tmp_path / "o")
+
+
+# ---- validate --base and extract against quantized models ------------------------------------------------
+
+def test_validate_fits_a_peft_adapter_to_a_gptq_base(tmp_path):
+    import loratool
+    from tests.clitools import run
+
+    t, _ = gptq_files(np.random.default_rng(10), prefix="model.layers.0.self_attn.q_proj.")
+    cfg = {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 16}}
+    base = save_folder(tmp_path / "base", t, cfg)
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                        "target_modules": ["q_proj"]}))
+    rng = np.random.default_rng(11)
+    from safetensors.numpy import save_file
+
+    p = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{p}.lora_A.weight": rng.standard_normal((2, 64)).astype(np.float32),
+               f"{p}.lora_B.weight": rng.standard_normal((32, 2)).astype(np.float32)},
+              str(ad / "adapter_model.safetensors"))
+    code, out, err = run("validate", ad, "--base", base, "--json")
+    doc = json.loads(out)
+    assert code == 0, doc
+    (row,) = doc["fit"]["rows"]
+    assert row["base_key"] == "model.layers.0.self_attn.q_proj.weight" and row["quantized"] == "gptq"
+    assert row["ok"] and row["base_shape"] == [32, 64]
+    # and the merge of the same adapter
+    res = loratool.merge(base, ad, tmp_path / "out")
+    assert res.targets == 1 and res.dequantized == {"model.layers.0.self_attn.q_proj.weight": "gptq"}
+
+
+def test_extract_from_fp8_and_nf4_pairs(tmp_path):
+    """extract pairs quantized models dequantized in float32: a float8 finetune against its nf4 base recovers
+    the difference of the two dequantized weights."""
+    import loratool
+    from loratool.ops import fp8
+
+    rng = np.random.default_rng(12)
+    W = torch.from_numpy(rng.standard_normal((32, 128)).astype(np.float32))
+    t, _ = bnb4_tensors(W, "nf4", True, prefix="m.q.weight")
+    base = save_folder(tmp_path / "base", {**t, "m.norm.weight": np.ones(128, np.float32)})
+    r, f = found(t)
+    Wq = quant.dequantize(r, f["m.q.weight"])
+    delta = (rng.standard_normal((32, 2)) @ rng.standard_normal((2, 128))).astype(np.float32) * 0.1
+    q, s = fp8.quantize(Wq + delta, fp8.Scheme("channel", "", "F32"))
+    ft = save_folder(tmp_path / "ft", {"m.q.weight": q, "m.q.weight_scale": s,
+                                       "m.norm.weight": np.ones(128, np.float32)})
+    Wft = fp8.dequantize(q, s, fp8.Scheme("channel", "", "F32"))
+    res = loratool.extract(ft, base, output=tmp_path / "ad.safetensors", rank=32)
+    (tgt,) = res.adapter.targets.values()
+    b = tgt.blocks[0]
+    got = (b.B.astype(np.float64) @ b.A.astype(np.float64)) * b.scale
+    # full rank (32): the factors hold the difference of the two dequantized weights, FP8 rounding included
+    assert np.abs(got - (Wft - Wq)).max() < 1e-4

@@ -169,6 +169,6 @@ def quant_view(reader, path):
     `reader` itself: extract and validate read quantized bases dequantized in float32."""
     from ..ops.quant import DequantizedView
 
-    folder = path if os.path.isdir(path) else None
+    folder = path if path is not None and os.path.isdir(path) else None
     found = quantized_weights(reader, folder)
     return DequantizedView(reader, found) if found else reader

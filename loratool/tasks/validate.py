@@ -66,12 +66,14 @@ class _opened:
     def __enter__(self):
         if self.base is None:
             return None
-        from ..io.base import BaseModel, open_base
+        from ..io.base import is_reader, open_base
+        from ._inputs import quant_view
 
-        if isinstance(self.base, BaseModel):
-            return self.base
-        self.own = open_base(self.base)
-        return self.own
+        if not is_reader(self.base):
+            self.own = open_base(self.base)
+        reader = self.own if self.own is not None else self.base
+        # a quantized base is fitted as the float model it stands for (ops.quant), as merge reads it
+        return quant_view(reader, getattr(reader, "path", None))
 
     def __exit__(self, *exc):
         if self.own is not None:
