@@ -100,7 +100,8 @@ _RULES = [
     # Base compatibility (validate --base, merge).
     Rule("B001", "error", "every target exists in the base"),
     Rule("B002", "error", "every target's shape equals the base tensor's shape"),
-    Rule("B003", "error", "the base tensor is floating point (integer and quantized tensors cannot be merged)"),
+    Rule("B003", "error", "the base tensor is floating point, or a quantized weight of a scheme loratool reads "
+                          "dequantized (other integer and quantized tensors cannot be merged)"),
     Rule("B004", "error", "the base tensor matches the target's sha256 fingerprint when one is recorded"),
     # Warnings: legal but suspicious.
     Rule("W001", "warning", "unknown field or loratool.* metadata key (ignored by this reader)"),
