@@ -445,3 +445,26 @@ def test_extract_from_fp8_and_nf4_pairs(tmp_path):
     got = (b.B.astype(np.float64) @ b.A.astype(np.float64)) * b.scale
     # full rank (32): the factors hold the difference of the two dequantized weights, FP8 rounding included
     assert np.abs(got - (Wft - Wq)).max() < 1e-4
+
+
+def test_sharded_gptq_base_keeps_its_sharding(tmp_path):
+    import loratool
+    from safetensors.numpy import save_file
+
+    from loratool.container import read_arrays, read_header
+
+    t, W = gptq_files(np.random.default_rng(13))
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"m.norm.weight": np.ones(4, np.float32)}, str(base / "model-00001-of-00002.safetensors"))
+    save_file(t, str(base / "model-00002-of-00002.safetensors"))
+    index = {"metadata": {"total_size": 0}, "weight_map": {"m.norm.weight": "model-00001-of-00002.safetensors",
+                                                           **{k: "model-00002-of-00002.safetensors" for k in t}}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    loratool.merge(base, loratool.Adapter({}), tmp_path / "out")
+    got = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert got == {"m.norm.weight": "model-00001-of-00002.safetensors",
+                   "m.q.weight": "model-00002-of-00002.safetensors"}
+    shard = tmp_path / "out" / "model-00002-of-00002.safetensors"
+    arrays = read_arrays(shard, read_header(shard))
+    assert list(arrays) == ["m.q.weight"] and np.array_equal(arrays["m.q.weight"], dtypes.cast(W, "BF16"))
