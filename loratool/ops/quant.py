@@ -457,6 +457,8 @@ class DequantizedView:
         self._keys += [k for k in self.weights if k not in set(self._keys)]
 
     def __getattr__(self, name):  # path, files, shared_keys, ... of the reader
+        if name.startswith("__") or name == "_r":  # copy/pickle probes before __init__: no recursion
+            raise AttributeError(name)
         return getattr(self._r, name)
 
     def keys(self):
