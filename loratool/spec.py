@@ -31,6 +31,10 @@ DTYPE_SIZES = {
     "I64": 8, "U64": 8, "F64": 8,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # base tensors that can take a delta (rule B003)
+# Rule B003 for an integer or float8 tensor that no quantized scheme (ops/quant.py) reads.
+QUANTIZED_REFUSAL = ("a quantized or integer tensor in a layout loratool does not read (it merges into floating-point "
+                     "tensors and into the weights of bitsandbytes nf4/fp4/int8, GPTQ, AWQ, MXFP4 and scaled FP8 "
+                     "bases, with their companion tensors); dequantize the base with its own library first")
 FACTOR_DTYPES = FLOAT_DTYPES
 
 LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv", "experts", "experts_t")
@@ -109,7 +113,8 @@ _RULES = [
     # Base compatibility (validate --base, merge).
     Rule("B001", "error", "every target exists in the base"),
     Rule("B002", "error", "every target's shape equals the base tensor's shape"),
-    Rule("B003", "error", "the base tensor is floating point (integer and quantized tensors cannot be merged)"),
+    Rule("B003", "error", "the base tensor is floating point, or a quantized weight of a scheme loratool reads "
+                          "dequantized (other integer and quantized tensors cannot be merged)"),
     Rule("B004", "error", "the base tensor matches the target's sha256 fingerprint when one is recorded"),
     # Warnings: legal but suspicious.
     Rule("W001", "warning", "unknown field or loratool.* metadata key (ignored by this reader)"),

@@ -356,15 +356,16 @@ def check_base(adapter: Adapter, base) -> list[Finding]:
             findings.append(Finding("B001", f"target \"{k}\" is not a tensor of the base", k))
             continue
         shape, dtype = got
+        scheme = getattr(base, "scheme", lambda key: None)(t.key)  # a quantized weight, read dequantized
+        if dtype not in spec.FLOAT_DTYPES and scheme is None:  # before the shape: a packed tensor's is not its own
+            findings.append(Finding("B003", f"target \"{k}\": base tensor is {dtype}, {spec.QUANTIZED_REFUSAL}",
+                                    k))
+            continue
         if tuple(shape) != t.shape:
             findings.append(Finding("B002", f"target \"{k}\" has shape {list(t.shape)}, base tensor is "
                                             f"{list(shape)}", k))
             continue
-        if dtype not in spec.FLOAT_DTYPES:
-            findings.append(Finding("B003", f"target \"{k}\": base tensor is {dtype}; only floating-point tensors "
-                                            "can take a delta", k))
-            continue
-        if t.dtype is not None and t.dtype != dtype:
+        if t.dtype is not None and t.dtype != dtype and scheme is None:
             findings.append(Finding("W005", f"target \"{k}\": base tensor is {dtype}, adapter was made for "
                                             f"{t.dtype}", k))
         if t.sha256 is not None and base.sha256(t.key) != t.sha256:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from builders import conv_target, fused_target, linear_target, rand
 from ulp import assert_within_ulp
+from loratool import spec
 from loratool.adapter import Adapter, whole_target
 from loratool.cli import cli
 from loratool.tasks.merge import merge as run_merge
@@ -304,7 +305,7 @@ def test_mismatches_are_all_listed_before_writing(tmp_path):
     assert str(e.value) == (
         f'3 adapter targets do not fit the base: {ad}: target "layers.0.q_proj.weight" has shape [12, 10] but the '
         f'base tensor is [10, 12] (rule B002); {ad}: target "layers.9.q_proj.weight" is not in the base (rule B001); '
-        f'{ad}: target "step": base tensor is I32; integer and quantized tensors cannot be merged (rule B003); '
+        f'{ad}: target "step": base tensor is I32, {spec.QUANTIZED_REFUSAL} (rule B003); '
         "use the adapter's own base, or pass --allow-partial to skip them")
     no_output(tmp_path, out)
 

@@ -26,6 +26,9 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
 @click.option("--keep-tied", is_flag=True, help="On a base whose lm_head is tied to its embedding, merge an "
               "adapter on either into the one tensor so both sides move, as PEFT's merge_and_unload does "
               "(default: untie them, so the merged model equals the adapter model).")
+@click.option("--keep-quantized", is_flag=True, help="Write quantized weights in their own scheme: FP8 only (the "
+              "default for FP8 without --dtype); refused for bitsandbytes, GPTQ, AWQ and MXFP4 bases, which are "
+              "always written dequantized.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the float32 arithmetic runs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
@@ -35,8 +38,8 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @dialect_options(with_base=False)
 @selection_options
-def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_partial, keep_tied, device, overwrite,
-          no_fsync, json_, quiet, targets, exclude, **reader):
+def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_partial, keep_tied, keep_quantized, device,
+          overwrite, no_fsync, json_, quiet, targets, exclude, **reader):
     """Merge LoRA adapters into a base model, streaming one tensor at a time.
 
     W' = W + Σ w_i·ΔW_i computed in float32 and cast once to each tensor's dtype; tensors no adapter
@@ -44,6 +47,10 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
     Face folder (sharded or not; its other files are copied); BASE and PEFT adapters may also be Hugging Face
     Hub ids (org/name, --revision), read through the Hub cache (HF_HUB_OFFLINE=1: the cache only). Every
     adapter target must fit a floating-point base tensor of the same shape, or nothing is written.
+
+    Quantized bases: FP8 weights are requantized with new scales (--dtype: written dequantized); bitsandbytes
+    nf4/fp4/int8, GPTQ, AWQ and MXFP4 weights are written dequantized (bfloat16, or --dtype) with the adapters
+    merged, which is what a QLoRA adapter was trained against, and config.json loses its quantization_config.
 
     Example:
 
@@ -69,7 +76,7 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
         result = run(base, adapters, out, weights=ws, scale=scale, dtype=dtype, unmerge=unmerge, verify=verify,
                      allow_partial=allow_partial, device=device, overwrite=overwrite, fsync=not no_fsync,
                      progress=bar, reader_options=opts, revision=revision, targets=targets, exclude=exclude,
-                     keep_tied=keep_tied)
+                     keep_tied=keep_tied, keep_quantized=keep_quantized)
     if json_:
         emit_json(result.as_dict())
         return
@@ -89,6 +96,9 @@ def merge(base, adapters, out, weights, scale, dtype, unmerge, verify, allow_par
         line += f"; skipped {len(result.skipped)} target(s)"
     if result.verify:
         line += f"; verify: max relative error {result.verify['max_rel_error']:.3g}"
+    if result.dequantized:
+        schemes = sorted(set(result.dequantized.values()))
+        line += f"; dequantized {len(result.dequantized)} quantized weight(s) ({', '.join(schemes)})"
     if result.requantized:
         line += (f"; requantized {len(result.requantized)} float8 weight(s) with new scales, keeping at least "
                  f"{min(result.requantized.values()):.1%} of the adapter's change")

@@ -167,7 +167,7 @@ def render_validation(doc: dict) -> None:
         rows = fit["rows"]
         shown = [(r["name"], r["base_key"] or "-", r["layout"], "x".join(map(str, r["shape"])),
                   "x".join(map(str, r["base_shape"])) if r["base_shape"] else "-", "yes" if r["agrees"] else "NO",
-                  r["base_dtype"] or "-", ",".join(fmt_num(s) for s in r["scales"]), _blocks(r),
+                  f"{r['quantized']}, dequantized" if r.get("quantized") else r["base_dtype"] or "-", ",".join(fmt_num(s) for s in r["scales"]), _blocks(r),
                   r["tied_with"] or "-", "ok" if r["ok"] else "ERROR") for r in rows[:FIT_ROWS]]
         if doc["findings"]:
             write()

@@ -418,9 +418,9 @@ class BaseKeys:
     """
 
     def __init__(self, base):
-        from .base import BaseModel, open_base
+        from .base import is_reader, open_base
 
-        self._own = not isinstance(base, BaseModel)
+        self._own = not is_reader(base)
         self.base = open_base(base) if self._own else base
         self.keys = set(self.base.keys())
         self._underscored: dict[str, list[str]] | None = None

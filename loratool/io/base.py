@@ -69,6 +69,12 @@ class BaseModel:
         self.close()
 
 
+def is_reader(obj) -> bool:
+    """Whether `obj` is an open base reader: a BaseModel, or an object with its reading methods (a view of one
+    made elsewhere, such as ops.quant's dequantized view of a quantized base)."""
+    return isinstance(obj, BaseModel) or all(callable(getattr(obj, m, None)) for m in ("keys", "info", "mapped"))
+
+
 class SafetensorsBase(BaseModel):
     """One .safetensors file, read with pread; the header is checked like an adapter's container."""
 

@@ -263,9 +263,9 @@ def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = 
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, key and fix in the message.
     """
-    from .base import BaseModel
+    from .base import is_reader
 
-    lazy = lazy and (base is None or isinstance(base, BaseModel))
+    lazy = lazy and (base is None or is_reader(base))
     return _plan(path, base, allow_unknown, allow_partial, describe=False,
                  then=(lambda plan, read: _read(plan, read, lazy=True)) if lazy else _read, problems=problems)
 

@@ -202,6 +202,8 @@ class Entry:
     src: tuple[SourceFile, TensorInfo] | None = None  # safetensors source
     src_dtype: str = ""
     src_key: str = ""  # the base key the bytes come from, when it is not `key` (a tied head written untied)
+    computed: bool = False  # no source bytes: its transform makes the rows (a quantized weight dequantized);
+    # src_key then names the base tensor whose shard holds it
 
     @property
     def source_key(self) -> str:
@@ -231,7 +233,7 @@ class OutFile:
 
 def _layout(name: str, entries: list[Entry], metadata: dict, raw_header: bytes | None) -> OutFile:
     """Offsets for `entries`: the source's `raw_header` and offsets when no entry changes dtype, else a new header."""
-    if raw_header is not None and all(e.dtype == e.src_dtype and not e.src_key for e in entries):
+    if raw_header is not None and all(e.dtype == e.src_dtype and not e.src_key and not e.computed for e in entries):
         base = len(raw_header)
         for e in entries:
             e.offset = base + e.src[1].begin
@@ -251,8 +253,30 @@ def _check_sources(base: StreamBase, sources: Mapping[str, str]) -> None:
             raise ValueError(f"output tensor {key!r} from {src!r}: the key must be new and its source in the base")
 
 
+@dataclass(frozen=True)
+class Computed:
+    """An output tensor with no source bytes, made whole by its transform (a quantized weight written
+    dequantized): its shape and dtype, and the base key whose shard (file) holds it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    near: str
+
+
+def _check_computed(base: StreamBase, computed: Mapping[str, Computed], drop: frozenset) -> None:
+    for key, c in computed.items():
+        if (base.info(key) is not None and key not in drop) or base.info(c.near) is None:
+            raise ValueError(f"computed tensor {key!r}: the key must be new (or dropped) and {c.near!r} in the base")
+
+
+def _computed_entry(key: str, c: Computed) -> Entry:
+    return Entry(key, c.dtype, tuple(c.shape), math.prod(c.shape) * spec.DTYPE_SIZES[c.dtype], src_key=c.near,
+                 computed=True)
+
+
 def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str],
-               sources: Mapping[str, str] | None = None, drop: frozenset = frozenset()) -> list[OutFile]:
+               sources: Mapping[str, str] | None = None, drop: frozenset = frozenset(),
+               computed: Mapping[str, Computed] | None = None) -> list[OutFile]:
     """The safetensors files to write (names relative to the output), with every tensor's offset.
 
     Args:
@@ -260,9 +284,13 @@ def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str],
         sources: extra output keys -> the base key each is read from; written after the tensors of the file
             (shard) that holds its source.
         drop: base keys not written (the scales of float8 weights written dequantized).
+        computed: output keys made by their transforms (Computed), written after the tensors of the file that
+            holds their `near` key.
     """
     sources = dict(sources or {})
+    computed = dict(computed or {})
     _check_sources(base, sources)
+    _check_computed(base, computed, drop)
 
     def entry(key, f, t, src_key=""):
         dt = out_dtype(key, t.dtype)
@@ -276,6 +304,7 @@ def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str],
             odt = out_dtype(key, dt)
             entries.append(Entry(key, odt, tuple(shape), math.prod(shape) * spec.DTYPE_SIZES[odt], src_dtype=dt,
                                  src_key=src_key))
+        entries += [_computed_entry(k, c) for k, c in sorted(computed.items())]
         return [_layout("model.safetensors" if fmt == "folder" else "", entries, {"format": "pt"}, None)]
     per_file = []
     for f in base.files:
@@ -283,6 +312,7 @@ def plan_files(base: StreamBase, fmt: str, out_dtype: Callable[[str, str], str],
                 if k not in drop]
         dropped = len(ents) < len(f.header.tensors)
         ents += [entry(k, f, f.header.tensors[s], s) for k, s in sorted(sources.items()) if s in f.header.tensors]
+        ents += [_computed_entry(k, c) for k, c in sorted(computed.items()) if c.near in f.header.tensors]
         per_file.append((f, ents, dropped))
     if fmt == "folder" or len(per_file) == 1:
         # A single-file base written as a folder holds model.safetensors, as Hugging Face names it.
@@ -377,6 +407,11 @@ def _join(thread: threading.Thread) -> None:
         raise pending
 
 
+def _placeholder(n: int) -> np.ndarray:
+    """What a computed tensor's transform is handed for n rows: an (n, 0) array, its row count alone."""
+    return np.empty((n, 0), np.float32)
+
+
 class _Cast:
     """The transform of a tensor that only changes dtype (under --dtype): rounded once, nearest even.
 
@@ -411,9 +446,10 @@ class Rewriter:
 
     def __init__(self, base: StreamBase, out, fmt: str, *, out_dtype: Callable[[str, str], str] | None = None,
                  overwrite: bool = False, fsync: bool = True, workers: int | None = None,
-                 drop: frozenset = frozenset()):
+                 drop: frozenset = frozenset(), computed: Mapping[str, Computed] | None = None):
         self.base, self.out, self.fmt = base, Path(out), fmt
         self.drop = frozenset(drop)  # base keys not written (plan_files)
+        self.computed = dict(computed or {})  # output keys made by their transforms (plan_files)
         self.out_dtype = out_dtype or (lambda key, dt: dt)
         self.overwrite, self.fsync = overwrite, fsync
         self.skipped_files: list[str] = []  # the base folder's files not copied, with the reason (commit)
@@ -436,7 +472,7 @@ class Rewriter:
                 self._tmpdir = Path(self._stack.enter_context(atomic_dir(self.out, overwrite, fsync=fsync)))
             return
         self._torch_out = False
-        self.files = plan_files(base, fmt, self.out_dtype, drop=self.drop)
+        self.files = plan_files(base, fmt, self.out_dtype, drop=self.drop, computed=self.computed)
         try:
             self._open()
         except BaseException as exc:  # discard what _open made (a plain close() would commit it)
@@ -448,9 +484,10 @@ class Rewriter:
         """Bytes of tensor data the output will hold."""
         if self.files:
             return sum(e.nbytes for of in self.files for e in of.entries)
-        keys = [(k, k) for k in self.base.keys()] + list(self.sources.items())
-        return sum(math.prod(self.base.info(s)[0]) * spec.DTYPE_SIZES[self.out_dtype(k, self.base.info(s)[1])]
-                   for k, s in keys)
+        keys = [(k, k) for k in self.base.keys() if k not in self.drop] + list(self.sources.items())
+        return (sum(math.prod(self.base.info(s)[0]) * spec.DTYPE_SIZES[self.out_dtype(k, self.base.info(s)[1])]
+                    for k, s in keys)
+                + sum(math.prod(c.shape) * spec.DTYPE_SIZES[c.dtype] for c in self.computed.values()))
 
     def add_sources(self, sources: Mapping[str, str]) -> None:
         """Also write each new key of `sources`, read from the base key it names (a tied head written untied);
@@ -474,7 +511,7 @@ class Rewriter:
                 raise self._copy_error
             self._copier, self._copy_error, self._state = None, None, {}
             self._cancel = threading.Event()
-        self.files = plan_files(self.base, self.fmt, self.out_dtype, self.sources, self.drop)
+        self.files = plan_files(self.base, self.fmt, self.out_dtype, self.sources, self.drop, self.computed)
         for of in self.files:
             fd = self._fds[of.name]
             os.ftruncate(fd, 0)  # drops pages copied at the old offsets
@@ -584,6 +621,8 @@ class Rewriter:
             fd = self._fds[of.name]
             for e in of.entries:
                 tf = transforms.get(e.key)
+                if tf is None and e.computed:
+                    raise ValueError(f"computed tensor {e.key!r} has no transform")
                 if tf is None and e.dtype != e.src_dtype:
                     tf = _Cast(e)
                 if tf is not None or e.src is None:
@@ -635,6 +674,9 @@ class Rewriter:
         osize = spec.DTYPE_SIZES[e.dtype]
         if e.nbytes == 0:
             return  # a zero-element tensor has no bytes to write
+        if e.computed:  # the transform reads what it needs
+            self._blocks(fd, e, tf, None, osize, done)
+            return
         if e.src is None:  # torch base: the tensor is memory-mapped by torch.load, seen here through numpy
             W = self.base.read(e.source_key).reshape(rows, cols)
             if tf is None:
@@ -654,9 +696,10 @@ class Rewriter:
         for r0, r1 in row_spans(rows, tf.block_rows):
             if self._cancel.is_set():  # the run failed or was interrupted: the output is discarded
                 return
-            if digest is not None:  # rows in order: the tensor's little-endian bytes, as read
-                digest.update(np.ascontiguousarray(W[r0:r1]).reshape(-1).view(np.uint8))
-            data = np.ascontiguousarray(tf.block(W[r0:r1], r0)).reshape(-1).view(np.uint8)
+            V = W[r0:r1] if W is not None else _placeholder(r1 - r0)
+            if digest is not None and W is not None:  # rows in order: the tensor's little-endian bytes, as read
+                digest.update(np.ascontiguousarray(V).reshape(-1).view(np.uint8))
+            data = np.ascontiguousarray(tf.block(V, r0)).reshape(-1).view(np.uint8)
             off = e.offset + r0 * cols * osize
             pwrite_all(fd, data, off)
             if self.fsync:
@@ -668,6 +711,11 @@ class Rewriter:
         import torch
 
         state = {}
+        for key, c in sorted(self.computed.items()):
+            tf, rows = transforms[key], (c.shape[0] if c.shape else 1)
+            W = np.concatenate([tf.block(_placeholder(b - a), a).copy() for a, b in row_spans(rows, tf.block_rows)])
+            state[key] = dtypes.to_torch(W.reshape(c.shape))
+            progress(W.nbytes)
         for key, src in [(k, k) for k in self.base.keys() if k not in self.drop] + sorted(self.sources.items()):
             W = self.base.read(src)
             tf = transforms.get(key)
@@ -740,5 +788,5 @@ class Rewriter:
                                                    encoding="utf-8")
 
 
-__all__ = ["StreamBase", "open_stream", "output_format", "plan_files", "Rewriter", "copy_range",
+__all__ = ["StreamBase", "open_stream", "output_format", "plan_files", "Rewriter", "Computed", "copy_range",
            "start_writeback", "check_output", "FLOAT_DTYPES"]

@@ -71,10 +71,11 @@ def _fit_problem(source: str, t: Target, info, quantized=()) -> str | None:
     if info is None:
         return f"{where} is not in the base (rule B001)"
     shape, dtype = tuple(info[0]), info[1]
+    # before the shape: a packed quantized tensor's shape is not its weight's
+    if dtype not in FLOAT_DTYPES and t.key not in quantized:
+        return f"{where}: base tensor is {dtype}, {spec.QUANTIZED_REFUSAL} (rule B003)"
     if shape != tuple(t.shape):
         return f"{where} has shape {list(t.shape)} but the base tensor is {list(shape)} (rule B002)"
-    if dtype not in FLOAT_DTYPES and t.key not in quantized:
-        return f"{where}: base tensor is {dtype}; integer and quantized tensors cannot be merged (rule B003)"
     return None
 
 

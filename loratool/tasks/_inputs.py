@@ -141,3 +141,34 @@ def select_targets(adapters, names, targets=(), exclude=()) -> tuple[list, list[
         raise UsageError(f"--targets/--exclude leave no target of the {sum(len(a) for a in adapters)} there are; "
                          "nothing to do")
     return kept, left
+
+
+def quantized_weights(reader, folder) -> dict:
+    """The quantized weights of an open base (ops.quant's registry: key -> QuantWeight), read with the
+    quantization_config of `folder`'s config.json when there is one (a single file: inferred from its tensors).
+    Bases without an integer or float8 tensor are not searched."""
+    from ..container import read_json_file
+    from ..errors import LoraToolError
+    from ..ops.quant import find_weights
+    from ..spec import FLOAT_DTYPES
+
+    keys = reader.keys()
+    if all(reader.info(k)[1] in FLOAT_DTYPES for k in keys):
+        return {}
+    config = None
+    if folder is not None and os.path.isfile(os.path.join(folder, "config.json")):
+        try:
+            config = read_json_file(os.path.join(folder, "config.json"), "config.json")
+        except LoraToolError:
+            config = None  # the layout is then inferred from the tensors' names and shapes
+    return find_weights(reader.info, keys, config, reader.read)
+
+
+def quant_view(reader, path):
+    """`reader` as the float model it stands for (ops.quant.DequantizedView) when it has quantized weights, else
+    `reader` itself: extract and validate read quantized bases dequantized in float32."""
+    from ..ops.quant import DequantizedView
+
+    folder = path if path is not None and os.path.isdir(path) else None
+    found = quantized_weights(reader, folder)
+    return DequantizedView(reader, found) if found else reader

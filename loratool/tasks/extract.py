@@ -77,6 +77,7 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     from ..io.registry import writer_for
     from ..ops.extract import ExtractOptions, extract as run, model_hints
     from ..ops.ties import count_tied_heads
+    from ._inputs import quant_view
     from .convert import _write
 
     shown = (os.fspath(finetuned), os.fspath(base))
@@ -99,7 +100,9 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
         raise
     with ft_model, base_model:
         check_output(out, [ft_path, base_path, *ft_model.files, *base_model.files], overwrite)  # folders too
-        ft_view, base_view, missed = _tied(ft_model, ft_path, base_model, base_path)
+        # quantized models (FP8, bitsandbytes, GPTQ, AWQ, MXFP4) are paired dequantized in float32 (ops.quant)
+        ft_q, base_q = quant_view(ft_model, ft_path), quant_view(base_model, base_path)
+        ft_view, base_view, missed = _tied(ft_q, ft_path, base_q, base_path)
         result = run(ft_view, base_view, opts, names=shown, progress=progress)
         ft_model.check_unchanged()  # a model written in place meanwhile would give factors of neither version
         base_model.check_unchanged()

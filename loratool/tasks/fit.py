@@ -76,6 +76,8 @@ def report(adapter: Adapter | None, base, *, names: dict | None = None, refused=
             "name": names.get(t.key, t.key), "base_key": t.key if got is not None else None, "kind": t.kind,
             "layout": t.layout, "shape": list(t.shape), "base_shape": None if shape is None else list(shape),
             "agrees": shape == tuple(t.shape), "base_dtype": dtype, "rank": t.rank,
+            # the scheme of a quantized base weight (ops.quant), fitted dequantized; None for a float tensor
+            "quantized": getattr(base, "scheme", lambda key: None)(t.key),
             "scales": sorted({b["scale"] for b in blocks}, key=lambda s: (s is None, s)) if blocks else
             [t.delta_scale], "blocks": blocks, "whole": t.kind == "full" or t.is_whole,
             "tied_with": note, "changes": None if changed is None else t.key in changed,

@@ -44,6 +44,8 @@ class MergeResult:
     probe_errors: dict[str, float] = field(default_factory=dict)
     # float8 weights requantized with their scheme: key -> ||Q(W + ΔW) − Q(W)|| / ||ΔW|| (the adapter's share kept)
     requantized: dict[str, float] = field(default_factory=dict)
+    # quantized weights written dequantized (ops.quant): key written -> scheme
+    dequantized: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds since the start
     ties: list[str] = field(default_factory=list)  # what became of tied weights an adapter touches, one line each
@@ -59,7 +61,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
           device: str = "cpu", overwrite: bool = False, fsync: bool = True,
           progress: Callable[..., None] | None = None, reader_options: dict | None = None,
           speculate: bool | None = None, revision: str | None = None, targets: Sequence[str] = (),
-          exclude: Sequence[str] = (), keep_tied: bool = False) -> MergeResult:
+          exclude: Sequence[str] = (), keep_tied: bool = False, keep_quantized: bool = False) -> MergeResult:
     """Merge adapters into a base model file or folder and write the result to `output`, atomically.
 
     Args:
@@ -90,6 +92,14 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             untied: the targeted side changes, the other keeps the original tensor (a head the base does not
             store is written), and config.json says tie_word_embeddings false: the merged model computes
             what the adapter model computes unmerged (ops/ties.py). Unmerging a tied base moves both sides.
+        keep_quantized: insist on writing every quantized weight in its own scheme. Only FP8 weights can be
+            (they are by default, without `dtype`); a base with weights of another scheme (ops.quant: bitsandbytes,
+            GPTQ, AWQ, MXFP4) is refused, as requantizing to 4 or 8 bits is out of scope.
+
+    Quantized bases (ops.quant's registry): FP8 weights are requantized with their scheme unless `dtype` is
+    given; every other quantized weight is written dequantized (merged where an adapter reaches it) in `dtype`,
+    bfloat16 by default, under the float key it stands for (GPTQ/AWQ `qweight` -> `weight`, MXFP4 `x_blocks` ->
+    `x`), its companion tensors are not written, and config.json loses its quantization_config.
     Returns:
         A MergeResult.
     Raises:
@@ -99,11 +109,12 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     """
     from ..device import blas_threads, session
     from ..fsutil import check_output
-    from ..io.stream import FLOAT_DTYPES, Rewriter, open_stream, output_format
     from ..io.experts import experts_view, fit_experts
+    from ..io.stream import FLOAT_DTYPES, Computed, Rewriter, open_stream, output_format
     from ..io.ties import CONFIG_KEY, find_ties, with_heads
     from ..ops.fp8 import Dequantized, Fp8Target
     from ..ops.merge import Merger, plan_merge
+    from ..ops.quant import SCHEMES, DequantizedView, Dequantizing
     from ..ops.ties import resolve_ties
     from ._inputs import check_weights, hub_inputs, load_adapters, select_targets
 
@@ -129,32 +140,42 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     with session(device) as dev, open_stream(base) as src:
         fmt = output_format(src, output)
         check_output(output, [*src.inputs, *paths], overwrite)
-        quant = _fp8_schemes(src)
-        # With --dtype the float8 weights are written dequantized in it, and their scales are not written.
-        dequant = quant if out_name is not None else {}
+        found = _quantized(src)
+        _check_keep(found, keep_quantized, out_name, shown_base)
+        # FP8 weights keep their scheme (requantized) unless --dtype asks for a dequantized merge; the other
+        # schemes cannot be requantized: written dequantized in --dtype, bfloat16 by default.
+        keep = {k: q for k, q in found.items() if out_name is None and SCHEMES[q.scheme].requantize}
+        quant = {k: q.params["fp8"] for k, q in keep.items()}
+        dequant = {k: q.params["fp8"] for k, q in found.items() if k not in keep and "fp8" in q.params}
+        computed = {k: Computed(q.shape, out_name or "BF16", q.stored) for k, q in found.items()
+                    if k not in keep and k not in dequant}
+        drop = frozenset(o for k, q in found.items() if k not in keep for o in q.owned if o not in dequant)
 
         def out_dtype(key, dt):
             return out_name if out_name is not None and (dt in FLOAT_DTYPES or key in dequant) else dt
 
-        with Rewriter(src, output, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync,
-                      drop=frozenset(s.scale_key for s in dequant.values())) as rw:
+        with Rewriter(src, output, fmt, out_dtype=out_dtype, overwrite=overwrite, fsync=fsync, drop=drop,
+                      computed=computed) as rw:
             if speculate:  # into the temporary output only: a refusal below still leaves nothing
                 rw.start_copy(early=_unlikely_targets(items))
             phase("opened")
 
             # Readers see a tied head the file does not store (io.ties), so a target on it resolves; each target's
             # factors are read when its tensor is merged (lazy), so memory does not grow with the adapter.
-            # ... and the experts under both forms (io.experts), so that a per-expert adapter resolves on a fused
-            # base and a fused one on a per-expert base; fit_experts then moves those targets onto stored tensors.
-            view = experts_view(with_heads(src.reader, find_ties(src.reader, base)))
+            # Adapters resolve against the float model a quantized base stands for (bitsandbytes' packed `weight`
+            # has its dequantized shape there, GPTQ's `qweight` is `weight`), and see the experts under both forms
+            # (io.experts), so that a per-expert adapter resolves on a fused base and a fused one on a per-expert
+            # base; fit_experts then moves those targets onto stored tensors.
+            qview = DequantizedView(src.reader, found) if found else src.reader
+            view = experts_view(with_heads(qview, find_ties(qview, base)))
             read = iter(load_adapters(paths, reader_options, base=view, allow_partial=allow_partial, lazy=True)
                         if paths else [])
             loaded = [fit_experts(x if isinstance(x, Adapter) else next(read), view) for x in items]
             loaded, excluded = select_targets(loaded, names, targets, exclude)
             phase("adapters loaded")
-            ties = find_ties(src.reader, base, wanted=[k for a in loaded for k in a.targets])
-            plan = plan_merge(list(zip(names, loaded)), with_heads(src.reader, ties).info, weights=weights,
-                              scale=scale, unmerge=unmerge, allow_partial=allow_partial, quantized=quant)
+            ties = find_ties(qview, base, wanted=[k for a in loaded for k in a.targets])
+            plan = plan_merge(list(zip(names, loaded)), with_heads(qview, ties).info, weights=weights,
+                              scale=scale, unmerge=unmerge, allow_partial=allow_partial)
             tied = resolve_ties(plan.terms, ties, keep_tied=keep_tied, unmerge=unmerge)
             plan.terms = tied.terms
             rw.add_sources(tied.sources)  # a tied head the base does not store, written untied
@@ -162,15 +183,21 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             def info(key):
                 return src.info(tied.sources.get(key, key))
 
-            digests = {k: hashlib.sha256() for k, terms in plan.terms.items() if any(t.target.sha256 for t in terms)}
+            # A weight written dequantized from other tensors has no bytes of its own to fingerprint (rule B004 is
+            # checked on the tensors read as they are).
+            digests = {k: hashlib.sha256() for k, terms in plan.terms.items()
+                       if any(t.target.sha256 for t in terms) and k not in computed}
             mergers, fp8 = {}, {}
+            for key, c in computed.items():  # every quantized weight, merged or not: dequantized into its dtype
+                mergers[key] = Dequantizing(found[key], plan.terms.get(key, []), src.reader, c.dtype, device=dev,
+                                            probe=verify and key in plan.terms)
             for key in dequant:  # every float8 weight, merged or not: dequantized into --dtype
                 mergers[key] = Dequantized(key, src.info(key)[0], dequant[key], plan.terms.get(key, []), src.reader,
                                            out_name, device=dev, probe=verify and key in plan.terms)
             for key, terms in plan.terms.items():
-                shape, dt = info(key)
-                if key in dequant:
+                if key in dequant or key in computed:
                     continue
+                shape, dt = info(key)
                 if key in quant:  # dequantized, merged in float32, requantized with its own scheme
                     fp8[key] = Fp8Target(key, shape, quant[key], terms, src.reader, device=dev, probe=verify)
                     mergers[key], mergers[quant[key].scale_key] = fp8[key].weight, fp8[key].scales
@@ -189,7 +216,8 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             errors = {k: m.probe_error() for k, m in probes.items()} if verify else {}
             # A float8 weight's probe checks its float32 merge; the requantization is reported as `requantized`.
             bad = {k: e for k, e in errors.items()
-                   if e > VERIFY_EPS * dtypes.EPS["F32" if k in fp8 else out_dtype(k, info(k)[1])]}
+                   if e > VERIFY_EPS * dtypes.EPS["F32" if k in fp8 else computed[k].dtype if k in computed
+                                                  else out_dtype(k, info(k)[1])]}
             if bad:
                 k = max(bad, key=bad.get)
                 raise NumericError(f"target \"{k}\": --verify probe error {bad[k]:.3g} is above {VERIFY_EPS} x the "
@@ -199,7 +227,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             # config.json says the dtype the weights now have, that an untied pair is no longer tied, and no
             # quantization when float8 weights were written dequantized
             rw.commit(config_dtype=out_name, config_updates={CONFIG_KEY: False} if tied.untie else None,
-                      dequantized=bool(dequant))
+                      dequantized=bool(dequant or computed))
             if tied.untie and not (fmt == "folder" and src.folder is not None
                                    and (src.folder / "config.json").is_file()):
                 tied.notes.append(f"the output has no config.json: load it with {CONFIG_KEY}=False, or the loader "
@@ -219,7 +247,8 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
         skipped=[m for a in loaded for m in a.info.get("skipped", [])] + plan.skipped,
         excluded=excluded, skipped_files=rw.skipped_files,
         verify={"max_rel_error": errors[worst], "target": worst} if worst else None, probe_errors=errors,
-        requantized=kept, device=dev.name, phases=phases, ties=tied.notes, warnings=tied.warnings + warnings)
+        requantized=kept, dequantized={k: q.scheme for k, q in found.items() if k in dequant or k in computed},
+        device=dev.name, phases=phases, ties=tied.notes, warnings=tied.warnings + warnings)
 
 
 def _dtype_name(dtype: str | None) -> str | None:
@@ -230,22 +259,31 @@ def _dtype_name(dtype: str | None) -> str | None:
     return DTYPE_NAMES[dtype]
 
 
-def _fp8_schemes(src) -> dict:
-    """The base's float8 weights with scales (ops.fp8.schemes), the block size from its config.json."""
-    from ..container import read_json_file
-    from ..errors import LoraToolError
-    from ..ops.fp8 import schemes
+def _quantized(src) -> dict:
+    """The base's quantized weights (ops.quant's registry): key -> QuantWeight."""
+    from ._inputs import quantized_weights
 
-    keys = src.keys()
-    if not any(src.info(k)[1] == "F8_E4M3" for k in keys):
-        return {}
-    config = None
-    if src.folder is not None and (src.folder / "config.json").is_file():
-        try:
-            config = read_json_file(src.folder / "config.json", "config.json")
-        except LoraToolError:
-            config = None  # the block size is then inferred from the scales' shapes
-    return schemes(src.info, keys, config)
+    return quantized_weights(src.reader, src.folder)
+
+
+def _check_keep(found: dict, keep_quantized: bool, out_name: str | None, base: str) -> None:
+    """keep_quantized: refused with --dtype, and for a base with weights no scheme of it can requantize."""
+    from ..container import escape
+    from ..errors import UnsupportedError
+    from ..ops.quant import SCHEMES
+
+    if not keep_quantized:
+        return
+    if out_name is not None:
+        raise UsageError("--keep-quantized writes quantized weights in their own scheme, --dtype writes them "
+                         "dequantized; pass one of them")
+    lost = sorted((k for k, q in found.items() if not SCHEMES[q.scheme].requantize), key=str)
+    if lost:
+        q = found[lost[0]]
+        raise UnsupportedError(f"{base}: \"{escape(q.stored)}\" is quantized as {q.scheme} ({len(lost)} such "
+                               f"weight(s)); loratool requantizes FP8 only, writing {q.scheme} again is out of scope: "
+                               "drop --keep-quantized for a dequantized merge (bfloat16, or --dtype), and quantize "
+                               "that with its own library if needed")
 
 
 def _unlikely_targets(adapters):
@@ -291,7 +329,7 @@ def _check_fingerprints(plan, got: dict[str, str]) -> None:
 
     for key, terms in plan.terms.items():
         want = {t.target.sha256 for t in terms if t.target.sha256}
-        if want and (got[key] not in want or len(want) > 1):
+        if want and key in got and (got[key] not in want or len(want) > 1):
             raise MismatchError(f"{terms[0].source}: target \"{escape(key)}\" was trained on a base tensor with "
                                 f"sha256 {sorted(want)[0][:12]}..., this base has {got[key][:12]}... (rule B004); "
                                 "use the adapter's own base")

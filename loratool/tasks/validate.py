@@ -70,15 +70,19 @@ class _opened:
     def __enter__(self):
         if self.base is None:
             return None
-        from ..io.base import BaseModel, open_base
+        from ..io.base import is_reader, open_base
+        from ._inputs import quant_view
 
         from ..io.ties import with_heads
         from .fit import ties_of
 
-        b = self.base if isinstance(self.base, BaseModel) else open_base(self.base)
-        self.own = None if b is self.base else b
-        # A head the base ties to its embedding without storing it is a tensor adapters may target (io.ties).
-        return with_heads(b, ties_of(b))
+        if not is_reader(self.base):
+            self.own = open_base(self.base)
+        reader = self.own if self.own is not None else self.base
+        # A quantized base is fitted as the float model it stands for (ops.quant), as merge reads it, and a head it
+        # ties to its embedding without storing it is a tensor adapters may target (io.ties).
+        view = quant_view(reader, getattr(reader, "path", None))
+        return with_heads(view, ties_of(view))
 
     def __exit__(self, *exc):
         if self.own is not None:
