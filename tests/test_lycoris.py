@@ -24,7 +24,6 @@ from loratool.ops.kinds import dense_matrix
 from loratool.ops.to_lora import to_lora
 from loratool.ops.merge import Term, merge_tensor
 
-import lycoris  # noqa: E402  (the test extra installs lycoris-lora: its modules are the oracle)
 from lycoris.modules.locon import LoConModule  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
