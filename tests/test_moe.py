@@ -180,10 +180,9 @@ def test_validate_fit_report_names_the_expert_layouts(tmp_path):
 
 
 def test_fused_adapter_converts_to_native_and_merges_the_same(tmp_path):
-    """convert keeps the expert layout (spec layouts "experts"/"experts_t"), and PEFT, which holds expert factors
-    only as a ParamWrapper, refuses a fused target in one line rather than writing something else."""
+    """convert keeps the expert layout (spec layouts "experts"/"experts_t"), and writes it back to PEFT as the
+    ParamWrapper factors it was read from, bit for bit (names, nesting, lora_A/lora_B layout)."""
     import loratool
-    from loratool.errors import UnsupportedError
     from models import tiny_gpt_oss
 
     base, ad, oracle = fused_case(tmp_path, tiny_gpt_oss)
@@ -195,5 +194,8 @@ def test_fused_adapter_converts_to_native_and_merges_the_same(tmp_path):
     out = tmp_path / "out.safetensors"
     run_merge(base, [native], out)
     assert_within_ulp(load_st(out), oracle, ulps=2, identical=0.99)
-    with pytest.raises(UnsupportedError):
-        loratool.convert(native, tmp_path / "p", to="peft")
+    loratool.convert(native, tmp_path / "p", to="peft")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [] and cfg["target_parameters"] == sorted(f"model.layers.0.mlp.{p}" for p in PARAMS)
+    want, got = load_st(ad / "adapter_model.safetensors"), load_st(tmp_path / "p" / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

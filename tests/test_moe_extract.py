@@ -114,3 +114,42 @@ def test_randomized_svd_per_expert_matches_the_exact_one():
         U, S, Vh = np.linalg.svd(M)
         want = (U[:, :4] * S[:4]) @ Vh[:4]
         assert np.linalg.norm(b.B @ b.A - want) <= RANDOMIZED_RTOL * np.linalg.norm(want)
+
+
+# PEFT's ParamWrapper forward adds the expert delta (an einsum of the factors) to the weight before the
+# product, as loratool's merge writes W + s B A, both in float32: the logits can differ only where the einsum
+# sums an element's r products in another order than the matmul, a few float32 epsilons of the logits' size
+# (measured here: 0, identical logits).
+LOGITS_RTOL = 1e-5
+
+
+def logits(model):
+    from models import sample_input
+
+    with torch.no_grad():
+        return model(sample_input()).logits.double()
+
+
+@pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_gpt_oss"])
+def test_extract_to_peft_loads_in_peft(tmp_path, name):
+    """extract --to peft writes fused experts as ParamWrapper factors (target_parameters; experts of different
+    ranks zero-padded to the largest): PeftModel.from_pretrained loads the folder, and its logits equal those of
+    loratool's merge of the same adapter."""
+    import models
+    from peft import PeftModel
+
+    build = getattr(models, name)
+    base, ft, bsd, _ = finetuned_pair(tmp_path, build, ranks=(1, 2, 3), noise=1e-5)
+    res = loratool.extract(ft, base, energy=0.999, to="peft", output=tmp_path / "peft")
+    assert {tuple(r["expert_ranks"]) for r in res.rows} == {(1, 2, 3)}
+    merged = tmp_path / "merged.safetensors"
+    run_merge(base, [tmp_path / "peft"], merged)
+    from safetensors.torch import load_file
+
+    m = build()
+    m.load_state_dict(load_file(str(merged)))
+    want = logits(m)
+    pm = PeftModel.from_pretrained(build(), str(tmp_path / "peft")).eval()
+    got = logits(pm)
+    assert (got - want).abs().max() <= LOGITS_RTOL * want.abs().max()
+    assert (got - logits(build())).abs().max() > 100 * LOGITS_RTOL * want.abs().max()  # the adapter is applied
