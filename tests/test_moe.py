@@ -199,3 +199,32 @@ def test_fused_adapter_converts_to_native_and_merges_the_same(tmp_path):
     assert cfg["target_modules"] == [] and cfg["target_parameters"] == sorted(f"model.layers.0.mlp.{p}" for p in PARAMS)
     want, got = load_st(ad / "adapter_model.safetensors"), load_st(tmp_path / "p" / "adapter_model.safetensors")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_per_expert_adapter_converts_for_a_fused_base_and_back(tmp_path):
+    """convert --base moves targets between expert forms as merge does: a per-expert PEFT adapter written for
+    a fused base is a target_parameters folder PEFT loads (each expert's gate and up pairs folded into one of
+    rank 2r, exactly), and a fused adapter written for a per-expert base has a target per expert linear."""
+    import loratool
+    from peft import PeftModel
+    from models import tiny_mixtral
+
+    model = tiny_mixtral()
+    ad, want = per_expert_adapter(tmp_path / "peft_pe", model, "mixtral")
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)
+    model.save_pretrained(tmp_path / "per_expert")
+    loratool.convert(ad, tmp_path / "for_fused", base=tmp_path / "fused", to="peft")
+    cfg = json.loads((tmp_path / "for_fused" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [] and len(cfg["target_parameters"]) == 2 and cfg["r"] == 2
+    assert cfg["rank_pattern"] == {r"model\.layers\.0\.mlp\.experts\.gate_up_proj": 4}  # gate and up: 2 + 2
+    pm = PeftModel.from_pretrained(tiny_mixtral(), str(tmp_path / "for_fused")).eval()
+    merged = pm.merge_and_unload().state_dict()
+    assert_sum_order({k: merged[k] for k in want}, want, model.state_dict())
+    _, _, oracle = fused_case(tmp_path, tiny_mixtral)
+    back = tmp_path / "back.safetensors"
+    loratool.convert(tmp_path / "peft", back, base=tmp_path / "per_expert")  # the fused adapter of fused_case
+    assert {t.layout for t in loratool.load(back)} == {"linear"} and len(loratool.load(back)) == 9
+    out = tmp_path / "out.safetensors"
+    run_merge(tmp_path / "per_expert", [back], out)
+    got = load_st(out)
+    assert_within_ulp(got, split_experts(oracle, got, "mixtral"), ulps=2, identical=0.99)
