@@ -228,3 +228,32 @@ def test_per_expert_adapter_converts_for_a_fused_base_and_back(tmp_path):
     run_merge(tmp_path / "per_expert", [back], out)
     got = load_st(out)
     assert_within_ulp(got, split_experts(oracle, got, "mixtral"), ulps=2, identical=0.99)
+
+
+def test_fused_float8_experts_are_refused_by_name(tmp_path):
+    """A fused float8 expert tensor with per-expert block scales (transformers' FP8Experts: (E, out, in) and
+    `_scale_inv` (E, out/128, in/128)) is not read: merge and validate --base refuse it in one line (B003) that
+    says why and how to dequantize, and nothing is written."""
+    import re
+
+    import ml_dtypes
+
+    import loratool
+    from loratool.adapter import Adapter, Block, Target
+    from loratool.errors import MismatchError
+    from loratool.spec import FUSED_FP8_REFUSAL
+
+    E, out, inp = 2, 256, 128
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    w = np.random.default_rng(0).standard_normal((E, out, inp)).astype(ml_dtypes.float8_e4m3fn)
+    base = tmp_path / "base.safetensors"
+    write_file(base, {key: w, key + "_scale_inv": np.ones((E, 2, 1), np.float32)}, {})
+    blocks = tuple(Block(rank=1, alpha=1.0, scale_rule="standard", rows=(e * out, (e + 1) * out), cols=(0, inp),
+                         A=np.ones((1, inp), np.float32), B=np.ones((out, 1), np.float32)) for e in range(E))
+    ad = tmp_path / "a.safetensors"
+    loratool.save(Adapter({key: Target(key=key, layout="experts", shape=(E, out, inp), blocks=blocks)}), ad)
+    with pytest.raises(MismatchError, match=re.escape(f"base tensor is F8_E4M3, {FUSED_FP8_REFUSAL} (rule B003)")):
+        run_merge(base, [ad], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    rep = loratool.validate(ad, base=base)
+    assert [f.rule for f in rep.errors] == ["B003"] and FUSED_FP8_REFUSAL in rep.errors[0].message
