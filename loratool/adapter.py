@@ -287,6 +287,28 @@ def expert_span(layout: str, shape: tuple[int, ...], e: int) -> tuple[tuple[int,
     return (0, n_out), (e * n_in, (e + 1) * n_in)
 
 
-__all__ = ["Adapter", "Block", "Target", "FACTORED_KINDS", "LORA_KINDS", "scale_of", "alpha_for_scale",
+def expert_of(layout: str, shape: tuple[int, ...], block: Block) -> int | None:
+    """The expert whose (out, in) matrix holds `block` in a fused expert tensor's matrix view, or None when the
+    block spans two experts."""
+    if layout == "experts":
+        lo, hi, d = block.rows[0], block.rows[1], shape[1]
+    else:
+        lo, hi, d = block.cols[0], block.cols[1], shape[1]
+    e = lo // d
+    return e if hi <= (e + 1) * d else None
+
+
+def is_per_expert(t: Target) -> bool:
+    """Whether a fused expert target is in the form PEFT's ParamWrapper holds: one block per expert over that
+    expert's whole matrix (expert_span), every block of the same rank, alpha and scale rule."""
+    if t.layout not in EXPERT_LAYOUTS or len(t.blocks) != t.shape[0]:
+        return False
+    first = t.blocks[0]
+    return all((b.rows, b.cols) == expert_span(t.layout, t.shape, e) and
+               (b.rank, b.alpha, b.scale_rule) == (first.rank, first.alpha, first.scale_rule)
+               for e, b in enumerate(t.blocks))
+
+
+__all__ = ["Adapter", "Block", "Target", "expert_of", "is_per_expert", "FACTORED_KINDS", "LORA_KINDS", "scale_of", "alpha_for_scale",
            "matrix_shape", "whole_target", "spec", "EXPERT_LAYOUTS", "expert_span",
            "GEMM_MIN_ROWS", "block_rows_for", "row_spans"]

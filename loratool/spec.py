@@ -35,6 +35,18 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # base tensors that can take a del
 QUANTIZED_REFUSAL = ("a quantized or integer tensor in a layout loratool does not read (it merges into floating-point "
                      "tensors and into the weights of bitsandbytes nf4/fp4/int8, GPTQ, AWQ, MXFP4 and scaled FP8 "
                      "bases, with their companion tensors); dequantize the base with its own library first")
+# Rule B003 for a fused float8 expert tensor (E, out, in) with per-expert scales (E, out/128, in/128): the FP8
+# schemes (ops/fp8.py) cut a 2-D weight's rows into scale blocks and do not read per-expert scales.
+FUSED_FP8_REFUSAL = ("a fused float8 expert tensor, whose per-expert scales loratool does not read (it dequantizes "
+                     "and requantizes float8 weights stored as 2-D matrices only); dequantize the base with its own "
+                     "library first (transformers: dequantize=True in its FineGrainedFP8Config)")
+
+
+def quantized_refusal(dtype: str, shape) -> str:
+    """Rule B003's reason for a base tensor of `dtype` and `shape` that no quantized scheme reads."""
+    return FUSED_FP8_REFUSAL if dtype.startswith("F8_") and len(tuple(shape)) == 3 else QUANTIZED_REFUSAL
+
+
 FACTOR_DTYPES = FLOAT_DTYPES
 
 LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv", "experts", "experts_t")

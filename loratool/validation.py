@@ -358,8 +358,8 @@ def check_base(adapter: Adapter, base) -> list[Finding]:
         shape, dtype = got
         scheme = getattr(base, "scheme", lambda key: None)(t.key)  # a quantized weight, read dequantized
         if dtype not in spec.FLOAT_DTYPES and scheme is None:  # before the shape: a packed tensor's is not its own
-            findings.append(Finding("B003", f"target \"{k}\": base tensor is {dtype}, {spec.QUANTIZED_REFUSAL}",
-                                    k))
+            findings.append(Finding("B003", f"target \"{k}\": base tensor is {dtype}, "
+                                    f"{spec.quantized_refusal(dtype, shape)}", k))
             continue
         if tuple(shape) != t.shape:
             findings.append(Finding("B002", f"target \"{k}\" has shape {list(t.shape)}, base tensor is "

@@ -62,6 +62,18 @@ def fused_layout(info, module: str) -> str | None:
     return "experts" if plain else "experts_t" if transposed else None
 
 
+def fused_layouts(reader) -> dict[str, str]:
+    """Every fused expert tensor a base stores (`<module>.gate_up_proj` / `down_proj`, 3-D) -> its layout,
+    "experts" or "experts_t" (`fused_layout`): what extract needs to factorise each expert as its own matrix."""
+    out = {}
+    for k in reader.keys():
+        m = FUSED.match(k)
+        layout = None if m is None else fused_layout(reader.info, k.rsplit(".", 1)[0])
+        if layout is not None:
+            out[k] = layout
+    return out
+
+
 @dataclass(frozen=True)
 class Slot:
     """Rows [row0, row0 + rows) of expert `expert` of a fused tensor, held by the per-expert tensor `per_expert`."""
@@ -265,5 +277,5 @@ def _rows(B, a: int, b: int):
     return B[a:b]
 
 
-__all__ = ["ExpertsView", "experts_view", "fit_experts", "fused_layout", "per_expert_key", "Slot",
+__all__ = ["ExpertsView", "experts_view", "fit_experts", "fused_layout", "fused_layouts", "per_expert_key", "Slot",
            "FUSED", "PER_EXPERT"]

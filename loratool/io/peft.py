@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..adapter import Adapter, Target, alpha_for_scale, scale_of
+from ..adapter import EXPERT_LAYOUTS, Adapter, Target, alpha_for_scale, is_per_expert, scale_of
 from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, attempt, base_keys, check_unknown,
@@ -643,8 +643,22 @@ def _module_of(t: Target, suffix: str) -> str:
 
 
 def holds(t: Target) -> bool:
-    """Whether PEFT holds a lora target as it is: one A/B pair over the whole weight (others are folded first)."""
-    return t.is_whole
+    """Whether PEFT holds a lora target as it is: one A/B pair over the whole weight, or for a fused expert
+    tensor one pair per expert of one rank and alpha (ParamWrapper); others are folded first (ops/fold.py)."""
+    return is_per_expert(t) if t.layout in EXPERT_LAYOUTS else t.is_whole
+
+
+def _expert_tensors(t: Target, prefix: str, depth: int) -> dict:
+    """A fused expert target (adapter.is_per_expert) as one ParamWrapper's factors (io/peft_params.py): lora_A
+    (E·r, in), expert e's A the rows [e·r, (e+1)·r); lora_B (out, E·r), expert e's B the columns e, e + E, ...
+    The wrapper `depth` levels inside the module's outermost one is named with as many `.base_layer`."""
+    import numpy as np
+
+    A = np.concatenate([b.A for b in t.blocks], axis=0)  # E x (r, in) -> (E·r, in)
+    B = np.stack([b.B for b in t.blocks], axis=2)  # E x (out, r) -> (out, r, E)
+    B = np.ascontiguousarray(B.reshape(B.shape[0], -1))  # (out, r·E): column k·E + e is expert e's column k
+    name = prefix + ".base_layer" * depth
+    return {name + ".lora_A.weight": A, name + ".lora_B.weight": B}
 
 
 def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
@@ -665,7 +679,7 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
     if not lora:
         raise UnsupportedError("adapter has no LoRA targets; a PEFT LoRA adapter needs at least one")
     for t in lora:
-        if not t.is_whole:
+        if not holds(t):
             spans = ", ".join(f"rows {b.rows[0]}:{b.rows[1]} cols {b.cols[0]}:{b.cols[1]}" for b in t.blocks)
             raise UnsupportedError(f"target \"{escape(t.key)}\" has {len(t.blocks)} block(s) ({spans}); PEFT holds "
                                    "one A/B pair over the whole weight: fold it first (ops.fold.fold_target, which "
@@ -681,15 +695,24 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
     tensors, modules = {}, []
     rank_pattern, alpha_pattern = {}, {}
     used_bias = set()
+    params = sorted(t.key for t in lora if t.layout in EXPERT_LAYOUTS)  # PEFT target_parameters
     for t in lora:
         b = t.blocks[0]
-        module = _module_of(t, ".weight")
-        modules.append(module)
-        # re.escape makes the pattern match this module and no other (PEFT treats keys as regexes).
+        fused = t.layout in EXPERT_LAYOUTS
+        module = t.key.rpartition(".")[0] if fused else _module_of(t, ".weight")
+        # re.escape makes the pattern match this module (parameter) and no other (PEFT treats keys as regexes);
+        # PEFT matches a parameter's patterns on `<module>.<parameter>`.
+        name = t.key if fused else module
         if ranks[t.key] != r:
-            rank_pattern[re.escape(module)] = ranks[t.key]
+            rank_pattern[re.escape(name)] = ranks[t.key]
         if alphas[t.key] != alpha:
-            alpha_pattern[re.escape(module)] = _num(alphas[t.key])
+            alpha_pattern[re.escape(name)] = _num(alphas[t.key])
+        if fused:  # nested ParamWrappers: the parameter registered first is innermost (io/peft_params.py)
+            order = peft_params.parameters_of({"target_parameters": params}, module)
+            depth = len(order) - 1 - order.index(t.key.rpartition(".")[2])
+            tensors.update(_expert_tensors(t, PREFIX + module, depth))
+            continue
+        modules.append(module)
         p = PREFIX + module
         A, B = b.A, b.B
         if t.layout == "embedding":
@@ -718,9 +741,10 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
         for t in lora:
             if t.key in used_bias:
                 continue
-            if t.layout == "embedding":
-                raise UnsupportedError(f"target \"{escape(t.key)}\" is an embedding and PEFT's lora_bias is global but "
-                                       "not allowed on embeddings, so the conversion cannot be exact")
+            if t.layout == "embedding" or t.layout in EXPERT_LAYOUTS:
+                what = "an embedding" if t.layout == "embedding" else "a fused expert tensor (ParamWrapper)"
+                raise UnsupportedError(f"target \"{escape(t.key)}\" is {what} and PEFT's lora_bias is global but "
+                                       "not allowed there, so the conversion cannot be exact")
             B = t.blocks[0].B
             tensors[PREFIX + _module_of(t, ".weight") + ".lora_B.bias"] = np.zeros(B.shape[0], dtype=B.dtype)
     cfg = {
@@ -728,7 +752,8 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
         "base_model_name_or_path": base_model_name_or_path or adapter.metadata.get("peft.base_model_name_or_path"),
         "r": r, "lora_alpha": _num(alpha), "use_rslora": rule == "rslora",
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "target_modules": sorted(modules), "fan_in_fan_out": any(t.layout == "fan_in_fan_out" for t in lora),
+        "target_modules": sorted(modules), **({"target_parameters": params} if params else {}),
+        "fan_in_fan_out": any(t.layout == "fan_in_fan_out" for t in lora),
         "lora_bias": lora_bias, "bias": "none", "lora_dropout": 0.0, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "inference_mode": True,
     }

@@ -15,6 +15,11 @@ whole (--keep-full) are still read whole: LAPACK and the stored delta need them 
 
 Per tensor, by its shape, name and the options (`plan`):
   2-D weight            a matrix target, layout "linear" (or "fan_in_fan_out" when a hint says GPT-2 Conv1D)
+  fused experts (3-D)   E matrices, one per expert (`expert_layouts`: key -> "experts" (E, out, in) or
+                        "experts_t" (E, in, out), told by the caller from the model: io.experts.fused_layouts);
+                        each expert is factorised as its own matrix (its own rank under the rank rule; one
+                        --max-params budget across all of them) and they are written as one target with one
+                        block per expert in that layout, which merge maps back exactly
   3-D or more           a conv kernel, layout "conv", flattened to (out, in*kh*kw)
   embedding (by name)   layout "embedding" (M = W^T) only with `embeddings=True`; listed otherwise
   0-D or 1-D            biases, norms, scalars: stored whole as a "full" target with `keep_full=True`,
@@ -59,7 +64,7 @@ import numpy as np
 
 from .. import device as devices
 from .. import dtypes, spec
-from ..adapter import Adapter, Target, matrix_shape, whole_target
+from ..adapter import EXPERT_LAYOUTS, Adapter, Block, Target, expert_span, matrix_shape, whole_target
 from ..container import escape, read_json_file
 from ..errors import LoraToolError, MismatchError, NumericError
 from . import extract_run as lanes
@@ -102,6 +107,9 @@ class ExtractOptions:
     power_iterations: int | None = None  # default: svd.DEFAULT_POWER_ITERATIONS
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N" (loratool.device.resolve)
     delta_budget: int = DELTA_BUDGET_BYTES  # bytes of float32 delta held per pair; larger matrices stream
+    # fused expert tensors: key -> "experts" (E, out, in) or "experts_t" (E, in, out); each expert is its own
+    # matrix (io.experts.fused_layouts tells them from the model; empty: every 3-D tensor is a conv kernel)
+    expert_layouts: Mapping[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raises ValueError unless exactly one rank rule is chosen and the dtype is known."""
@@ -127,6 +135,10 @@ class Entry:
     base_dtype: str
     role: str  # "matrix" | "full" (stored whole) | "embedding" | "vector" | "nonfloat" (listed when changed)
     layout: str | None = None  # for "matrix": linear, fan_in_fan_out, embedding or conv
+    # One expert of a fused expert tensor: `key` names it (EXPERT_KEY), `shape` is its own (d1, d2) slice,
+    # layout "linear" ("experts") or "fan_in_fan_out" ("experts_t"); `fused` = (tensor key, expert, fused shape,
+    # fused layout). The lanes read it through `_ExpertSlices`, as if it were a tensor of its own.
+    fused: tuple | None = None
 
     @property
     def numel(self) -> int:
@@ -243,6 +255,8 @@ def plan(ft, base, opts: ExtractOptions, names=("finetuned", "base")) -> list[En
             continue
         if fd not in FLOAT_DTYPES or bd not in FLOAT_DTYPES:
             entries.append(Entry(k, fs, fd, bd, "nonfloat"))
+        elif len(fs) == 3 and k in opts.expert_layouts:
+            entries.extend(_expert_entries(k, fs, fd, bd, opts.expert_layouts[k]))
         elif len(fs) >= 3:
             entries.append(Entry(k, fs, fd, bd, "matrix", "conv"))
         elif len(fs) == 2:
@@ -254,6 +268,64 @@ def plan(ft, base, opts: ExtractOptions, names=("finetuned", "base")) -> list[En
         else:
             entries.append(Entry(k, fs, fd, bd, "full" if opts.keep_full else "vector"))
     return entries
+
+
+EXPERT_KEY = "{key}[expert {e}]"  # how an expert of a fused tensor is named in reports and messages
+
+
+def _expert_entries(key: str, shape, fd: str, bd: str, layout: str) -> list[Entry]:
+    """One matrix entry per expert of a fused expert tensor (E, d1, d2): its (d1, d2) slice is a plain matrix,
+    (out, in) for "experts", (in, out) (so M = slice^T) for "experts_t"."""
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert layout {layout!r} is not one of {EXPERT_LAYOUTS}")
+    E, d1, d2 = shape
+    inner = "linear" if layout == "experts" else "fan_in_fan_out"
+    return [Entry(EXPERT_KEY.format(key=key, e=e), (d1, d2), fd, bd, "matrix", inner, fused=(key, e, shape, layout))
+            for e in range(E)]
+
+
+class _ExpertSlices:
+    """A model reader that also shows each expert of the fused expert tensors the entries split as a tensor of
+    its own (EXPERT_KEY): a window of it is the same window of the fused tensor, offset by the expert's start,
+    so the lanes read an expert as they read any tensor, without a copy."""
+
+    def __init__(self, reader, entries):
+        self._r = reader
+        self._parts = {e.key: (e.fused[0], e.fused[1] * e.numel, e.numel) for e in entries if e.fused}
+
+    def keys(self):
+        return self._r.keys()
+
+    def info(self, key):
+        return self._r.info(key)
+
+    def mapped(self, key, start=0, stop=None):
+        if key not in self._parts:
+            return self._r.mapped(key, start, stop)
+        fused, off, n = self._parts[key]
+        return self._r.mapped(fused, off + start, off + (n if stop is None else stop))
+
+
+def _fused_target(key: str, parts: list):
+    """The target of a fused expert tensor from its experts' (entry, (B, A, report)), and its report row: one
+    block per expert with rank > 0 at the expert's span (adapter.expert_span), scale 1 (alpha = rank)."""
+    _, _, shape, layout = parts[0][0].fused
+    blocks, ranks, norm2, err2, methods = [], [0] * shape[0], 0.0, 0.0, set()  # an unchanged expert: rank 0
+    for e, (B, A, rep) in parts:
+        k = rep["rank"]
+        ranks[e.fused[1]] = k
+        norm2 += rep["norm"] ** 2
+        err2 += (rep["rel_error"] * rep["norm"]) ** 2
+        methods.add(rep["method"])
+        if k > 0:
+            rows, cols = expert_span(layout, shape, e.fused[1])
+            blocks.append(Block(rank=k, alpha=float(k), scale_rule="standard", rows=rows, cols=cols, A=A, B=B))
+    rel = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+    rep = {"rank": sum(ranks), "rel_error": rel, "energy": max(0.0, 1.0 - err2 / norm2) if norm2 > 0 else 1.0,
+           "norm": math.sqrt(norm2), "method": "+".join(sorted(methods)), "expert_ranks": ranks}
+    target = Target(key=key, layout=layout, shape=tuple(shape), blocks=tuple(blocks), dtype=parts[0][0].base_dtype,
+                    info=dict(rep))
+    return target, {"key": key, "layout": layout, "shape": list(shape), **rep}
 
 
 # ---- rank rules and reports --------------------------------------------------------------------------------
@@ -516,7 +588,7 @@ def _run(dev, ft, base, entries: list[Entry], opts: ExtractOptions, names, tick)
                                    lanes.slot_sizes(entries, n_lanes, whole), tick, whole)
         for e, (kind, value) in zip(entries, outcomes):
             if kind == "unchanged":
-                unchanged += 1
+                unchanged += e.fused is None  # a fused expert tensor is counted below, once
             elif kind == "listed":
                 not_extracted.append(value)
             elif kind == "full":
@@ -526,6 +598,8 @@ def _run(dev, ft, base, entries: list[Entry], opts: ExtractOptions, names, tick)
             else:
                 done[e.key] = value
 
+        moved = {e.fused[0] for e, (kind, _) in zip(entries, outcomes) if e.fused and kind != "unchanged"}
+        unchanged += len({e.fused[0] for e in entries if e.fused} - moved)  # none of its experts changed
         if budget:
             redo = _budget_finish(pending, opts, done, not_extracted)
             if redo:  # re-read the pairs whose error must be measured on the final (clamped or cast) factors
@@ -612,6 +686,8 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
     ft, base = _source(ft), _source(base)
     with devices.session(opts.device) as dev:
         entries = plan(ft, base, opts, names)
+        if any(e.fused for e in entries):  # experts of fused tensors are read as tensors of their own
+            ft, base = _ExpertSlices(ft, entries), _ExpertSlices(base, entries)
         tick = progress or (lambda **kw: None)
         tick(advance=0, total=len(entries))
         done, full_targets, not_extracted, unchanged = _run(dev, ft, base, entries, opts, names, tick)
@@ -621,6 +697,24 @@ def extract(ft, base, opts: ExtractOptions, names=("finetuned", "base"),
 def _result(entries, done, full_targets, not_extracted, unchanged, opts, names) -> ExtractResult:
     by_key = {e.key: e for e in entries}
     targets, rows = [], []
+    experts: dict[str, list] = {}  # fused tensor key -> its experts' (entry, (B, A, report)), in expert order
+    for e in entries:
+        if e.fused is not None:
+            experts.setdefault(e.fused[0], [])
+            if e.key in done:
+                experts[e.fused[0]].append((e, done.pop(e.key)))
+    for key, parts in experts.items():
+        listed = [r for r in not_extracted if r["key"].startswith(key + "[expert ")]
+        not_extracted[:] = [r for r in not_extracted if r not in listed]
+        if not any(rep["rank"] for _, (_, _, rep) in parts):
+            if parts or listed:  # changed, but no expert kept a singular triplet
+                why = listed[0]["reason"] if listed else f"no singular value >= --threshold {opts.threshold}"
+                not_extracted.append({"key": key, "shape": list(by_key[EXPERT_KEY.format(key=key, e=0)].fused[2]),
+                                      "reason": f"every expert: {why}"})
+            continue
+        target, row = _fused_target(key, parts)
+        targets.append(target)
+        rows.append(row)
     for key in sorted(done):
         B, A, rep = done[key]
         e = by_key[key]
@@ -661,4 +755,4 @@ def _result(entries, done, full_targets, not_extracted, unchanged, opts, names) 
 __all__ = ["ExtractOptions", "ExtractResult", "Entry", "plan", "extract", "model_hints", "factorize", "finish",
            "first_sketch", "streams", "read_whole", "streamed_delta", "sketch_while_reading", "needs_residual",
            "kept_energy", "factor_report", "overflow_error",
-           "not_extracted_reason", "OUT_DTYPES", "DELTA_BUDGET_BYTES", "EMBEDDING_MODULES", "GPT2_CONV1D"]
+           "not_extracted_reason", "OUT_DTYPES", "EXPERT_KEY", "DELTA_BUDGET_BYTES", "EMBEDDING_MODULES", "GPT2_CONV1D"]

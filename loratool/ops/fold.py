@@ -35,7 +35,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..adapter import Adapter, Target, alpha_for_scale, scale_of
+from ..adapter import EXPERT_LAYOUTS, Adapter, Block, Target, alpha_for_scale, scale_of
 from ..container import escape
 from ..errors import NumericError
 from .factored import factor_dtype
@@ -122,6 +122,65 @@ def fold_target(t: Target) -> Target:
     return replace(t, blocks=(block,), info=info)
 
 
+def fold_experts(t: Target) -> Target:
+    """A fused expert target (layout "experts"/"experts_t") with the same delta in the form PEFT's ParamWrapper
+    holds (adapter.is_per_expert): one block per expert over its whole (out, in) matrix, all of one rank R and
+    one scale.
+
+    Expert e's blocks fold as `fold_target` folds a target's (stacked along the rank, zero-padded to the
+    expert's matrix); every expert is then zero-padded to R = the largest expert's Σ r_i (an expert without a
+    block gets zero factors: it adds nothing). One scale c is kept for all of them, as in `fold_target`: exact
+    when every s_i / c is a power of two, else B_i·s_i rounded once to float32 (the module docstring).
+
+    Raises:
+        UnsupportedError: a block spans two experts (no per-expert pair holds it).
+        NumericError: a folded factor is not finite.
+    """
+    from ..adapter import expert_of, expert_span, is_per_expert
+    from ..errors import UnsupportedError
+
+    if t.kind != "lora" or is_per_expert(t):
+        return t
+    E = t.shape[0]
+    spans = [expert_span(t.layout, t.shape, e) for e in range(E)]
+    per: list[list] = [[] for _ in range(E)]
+    for b in t.blocks:
+        e = expert_of(t.layout, t.shape, b)
+        if e is None:
+            raise UnsupportedError(f"target \"{escape(t.key)}\": a block at rows {b.rows[0]}:{b.rows[1]} cols "
+                                   f"{b.cols[0]}:{b.cols[1]} spans two experts; PEFT holds one pair per expert")
+        per[e].append(b)
+    R = max(1, max(sum(b.rank for b in bs) for bs in per))
+    rules = {b.scale_rule for b in t.blocks}
+    rule = rules.pop() if len(rules) == 1 else "standard"
+    scales = [b.scale for b in t.blocks]
+    dtype = factor_dtype(t.blocks) if t.blocks else F32
+    c = _scale_left(scales, R, rule)
+    parts = None if c is None else {id(b): _times(b.B, s / c, dtype) for b, s in zip(t.blocks, scales)}
+    how = "exact"
+    if parts is None or any(p is None for p in parts.values()):
+        how, c = "rounded", 1.0
+        dtype = F64 if dtype == F64 else F32
+        parts = {id(b): (np.asarray(held(b.B), dtype=F64) * s).astype(dtype) for b, s in zip(t.blocks, scales)}
+    blocks = []
+    for (rows, cols), bs in zip(spans, per):
+        Be = np.zeros((rows[1] - rows[0], R), dtype)  # (out, R)
+        Ae = np.zeros((R, cols[1] - cols[0]), dtype)  # (R, in)
+        k = 0
+        for b in bs:
+            r0, c0 = b.rows[0] - rows[0], b.cols[0] - cols[0]
+            Be[r0:r0 + b.n_rows, k:k + b.rank] = parts[id(b)]
+            Ae[k:k + b.rank, c0:c0 + b.n_cols] = np.asarray(held(b.A)).astype(dtype)
+            k += b.rank
+        if not bool(np.isfinite(Be.astype(F64)).all()):
+            raise NumericError(f"target \"{escape(t.key)}\": folding its blocks into one pair per expert overflows "
+                               f"{dtype} (a block scale times its lora_B); rescale the adapter down first")
+        blocks.append(Block(rank=R, alpha=alpha_for_scale(c, R, rule), scale_rule=rule, rows=rows, cols=cols,
+                            A=Ae, B=Be))
+    info = {**dict(t.info), "folded": {"blocks": len(t.blocks), "rank": R, "factors": how, "per_expert": True}}
+    return replace(t, blocks=tuple(blocks), info=info)
+
+
 def fold_adapter(adapter: Adapter, keep=None) -> tuple[Adapter, list[str]]:
     """The adapter with every lora target folded into one whole pair (fold_target), except those `keep` holds.
 
@@ -135,10 +194,11 @@ def fold_adapter(adapter: Adapter, keep=None) -> tuple[Adapter, list[str]]:
     folded, targets = [], []
     for t in adapter:
         if t.kind == "lora" and not t.is_whole and t.blocks and not (keep is not None and keep(t)):
-            t = fold_target(t)
+            # a fused expert tensor keeps one pair per expert (what PEFT's ParamWrapper holds)
+            t = fold_experts(t) if t.layout in EXPERT_LAYOUTS else fold_target(t)
             folded.append(t.key)
         targets.append(t)
     return (adapter.replace_targets(targets) if folded else adapter), folded
 
 
-__all__ = ["fold_target", "fold_adapter"]
+__all__ = ["fold_target", "fold_experts", "fold_adapter"]

@@ -73,7 +73,7 @@ def _fit_problem(source: str, t: Target, info, quantized=()) -> str | None:
     shape, dtype = tuple(info[0]), info[1]
     # before the shape: a packed quantized tensor's shape is not its weight's
     if dtype not in FLOAT_DTYPES and t.key not in quantized:
-        return f"{where}: base tensor is {dtype}, {spec.QUANTIZED_REFUSAL} (rule B003)"
+        return f"{where}: base tensor is {dtype}, {spec.quantized_refusal(dtype, shape)} (rule B003)"
     if shape != tuple(t.shape):
         return f"{where} has shape {list(t.shape)} but the base tensor is {list(shape)} (rule B002)"
     return None

@@ -141,7 +141,7 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
     check_output(output, [local, base], overwrite)
     src = registry.Source(local)
     d = registry.detect(src)
-    adapter = registry.load(src, dialect=d, **options)
+    adapter = _load(registry, src, d, options)
     if not len(adapter) and adapter.info.get("skipped"):
         raise MismatchError(f"{path}: no module maps to the base ({len(adapter.info['skipped'])} skipped under "
                             f"--allow-partial, the first: {adapter.info['skipped'][0]}); nothing was written")
@@ -164,6 +164,21 @@ def convert(path, output, *, to: str | None = None, overwrite: bool = False, koh
                           **named)
     return ConvertResult(adapter=adapter, dialect=d.name, to=writer.name, bytes=nbytes, output=os.fspath(output),
                          folded=tuple(folded), excluded=excluded, converted=converted)
+
+
+def _load(registry, src, d, options) -> Adapter:
+    """The adapter read against the base when there is one, which shows its experts in both forms (io.experts):
+    an adapter on per-expert linears is moved onto a fused base's tensors and the other way round, so the
+    output fits the base given (a fused target becomes PEFT target_parameters, per-expert ones target_modules)."""
+    base = options.get("base")
+    if base is None:
+        return registry.load(src, dialect=d, **options)
+    from ..io.base import open_base
+    from ..io.experts import experts_view, fit_experts
+
+    with open_base(base) as model:
+        view = experts_view(model)
+        return fit_experts(registry.load(src, dialect=d, **{**options, "base": view}), view)
 
 
 def _check_kinds(adapter: Adapter, writer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,7 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
     from ..errors import NumericError
     from ..fsutil import check_output
     from ..io.base import open_base, task_type_of
+    from ..io.experts import fused_layouts
     from ..io.hub import resolve_all
     from ..io.registry import writer_for
     from ..ops.extract import ExtractOptions, extract as run, model_hints
@@ -103,6 +105,8 @@ def extract(finetuned, base, *, output=None, to: str | None = None, rank: int | 
         # quantized models (FP8, bitsandbytes, GPTQ, AWQ, MXFP4) are paired dequantized in float32 (ops.quant)
         ft_q, base_q = quant_view(ft_model, ft_path), quant_view(base_model, base_path)
         ft_view, base_view, missed = _tied(ft_q, ft_path, base_q, base_path)
+        # fused expert tensors (transformers 5 MoE) are factorised expert by expert, in the base's orientation
+        opts = replace(opts, expert_layouts=fused_layouts(base_view))
         result = run(ft_view, base_view, opts, names=shown, progress=progress)
         ft_model.check_unchanged()  # a model written in place meanwhile would give factors of neither version
         base_model.check_unchanged()
