@@ -48,7 +48,7 @@ from ..adapter import Adapter, Target, alpha_for_scale, scale_of
 from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, attempt, base_keys, check_unknown,
-                      deferred, finite_number, fits, header_only, is_float_name, lazy_whole_target, listing,
+                      deferred, finite_number, fits, header_only, lazy_whole_target, listing,
                       materialize, metas_of_header, metas_of_state_dict, positive_int, read_torch, ref, refusal,
                       require_dir_or_file, safetensors_reader, settle, torch_reader)
 from . import peft_params
