@@ -246,7 +246,7 @@ class Adapter:
                 n += math.prod(t.shape)
             shapes = t.info.get("factor_shapes", {})  # a structure's factors are None: the reader kept shapes
             n += sum(math.prod(_shape(x) if x is not None else shapes.get(k, ())) for k, x in t.factors.items())
-            if t.magnitude is not None or (t.kind in FACTORED_KINDS and "magnitude" in shapes):
+            if t.magnitude is not None or (t.is_dora and "magnitude" in shapes):
                 n += math.prod(_shape(t.magnitude) if t.magnitude is not None else shapes["magnitude"])
             for b in t.blocks:
                 n += b.rank * (b.n_rows + b.n_cols)

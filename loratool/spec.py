@@ -151,8 +151,9 @@ _VALIDATE_RULES = [
     Rule("P006", "error", "rank_pattern and alpha_pattern map regular expressions to a positive rank / finite alpha"),
     Rule("P007", "error", "every rank_pattern and alpha_pattern key matches a module of the adapter"),
     Rule("P008", "error", "use_rslora, fan_in_fan_out, lora_bias and use_dora are true or false"),
-    Rule("P009", "warning", "use_dora: W' is not W + low rank; loratool holds a DoRA module only as a dense W' - W "
-                            "computed from the base, and writes it to no LoRA format"),
+    Rule("P009", "warning", "use_dora: W' = m/‖W + sBA‖·(W + sBA) is not W + low rank; loratool holds each module "
+                            "as a DoRA target and merges it exactly, refuses unmerge, rescale and combine, and writes "
+                            "it to PEFT only (LyCORIS's dora_scale adds an eps to the norm)"),
     Rule("P010", "error", "every tensor is base_model.model.<module>.<LoRA factor> or a saved whole tensor"),
     Rule("P011", "error", "every module has both factors (lora_A and lora_B, or lora_embedding_A and _B), not a mix"),
     Rule("P012", "error", "factors are floating point and form a pair: 2-D, or conv with a 1x1 lora_B, equal ranks"),

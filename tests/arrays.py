@@ -47,5 +47,6 @@ def skeleton(adapter):
 
     targets = []
     for t in adapter:
-        targets.append(replace(t, delta=None, blocks=tuple(replace(b, A=None, B=None) for b in t.blocks)))
+        targets.append(replace(t, delta=None, magnitude=None, factors={k: None for k in t.factors},
+                               blocks=tuple(replace(b, A=None, B=None) for b in t.blocks)))
     return adapter.replace_targets(targets)

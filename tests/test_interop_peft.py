@@ -200,10 +200,10 @@ def test_non_lora_types_are_refused_with_reason(small, tmp_path, ptype, reason):
         P.load(d)
 
 
-def test_dora_needs_base_and_stray_magnitude_is_unknown(small, tmp_path):
+def test_dora_without_magnitude_refused_and_stray_magnitude_is_unknown(small, tmp_path):
     d = _variant(small, tmp_path, lambda c: c.update(use_dora=True))
-    with pytest.raises(UnsupportedError, match=re.escape("is a DoRA adapter (use_dora); its merged weight depends on "
-                                                         "the base's row norms, so pass --base")):
+    with pytest.raises(SpecError, match=re.escape("module \"model.layers.0.self_attn.q_proj\" has no "
+                                                  "lora_magnitude_vector but the config sets use_dora")):
         P.load(d)
 
     def add_mag(t):
@@ -217,25 +217,31 @@ def test_dora_needs_base_and_stray_magnitude_is_unknown(small, tmp_path):
         P.load(d)
 
 
+def _merged(a, base) -> dict:
+    """key -> W' of each target of `a` merged into `base` (torch) by loratool's Merger."""
+    from loratool.ops.merge import Term, merge_tensor
+
+    return {t.key: torch.from_numpy(merge_tensor(base[t.key].numpy(), t.key, [Term(t, 1.0)])[0]) for t in a}
+
+
 @pytest.mark.parametrize("build, modules", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
 def test_dora_equals_peft_merge(tmp_path, build, modules):
     import copy
 
     model = build(layers=1)
     base = base_state_dict(model)
-    save_file(base, str(tmp_path / "base.safetensors"))
     pm = peft_model(model, target_modules=modules, use_dora=True)
     pm.save_pretrained(str(tmp_path / "peft"))
     merged = copy.deepcopy(pm).merge_and_unload().state_dict()
-    a = P.load(tmp_path / "peft", base=tmp_path / "base.safetensors")
-    assert a.targets and all(t.kind == "full" for t in a)
-    for t in a:
-        torch.testing.assert_close(dense_delta(t), merged[t.key] - base[t.key], atol=ATOL, rtol=0)
-    with torch.no_grad():  # the base with loratool's deltas added gives PEFT's DoRA outputs
+    a = P.load(tmp_path / "peft")  # the adapter alone: the merge reads the base's rows
+    assert a.targets and all(t.kind == "dora" for t in a)
+    mine = _merged(a, base)
+    for k, W in mine.items():
+        torch.testing.assert_close(W, merged[k], atol=ATOL, rtol=0)
+    with torch.no_grad():  # the base with loratool's merged weights gives PEFT's DoRA outputs
         plain = build(layers=1)
         sd = plain.state_dict()
-        for t in a:
-            sd[t.key] += dense_delta(t)
+        sd.update(mine)
         plain.load_state_dict(sd)
         x = sample_input()
         torch.testing.assert_close(plain(x).logits, pm(x).logits, atol=LOGIT_ATOL, rtol=0)
@@ -389,18 +395,19 @@ def test_conv_and_bin_weights_match_peft(tmp_path):
         torch.testing.assert_close(pm2(ids), pm(ids), atol=LOGIT_ATOL, rtol=0)
 
 
-def test_dora_conv_equals_peft_merge(tmp_path):
+def test_dora_conv_and_embedding_equal_peft_merge(tmp_path):
     import copy
 
     torch.manual_seed(0)
     model = ConvNet().eval()
     base = base_state_dict(model)
-    save_file(base, str(tmp_path / "base.safetensors"))
-    pm = peft_model(model, target_modules=["conv3", "conv1", "conv1d", "head"], use_dora=True, r=2, lora_alpha=3)
-    pm.save_pretrained(str(tmp_path / "peft"))
+    pm = peft_model(model, target_modules=["emb", "conv3", "conv1", "conv1d", "head"], use_dora=True, r=2,
+                    lora_alpha=3)
+    pm.save_pretrained(str(tmp_path / "peft"), save_embedding_layers=False)
     merged = copy.deepcopy(pm).merge_and_unload().state_dict()
-    a = P.load(tmp_path / "peft", base=tmp_path / "base.safetensors")
-    assert sorted(a.targets) == ["conv1.weight", "conv1d.weight", "conv3.weight", "head.weight"]
-    for t in a:
-        assert float(dense_delta(t).norm()) > 0.1
-        torch.testing.assert_close(dense_delta(t), merged[t.key] - base[t.key], atol=ATOL, rtol=0)
+    a = P.load(tmp_path / "peft")
+    assert sorted(a.targets) == ["conv1.weight", "conv1d.weight", "conv3.weight", "emb.weight", "head.weight"]
+    assert a.targets["emb.weight"].magnitude.shape == (3,)  # PEFT's embedding norm: one per embedding dimension
+    for k, W in _merged(a, base).items():
+        assert float((W - base[k]).norm()) > 0.1
+        torch.testing.assert_close(W, merged[k], atol=ATOL, rtol=0)

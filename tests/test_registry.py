@@ -128,13 +128,11 @@ def test_peft_fixture_exercises_saved_tensors(files):
 
 
 def test_structure_without_a_base_describes_what_load_refuses(files):
-    with pytest.raises(UnsupportedError, match=re.escape("is a DoRA adapter (use_dora)")):
-        registry.load(files / "dora")
-    s = registry.structure(files / "dora")
-    assert {t.key: (t.kind, t.shape) for t in s} == {"transformer.h.0.attn.c_attn.weight": ("full", (16, 48)),
-                                                     "transformer.h.0.mlp.c_fc.weight": ("full", (16, 64))}
-    assert all("pass --base" in t.info["peft"] for t in s)
-    assert s.info["needs_base"].startswith("2 DoRA module(s) or saved whole tensor(s) are described by shape only")
+    s = registry.structure(files / "dora")  # DoRA needs no base: the merge reads the base's rows
+    assert {t.key: (t.kind, t.shape) for t in s} == {"transformer.h.0.attn.c_attn.weight": ("dora", (16, 48)),
+                                                     "transformer.h.0.mlp.c_fc.weight": ("dora", (16, 64))}
+    assert "needs_base" not in s.info
+    assert all(t.kind == "dora" and t.magnitude.shape == (t.shape[1],) for t in registry.load(files / "dora"))
     with pytest.raises(UnsupportedError, match=re.escape("is a whole saved tensor")):
         registry.load(files / "peft")
     s = registry.structure(files / "peft")
@@ -321,7 +319,7 @@ def test_inspect_of_peft_summarises_the_header(files):
     assert {b["scale_rule"] for r in doc["per_target"] for b in r["blocks"]} == {"rslora"}
     code, out, _ = run("inspect", files / "dora")
     assert code == 0 and "transformer.h.0.attn.c_attn.weight" in out
-    assert "needs base:       2 DoRA module(s) or saved whole tensor(s)" in out
+    assert "transformer.h.0.mlp.c_fc.weight     dora  fan_in_fan_out" in out and "needs base" not in out
 
 
 def test_inspect_stats_of_kohya_reads_the_factors(files):

@@ -50,6 +50,8 @@ class Dialect:
             (tasks/convert.py) fold such a target into one exact pair first (ops/fold.py).
         structure_options: keyword options only `structure` takes ("partial": describe what the file alone
             says where `load` would refuse for want of a config or an option, the unknowns named in info).
+        kinds: the target kinds (adapter.Target.kind; "dora" for any DoRA target) `save` writes, each checked
+            further by the writer; the tasks that write refuse the others before anything is written.
     """
 
     name: str
@@ -65,6 +67,7 @@ class Dialect:
     save_options: frozenset = frozenset()
     holds: Callable[[Any], bool] | None = None
     structure_options: frozenset = frozenset()
+    kinds: frozenset = frozenset({"lora", "full"})
 
     def write(self, adapter, path, **options) -> int:
         """`save(adapter, path)` with the options it takes (others, meant for other writers, are dropped).

@@ -440,6 +440,7 @@ DIALECT = Dialect(
     detect=_detect, structure=structure, load=load,
     options=frozenset({"base", "allow_unknown", "allow_partial", "problems"}),
     reads=(".safetensors",), save=save, writes="file", suffix=".safetensors",
-    save_options=frozenset({"prefix", "overwrite"}), holds=holds)
+    save_options=frozenset({"prefix", "overwrite"}), holds=holds,
+    kinds=frozenset({"lora", "full", "dora", "loha", "lokr", "tucker"}))
 
 __all__ = ["load", "save", "structure", "plan", "holds", "kohya_name", "strip_prefix", "DIALECT"]

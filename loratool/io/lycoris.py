@@ -176,7 +176,8 @@ def plan_target(t: Target, name: str, where: str) -> dict:
     so the scale is unchanged, dora_scale in LyCORIS's shape).
 
     Raises:
-        UnsupportedError: a LoKr of two whole factors with a scale other than 1 (LyCORIS ignores its alpha).
+        UnsupportedError: a LoKr of two whole factors with a scale other than 1 (LyCORIS ignores its alpha); a
+            DoRA whose eps is not LyCORIS's for its dtype (PEFT's DoRA, eps 0).
         NumericError: the alpha is not finite.
     """
     import numpy as np
@@ -212,6 +213,15 @@ def plan_target(t: Target, name: str, where: str) -> dict:
         out[f"{name}.alpha"] = np.array(alpha, dtype=np.float32 if float(np.float32(alpha)) == alpha else np.float64)
     if t.magnitude is not None:
         m = t.magnitude
+        from ..dtypes import st_name
+
+        eps = EPS.get(st_name(m.dtype), EPS["F32"])  # as dora_of reads it back
+        if t.dora_eps != eps:  # PEFT's DoRA has none; LyCORIS and ComfyUI add finfo(dora_scale.dtype).eps
+            raise UnsupportedError(
+                f"{where} is DoRA whose norm adds eps {t.dora_eps:g} (PEFT adds none), but LyCORIS and ComfyUI add "
+                f"{eps:g} to the norm of a {st_name(m.dtype)} dora_scale; m / ‖W + ΔW‖ equals m' / (‖W + ΔW‖ + eps) "
+                "only for an m' that depends on the base, so the conversion cannot be exact; keep it in PEFT's "
+                "format, or merge it")
         ones = [1] * (len(t.shape) - 1)
         kept = t.info.get("dora_scale_shape")
         if isinstance(kept, (list, tuple)) and math.prod(kept) == m.size:  # the shape it was read with

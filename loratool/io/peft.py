@@ -22,11 +22,13 @@ What changes ΔW, and how each is read (peft/tuners/lora/layer.py, model.py):
   whole tensors (modules_to_save, saved embedding layers `...base_layer.weight`): they replace the base
             tensor, so with a base they become "full" targets holding saved - base; without one, `load`
             refuses them and `structure` lists them under their own names.
-  DoRA      (use_dora, lora_magnitude_vector m): PEFT merges W' = (m / ||V||_row) * V with V = W + s B A, the
-            norm of each output row over the input dimension (peft/tuners/lora/dora.py, variants.py
-            merge_safe). W' - W is not low-rank, so with a base each DoRA module becomes a "full" target holding
-            W' - W computed in float32 (as large as the weight); without a base `load` refuses it and
-            `structure` gives its shape.
+  DoRA      (use_dora, lora_magnitude_vector m): PEFT merges W' = (m / ||V||) * V with V = W + s B A and no eps
+            (peft/tuners/lora/dora.py get_weight_norm, variants.py merge_safe): the norm of each row of the
+            matrix view M, i.e. per output row of a Linear (over the input dimension), per output channel of a
+            conv (over in and the kernel), per embedding dimension of an Embedding (over the vocabulary). Each
+            DoRA module is a "dora" target (the pair plus `magnitude`, dora_axis "out", dora_eps 0), read from
+            the adapter alone; the merge applies the norm to the base's rows (ops/kinds.py dora_apply). PEFT
+            refuses lora_bias with DoRA, and so does loratool.
 
 `structure` reads adapter_config.json and the safetensors header only; `load` reads the tensors as numpy
 arrays. Each module's factors are planned once (Lazy: which tensor, which reshape), so both agree by
@@ -46,7 +48,7 @@ from ..adapter import EXPERT_LAYOUTS, Adapter, Target, alpha_for_scale, is_per_e
 from ..container import escape, read_json_file, write_file
 from ..errors import FileError, MismatchError, NumericError, SpecError, UnsupportedError
 from ._common import (BaseKeys, Dialect, Lazy, Meta, Source, as_source, attempt, base_keys, check_unknown,
-                      deferred, finite_number, fits, header_only, is_float_name, lazy_whole_target, listing,
+                      deferred, finite_number, fits, header_only, lazy_whole_target, listing,
                       materialize, metas_of_header, metas_of_state_dict, positive_int, read_torch, ref, refusal,
                       require_dir_or_file, safetensors_reader, settle, torch_reader)
 from . import peft_params
@@ -214,8 +216,8 @@ def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bo
     """The adapter of a PEFT folder (every factor None) from adapter_config.json and the safetensors header
     alone: no tensor data read, no torch imported (adapter_model.bin is a torch file: it is loaded).
 
-    What only the tensors or the base can decide is described, never refused: without a base a DoRA module
-    is a full target of the weight's shape and a whole saved tensor a full target under its own name; a
+    What only the tensors or the base can decide is described, never refused: without a base a whole saved
+    tensor is a full target under its own name; a
     saved whole tensor is listed even when it equals the base's (`load` drops it then), and one on a layer
     that LoRA factors also adapt (PEFT saves the base layer of an adapted embedding) is named in
     info["saved_beside_lora"] (`load` requires it to equal the base's).
@@ -236,8 +238,8 @@ def structure(path, *, base=None, allow_unknown: bool = False, allow_partial: bo
         info["saved_beside_lora"] = sorted(n for n, _ in plan.shadowed.values())
     unknown = sum(1 for t in adapter if t.kind == "full" and "pass --base" in t.info.get("peft", ""))
     if unknown:
-        info["needs_base"] = (f"{unknown} DoRA module(s) or saved whole tensor(s) are described by shape only: their "
-                              "delta depends on the base; pass --base")
+        info["needs_base"] = (f"{unknown} saved whole tensor(s) are described by shape only: their delta depends on "
+                              "the base; pass --base")
     return replace(adapter, info=info)
 
 
@@ -257,8 +259,8 @@ def load(path, *, base=None, allow_unknown: bool = False, allow_partial: bool = 
         problems: a list to collect the refusals of single modules in (they are left out, the rest is read);
             without it they are raised together, every module named.
         lazy: return the structure with each target's factors read on demand (`Target.loaded`); saved whole
-            tensors are still compared with the base now, one at a time. A DoRA module or a saved whole tensor
-            reads the base when it is loaded, so with a base given as a path (opened and closed here) the
+            tensors are still compared with the base now, one at a time. A saved whole tensor reads the base
+            when it is loaded, so with a base given as a path (opened and closed here) the
             adapter is read whole instead; pass an open io.base.BaseModel that outlives the adapter.
     Raises:
         SpecError, UnsupportedError, MismatchError, FileError: with the file, key and fix in the message.
@@ -282,7 +284,7 @@ class _Plan:
 
 
 def _plan(path, base, allow_unknown, allow_partial, describe, then, partial: bool = False, problems=None):
-    """then(_Plan, read) with the base open (DoRA and saved whole tensors read it when built); per-module
+    """then(_Plan, read) with the base open (saved whole tensors read it when built); per-module
     refusals go to `problems` when given (settle)."""
     src = as_source(path)
     cfg_path, weights = _paths(src.path, partial)
@@ -395,9 +397,9 @@ def _build(where: Path, cfg: dict, metas: dict, bk: BaseKeys | None, allow_unkno
         info["note"] = (f"init_lora_weights is \"{init}\": unless the adapter was converted when saved, its delta "
                         "applies to PEFT's residual base, not the original model")
     dora = bool(cfg.get("use_dora"))
-    if dora and bk is None and not describe:
-        raise UnsupportedError(f"{where}: is a DoRA adapter (use_dora); its merged weight depends on the base's row "
-                               "norms, so pass --base and loratool stores each module's exact W' - W")
+    if dora and cfg.get("lora_bias"):
+        raise refusal(UnsupportedError, "P002", f"{where}: sets both use_dora and lora_bias, which PEFT refuses "
+                      "(\"lora_bias=True is not supported for DoRA\"); the adapter was not made by PEFT")
     refused = []  # modules refused one by one: every one is reported (settle)
     for module, parts in sorted(modules.items()):
         mag = parts.pop("magnitude", None)
@@ -473,7 +475,7 @@ def _module(where, module, parts, mag, rank, alpha, rule, cfg, bk, unknown, dora
         if mag is None:
             raise refusal(SpecError, "P014", f"{where}: module \"{escape(module)}\" has no lora_magnitude_vector but "
                           "the config sets use_dora", module)
-        t = _dora_full(where, module, t, mag, bk)
+        t = _dora_target(where, module, t, mag)
     if t.key in targets:
         raise refusal(SpecError, "F002", f"{where}: modules \"{escape(module)}\" and another both map to base key "
                       f"\"{escape(t.key)}\"", module)
@@ -560,47 +562,16 @@ def _target(where, module, parts, rank, alpha, rule, cfg, bk, unknown):
     return target, bias
 
 
-def _dora_full(where, module, t: Target, mag: Meta, bk: BaseKeys | None) -> Target:
-    """A DoRA module as the full target W' - W, W' = (m / ||V||_row) * V, V = W + s B A, in float32 (Lazy:
-    computed from the base when loaded; without a base only its shape is known)."""
-    shown = escape(module)
-    if t.layout == "embedding":
-        raise refusal(UnsupportedError, "P002", f"{where}: module \"{shown}\" is a DoRA embedding, which loratool "
-                      "does not read yet", module)
-    out, inp = t.matrix_shape
+def _dora_target(where, module, t: Target, mag: Meta) -> Target:
+    """A DoRA module as a "dora" target: the lora pair of `t` and the magnitude m (Lazy), one per row of the
+    matrix view M (PEFT's weight norm, module docstring), no eps."""
+    out = t.matrix_shape[0]
     if mag.numel != out or not mag.is_float:
-        raise refusal(SpecError, "P014", f"{where}: module \"{shown}\": lora_magnitude_vector has shape "
-                      f"{list(mag.shape)}, expected {out} floating-point values (one per output row)", module)
-    b = t.blocks[0]
-    what = f"DoRA rank {b.rank}, scale {b.scale}"
-    if bk is None:  # structure only: load refuses before getting here
-        return Target(key=t.key, kind="full", layout="full", shape=t.shape, delta=None, delta_scale=1.0,
-                      info={"peft": f"{what}: W' - W depends on the base's row norms; pass --base to compute it"})
-    W_dtype = bk.base.info(t.key)[1]
-    if not is_float_name(W_dtype):
-        raise refusal(UnsupportedError, "B003", f"{where}: base \"{escape(t.key)}\" is {W_dtype}; DoRA needs a "
-                      "floating-point weight", module)
-
-    def make(arrays):
-        import numpy as np
-
-        from ..dtypes import as_f32
-
-        W32 = as_f32(bk.read(t.key))
-        M = W32.T if t.layout == "fan_in_fan_out" else W32.reshape(out, inp)  # the (out, in) matrix view
-        A, B = (as_f32(x.make(arrays)) for x in (b.A, b.B))
-        V = M + (B @ A) * np.float32(b.scale)  # (out, r) @ (r, in) -> (out, in)
-        norm = np.linalg.norm(V, axis=1)  # (out,): PEFT's weight norm, per output row
-        with np.errstate(divide="ignore", invalid="ignore"):
-            D = (as_f32(arrays[mag.name]).reshape(out) / norm)[:, None] * V - M
-        if not bool(np.isfinite(D).all()):
-            raise refusal(NumericError, "T006", f"{where}: module \"{shown}\": DoRA gives non-finite weights (a zero "
-                          "row norm of W + s B A)", module)
-        return np.ascontiguousarray(D.T if t.layout == "fan_in_fan_out" else D.reshape(t.shape))
-
-    names = tuple(n for x in (b.A, b.B) for n in x.names) + (mag.name,)
-    return Target(key=t.key, kind="full", layout="full", shape=t.shape, delta=Lazy(names, make), delta_scale=1.0,
-                  info={"peft": f"{what}: W' - W from the base, as PEFT merges it"})
+        raise refusal(SpecError, "P014", f"{where}: module \"{escape(module)}\": lora_magnitude_vector has shape "
+                      f"{list(mag.shape)} ({mag.dtype}), expected {out} floating-point values (one per row of the "
+                      f"{t.layout} weight's (out, in) view, as PEFT's get_weight_norm)", module)
+    return replace(t, kind="dora", magnitude=ref(mag.name, lambda m: m.reshape(-1)), dora_axis="out", dora_eps=0.0,
+                   info={**t.info, "peft": "DoRA", "factor_shapes": {"magnitude": list(mag.shape)}})
 
 
 def _whole_tensor(where, x: Meta, bk, describe: bool) -> Target:
@@ -674,10 +645,11 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
     import numpy as np
 
     adapter = adapter.as_numpy()
-    lora = [t for t in adapter if t.kind == "lora"]
+    lora = [t for t in adapter if t.kind in ("lora", "dora")]
     full = {t.key: t for t in adapter if t.kind == "full"}
     if not lora:
         raise UnsupportedError("adapter has no LoRA targets; a PEFT LoRA adapter needs at least one")
+    dora = _dora_of(lora, full)
     for t in lora:
         if not holds(t):
             spans = ", ".join(f"rows {b.rows[0]}:{b.rows[1]} cols {b.cols[0]}:{b.cols[1]}" for b in t.blocks)
@@ -723,10 +695,12 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
             tensors[p + ".lora_B.weight"] = B.reshape(B.shape[0], b.rank, *([1] * (len(k) - 1)))  # (out, r, 1, ...)
         else:
             tensors[p + ".lora_A.weight"], tensors[p + ".lora_B.weight"] = A, B
+        if dora:
+            tensors[p + ".lora_magnitude_vector"] = t.magnitude.reshape(-1)  # (out,), as PEFT saves it
     lora_bias = False
     for key, ft in full.items():
         owner = adapter.targets.get(key[: -len(".bias")] + ".weight") if key.endswith(".bias") else None
-        if owner is None or owner.kind != "lora" or owner.layout == "embedding" or tuple(ft.shape) != \
+        if owner is None or owner.kind not in ("lora", "dora") or owner.layout == "embedding" or tuple(ft.shape) != \
                 (owner.matrix_shape[0],):
             raise UnsupportedError(f"target \"{escape(key)}\" is a whole-tensor delta; PEFT can hold one only as the "
                                    "lora_B bias of a LoRA module on the same layer, so the conversion cannot be exact")
@@ -754,10 +728,45 @@ def plan(adapter: Adapter, base_model_name_or_path: str | None = None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "target_modules": sorted(modules), **({"target_parameters": params} if params else {}),
         "fan_in_fan_out": any(t.layout == "fan_in_fan_out" for t in lora),
-        "lora_bias": lora_bias, "bias": "none", "lora_dropout": 0.0, "use_dora": False, "init_lora_weights": True,
+        "lora_bias": lora_bias, "bias": "none", "lora_dropout": 0.0, "use_dora": dora, "init_lora_weights": True,
         "modules_to_save": None, "inference_mode": True,
     }
     return cfg, tensors
+
+
+def _dora_of(lora: list[Target], full: dict) -> bool:
+    """Whether the PEFT config sets use_dora: every target is a DoRA that PEFT can hold, or none is.
+
+    Raises:
+        UnsupportedError: DoRA beside plain LoRA (use_dora is one switch for every module), a DoRA norm PEFT
+            does not compute (per input channel, or with an eps: LyCORIS's), or DoRA beside a lora bias.
+    """
+    dora = [t for t in lora if t.is_dora]
+    if not dora:
+        return False
+    if len(dora) != len(lora):
+        plain = next(t for t in lora if not t.is_dora)
+        raise UnsupportedError(f"target \"{escape(plain.key)}\" is plain LoRA beside {len(dora)} DoRA target(s); "
+                               "PEFT's use_dora applies to every module, and a DoRA magnitude that reproduces W + ΔW "
+                               "depends on the base's row norms, so the conversion cannot be exact; write the DoRA "
+                               "and the LoRA targets to two adapters (--targets / --exclude)")
+    for t in dora:
+        where = f"target \"{escape(t.key)}\""
+        if t.kind != "dora":
+            raise UnsupportedError(f"{where} is {t.kind} with DoRA; PEFT's DoRA holds one LoRA pair per module")
+        if t.dora_axis != "out":
+            raise UnsupportedError(f"{where} is DoRA with one norm per input channel (LyCORIS wd_on_out=False); PEFT "
+                                   "normalizes each output row of W + ΔW, and the two rescalings differ, so the "
+                                   "conversion cannot be exact; keep it in kohya's format, or merge it")
+        if t.dora_eps != 0.0:
+            raise UnsupportedError(f"{where} is DoRA whose norm adds eps {t.dora_eps:g} (LyCORIS's); PEFT adds none, "
+                                   "and m / (‖W + ΔW‖ + eps) equals m' / ‖W + ΔW‖ only for an m' that depends on the "
+                                   "base, so the conversion cannot be exact; keep it in kohya's format, or merge it")
+    if full:
+        raise UnsupportedError(f"target \"{escape(next(iter(full)))}\" is a whole-tensor delta beside DoRA; PEFT "
+                               "holds one only as a lora_B bias, which it refuses with DoRA (\"lora_bias=True is "
+                               "not supported for DoRA\"), so the conversion cannot be exact")
+    return True
 
 
 def _majority(values):
@@ -807,6 +816,7 @@ DIALECT = Dialect(
     detect=_detect, structure=structure, load=load,
     options=frozenset({"base", "allow_unknown", "allow_partial", "problems"}),
     reads=(".safetensors", ".bin"), save=save, writes="folder", structure_options=frozenset({"partial"}),
-    save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}), holds=holds)
+    save_options=frozenset({"overwrite", "base_model_name_or_path", "task_type"}), holds=holds,
+    kinds=frozenset({"lora", "full", "dora"}))
 
 __all__ = ["load", "save", "structure", "plan", "holds", "read_config", "check_config", "get_pattern_key", "DIALECT"]

@@ -182,18 +182,18 @@ def _load(registry, src, d, options) -> Adapter:
 
 
 def _check_kinds(adapter: Adapter, writer) -> None:
-    """Refuse, before anything is written, a LyCORIS or DoRA target for a dialect that has no such kind."""
+    """Refuse, before anything is written, a LyCORIS or DoRA target for a dialect that has no such kind
+    (Dialect.kinds; the writer checks further what its format can hold of the kinds it has)."""
     from ..adapter import FACTORED_KINDS
     from ..container import escape
     from ..errors import UnsupportedError
 
-    if writer.name == "kohya":  # LyCORIS's names
-        return
     for t in adapter:
-        if t.is_dora:
+        if t.is_dora and "dora" not in writer.kinds:
             raise UnsupportedError(f"target \"{escape(t.key)}\" is DoRA, which {writer.name} cannot hold here: its "
-                                   "merge is not W + low rank; write kohya (--to kohya), or merge it")
-        if t.kind in FACTORED_KINDS:
+                                   "merge is not W + low rank; write kohya (--to kohya) or peft (--to peft), or "
+                                   "merge it")
+        if t.kind in FACTORED_KINDS and t.kind not in writer.kinds:
             raise UnsupportedError(f"target \"{escape(t.key)}\" is {t.kind}, which {writer.name} cannot hold; pass "
                                    "--rank or --energy to make it LoRA by the optimal truncation of its exact ΔW, or "
                                    "write kohya (--to kohya)")

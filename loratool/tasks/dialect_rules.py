@@ -60,8 +60,10 @@ def _peft(path, adapter: Adapter) -> list[Finding]:
         out.append(Finding("P008", f"{cfg_path}: \"use_dora\" is {json.dumps(use_dora)}; it must be true or false"))
     elif use_dora:
         out.append(Finding("P009", f"{cfg_path}: use_dora is set: W' = m / ||W + s B A|| * (W + s B A) is not W plus "
-                                   "a low-rank delta; loratool merges it only with --base, as a dense W' - W per "
-                                   "module, and no LoRA format holds it"))
+                                   "a low-rank delta; loratool merges each DoRA module exactly, but cannot unmerge "
+                                   "(W is not recoverable from W'), rescale or combine it, and writes it back to PEFT "
+                                   "only (kohya's dora_scale adds an eps to the norm); runtimes that do not implement "
+                                   "DoRA (vLLM, llama.cpp) refuse it: merge it there"))
     # PEFT matches each pattern key against the module paths, first key wins (io.peft.get_pattern_key); a key
     # that matches no module of the adapter changes nothing, so the rank or alpha meant for some module is not
     # the one it gets.

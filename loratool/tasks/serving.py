@@ -68,8 +68,12 @@ class Subject:
         return [t for t in self.adapter if t.kind == "lora"]
 
     def full(self, what: str):
-        """Full targets the PEFT reader made from `what`: "DoRA", "whole" (saved tensors) or "lora_B.bias"."""
+        """Full targets the PEFT reader made from `what`: "whole" (saved tensors) or "lora_B.bias"."""
         return [t for t in self.adapter if t.kind == "full" and str(t.info.get("peft", "")).startswith(what)]
+
+    def dora(self):
+        """The DoRA targets the PEFT reader made (lora_magnitude_vector with use_dora)."""
+        return [t for t in self.adapter if t.is_dora and t.info.get("peft") == "DoRA"]
 
     def kohya_names_without(self, prefixes) -> list[str]:
         """The prefixes ("lora_te3_") of the kohya module names that start with none of `prefixes`."""
@@ -160,7 +164,7 @@ def _vllm_rank_warning(s: Subject):
 
 
 def _vllm_dora(s: Subject):
-    ts = s.full("DoRA")
+    ts = s.dora()
     if ts or s.config.get("use_dora"):
         return (f"DoRA adapter (use_dora, {len(ts)} module(s)): vLLM refuses it (\"vLLM does not yet support DoRA.\"); "
                 "merge it into the model instead (loratool merge MODEL ADAPTER -o merged/)", _keys(ts))
@@ -250,7 +254,7 @@ def _lcpp_base(s: Subject):
 
 
 def _lcpp_dora(s: Subject):
-    ts = s.full("DoRA")
+    ts = s.dora()
     return _hit(ts, "DoRA module(s) ({keys}): convert_lora_to_gguf.py stops at lora_magnitude_vector (\"Unexpected "
                     "name ...: Not a lora_A or lora_B tensor\"); merge the adapter into the model instead")
 
@@ -443,7 +447,7 @@ def _comfy_full(s: Subject):
 
 
 def _comfy_dora(s: Subject):
-    return _hit(s.full("DoRA"), "{n} DoRA module(s) ({keys}): ComfyUI reads a DoRA magnitude only as dora_scale; "
+    return _hit(s.dora(), "{n} DoRA module(s) ({keys}): ComfyUI reads a DoRA magnitude only as dora_scale; "
                                 "PEFT's lora_magnitude_vector is skipped (\"lora key not loaded\") and the module "
                                 "is applied as plain LoRA")
 
