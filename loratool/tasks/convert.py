@@ -172,7 +172,7 @@ def _check_kinds(adapter: Adapter, writer) -> None:
     from ..container import escape
     from ..errors import UnsupportedError
 
-    if writer.name == "kohya":  # LyCORIS's names
+    if writer.name in ("kohya", "loratool"):  # LyCORIS's names; spec 1.1's dora, loha, lokr and tucker kinds
         return
     for t in adapter:
         if t.is_dora:
