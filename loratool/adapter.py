@@ -259,10 +259,12 @@ def _shape(x) -> tuple[int, ...]:
 
 def _factor_rank(t: Target) -> int:
     """The rank r of a LyCORIS kind's decomposed factor (the r of its alpha / r); 0 when no factor is."""
-    f = t.factors
+    f, shapes = t.factors, t.info.get("factor_shapes", {})  # a structure's factors are None: the reader kept shapes
     for name in ("w1b", "w2b", "down"):  # (r, ...) in every LyCORIS shape
         if f.get(name) is not None:
             return int(_shape(f[name])[0])
+        if name in f and shapes.get(name):
+            return int(shapes[name][0])
     return 0
 
 

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 FORMAT_MARKER = "loratool.adapter"
-SPEC_VERSION = (1, 0)
+SPEC_VERSION = (1, 1)
 SPEC_VERSION_STR = f"{SPEC_VERSION[0]}.{SPEC_VERSION[1]}"
 
 # __metadata__ keys owned by the spec (rule M001-M004). Every other key is opaque user metadata.
@@ -51,15 +51,41 @@ FACTOR_DTYPES = FLOAT_DTYPES
 
 LAYOUTS = ("linear", "fan_in_fan_out", "embedding", "conv", "experts", "experts_t")
 SCALE_RULES = ("standard", "rslora")
-KINDS = ("lora", "full")
-# LyCORIS kinds and DoRA (read from kohya-named files; not kinds of this spec version): the names their
-# tensors take in memory-side reports (validate's value checks), `<target>.<kind>.<factor>`, `<target>.magnitude`.
+KINDS = ("lora", "full", "dora", "loha", "lokr", "tucker")
+# Spec 1.1: DoRA, the LyCORIS kinds (LoHa, LoKr, LoCon with a Tucker core) and the fused-expert layouts. A 1.0
+# reader refuses each of them (rules M005, T001) rather than misread it, so they are a minor version (section 7);
+# a writer marks a file 1.1 only when it uses one, so plain LoRA files stay readable by 1.0 readers.
 FACTORED_KINDS = ("loha", "lokr", "tucker")
+KIND_FACTORS = {"loha": ("w1a", "w1b", "w2a", "w2b", "t1", "t2"),
+                "lokr": ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2"),
+                "tucker": ("up", "mid", "down")}
+DORA_AXES = ("out", "in")
+SINCE = {"dora": (1, 1), "loha": (1, 1), "lokr": (1, 1), "tucker": (1, 1), "experts": (1, 1), "experts_t": (1, 1)}
+
+
+def version_needed(kinds_and_layouts) -> tuple[int, int]:
+    """The lowest spec version that defines every kind and layout given (rule W006): 1.0 for lora and full
+    targets on the four 1.0 layouts, 1.1 with any of SINCE."""
+    return max([(1, 0)] + [SINCE[x] for x in kinds_and_layouts if x in SINCE])
+
 
 # Tensor naming grammar (spec section 3). The target key is everything before the last suffix, so a
-# base key may itself contain ".lora." without ambiguity.
+# base key may itself contain ".lora." without ambiguity (the suffixes are disjoint: at most one matches).
 FACTOR_NAME = re.compile(r"^(?P<target>.+)\.lora\.(?P<block>0|[1-9][0-9]{0,5})\.(?P<factor>A|B)$", re.S)
 DELTA_NAME = re.compile(r"^(?P<target>.+)\.delta$", re.S)
+KIND_FACTOR_NAME = re.compile(
+    r"^(?P<target>.+)\.(?:(?P<kind>loha)\.(?P<hfactor>w[12][ab]|t[12])|(?P<kkind>lokr)\.(?P<kfactor>w[12][ab]?|t2)"
+    r"|(?P<tkind>tucker)\.(?P<tfactor>up|mid|down))$", re.S)
+MAGNITUDE_NAME = re.compile(r"^(?P<target>.+)\.magnitude$", re.S)
+
+
+def parse_kind_factor(name: str) -> tuple[str, str, str] | None:
+    """(target, kind, factor) of a LyCORIS factor's tensor name `<target>.<kind>.<factor>`, or None."""
+    m = KIND_FACTOR_NAME.match(name)
+    if m is None:
+        return None
+    kind = m.group("kind") or m.group("kkind") or m.group("tkind")
+    return m.group("target"), kind, m.group("hfactor") or m.group("kfactor") or m.group("tfactor")
 
 
 def factor_name(target: str, block: int, factor: str) -> str:
@@ -73,12 +99,12 @@ def delta_name(target: str) -> str:
 
 
 def kind_factor_name(target: str, kind: str, factor: str) -> str:
-    """Name of factor `factor` of a LyCORIS-kind target (loha, lokr, tucker)."""
+    """Tensor name of factor `factor` of a LyCORIS-kind target (loha, lokr, tucker; spec section 3)."""
     return f"{target}.{kind}.{factor}"
 
 
 def magnitude_name(target: str) -> str:
-    """Name of the DoRA magnitude of a target."""
+    """Tensor name of the DoRA magnitude of a target (spec section 3)."""
     return f"{target}.magnitude"
 
 
@@ -112,16 +138,28 @@ _RULES = [
     Rule("M006", "error", "alpha is present and a finite number (never defaulted)"),
     Rule("M007", "error", "rank is a positive integer"),
     Rule("M008", "error", "block rows/cols are [start, stop) ranges with 0 <= start < stop <= the matrix view's size"),
-    Rule("M009", "error", "shape fits the layout (2 dims for linear, fan_in_fan_out and embedding; 3 or more for conv)"),
-    Rule("M010", "error", "a full target has no blocks and a finite scale; a lora target has at least one block"),
+    Rule("M009", "error", "shape fits the layout (2 dims for linear, fan_in_fan_out and embedding; 3 or more for conv; "
+                          "3 for experts and experts_t)"),
+    Rule("M010", "error", "a full target has no blocks and a finite scale; a lora or dora target has at least one block"),
     Rule("M011", "error", "base fingerprint fields are well formed (dtype a safetensors dtype, sha256 64 hex digits)"),
     # Tensors against the metadata.
     Rule("T001", "error", "every tensor name follows the naming grammar"),
-    Rule("T002", "error", "every tensor belongs to a target and block declared in loratool.targets"),
+    Rule("T002", "error", "every tensor belongs to a target (and block) declared in loratool.targets, of its kind"),
     Rule("T003", "error", "every declared block has both factors; every full target has its delta"),
     Rule("T004", "error", "A has shape (rank, cols) and B has shape (rows, rank)"),
     Rule("T005", "error", "a full delta has the target's shape"),
-    Rule("T006", "error", "factor and delta values are finite"),
+    Rule("T006", "error", "factor, delta and magnitude values are finite"),
+    # DoRA (spec 1.1).
+    Rule("D001", "error", "a DoRA target has dora_axis (\"out\" or \"in\") and dora_eps (a finite number >= 0): "
+                          "a dora target always, a LyCORIS target both or neither"),
+    Rule("D002", "error", "a DoRA target has its magnitude, 1-D, one value per row of the matrix view (axis out) or "
+                          "per input channel (axis in)"),
+    Rule("D003", "error", "the DoRA axis fits the layout: out on linear, fan_in_fan_out, embedding, conv; in on "
+                          "linear and conv"),
+    # LyCORIS kinds: LoHa, LoKr, LoCon with a Tucker core (spec 1.1).
+    Rule("Y001", "error", "a loha, lokr or tucker target has layout linear or conv, a finite scale, and no blocks"),
+    Rule("Y002", "error", "the target's factor tensors are exactly one of its kind's factor sets"),
+    Rule("Y003", "error", "the factors' shapes fit together (one rank) and their product has the target's shape"),
     # Base compatibility (validate --base, merge).
     Rule("B001", "error", "every target exists in the base"),
     Rule("B002", "error", "every target's shape equals the base tensor's shape"),
@@ -134,6 +172,8 @@ _RULES = [
     Rule("W003", "warning", "a factor is all zeros, so the block's delta is zero"),
     Rule("W004", "warning", "A and B of a block have different dtypes"),
     Rule("W005", "warning", "the base tensor's dtype differs from the target's recorded dtype"),
+    Rule("W006", "warning", "the file uses a kind or layout of a newer minor version than the one it declares "
+                            "(readers of that version refuse it)"),
 ]
 
 RULES = {r.id: r for r in _RULES}

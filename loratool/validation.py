@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from . import spec
-from .adapter import EXPERT_LAYOUTS, Adapter, Block, Target, matrix_shape
+from . import kind_shapes, spec
+from .adapter import EXPERT_LAYOUTS, LORA_KINDS, Adapter, Block, Target, matrix_shape
 from .container import Finding, Header, escape, read_header, strict_json, _Duplicate
 
-_TARGET_FIELDS = {"kind", "layout", "shape", "blocks", "scale", "dtype", "sha256", "info"}
+_COMMON_FIELDS = {"kind", "layout", "shape", "dtype", "sha256", "info"}
+_DORA_FIELDS = {"dora_axis", "dora_eps"}
+_TARGET_FIELDS = {"lora": _COMMON_FIELDS | {"blocks"}, "dora": _COMMON_FIELDS | {"blocks"} | _DORA_FIELDS,
+                  "full": _COMMON_FIELDS | {"scale"}, **{k: _COMMON_FIELDS | {"scale"} | _DORA_FIELDS
+                                                         for k in spec.FACTORED_KINDS}}
 _BLOCK_FIELDS = {"rank", "alpha", "scale_rule", "rows", "cols"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -108,16 +112,37 @@ def _parse_block(key: str, i: int, raw, out: int, inp: int, add) -> Block | None
     return Block(rank=rank, alpha=float(alpha), scale_rule=rule, rows=rows, cols=cols)
 
 
+def _parse_dora(key: str, kind: str, raw: dict, layout: str, add) -> tuple[bool, str, float] | None:
+    """(has DoRA, axis, eps) of a dora or LyCORIS target's entry (rules D001, D003); None when they are broken."""
+    given = _DORA_FIELDS & set(raw)
+    if kind == "lora" or (not given and kind != "dora"):
+        return False, "out", 0.0
+    axis, eps = raw.get("dora_axis"), raw.get("dora_eps")
+    if axis not in spec.DORA_AXES or not _is_num(eps) or not math.isfinite(eps) or eps < 0:
+        add(Finding("D001", f"target \"{key}\": dora_axis {axis!r} and dora_eps {eps!r} must be one of "
+                            f"{', '.join(spec.DORA_AXES)} and a finite number >= 0", key))
+        return None
+    if layout not in kind_shapes.DORA_LAYOUTS[axis]:
+        add(Finding("D003", f"target \"{key}\": DoRA axis {axis} is not defined on layout {layout} (only on "
+                            f"{', '.join(kind_shapes.DORA_LAYOUTS[axis])})", key))
+        return None
+    return True, axis, float(eps)
+
+
 def _parse_target(key: str, raw, add) -> Target | None:
     if not isinstance(raw, dict):
         add(Finding("M004", f"target \"{key}\" is not an object", key))
         return None
-    for extra in sorted(set(raw) - _TARGET_FIELDS):
-        add(Finding("W001", f"target \"{key}\" has unknown field \"{escape(extra)}\"", key))
     kind = raw.get("kind")
     if kind not in spec.KINDS:
         add(Finding("M005", f"target \"{key}\": kind {kind!r} is not one of {', '.join(spec.KINDS)}", key))
         return None
+    factored = kind in spec.FACTORED_KINDS
+    # A field of another kind (blocks on a full target, scale on a lora one) breaks M010 or Y001, not W001.
+    known = _TARGET_FIELDS[kind] | ({"blocks", "layout"} if kind == "full" else {"scale"} if kind in LORA_KINDS else
+                                   {"blocks"})
+    for extra in sorted(set(raw) - known):
+        add(Finding("W001", f"target \"{key}\" has unknown field \"{escape(extra)}\"", key))
     shape = raw.get("shape")
     if not (isinstance(shape, list) and shape and all(_is_int(d) and d > 0 for d in shape)):
         add(Finding("M004", f"target \"{key}\": shape {shape!r} must be a non-empty list of positive integers", key))
@@ -154,18 +179,31 @@ def _parse_target(key: str, raw, add) -> Target | None:
     if not dims_ok:
         add(Finding("M009", f"target \"{key}\": shape {list(shape)} does not fit layout {layout}", key))
         return None
+    if factored:
+        scale = raw.get("scale")
+        if layout not in ("linear", "conv") or "blocks" in raw or not _is_num(scale) or not math.isfinite(scale):
+            add(Finding("Y001", f"target \"{key}\": a {kind} target has layout linear or conv (not {layout}), a "
+                                f"finite scale (not {scale!r}) and no blocks", key))
+            return None
+    dora = _parse_dora(key, kind, raw, layout, add)
+    if dora is None:
+        return None
+    has_dora, axis, eps = dora
+    if factored:
+        return Target(kind=kind, layout=layout, delta_scale=float(scale), dora=has_dora, dora_axis=axis,
+                      dora_eps=eps, **common)
     if "scale" in raw:
-        add(Finding("M010", f"target \"{key}\": scale belongs to full targets; a lora block's scale comes from "
+        add(Finding("M010", f"target \"{key}\": scale belongs to full targets; a {kind} block's scale comes from "
                             "alpha and rank", key))
     blocks_raw = raw.get("blocks")
     if not isinstance(blocks_raw, list) or not blocks_raw:
-        add(Finding("M010", f"target \"{key}\": a lora target needs a non-empty list of blocks", key))
+        add(Finding("M010", f"target \"{key}\": a {kind} target needs a non-empty list of blocks", key))
         return None
     out, inp = matrix_shape(layout, shape)
     blocks = [_parse_block(key, i, b, out, inp, add) for i, b in enumerate(blocks_raw)]
     if any(b is None for b in blocks):
         return None
-    return Target(kind="lora", layout=layout, blocks=tuple(blocks), **common)
+    return Target(kind=kind, layout=layout, blocks=tuple(blocks), dora_axis=axis, dora_eps=eps, **common)
 
 
 def parse_adapter_header(hdr: Header) -> tuple[Adapter | None, list[Finding]]:
@@ -223,23 +261,56 @@ def parse_adapter_header(hdr: Header) -> tuple[Adapter | None, list[Finding]]:
             targets[key] = t
 
     findings += _check_tensor_names(hdr, raw_targets, targets)
+    have = (int(m.group(1)), int(m.group(2)))
+    need = spec.version_needed({x for t in targets.values() for x in (t.kind, t.layout)})
+    if need > have:
+        add(Finding("W006", f"the file declares spec {version} but uses kinds or layouts of spec "
+                            f"{need[0]}.{need[1]}; readers of {version} refuse it (write it again with loratool to "
+                            "mark it)"))
     user_meta = {k: v for k, v in meta.items() if not k.startswith(spec.RESERVED_PREFIX)}
     return Adapter(targets=targets, metadata=user_meta, info=info), findings
+
+
+def tensor_names(t: Target) -> list[str]:
+    """The names of every tensor a target has (spec section 3): its delta, its blocks' A and B, its LyCORIS factors
+    (those of `t.factors`), and its DoRA magnitude."""
+    if t.kind == "full":
+        names = [spec.delta_name(t.key)]
+    elif t.kind in spec.FACTORED_KINDS:
+        names = [spec.kind_factor_name(t.key, t.kind, k) for k in t.factors]
+    else:
+        names = [spec.factor_name(t.key, i, f) for i in range(len(t.blocks)) for f in "AB"]
+    if t.is_dora:
+        names.append(spec.magnitude_name(t.key))
+    return names
+
+
+def _split_name(name: str):
+    """(target, what, detail) of a tensor name by the grammar of section 3, or None: what is "delta",
+    "magnitude", ("lora", block, "A"|"B") or (kind, factor). The suffixes are disjoint, so at most one matches."""
+    for rx, what in ((spec.DELTA_NAME, "delta"), (spec.MAGNITUDE_NAME, "magnitude")):
+        m = rx.match(name)
+        if m:
+            return m.group("target"), what
+    m = spec.FACTOR_NAME.match(name)
+    if m:
+        return m.group("target"), ("lora", int(m.group("block")), m.group("factor"))
+    kf = spec.parse_kind_factor(name)
+    return None if kf is None else (kf[0], kf[1:])
 
 
 def _check_tensor_names(hdr: Header, raw_targets: dict, targets: dict[str, Target]) -> list[Finding]:
     findings = []
     add = findings.append
-    seen = set()
+    shapes: dict[str, dict] = {}  # LyCORIS target -> factor -> shape
     for name, info in hdr.tensors.items():
         shown = escape(name)
-        m = spec.FACTOR_NAME.match(name)
-        d = spec.DELTA_NAME.match(name)
-        if not m and not d:
-            add(Finding("T001", f"tensor \"{shown}\" does not follow the naming grammar "
-                                "<target>.lora.<block>.A|B or <target>.delta", shown))
+        split = _split_name(name)
+        if split is None:
+            add(Finding("T001", f"tensor \"{shown}\" does not follow the naming grammar <target>.lora.<block>.A|B, "
+                                "<target>.delta, <target>.<loha|lokr|tucker>.<factor> or <target>.magnitude", shown))
             continue
-        key = (m or d).group("target")
+        key, what = split
         if key not in raw_targets:
             add(Finding("T002", f"tensor \"{shown}\" belongs to target \"{escape(key)}\", which "
                                 f"{spec.KEY_TARGETS} does not declare", escape(key)))
@@ -247,49 +318,83 @@ def _check_tensor_names(hdr: Header, raw_targets: dict, targets: dict[str, Targe
         t = targets.get(key)
         if t is None:  # the target's own metadata is broken; already reported
             continue
+        k = escape(key)
         if info.dtype not in spec.FACTOR_DTYPES:
             add(Finding("C007", f"tensor \"{shown}\" is {info.dtype}; factors and deltas must be "
-                                f"{', '.join(spec.FACTOR_DTYPES)}", escape(key)))
+                                f"{', '.join(spec.FACTOR_DTYPES)}", k))
         if info.numel == 0:
-            add(Finding("C010", f"tensor \"{shown}\" has zero elements", escape(key)))
-        if d:
+            add(Finding("C010", f"tensor \"{shown}\" has zero elements", k))
+        if what == "delta":
             if t.kind != "full":
-                add(Finding("T002", f"tensor \"{shown}\" is a delta but target \"{escape(key)}\" is a lora target",
-                            escape(key)))
+                add(Finding("T002", f"tensor \"{shown}\" is a delta but target \"{k}\" is a {t.kind} target", k))
             elif info.shape != t.shape:
                 add(Finding("T005", f"delta \"{shown}\" has shape {list(info.shape)}, target shape is "
-                                    f"{list(t.shape)}", escape(key)))
-            seen.add(name)
-            continue
-        i, factor = int(m.group("block")), m.group("factor")
-        if t.kind != "lora" or i >= len(t.blocks):
-            add(Finding("T002", f"tensor \"{shown}\" names block {i}, which target \"{escape(key)}\" does not "
-                                "declare", escape(key)))
-            continue
-        b = t.blocks[i]
-        want = (b.rank, b.n_cols) if factor == "A" else (b.n_rows, b.rank)
-        if info.shape != want:
-            add(Finding("T004", f"target \"{escape(key)}\": {factor} of block {i} has shape {list(info.shape)}, "
-                                f"expected {list(want)} (rank {b.rank})", escape(key)))
-        seen.add(name)
-    for t in targets.values():
-        factored = t.kind in spec.FACTORED_KINDS
-        names = [spec.delta_name(t.key)] if t.kind == "full" else \
-            [spec.kind_factor_name(t.key, t.kind, k) for k in t.factors] if factored else [
-            spec.factor_name(t.key, i, f) for i in range(len(t.blocks)) for f in "AB"]
-        if t.magnitude is not None:
-            names.append(spec.magnitude_name(t.key))
-        for n in names:
+                                    f"{list(t.shape)}", k))
+        elif what == "magnitude":
+            if not t.is_dora:
+                add(Finding("T002", f"tensor \"{shown}\" is a DoRA magnitude but target \"{k}\" has no DoRA "
+                                    "(kind dora, or dora_axis and dora_eps)", k))
+                continue
+            n = kind_shapes.magnitude_length(t.layout, t.shape, t.dora_axis, t.matrix_shape[0])
+            if info.shape != (n,):
+                add(Finding("D002", f"target \"{k}\": magnitude has shape {list(info.shape)}, expected [{n}] (one "
+                                    f"value per {'row of the matrix view' if t.dora_axis == 'out' else 'input channel'})",
+                            k))
+        elif what[0] == "lora":
+            _, i, factor = what
+            if t.kind not in LORA_KINDS or i >= len(t.blocks):
+                add(Finding("T002", f"tensor \"{shown}\" names block {i}, which target \"{k}\" does not "
+                                    "declare", k))
+                continue
+            b = t.blocks[i]
+            want = (b.rank, b.n_cols) if factor == "A" else (b.n_rows, b.rank)
+            if info.shape != want:
+                add(Finding("T004", f"target \"{k}\": {factor} of block {i} has shape {list(info.shape)}, "
+                                    f"expected {list(want)} (rank {b.rank})", k))
+        elif what[0] != t.kind:
+            add(Finding("T002", f"tensor \"{shown}\" is a {what[0]} factor but target \"{k}\" is a {t.kind} target",
+                        k))
+        else:
+            shapes.setdefault(key, {})[what[1]] = info.shape
+    for key, t in list(targets.items()):
+        if t.kind in spec.FACTORED_KINDS:
+            t = targets[key] = _check_factors(t, shapes.get(key, {}), add)
+            mag = hdr.tensors.get(spec.magnitude_name(key)) if t.is_dora else None
+            if mag is not None:  # counted by Adapter.n_params, as the kohya reader keeps it
+                t.info["factor_shapes"]["magnitude"] = list(mag.shape)
+        for n in tensor_names(t):
             if n not in hdr.tensors:
-                add(Finding("T003", f"target \"{escape(t.key)}\" declares tensor \"{escape(n)}\" but the file lacks "
-                                    "it", escape(t.key)))
-        if t.kind == "lora":
+                rule = "D002" if n == spec.magnitude_name(t.key) else "T003"
+                add(Finding(rule, f"target \"{escape(t.key)}\" declares tensor \"{escape(n)}\" but the file lacks "
+                                  "it", escape(t.key)))
+        if t.kind in LORA_KINDS:
             for i in range(len(t.blocks)):
                 a, b = (hdr.tensors.get(spec.factor_name(t.key, i, f)) for f in "AB")
                 if a and b and a.dtype != b.dtype:
                     add(Finding("W004", f"target \"{escape(t.key)}\": block {i} A is {a.dtype}, B is {b.dtype}",
                                 escape(t.key)))
     return findings
+
+
+def _check_factors(t: Target, S: dict, add) -> Target:
+    """Rules Y002 and Y003 on a LyCORIS target's factor shapes (factor -> shape, from the header). Returns the target
+    with its factors named (values None) and their shapes in info["factor_shapes"], as a structure has them."""
+    k = escape(t.key)
+    listing = ", ".join(f"{n} {list(v)}" for n, v in sorted(S.items())) or "none"
+    if frozenset(S) not in kind_shapes.FORMS[t.kind]:
+        forms = "; ".join(", ".join(sorted(f)) for f in kind_shapes.FORMS[t.kind])
+        add(Finding("Y002", f"target \"{k}\": {t.kind} factors are {listing}, not one of the sets {forms}", k))
+    else:
+        try:
+            implied, _ = kind_shapes.implied_shape(t.kind, S)
+        except (KeyError, ValueError, IndexError):
+            implied = None
+            add(Finding("Y003", f"target \"{k}\": {t.kind} factors do not fit together ({listing})", k))
+        if implied is not None and not kind_shapes.fits(implied, t.shape):
+            add(Finding("Y003", f"target \"{k}\": {t.kind} factors ({listing}) give a weight {list(implied)}, the "
+                                f"target is {list(t.shape)}", k))
+    return replace(t, factors={n: None for n in sorted(S)},
+                   info={**t.info, "factor_shapes": {n: list(v) for n, v in sorted(S.items())}})
 
 
 def check_values(tensors, adapter: Adapter, changed: set | None = None) -> list[Finding]:
@@ -301,11 +406,7 @@ def check_values(tensors, adapter: Adapter, changed: set | None = None) -> list[
     findings = []
     for t in adapter:
         factored = t.kind in spec.FACTORED_KINDS
-        names = [spec.delta_name(t.key)] if t.kind == "full" else \
-            [spec.kind_factor_name(t.key, t.kind, k) for k in t.factors] if factored else [
-            spec.factor_name(t.key, i, f) for i in range(len(t.blocks)) for f in "AB"]
-        if t.magnitude is not None:
-            names.append(spec.magnitude_name(t.key))
+        names = tensor_names(t)
         read, zero = set(), set()
         for n in names:
             x = tensors.get(n)
@@ -318,14 +419,16 @@ def check_values(tensors, adapter: Adapter, changed: set | None = None) -> list[
                                         escape(t.key)))
             elif not _any_nonzero(x):
                 zero.add(n)
-                if t.kind == "lora":
+                if t.kind in LORA_KINDS and n != spec.magnitude_name(t.key):
                     findings.append(Finding("W003", f"tensor \"{escape(n)}\" is all zeros, so its block adds "
                                                     "nothing", escape(t.key)))
         live = read - zero
         if factored:  # a product of factors: zero when one is (Hadamard, Kronecker, Tucker chain)
-            nonzero = not zero and len(read) == len(names)
-        if changed is not None and (live if t.kind == "full" else nonzero if factored else any(
-                {spec.factor_name(t.key, i, "A"), spec.factor_name(t.key, i, "B")} <= live for i in range(len(t.blocks)))):
+            nonzero = not zero and len(read - {spec.magnitude_name(t.key)}) == len(t.factors)
+        # A DoRA magnitude rescales W even where ΔW is zero.
+        changed_here = (live if t.kind == "full" else nonzero if factored else any(
+            {spec.factor_name(t.key, i, "A"), spec.factor_name(t.key, i, "B")} <= live for i in range(len(t.blocks))))
+        if changed is not None and (changed_here or (t.is_dora and spec.magnitude_name(t.key) in read)):
             changed.add(t.key)
     return findings
 

@@ -36,8 +36,10 @@ def dense_delta(t) -> torch.Tensor:
         M[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] += (as_f32(b.B) @ as_f32(b.A)) * np.float32(b.scale)
     if t.layout in ("fan_in_fan_out", "embedding"):
         M = M.T
-    elif t.layout == "conv":
+    elif t.layout in ("conv", "experts"):  # (out, in·k) or (E·out, in)
         M = M.reshape(t.shape)
+    elif t.layout == "experts_t":  # M = W.reshape(E·in, out)^T
+        M = M.T.reshape(t.shape)
     return torch.from_numpy(np.ascontiguousarray(M))
 
 

@@ -19,7 +19,7 @@ PKG = ROOT / "loratool"
 LAYERS = [
     {"spec", "errors"},
     {"fsutil", "container", "dtypes", "device"},
-    {"adapter", "guess"},
+    {"adapter", "guess", "kind_shapes"},
     {"validation"},
     {"io", "ops"},
     {"tasks"},
@@ -64,7 +64,8 @@ def test_import_direction():
 
 
 def test_light_modules_do_not_import_torch_at_top_level():
-    for name in ["spec.py", "errors.py", "container.py", "adapter.py", "guess.py", "validation.py", "fsutil.py",
+    for name in ["spec.py", "errors.py", "container.py", "adapter.py", "guess.py", "kind_shapes.py", "validation.py",
+                 "fsutil.py",
                  "tasks/__init__.py", "tasks/inspect.py", "tasks/model_info.py", "tasks/validate.py", "tasks/convert.py",
                  "tasks/_inputs.py", "tasks/fit.py", "tasks/dialect_rules.py",
                  "__init__.py", "cli/__init__.py", "cli/render.py", "io/detect.py", "io/native.py", "io/registry.py",

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 import loratool
 from arrays import dense_delta
 from loratool import spec
+from loratool.ops.linalg import delta_tensor
+from loratool.ops.merge import Term, merge_tensor
 from loratool.tasks.validate import validate as validate_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +32,7 @@ def test_invalid_file_reports_exactly_its_rules(name):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["invalid"]))
 def test_invalid_file_refused_by_load(name):
-    with pytest.raises(loratool.LoraToolError, match=r"\(rule [CMT]\d{3}\)"):
+    with pytest.raises(loratool.LoraToolError, match=r"\(rule [CMTDY]\d{3}\)"):
         loratool.load(CORPUS / "invalid" / name)
 
 
@@ -47,8 +49,26 @@ def test_valid_file_delta_matches_expected(name):
     want = load_file(str(CORPUS / "expected_delta" / name))
     assert sorted(want) == sorted(adapter.targets)
     for key, t in adapter.targets.items():
-        # The corpus factors are multiples of 1/8, so the float32 deltas are exact: compare bit for bit.
-        assert torch.equal(dense_delta(t), want[key]), key
+        # The corpus factors are multiples of 1/8 (1/2 under a Tucker core), so the float32 deltas are exact:
+        # compare bit for bit. LyCORIS kinds: loratool's ops/kinds.py against make_corpus's float64 formulas.
+        got = torch.from_numpy(delta_tensor(t)) if t.dense else dense_delta(t)
+        assert torch.equal(got, want[key]), key
+
+
+DORA_RTOL = 2e-7  # |W' - expected| / |expected|: float32 norm and rescale against float64, rounded (measured 4.5e-8 and 6.7e-8)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CORPUS / "expected_merged").iterdir()))
+def test_dora_file_merges_to_expected(name):
+    adapter = loratool.load(CORPUS / "valid" / name)
+    base = load_file(str(CORPUS / "base.safetensors"))
+    want = load_file(str(CORPUS / "expected_merged" / name))
+    assert sorted(want) == sorted(adapter.targets)
+    for key, t in adapter.targets.items():
+        got, _ = merge_tensor(base[key].numpy(), key, [Term(t, 1.0)])
+        err = float((torch.from_numpy(got) - want[key]).abs().max() / want[key].abs().max())
+        assert err <= DORA_RTOL, (key, err)
+        assert not torch.equal(torch.from_numpy(got), base[key] + torch.from_numpy(delta_tensor(t)))  # not W + ΔW
 
 
 def test_worked_example_delta():
@@ -90,7 +110,7 @@ def test_corpus_is_reproducible(tmp_path):
 
 def test_spec_document_lists_every_rule_and_only_those():
     text = (ROOT / "spec" / "FORMAT.md").read_text()
-    in_doc = set(re.findall(r"\*\*([CMTBW]\d{3})\*\*", text))
+    in_doc = set(re.findall(r"\*\*([CMTBWDY]\d{3})\*\*", text))
     assert in_doc == set(spec.RULES), sorted(in_doc ^ set(spec.RULES))
 
 
@@ -105,6 +125,7 @@ def test_json_schema_accepts_every_valid_file_and_refuses_schema_breaks():
         targets = json.loads(read_header(CORPUS / "valid" / name).metadata["loratool.targets"])
         assert not list(v.iter_errors(targets)), name
     for name in ["missing_shape", "unknown_layout", "unknown_scale_rule", "missing_alpha", "string_alpha",
-                 "rank_zero", "full_with_blocks", "bad_sha256"]:
+                 "rank_zero", "full_with_blocks", "bad_sha256", "unknown_kind", "loha_without_scale",
+                 "dora_without_axis", "dora_in_on_fan_in_fan_out"]:
         targets = json.loads(read_header(CORPUS / "invalid" / f"{name}.safetensors").metadata["loratool.targets"])
         assert list(v.iter_errors(targets)), name

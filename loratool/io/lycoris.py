@@ -23,6 +23,7 @@ import math
 from ..adapter import Target
 from ..container import escape
 from ..errors import NumericError, SpecError, UnsupportedError
+from ..kind_shapes import loha_shape, lokr_shape, tucker_shape
 from ._common import ref, refusal
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -73,66 +74,17 @@ def factors_of(path, name: str, kind: str, lyc: dict, d: dict):
     S = {k: m.shape for k, m in got.items()}
     try:
         if kind == "loha":
-            return got, *_loha(S), False
+            return got, *loha_shape(S), False
         if kind == "lokr":
-            return got, *_lokr(S)
-        down, mid, up = S["down"], S["mid"], S["up"]
-        r = mid[0]
-        if len(mid) < 3 or mid[1] != r or down[0] != r or up[1] != r or len(down) != len(mid) or \
-                len(up) != len(mid) or any(x != 1 for x in down[2:] + up[2:]):
+            return got, *lokr_shape(S)
+        down, up = S["down"], S["up"]  # (r, in, 1, 1) and (out, r, 1, 1) in a file: the 1x1 dims dropped
+        if len(down) != len(S["mid"]) or len(up) != len(S["mid"]) or any(x != 1 for x in down[2:] + up[2:]):
             raise ValueError
-        return got, (up[0], down[1], *mid[2:]), r, False
+        return got, *tucker_shape({**S, "down": down[:2], "up": up[:2]}), False
     except (KeyError, ValueError, IndexError):
         listing = ", ".join(f"{k} {list(v)}" for k, v in sorted(S.items()))
         raise _bad(path, name, f"{kind} factors do not fit together ({listing}); see lycoris-lora's "
                    f"modules/{'locon' if kind == 'tucker' else kind}.py for their shapes") from None
-
-
-def _loha(S):
-    if "t1" in S or "t2" in S:
-        t1, t2 = S["t1"], S["t2"]
-        r = t1[0]
-        if len(t1) < 3 or t1[1] != r or t2 != t1 or any(S[k] != (r, S[k][1]) or len(S[k]) != 2 for k in
-                                                         ("w1a", "w1b", "w2a", "w2b")) or \
-                S["w1a"] != S["w2a"] or S["w1b"] != S["w2b"]:
-            raise ValueError
-        return (S["w1a"][1], S["w1b"][1], *t1[2:]), r
-    w1a, w1b, w2a, w2b = S["w1a"], S["w1b"], S["w2a"], S["w2b"]
-    if len(w1a) != 2 or len(w2a) != 2 or len(w1b) != 2 or len(w2b) != 2 or w1a[1] != w1b[0] or w2a[1] != w2b[0] \
-            or w1a[0] != w2a[0] or w1b[1] != w2b[1] or w1a[1] != w2a[1]:
-        raise ValueError
-    return (w1a[0], w1b[1]), w1a[1]
-
-
-def _lokr(S):
-    if "w1" in S:
-        if "w1a" in S or "w1b" in S or len(S["w1"]) != 2:
-            raise ValueError
-        (a, c), r1 = S["w1"], 0
-    else:
-        w1a, w1b = S["w1a"], S["w1b"]
-        if len(w1a) != 2 or len(w1b) != 2 or w1a[1] != w1b[0]:
-            raise ValueError
-        a, c, r1 = w1a[0], w1b[1], w1a[1]
-    if "w2" in S:
-        if any(k in S for k in ("w2a", "w2b", "t2")) or len(S["w2"]) < 2:
-            raise ValueError
-        b, d, *k = S["w2"]
-        r2 = 0
-    elif "t2" in S:
-        t2, w2a, w2b = S["t2"], S["w2a"], S["w2b"]
-        r2 = t2[0]
-        if len(t2) < 3 or t2[1] != r2 or w2a[0] != r2 or w2b[0] != r2 or len(w2a) != 2 or len(w2b) != 2:
-            raise ValueError
-        b, d, k = w2a[1], w2b[1], list(t2[2:])
-    else:
-        w2a, w2b = S["w2a"], S["w2b"]
-        if len(w2a) != 2 or len(w2b) < 2 or w2a[1] != w2b[0]:
-            raise ValueError
-        b, d, k, r2 = w2a[0], w2b[1], list(w2b[2:]), w2a[1]
-    if r1 and r2 and r1 != r2:
-        raise ValueError  # one alpha, two ranks: LyCORIS and ComfyUI would disagree on the scale
-    return (a * b, c * d, *k), r2 or r1, not (r1 or r2)
 
 
 def dora_of(path, name: str, m, shape) -> tuple[str, float]:

@@ -1,4 +1,5 @@
-"""The native loratool format (spec/FORMAT.md): a strict safetensors file with loratool metadata.
+"""The native loratool format (spec/FORMAT.md): a strict safetensors file with loratool metadata, holding every
+kind loratool has in memory (lora, full; since spec 1.1 dora, loha, lokr, tucker) bit for bit.
 
 Its structure is all in the header (loratool.targets), so `structure` reads nothing else; `load` reads the
 factors with pread into numpy arrays. numpy is imported only by `load` and `save`, never by `structure`.
@@ -28,30 +29,46 @@ def _num(x: float):
     return int(x) if float(x).is_integer() and abs(x) < 2**53 else float(x)
 
 
+# Reader-owned info keys: what a reader derives from the file itself (the LyCORIS factors' shapes, which the
+# header holds), never written back, so a file read and written again is the same bytes.
+_DERIVED_INFO = ("factor_shapes",)
+
+
 def target_entry(t: Target) -> dict:
-    """The JSON object of one target in loratool.targets."""
+    """The JSON object of one target in loratool.targets (spec section 4.2)."""
     e: dict = {"kind": t.kind, "shape": list(t.shape)}
-    if t.kind == "full":
+    if t.kind == "full" or t.kind in spec.FACTORED_KINDS:
         e["scale"] = _num(t.delta_scale)
-    else:
+    if t.kind != "full":
         e["layout"] = t.layout
-        out, inp = t.matrix_shape
+    if t.kind in ("lora", "dora"):
         e["blocks"] = [{"rank": b.rank, "alpha": _num(b.alpha), "scale_rule": b.scale_rule,
                         "rows": list(b.rows), "cols": list(b.cols)} for b in t.blocks]
+    if t.is_dora:
+        e["dora_axis"] = t.dora_axis
+        e["dora_eps"] = _num(t.dora_eps)
     if t.dtype is not None:
         e["dtype"] = t.dtype
     if t.sha256 is not None:
         e["sha256"] = t.sha256
-    if t.info:
-        e["info"] = dict(t.info)
+    info = {k: v for k, v in t.info.items() if k not in _DERIVED_INFO}
+    if info:
+        e["info"] = info
     return e
+
+
+def version_of(adapter: Adapter) -> str:
+    """The spec version a file of `adapter` declares: the lowest that defines all its kinds and layouts (1.0 for
+    plain LoRA and full targets, which 1.0 readers read; 1.1 with DoRA, LyCORIS kinds or fused-expert layouts)."""
+    major, minor = spec.version_needed({x for t in adapter for x in (t.kind, t.layout)})
+    return f"{major}.{minor}"
 
 
 def metadata_of(adapter: Adapter) -> dict[str, str]:
     """All __metadata__ strings of an adapter: user keys, then the loratool keys (which win)."""
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith(spec.RESERVED_PREFIX)}
     meta[spec.KEY_FORMAT] = spec.FORMAT_MARKER
-    meta[spec.KEY_VERSION] = spec.SPEC_VERSION_STR
+    meta[spec.KEY_VERSION] = version_of(adapter)
     meta[spec.KEY_TARGETS] = canonical_json({t.key: target_entry(t) for t in adapter})
     if adapter.info:
         meta[spec.KEY_INFO] = canonical_json(dict(adapter.info))
@@ -62,8 +79,8 @@ def tensors_of(adapter: Adapter) -> dict:
     """name -> tensor, by the naming grammar of spec section 3."""
     out = {}
     for t in adapter:
-        if t.magnitude is not None:
-            out[spec.magnitude_name(t.key)] = t.magnitude
+        if t.magnitude is not None:  # 1-D in the file (rule D002), whatever view a reader kept
+            out[spec.magnitude_name(t.key)] = t.magnitude.reshape(-1)
         if t.kind in spec.FACTORED_KINDS:
             out.update({spec.kind_factor_name(t.key, t.kind, k): v for k, v in t.factors.items()})
             continue
@@ -118,23 +135,42 @@ def save(adapter: Adapter, path, *, overwrite: bool = True) -> int:
         FileError: `overwrite` is False and `path` exists.
         SpecError: a factor was never loaded or is not floating point.
         NumericError: a factor, delta or alpha is not finite (nothing is written).
-        UnsupportedError: a target of a kind the spec does not define (LyCORIS LoHa/LoKr/Tucker, DoRA).
+        UnsupportedError: a target the spec cannot hold (DoRA on a fused-expert layout, a DoRA magnitude that
+            fits no axis, LyCORIS factors whose shapes do not give the target's): the rule it would break.
     """
-    for t in adapter:
-        if t.kind not in spec.KINDS or t.is_dora:
-            from ..errors import UnsupportedError
-
-            raise UnsupportedError(f"{path}: target \"{escape(t.key)}\" is {t.kind}"
-                                   f"{' with DoRA' if t.magnitude is not None and t.kind != 'dora' else ''}, a kind "
-                                   f"spec {spec.SPEC_VERSION_STR} does not define; write it as kohya (--to kohya), or "
-                                   "convert it to LoRA (--rank)")
     tensors = numpy_tensors(tensors_of(adapter), path)
     for t in adapter:
         for b in t.blocks:
             if not math.isfinite(b.alpha):
                 raise NumericError(f"{path}: target \"{t.key}\": alpha {b.alpha} is not finite")
+        for what, v in (("scale", t.delta_scale), ("dora_eps", t.dora_eps)):
+            if not math.isfinite(v):
+                raise NumericError(f"{path}: target \"{t.key}\": {what} {v} is not finite")
+    meta = metadata_of(adapter)
+    _check_header(adapter, tensors, meta, path)
     _check_finite(adapter, tensors, str(path))
-    return write_file(path, tensors, metadata_of(adapter), overwrite=overwrite)
+    return write_file(path, tensors, meta, overwrite=overwrite)
+
+
+def _check_header(adapter: Adapter, tensors: dict, meta: dict, path) -> None:
+    """The header rules (M, T, D, Y) on the file about to be written, so the writer never writes a file its reader
+    refuses.
+
+    Raises:
+        UnsupportedError: the first error, with its rule id, and what to do instead.
+    """
+    from ..container import Header, TensorInfo
+    from ..dtypes import dtype_of
+    from ..errors import UnsupportedError
+    from ..validation import parse_adapter_header
+
+    infos = {n: TensorInfo(n, dtype_of(x), tuple(x.shape), 0, 0) for n, x in tensors.items()}
+    _, findings = parse_adapter_header(Header(str(path), 0, 0, tensors=infos, metadata=meta))
+    errors = [f for f in findings if f.severity == "error" and f.rule != "C007"]  # C007: numpy_tensors said it
+    if errors:
+        f = errors[0]
+        raise UnsupportedError(f"{path}: {f.message}: spec {version_of(adapter)} cannot hold it (rule {f.rule}); "
+                               "write it as kohya (--to kohya), or convert it to LoRA (--rank)", errors)
 
 
 def report_error(rep: Report) -> SpecError:
@@ -206,26 +242,28 @@ def load(path, *, check: bool = True, lazy: bool = False) -> Adapter:
 
 
 def _lazy_factors(t: Target) -> Target:
-    """A header-only target with each factor (or delta) a Lazy of its tensor name (spec section 3)."""
+    """A header-only target with each tensor a Lazy of its name (spec section 3)."""
     from ._common import ref
 
+    return _filled(t, ref)
+
+
+def _filled(t: Target, get) -> Target:
+    """The target with each of its tensors `get(name)`: the delta, the blocks' A and B, the LyCORIS factors, the
+    DoRA magnitude."""
+    if t.is_dora:
+        t = replace(t, magnitude=get(spec.magnitude_name(t.key)))
     if t.kind == "full":
-        return replace(t, delta=ref(spec.delta_name(t.key)))
-    return t.with_blocks(replace(b, A=ref(spec.factor_name(t.key, i, "A")), B=ref(spec.factor_name(t.key, i, "B")))
+        return replace(t, delta=get(spec.delta_name(t.key)))
+    if t.kind in spec.FACTORED_KINDS:
+        return replace(t, factors={k: get(spec.kind_factor_name(t.key, t.kind, k)) for k in t.factors})
+    return t.with_blocks(replace(b, A=get(spec.factor_name(t.key, i, "A")), B=get(spec.factor_name(t.key, i, "B")))
                          for i, b in enumerate(t.blocks))
 
 
 def attach(adapter: Adapter, tensors: dict) -> Adapter:
-    """Fill a header-only adapter's factors from name -> tensor."""
-    targets = []
-    for t in adapter:
-        if t.kind == "full":
-            targets.append(replace(t, delta=tensors[spec.delta_name(t.key)]))
-            continue
-        blocks = [replace(b, A=tensors[spec.factor_name(t.key, i, "A")], B=tensors[spec.factor_name(t.key, i, "B")])
-                  for i, b in enumerate(t.blocks)]
-        targets.append(t.with_blocks(blocks))
-    return adapter.replace_targets(targets)
+    """Fill a header-only adapter's tensors from name -> tensor."""
+    return adapter.replace_targets(_filled(t, tensors.__getitem__) for t in adapter)
 
 
 def _detect(src: Source) -> int:
@@ -239,7 +277,9 @@ def _detect(src: Source) -> int:
 DIALECT = Dialect(
     name="loratool", description="loratool's own format (spec/FORMAT.md): one .safetensors file",
     detect=_detect, structure=structure, load=load, options=frozenset({"check"}), reads=(".safetensors",),
-    save=save, writes="file", suffix=".safetensors", save_options=frozenset({"overwrite"}))
+    save=save, writes="file", suffix=".safetensors", save_options=frozenset({"overwrite"}),
+    kinds=frozenset({"lora", "full", "dora", "loha", "lokr", "tucker"}))  # spec 1.1
 
-__all__ = ["load", "save", "structure", "attach", "metadata_of", "tensors_of", "target_entry", "canonical_json",
+__all__ = ["load", "save", "structure", "attach", "metadata_of", "tensors_of", "target_entry", "version_of",
+           "canonical_json",
            "numpy_tensors", "DIALECT"]

@@ -115,10 +115,9 @@ def dora_apply(X, t: Target, r0: int, m=None):
 
 def magnitude_length(t: Target) -> int:
     """The length the magnitude of `t` must have (spec rule D002): out rows of M, or input channels."""
-    out, inp = t.matrix_shape
-    if t.dora_axis == "out":
-        return out
-    return t.shape[1] if t.layout in ROW_LOCAL_LAYOUTS else inp
+    from ..kind_shapes import magnitude_length as length
+
+    return length(t.layout, t.shape, t.dora_axis, t.matrix_shape[0])
 
 
 def relative_error(D: np.ndarray, E: np.ndarray) -> float:

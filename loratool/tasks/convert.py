@@ -191,12 +191,12 @@ def _check_kinds(adapter: Adapter, writer) -> None:
     for t in adapter:
         if t.is_dora and "dora" not in writer.kinds:
             raise UnsupportedError(f"target \"{escape(t.key)}\" is DoRA, which {writer.name} cannot hold here: its "
-                                   "merge is not W + low rank; write kohya (--to kohya) or peft (--to peft), or "
-                                   "merge it")
+                                   "merge is not W + low rank; write loratool, kohya (--to kohya) or peft "
+                                   "(--to peft), or merge it")
         if t.kind in FACTORED_KINDS and t.kind not in writer.kinds:
             raise UnsupportedError(f"target \"{escape(t.key)}\" is {t.kind}, which {writer.name} cannot hold; pass "
                                    "--rank or --energy to make it LoRA by the optimal truncation of its exact ΔW, or "
-                                   "write kohya (--to kohya)")
+                                   "write loratool or kohya (--to kohya)")
 
 
 __all__ = ["save", "convert", "fitted", "ConvertResult"]
