@@ -158,6 +158,40 @@ def test_a_repo_without_a_peft_adapter_is_one_line(hub_cache):
     code, _, err = run("inspect", "org/base")
     assert code == 6
     assert one_error_line(err).startswith("error: org/base: the Hub repository holds no adapter_config.json")
+    assert "org/base/FILE.safetensors" in err  # says how to name a single-file adapter
+
+
+def test_a_single_file_adapter_by_its_hub_file_id(hub_cache, tmp_path):
+    """`org/name/FILE`: a kohya file in a repository of its own, merged and inspected from the cache."""
+    from loratool.io import registry
+
+    folder = tmp_path / "local" / "kohya"
+    folder.mkdir()
+    registry.get("kohya").write(registry.load(hub_cache / "adapter", base=hub_cache / "base"),
+                                folder / "style_lora.safetensors")
+    cache_repo(tmp_path / "cache", "org/kohya", folder)
+    code, _, err = run("merge", "org/base", "org/kohya/style_lora.safetensors", "-o", tmp_path / "hub-out",
+                       "-q")
+    assert code == 0, err
+    code, _, err = run("merge", hub_cache / "base", hub_cache / "adapter", "-o", tmp_path / "local-out", "-q")
+    assert code == 0, err
+    got, want = merged(tmp_path / "hub-out"), merged(tmp_path / "local-out")
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    code, out, err = run("inspect", "org/kohya/style_lora.safetensors", "--json")
+    assert code == 0 and json.loads(out)["dialect"] == "kohya", err
+    code, _, err = run("inspect", "org/kohya/missing.safetensors")
+    assert code == 6
+    assert one_error_line(err).startswith("error: org/kohya/missing.safetensors: is not a local path")
+
+
+@pytest.mark.parametrize("text,want", [
+    ("org/name/lora.safetensors", ("org/name", "lora.safetensors", None)),
+    ("org/name/sub/x.gguf@v2", ("org/name", "sub/x.gguf", "v2")),
+    ("org/name", None), ("org/name/readme.md", None), ("org/name/../x.safetensors", None),
+])
+def test_what_is_a_hub_file_id(tmp_path, monkeypatch, text, want):
+    monkeypatch.chdir(tmp_path)
+    assert hub.hub_file(text) == want
 
 
 @pytest.mark.parametrize("text,want", [

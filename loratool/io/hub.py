@@ -6,7 +6,10 @@ The rules, in order:
   1. a path that exists locally is that path, always;
   2. a string shaped like `org/name` (one "/", Hub repo-name characters, an optional `@REV`, not ending in a
      file suffix such as .safetensors) is a Hub model repository;
-  3. anything else is left as it is, for the reader to report as a missing file.
+  3. a string shaped like `org/name/FILE` (FILE a file of the repository with a weights suffix, .safetensors,
+     .gguf, .pt, .pth or .bin, in a subfolder or not; an optional `@REV`) is that one file: the single-file
+     adapters (kohya, diffusers, ComfyUI, GGUF) and single-file bases the Hub is full of;
+  4. anything else is left as it is, for the reader to report as a missing file.
 
 Only the files loratool reads are fetched: a base's *.safetensors weights (top level, not the duplicate
 consolidated*.safetensors some repos ship), its JSON configs and tokenizer files; a PEFT adapter's
@@ -27,6 +30,9 @@ from ..errors import FileError, UsageError
 # checks the rest and its refusal becomes the message).
 _PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}"
 HUB_ID = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^@\s]+))?$")
+# `org/name/FILE[@REV]`: one file of a repository (rule 3).
+HUB_FILE = re.compile(rf"^(?P<repo>{_PART}/{_PART})/(?P<file>(?:{_PART}/)*{_PART}\.(?:safetensors|gguf|pt|pth|bin))"
+                      r"(?:@(?P<rev>[^@\s]+))?$")
 # A name ending in one of these is a file path that is missing, never a repository.
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf", ".json", ".npz", ".onnx")
 
@@ -52,6 +58,20 @@ def hub_id(path) -> tuple[str, str | None] | None:
     return m["repo"], m["rev"]
 
 
+def hub_file(path) -> tuple[str, str, str | None] | None:
+    """(repo id, file in it, revision or None) when `path` is a Hub file id `org/name/FILE[@REV]` that is not a
+    local path, else None."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    text = os.fspath(path)
+    if not isinstance(text, str) or os.path.lexists(text):
+        return None
+    m = HUB_FILE.match(text)
+    if m is None or ".." in text or "--" in m["repo"]:
+        return None
+    return m["repo"], m["file"], m["rev"]
+
+
 def resolve(path, kind: str, revision: str | None = None):
     """The local path of `path`: itself unless it is a Hub id, else its snapshot folder in the Hub cache.
 
@@ -65,6 +85,10 @@ def resolve(path, kind: str, revision: str | None = None):
         FileError: the repository, revision or files cannot be had: not in the cache while offline, not on the
             Hub, private, or the Hub unreachable; one line saying which and what to do.
     """
+    one = hub_file(path)
+    if one is not None:
+        repo, file, rev = one
+        return Path(_file(repo, file, rev or revision))
     parsed = hub_id(path)
     if parsed is None:
         return path
@@ -73,8 +97,8 @@ def resolve(path, kind: str, revision: str | None = None):
     folder = Path(_snapshot(repo, rev, kind))
     if kind == "adapter" and not (folder / "adapter_config.json").is_file():
         raise FileError(f"{repo}: the Hub repository holds no adapter_config.json (revision {rev or 'main'}); "
-                        "loratool reads PEFT adapters from the Hub; for a single-file adapter download it "
-                        f"(`hf download {repo} FILE`) and pass its path")
+                        f"name the adapter file in it: {repo}/FILE.safetensors (a single-file adapter: kohya, "
+                        "diffusers, ComfyUI, GGUF, ...)")
     return folder
 
 
@@ -86,7 +110,7 @@ def resolve_all(items, revision: str | None = None) -> list:
         FileError: as `resolve`.
     """
     items = list(items)
-    if revision is not None and not any(hub_id(p) is not None for p, _ in items):
+    if revision is not None and not any(hub_id(p) is not None or hub_file(p) is not None for p, _ in items):
         raise UsageError(f"--revision {escape(revision)}: no input is a Hugging Face Hub id (org/name) that is not "
                          "a local path; drop the option")
     return [resolve(p, kind, revision) for p, kind in items]
@@ -100,8 +124,22 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or (now is not None and now.strip().upper() in ("1", "ON", "YES", "TRUE"))
 
 
+def _file(repo: str, file: str, revision: str | None) -> str:
+    """huggingface_hub.hf_hub_download of one file of a repository, its errors as one FileError line."""
+    return _hub_call(repo, revision, lambda hf, offline, cache_dir: hf.hf_hub_download(
+        repo, file, revision=revision, local_files_only=offline, cache_dir=cache_dir), what=file)
+
+
 def _snapshot(repo: str, revision: str | None, kind: str) -> str:
     """huggingface_hub.snapshot_download of the files `kind` needs, its errors as one FileError line."""
+    allow, ignore = PATTERNS[kind]
+    return _hub_call(repo, revision, lambda hf, offline, cache_dir: hf.snapshot_download(
+        repo, revision=revision, allow_patterns=allow, ignore_patterns=ignore, local_files_only=offline,
+        cache_dir=cache_dir))
+
+
+def _hub_call(repo: str, revision: str | None, call, what: str | None = None) -> str:
+    """call(huggingface_hub, offline, cache_dir), with huggingface_hub's errors as one FileError line each."""
     try:
         import huggingface_hub
         from huggingface_hub import constants
@@ -109,16 +147,14 @@ def _snapshot(repo: str, revision: str | None, kind: str) -> str:
     except ImportError:
         raise FileError(f"{repo}: is not a local path, and reading it from the Hugging Face Hub needs "
                         "huggingface_hub; pip install huggingface_hub, or pass a local path") from None
-    allow, ignore = PATTERNS[kind]
     offline = _offline()
     # HF_HUB_CACHE, the variable that overrides every other cache setting, as set now (huggingface_hub reads
     # it when first imported); None leaves the choice (HF_HOME, ...) to huggingface_hub.
     cache_dir = os.environ.get("HF_HUB_CACHE") or None
-    shown = f"{repo} (revision {revision or 'main'})"
+    shown = f"{repo} (revision {revision or 'main'})" + (f", file {what}" if what else "")
+    name = f"{repo}/{what}" if what else repo  # what the user typed, less its @REV
     try:
-        return huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=allow,
-                                                 ignore_patterns=ignore, local_files_only=offline,
-                                                 cache_dir=cache_dir)
+        return call(huggingface_hub, offline, cache_dir)
     except errors.RevisionNotFoundError:
         raise FileError(f"{repo}: the Hugging Face Hub repository has no revision \"{escape(revision or 'main')}\"; "
                         "pass an existing branch, tag or commit with --revision") from None
@@ -138,12 +174,15 @@ def _snapshot(repo: str, revision: str | None, kind: str) -> str:
             why = f"nor is its {where}, and HF_HUB_OFFLINE=1 forbids downloading it"
         else:
             why = f"nor is its {where}, and the Hub cannot be reached"
-        raise FileError(f"{repo}: is not a local path, {why}; download it once online (`hf download "
-                        f"{repo}`), or pass a local path") from None
+        raise FileError(f"{name}: is not a local path, {why}; download it once online (`hf download "
+                        f"{repo}{' ' + what if what else ''}`), or pass a local path") from None
+    except getattr(errors, "EntryNotFoundError", ()):  # online: a file the repository does not have
+        raise FileError(f"{name}: is not a local path, and the Hugging Face Hub repository {repo} has no file "
+                        f"{escape(what or '')} (revision {revision or 'main'}); check the file name") from None
     except Exception as e:  # noqa: BLE001 - network and validation errors of another library: one line, no traceback
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise FileError(f"{repo}: is not a local path, and fetching {shown} from the Hugging Face Hub failed: "
+        raise FileError(f"{name}: is not a local path, and fetching {shown} from the Hugging Face Hub failed: "
                         f"{escape(first)}") from None
 
 
-__all__ = ["hub_id", "resolve", "resolve_all", "PATTERNS"]
+__all__ = ["hub_id", "hub_file", "resolve", "resolve_all", "PATTERNS"]
