@@ -458,8 +458,9 @@ def test_lanes_give_the_same_result_as_one_lane(monkeypatch, opts):
 
 
 def test_sketch_formed_while_reading_is_the_product_with_the_same_test_matrix(monkeypatch):
-    """The first sketch M @ Omega, formed on row pieces as they are read, is the product that randomized_svd
-    would form, and the factors it leads to are those of the plain route (float32 rounding apart)."""
+    """The first sketch M @ Omega and its W = Y^T M, formed on row pieces as they are read, are the products
+    that randomized_svd would form, and the factors they lead to are those of the plain route (float32
+    rounding apart)."""
     monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 200)  # 3 rows of 64 per piece, and a short last piece
     D = noisy(100, 64, seed=80)
     ft, base = pair(w=D)
@@ -470,13 +471,14 @@ def test_sketch_formed_while_reading_is_the_product_with_the_same_test_matrix(mo
     l = ex.first_sketch(e, opts)
     assert omega.shape == (64, l) and np.array_equal(omega, gaussian_sketch(64, l, seed_for(0, "w")))
     delta = np.empty(e.numel, np.float32)
-    E, Y = lanes.subtract(src_ft, src_base, e, delta, lanes.Scratch(), omega)
+    E, Y, W = lanes.subtract(src_ft, src_base, e, delta, lanes.Scratch(), omega)
     M = delta.reshape(100, 64)
     assert np.array_equal(M, (ft["w"] - base["w"]).numpy())
     assert E == pytest.approx(float(D.double().square().sum()), rel=1e-6)
     assert Y.shape == (100, l)
     np.testing.assert_allclose(Y, M @ omega, rtol=1e-5, atol=1e-5)
-    fused, plain = ex.factorize(CPU, M, e, E, opts, Y), ex.factorize(CPU, M, e, E, opts)
+    np.testing.assert_allclose(W, (M @ omega).T @ M, rtol=1e-4, atol=1e-4)  # summed over 34 pieces
+    fused, plain = ex.factorize(CPU, M, e, E, opts, Y, W), ex.factorize(CPU, M, e, E, opts)
     np.testing.assert_allclose(fused.S, plain.S, rtol=1e-5)
     # a transposed view (fan_in_fan_out), an exact SVD, or a row longer than a piece: no sketch while reading
     assert ex.sketch_while_reading(CPU, ex.Entry("w", (100, 64), "F32", "F32", "matrix", "fan_in_fan_out"),
