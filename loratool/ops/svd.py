@@ -169,10 +169,14 @@ def _thin_svd_wide(dev, P):
     return Ur, S, dev.matmul(Vrh, Q2.T)  # (l, l) @ (l, n) -> (l, n)
 
 
-PROJECT_BLOCK_ELEMENTS = 1 << 18  # CPU: rows of M per fused block, about 1 MiB of float32 (stays in the L2 cache)
-# P = T^T (Y^T M) is used when ||T||_2 ||Y||_F is at most this. The float32 rounding of Y^T M grows by about
-# that factor: measured ||T^T W - Q^T M||_F ~ 3e-9 x growth x ||M||_F, so at most ~3e-5 of ||M|| here; the
-# sketches of the benchmark's deltas have growth 100-1000 (benchmarks/README.md "extract"). A sketch that is
+# CPU: M @ X and Y^T M are formed on row blocks of PROJECT_BLOCK_ELEMENTS (4 MiB of float32) while the block is
+# in cache only for an M of more than PROJECT_MIN_BYTES, which does not stay in the last-level cache between
+# two products; a smaller M costs the same in two plain products, whose BLAS threads better (benchmarks/README.md).
+PROJECT_BLOCK_ELEMENTS = 1 << 20
+PROJECT_MIN_BYTES = 128 << 20
+# P = T^T (Y^T M) is used when ||T||_F ||Y||_F is at most this. The float32 rounding of Y^T M grows by about
+# that factor: measured ||T^T W - Q^T M||_F ~ 3e-9 x ||T||_2 ||Y||_F x ||M||_F, so at most ~3e-5 of ||M||
+# here; the sketches of the benchmark's deltas have ||T||_F ||Y||_F of 500-2500 (benchmarks/README.md "extract"). A sketch that is
 # nearly rank-deficient (an exactly low-rank delta: growth 1e5 and more, or CholeskyQR3 fails) gets the
 # projection Q^T M by one more product.
 PROJECT_MAX_GROWTH = 1e4
@@ -197,13 +201,14 @@ class DenseOperator:
     def project(self, X):
         """(Y, Y^T M) with Y = M @ X: (m, l), (l, n).
 
-        On the CPU, for a row-major M, both products are formed on row blocks of PROJECT_BLOCK_ELEMENTS while
-        the block is in cache: M is read from memory once instead of twice (a product of M from memory costs
-        ~1.5x one from the cache, benchmarks/README.md "extract"). Elsewhere, two plain products."""
+        On the CPU, for a row-major M larger than PROJECT_MIN_BYTES, both products are formed on row blocks
+        of PROJECT_BLOCK_ELEMENTS while the block is in cache: M is read from memory once instead of twice (a
+        product of M from memory costs ~1.5x one from the cache, benchmarks/README.md "extract"). Elsewhere,
+        two plain products."""
         dev, M = self.dev, self.M
         m, n = self.shape
         rows = max(1, PROJECT_BLOCK_ELEMENTS // max(n, 1))
-        if not (dev.is_cpu and M.flags.c_contiguous) or rows >= m:
+        if not (dev.is_cpu and M.flags.c_contiguous) or rows >= m or 4 * m * n <= PROJECT_MIN_BYTES:
             Y = dev.matmul(M, X)  # (m, n) @ (n, l) -> (m, l)
             return Y, dev.matmul(Y.T, M)  # (l, m) @ (m, n) -> (l, n)
         Y = dev.empty((m, X.shape[1]))
@@ -248,7 +253,7 @@ def _projection(dev, op, Y, W):
     if QT is not None:
         Q, T = QT
         xp = dev.xp
-        growth = float(xp.linalg.svdvals(T)[0]) * math.sqrt(sum_squares(dev, Y))
+        growth = math.sqrt(float(xp.sum(T * T)) * sum_squares(dev, Y))  # ||T||_F >= ||T||_2: no l x l SVD
         if growth <= PROJECT_MAX_GROWTH:
             return Q, dev.matmul(xp.astype(T.T, xp.float32), W)  # (l, l) @ (l, n) -> (l, n)
     else:
