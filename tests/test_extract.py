@@ -790,3 +790,26 @@ def test_base_reader_maps_any_window_of_a_tensor(tmp_path):
         with pytest.raises(ValueError, match=re.escape("elements [40, 43) outside tensor of 42")):
             with b.mapped("w", 40, 43):
                 pass
+
+
+def test_fused_passes_match_the_plain_products_and_the_projection_by_one_more_product(monkeypatch):
+    """`project` on row blocks (forced by shrinking the size limit) gives M X and (M X)^T M; the projection
+    T^T (Y^T M) gives the factors that Q^T M by one more product gives (float32 rounding apart)."""
+    from loratool.ops import svd
+
+    M = noisy(300, 200, seed=90).numpy()
+    X = gaussian_sketch(200, 12, 3)
+    monkeypatch.setattr(svd, "PROJECT_MIN_BYTES", 0)
+    monkeypatch.setattr(svd, "PROJECT_BLOCK_ELEMENTS", 200 * 7)  # blocks of 7 rows and a short last one
+    Y, W = svd.DenseOperator(CPU, M).project(X)
+    np.testing.assert_allclose(Y, M @ X, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(W, (M @ X).T @ M, rtol=1e-4, atol=1e-3)
+    U, S, Vh = randomized_svd(CPU, M, 20, seed_for(0, "m"))
+    monkeypatch.setattr(svd, "PROJECT_MAX_GROWTH", 0.0)  # every projection by Q^T M
+    calls = []
+    op = svd.DenseOperator(CPU, M)
+    monkeypatch.setattr(op, "rmatmul", lambda Qt: calls.append(Qt.shape) or Qt @ M)
+    U2, S2, Vh2 = randomized_svd(CPU, op, 20, seed_for(0, "m"))
+    assert calls == [(20, 300)]
+    np.testing.assert_allclose(S, S2, rtol=1e-5)
+    assert np.abs(U.T @ U - np.eye(20)).max() < 1e-5 and np.abs(Vh @ Vh.T - np.eye(20)).max() < 1e-5

@@ -8,8 +8,8 @@ CPU, where torch is never imported; torch on CUDA), and its factors come back as
 Memory: a pair is held as one float32 delta in a reused slot while it is factorised, except a matrix whose
 delta is larger than `ExtractOptions.delta_budget` (DELTA_BUDGET_BYTES, 256 MiB): that one is never held; the
 same randomized SVD runs on an operator that re-reads the pair in row blocks for each of its products
-(`extract_run.StreamedDelta`: one pass for the first sketch and the norm, two per power iteration, one for the
-projection, one more when the residual is measured), so the peak memory is about lanes x budget whatever the
+(`extract_run.StreamedDelta`: one pass for the first sketch, its Y^T M and the norm, one per power iteration
+(which also gives the projection), one more when the residual is measured or the sketch is ill-conditioned), so the peak memory is about lanes x budget whatever the
 largest matrix. A matrix that needs the exact SVD (a sketch of half its small side or more) and a tensor stored
 whole (--keep-full) are still read whole: LAPACK and the stored delta need them in memory.
 

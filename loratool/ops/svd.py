@@ -8,13 +8,15 @@ import), torch tensors on CUDA, through the device's array namespace `dev.xp` (a
   (randomized subspace iteration) and 5.1: a seeded Gaussian sketch with oversampling, `n_iter` power
   iterations each re-orthonormalised by one shifted Cholesky QR (without it the sketch collapses onto the
   top singular vector in float32), an orthonormal final basis by shifted CholeskyQR3 (Householder QR where
-  that fails), then the small SVD of the projection through an orthonormal basis of its rows.
+  that fails), then the small SVD of the projection through an orthonormal basis of its rows. Every pass
+  forms Y = M Z and Y^T M together (`project`): the next basis needs only span(M^T Y), and the last pass's
+  Y^T M gives the projection Q^T M = T^T Y^T M (Q = Y T), so q iterations read M q + 1 times, not 2q + 2.
 - The Gaussian test matrix is drawn with numpy on the host from a seed derived from (seed, tensor name),
   then moved to the device: a matrix gets the same sketch on every device and in every order.
 - A matrix is given either as an array or as an operator (`DenseOperator` wraps an array; ops/extract_run.py's
   `StreamedDelta` re-reads a tensor pair from its files on every product): `randomized_svd` and
-  `residual_squares` touch M only through `.shape`, `.matmul(X)` = M @ X and `.rmatmul(Qt)` = Qt @ M (and the
-  operator's own `residual_squares`), so one algorithm serves a matrix in memory and one too large to hold.
+  `residual_squares` touch M only through `.shape`, `.matmul(X)` = M @ X and `.rmatmul(Qt)` = Qt @ M, an
+  optional `.project(X)` = (M @ X, (M @ X)^T M) formed in one read (and the operator's own `residual_squares`), so one algorithm serves a matrix in memory and one too large to hold.
 - `exact_svd`: the LAPACK (or cuSOLVER) thin SVD, of the transpose for a wide matrix; `prefers_exact` says
   when the sketch would be too large for the randomized method to gain anything.
 - `quantile`: numpy selection (`np.partition`, linear time, no size limit; torch.quantile refuses inputs
