@@ -249,9 +249,9 @@ def breakdown(work: Path) -> dict:
         lanes.subtract(ft, base, e, delta, s, ex.sketch_while_reading(dev, e, opts))
 
     def read_and_factorize(s, e, delta):
-        E, Y = lanes.subtract(ft, base, e, delta, s, ex.sketch_while_reading(dev, e, opts))
+        E, Y, W = lanes.subtract(ft, base, e, delta, s, ex.sketch_while_reading(dev, e, opts))
         if E and e.role == "matrix":
-            ex.factorize(dev, ex._view(dev.xp, e, delta), e, E, opts, Y)
+            ex.factorize(dev, ex._view(dev.xp, e, delta), e, E, opts, Y, W)
 
     res = {"lanes": n_lanes, "blas_threads_per_lane": per_lane}
     with blas_threads(per_lane):

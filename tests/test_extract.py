@@ -458,8 +458,9 @@ def test_lanes_give_the_same_result_as_one_lane(monkeypatch, opts):
 
 
 def test_sketch_formed_while_reading_is_the_product_with_the_same_test_matrix(monkeypatch):
-    """The first sketch M @ Omega, formed on row pieces as they are read, is the product that randomized_svd
-    would form, and the factors it leads to are those of the plain route (float32 rounding apart)."""
+    """The first sketch M @ Omega and its W = Y^T M, formed on row pieces as they are read, are the products
+    that randomized_svd would form, and the factors they lead to are those of the plain route (float32
+    rounding apart)."""
     monkeypatch.setattr(lanes, "CHUNK_ELEMENTS", 200)  # 3 rows of 64 per piece, and a short last piece
     D = noisy(100, 64, seed=80)
     ft, base = pair(w=D)
@@ -470,13 +471,14 @@ def test_sketch_formed_while_reading_is_the_product_with_the_same_test_matrix(mo
     l = ex.first_sketch(e, opts)
     assert omega.shape == (64, l) and np.array_equal(omega, gaussian_sketch(64, l, seed_for(0, "w")))
     delta = np.empty(e.numel, np.float32)
-    E, Y = lanes.subtract(src_ft, src_base, e, delta, lanes.Scratch(), omega)
+    E, Y, W = lanes.subtract(src_ft, src_base, e, delta, lanes.Scratch(), omega)
     M = delta.reshape(100, 64)
     assert np.array_equal(M, (ft["w"] - base["w"]).numpy())
     assert E == pytest.approx(float(D.double().square().sum()), rel=1e-6)
     assert Y.shape == (100, l)
     np.testing.assert_allclose(Y, M @ omega, rtol=1e-5, atol=1e-5)
-    fused, plain = ex.factorize(CPU, M, e, E, opts, Y), ex.factorize(CPU, M, e, E, opts)
+    np.testing.assert_allclose(W, (M @ omega).T @ M, rtol=1e-4, atol=1e-4)  # summed over 34 pieces
+    fused, plain = ex.factorize(CPU, M, e, E, opts, Y, W), ex.factorize(CPU, M, e, E, opts)
     np.testing.assert_allclose(fused.S, plain.S, rtol=1e-5)
     # a transposed view (fan_in_fan_out), an exact SVD, or a row longer than a piece: no sketch while reading
     assert ex.sketch_while_reading(CPU, ex.Entry("w", (100, 64), "F32", "F32", "matrix", "fan_in_fan_out"),
@@ -788,3 +790,26 @@ def test_base_reader_maps_any_window_of_a_tensor(tmp_path):
         with pytest.raises(ValueError, match=re.escape("elements [40, 43) outside tensor of 42")):
             with b.mapped("w", 40, 43):
                 pass
+
+
+def test_fused_passes_match_the_plain_products_and_the_projection_by_one_more_product(monkeypatch):
+    """`project` on row blocks (forced by shrinking the size limit) gives M X and (M X)^T M; the projection
+    T^T (Y^T M) gives the factors that Q^T M by one more product gives (float32 rounding apart)."""
+    from loratool.ops import svd
+
+    M = noisy(300, 200, seed=90).numpy()
+    X = gaussian_sketch(200, 12, 3)
+    monkeypatch.setattr(svd, "PROJECT_MIN_BYTES", 0)
+    monkeypatch.setattr(svd, "PROJECT_BLOCK_ELEMENTS", 200 * 7)  # blocks of 7 rows and a short last one
+    Y, W = svd.DenseOperator(CPU, M).project(X)
+    np.testing.assert_allclose(Y, M @ X, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(W, (M @ X).T @ M, rtol=1e-4, atol=1e-3)
+    U, S, Vh = randomized_svd(CPU, M, 20, seed_for(0, "m"))
+    monkeypatch.setattr(svd, "PROJECT_MAX_GROWTH", 0.0)  # every projection by Q^T M
+    calls = []
+    op = svd.DenseOperator(CPU, M)
+    monkeypatch.setattr(op, "rmatmul", lambda Qt: calls.append(Qt.shape) or Qt @ M)
+    U2, S2, Vh2 = randomized_svd(CPU, op, 20, seed_for(0, "m"))
+    assert calls == [(20, 300)]
+    np.testing.assert_allclose(S, S2, rtol=1e-5)
+    assert np.abs(U.T @ U - np.eye(20)).max() < 1e-5 and np.abs(Vh @ Vh.T - np.eye(20)).max() < 1e-5

@@ -8,8 +8,8 @@ CPU, where torch is never imported; torch on CUDA), and its factors come back as
 Memory: a pair is held as one float32 delta in a reused slot while it is factorised, except a matrix whose
 delta is larger than `ExtractOptions.delta_budget` (DELTA_BUDGET_BYTES, 256 MiB): that one is never held; the
 same randomized SVD runs on an operator that re-reads the pair in row blocks for each of its products
-(`extract_run.StreamedDelta`: one pass for the first sketch and the norm, two per power iteration, one for the
-projection, one more when the residual is measured), so the peak memory is about lanes x budget whatever the
+(`extract_run.StreamedDelta`: one pass for the first sketch, its Y^T M and the norm, one per power iteration
+(which also gives the projection), one more when the residual is measured or the sketch is ill-conditioned), so the peak memory is about lanes x budget whatever the
 largest matrix. A matrix that needs the exact SVD (a sketch of half its small side or more) and a tensor stored
 whole (--keep-full) are still read whole: LAPACK and the stored delta need them in memory.
 
@@ -466,10 +466,10 @@ def _view(xp, e: Entry, flat):
     return xp.reshape(flat, e.matrix_shape)
 
 
-def factorize(dev, M, e: Entry, E: float, opts: ExtractOptions, Y=None) -> _Factors:
+def factorize(dev, M, e: Entry, E: float, opts: ExtractOptions, Y=None, W=None) -> _Factors:
     """Top singular triplets of the matrix view M (m, n) on `dev` (an array, or an operator such as a
-    `StreamedDelta`), enough for the rank rule. `Y`: the first sketch M @ Omega when already formed while
-    reading. An operator cannot go to LAPACK: where an array's growing sketch would switch to the exact SVD,
+    `StreamedDelta`), enough for the rank rule. `Y`, `W`: the first sketch Y = M @ Omega and W = Y^T M when
+    already formed while reading. An operator cannot go to LAPACK: where an array's growing sketch would switch to the exact SVD,
     an operator's takes the whole small side (a complete sketch, exact to float32 rounding)."""
     m, n = M.shape
     seed = svd.seed_for(opts.seed, e.key)
@@ -477,14 +477,14 @@ def factorize(dev, M, e: Entry, E: float, opts: ExtractOptions, Y=None) -> _Fact
     if l is None:
         return _Factors(e, *svd.exact_svd(dev, M), E, "exact")
     if _fixed_rank(opts) is not None:
-        return _Factors(e, *svd.randomized_svd(dev, M, l, seed, _p(opts), Y=Y), E, "randomized")
+        return _Factors(e, *svd.randomized_svd(dev, M, l, seed, _p(opts), Y=Y, W=W), E, "randomized")
     kk = min(ENERGY_START_RANK, m, n)
     while True:  # adaptive ranks: grow the sketch x4 until the rule is decided
-        U, S, Vh = svd.randomized_svd(dev, M, l, seed, _p(opts), Y=Y)
+        U, S, Vh = svd.randomized_svd(dev, M, l, seed, _p(opts), Y=Y, W=W)
         if _select(S, E, opts, complete=l == min(m, n)) is not None:
             return _Factors(e, U, S, Vh, E, "randomized")
         kk *= 4
-        l, Y = svd.sketch_size(kk, m, n, opts.oversample), None
+        l, Y, W = svd.sketch_size(kk, m, n, opts.oversample), None, None
         if svd.prefers_exact(l, m, n):
             if not svd.is_operator(M):
                 return _Factors(e, *svd.exact_svd(dev, M), E, "exact")
@@ -549,10 +549,10 @@ def _pair(dev, ft, base, opts: ExtractOptions, names, budget: bool):
             if delta is None:  # too large to hold: the first pass forms the first sketch and the norm
                 M = streamed_delta(dev, ft, base, e, s, opts)
                 omega = svd.gaussian_sketch(M.shape[1], first_sketch(e, opts), svd.seed_for(opts.seed, e.key))
-                Y = M.matmul(dev.asarray(omega))  # (m, n) @ (n, l) -> (m, l)
+                Y, W = svd.project(M, dev.asarray(omega))  # (m, l) = M @ Omega, (l, n) = Y^T M
                 E = M.energy
             else:
-                E, Y = lanes.subtract(ft, base, e, delta, s, sketch_while_reading(dev, e, opts))
+                E, Y, W = lanes.subtract(ft, base, e, delta, s, sketch_while_reading(dev, e, opts))
             if not math.isfinite(E) and not lanes.changed(ft, base, e, s):
                 return "unchanged", None  # NaN or Inf in the same places of both
             if E == 0.0:  # bitwise equal, or numerically (-0.0 and 0.0, a dtype change)
@@ -562,7 +562,7 @@ def _pair(dev, ft, base, opts: ExtractOptions, names, budget: bool):
                 return "full", _full_target(e, delta, E, opts)
             if M is None:
                 M = _view(dev.xp, e, dev.asarray(delta))  # on the CPU the slot itself; a copy on CUDA
-            f = factorize(dev, M, e, E, opts, Y)
+            f = factorize(dev, M, e, E, opts, Y, W)
             if budget:  # keep the cap's triplets on the host; the global budget picks the ranks at the end
                 kcap = min(_fixed_rank(opts), *e.matrix_shape)
                 f.U, f.S, f.Vh = (np.array(dev.to_numpy(x)) for x in (f.U[:, :kcap], f.S[:kcap], f.Vh[:kcap]))

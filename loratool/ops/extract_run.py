@@ -218,18 +218,20 @@ def _piece(F, B, a: int, d: np.ndarray, s: Scratch, cpu) -> float:
 
 
 def subtract(ft, base, e, delta: np.ndarray, s: Scratch, omega: np.ndarray | None = None):
-    """delta = ft - base in float32, piece by piece; returns (||delta||^2, Y).
+    """delta = ft - base in float32, piece by piece; returns (||delta||^2, Y, W).
 
-    With `omega` (n, l), the delta is a row-major (m, n) matrix (n <= CHUNK_ELEMENTS, `sketch_fits`) and
-    Y = delta @ omega (m, l) is formed on the pieces while they are in cache; otherwise Y is None.
-    The energy is summed in piece order (float64). Bitwise equality is not tested here: an unchanged pair
-    has a zero delta, which the caller counts as unchanged."""
+    With `omega` (n, l), the delta is a row-major (m, n) matrix (n <= CHUNK_ELEMENTS, `sketch_fits`) and the
+    first pass of the randomized SVD (ops/svd.py `project`) is made on the pieces while they are in cache:
+    Y = delta @ omega (m, l) and W = Y^T delta (l, n), summed over the pieces in order; otherwise Y and W are
+    None. The energy is summed in piece order (float64). Bitwise equality is not tested here: an unchanged
+    pair has a zero delta, which the caller counts as unchanged."""
     cpu = device.cpu()
-    Y = None
+    Y = W = part = None
     step = CHUNK_ELEMENTS
     if omega is not None:
-        n = omega.shape[0]
-        Y = np.empty((e.numel // n, omega.shape[1]), np.float32)
+        n, l = omega.shape
+        Y = np.empty((e.numel // n, l), np.float32)
+        W, part = np.zeros((l, n), np.float32), np.empty((l, n), np.float32)
         step = (CHUNK_ELEMENTS // n) * n
     energy = 0.0
     for a0, a1 in _windows(e.numel, step):
@@ -238,11 +240,13 @@ def subtract(ft, base, e, delta: np.ndarray, s: Scratch, omega: np.ndarray | Non
                 d = delta[a0 + a:a0 + a + n_el]
                 energy += _piece(F, B, a, d, s, cpu)
                 if Y is not None:
-                    rows = d.reshape(-1, omega.shape[0])  # (rows, n) @ (n, l) -> (rows, l)
+                    rows = d.reshape(-1, omega.shape[0])
                     r0 = (a0 + a) // omega.shape[0]
-                    np.matmul(rows, omega, out=Y[r0:r0 + rows.shape[0]])
+                    Yi = Y[r0:r0 + rows.shape[0]]
+                    np.matmul(rows, omega, out=Yi)  # (rows, n) @ (n, l) -> (rows, l)
+                    W += np.matmul(Yi.T, rows, out=part)  # (l, rows) @ (rows, n) -> (l, n)
             del F, B
-    return energy, Y
+    return energy, Y, W
 
 
 # ---- a pair too large to hold: an operator that re-reads it -------------------------------------------------------
@@ -262,7 +266,8 @@ class StreamedDelta:
     for the layouts "linear" and "conv" M = W, so M @ X is the concatenation of the blocks' W_i @ X and
     Qt @ M the sum of Qt[:, i] @ W_i; for "fan_in_fan_out" and "embedding" M = W^T, so M @ X is the sum of
     (X_i^T W_i)^T and Qt @ M the concatenation of (W_i Qt^T)^T. Sums run in block order, so a product is
-    deterministic; it differs from the GEMM of the whole matrix only by float32 rounding.
+    deterministic; it differs from the GEMM of the whole matrix only by float32 rounding. `project` forms
+    M @ X and its Y^T M together, on each block while it is in memory.
 
     `energy` is ||M||_F^2 (float64 sum of the pieces'), set by every full pass; the first product gives it.
     """
@@ -320,6 +325,23 @@ class StreamedDelta:
             P = dev.matmul(Qt[:, r0:r0 + W.shape[0]], W)  # (l, rows_i) @ (rows_i, cols) -> (l, cols)
             acc = P if acc is None else _add(acc, P)
         return acc
+
+    def project(self, X):
+        """(Y, Y^T M) with Y = M @ X: (m, l), (l, n); for "linear" and "conv" both from one read of the pair
+        (each block's Y_i = W_i X, then Y_i^T W_i summed), for the transposed layouts two reads (Y must be
+        whole before Y^T M)."""
+        if self.transposed:
+            Y = self.matmul(X)
+            return Y, self.rmatmul(Y.T)
+        dev = self.dev
+        Y = dev.empty((self.rows, X.shape[1]))
+        acc = None
+        for r0, W in self._blocks():
+            Yi = Y[r0:r0 + W.shape[0]]
+            dev.matmul(W, X, out=Yi)  # (rows_i, cols) @ (cols, l) -> (rows_i, l)
+            P = dev.matmul(Yi.T, W)  # (l, rows_i) @ (rows_i, cols) -> (l, cols)
+            acc = P if acc is None else _add(acc, P)
+        return Y, acc
 
     def residual_squares(self, B, A) -> float:
         """||M - B A||_F^2 for B (m, k), A (k, n), block by block (float64 sum of float32 blocks)."""

@@ -8,13 +8,15 @@ import), torch tensors on CUDA, through the device's array namespace `dev.xp` (a
   (randomized subspace iteration) and 5.1: a seeded Gaussian sketch with oversampling, `n_iter` power
   iterations each re-orthonormalised by one shifted Cholesky QR (without it the sketch collapses onto the
   top singular vector in float32), an orthonormal final basis by shifted CholeskyQR3 (Householder QR where
-  that fails), then the small SVD of the projection through an orthonormal basis of its rows.
+  that fails), then the small SVD of the projection through an orthonormal basis of its rows. Every pass
+  forms Y = M Z and Y^T M together (`project`): the next basis needs only span(M^T Y), and the last pass's
+  Y^T M gives the projection Q^T M = T^T Y^T M (Q = Y T), so q iterations read M q + 1 times, not 2q + 2.
 - The Gaussian test matrix is drawn with numpy on the host from a seed derived from (seed, tensor name),
   then moved to the device: a matrix gets the same sketch on every device and in every order.
 - A matrix is given either as an array or as an operator (`DenseOperator` wraps an array; ops/extract_run.py's
   `StreamedDelta` re-reads a tensor pair from its files on every product): `randomized_svd` and
-  `residual_squares` touch M only through `.shape`, `.matmul(X)` = M @ X and `.rmatmul(Qt)` = Qt @ M (and the
-  operator's own `residual_squares`), so one algorithm serves a matrix in memory and one too large to hold.
+  `residual_squares` touch M only through `.shape`, `.matmul(X)` = M @ X and `.rmatmul(Qt)` = Qt @ M, an
+  optional `.project(X)` = (M @ X, (M @ X)^T M) formed in one read (and the operator's own `residual_squares`), so one algorithm serves a matrix in memory and one too large to hold.
 - `exact_svd`: the LAPACK (or cuSOLVER) thin SVD, of the transpose for a wide matrix; `prefers_exact` says
   when the sketch would be too large for the randomized method to gain anything.
 - `quantile`: numpy selection (`np.partition`, linear time, no size limit; torch.quantile refuses inputs
@@ -92,8 +94,8 @@ def _householder(dev, Y):
 
 
 def _chol_step(dev, Y, shift_of):
-    """Y R^-1 with R^T R = Y^T Y + s I, s = shift_of(trace(Y^T Y)) (one Cholesky QR step), or None when the
-    Cholesky factorisation fails.
+    """(Y R^-1, R^-1) with R^T R = Y^T Y + s I, s = shift_of(trace(Y^T Y)) (one Cholesky QR step), or None when
+    the Cholesky factorisation fails.
 
     The Gram's rounding is float32's; it is factorised in float64, which costs nothing at l x l. R^-1 is
     formed explicitly and applied as one GEMM: numpy has no triangular solve, and its general solve, like
@@ -108,10 +110,10 @@ def _chol_step(dev, Y, shift_of):
         L = xp.linalg.cholesky(G)  # G = L L^T, R = L^T
     except (ValueError, RuntimeError):  # numpy's LinAlgError is a ValueError, torch's a RuntimeError
         return None
-    Linv = xp.linalg.inv(L)
-    if not bool(xp.all(xp.isfinite(Linv))):
+    Rinv = xp.linalg.inv(L).T
+    if not bool(xp.all(xp.isfinite(Rinv))):
         return None
-    return dev.matmul(Y, xp.astype(Linv.T, xp.float32))  # Y R^-1 = Y L^-T: (m, l) @ (l, l)
+    return dev.matmul(Y, xp.astype(Rinv, xp.float32)), Rinv  # Y R^-1 = Y L^-T: (m, l) @ (l, l)
 
 
 def _normalize(dev, Y):
@@ -122,30 +124,41 @@ def _normalize(dev, Y):
     orthonormal, and that one is `orthonormal_basis`'s.
     """
     Z = _chol_step(dev, Y, lambda trace: SHIFT * trace + _TINY)
-    return _householder(dev, Y) if Z is None else Z
+    return _householder(dev, Y) if Z is None else Z[0]
+
+
+def _cholqr3(dev, Y):
+    """(Q, T): Q = Y T (m, l) orthonormal to float32 precision and T (l, l) float64, by shifted CholeskyQR3
+    (Fukaya et al. 2020: a shifted Cholesky QR followed by two plain ones); None where it fails (a factorisation
+    fails, or max |Q^T Q - I| > ORTHO_TOL: a nearly rank-deficient Y, such as the sketch of an exactly low-rank
+    delta)."""
+    xp = dev.xp
+    m, l = Y.shape
+    # Shift of the first step: ~11 (m l + l (l + 1)) u ||Y||^2 (Fukaya et al.), u the float32 unit roundoff.
+    step = _chol_step(dev, Y, lambda trace: 11.0 * (m * l + l * (l + 1)) * _UNIT_ROUNDOFF * trace)
+    if step is None:
+        return None
+    Q, T = step
+    for _ in range(2):
+        step = _chol_step(dev, Q, lambda trace: 0.0)
+        if step is None:
+            return None
+        Q, T = step[0], T @ step[1]
+    err = dev.matmul(Q.T, Q) - xp.eye(l, dtype=xp.float32, device=where(Q))  # (l, l)
+    if not float(xp.max(xp.abs(err))) <= ORTHO_TOL:  # True for NaN too
+        return None
+    return Q, T
 
 
 def orthonormal_basis(dev, Y):
     """An orthonormal basis of span(Y) (m, l), orthonormal to float32 precision.
 
-    Shifted Cholesky QR followed by two plain ones (shifted CholeskyQR3, Fukaya et al. 2020): three Grams and
-    three small GEMMs, about 10x faster on the CPU than a Householder QR of a tall, thin matrix. The result
-    is checked (max |Q^T Q - I| <= ORTHO_TOL); a nearly rank-deficient Y (an exactly low-rank delta) fails the
-    check or the factorisation and gets the Householder QR.
+    Shifted CholeskyQR3 (`_cholqr3`): three Grams and three small GEMMs, about 10x faster on the CPU than a
+    Householder QR of a tall, thin matrix. A nearly rank-deficient Y (an exactly low-rank delta) fails its
+    check or its factorisation and gets the Householder QR.
     """
-    xp = dev.xp
-    m, l = Y.shape
-    # Shift of the first step: ~11 (m l + l (l + 1)) u ||Y||^2 (Fukaya et al.), u the float32 unit roundoff.
-    Q = _chol_step(dev, Y, lambda trace: 11.0 * (m * l + l * (l + 1)) * _UNIT_ROUNDOFF * trace)
-    for _ in range(2):
-        if Q is None:
-            break
-        Q = _chol_step(dev, Q, lambda trace: 0.0)
-    if Q is not None:
-        err = dev.matmul(Q.T, Q) - xp.eye(l, dtype=xp.float32, device=where(Q))  # (l, l)
-        if float(xp.max(xp.abs(err))) <= ORTHO_TOL:  # False for NaN too
-            return Q
-    return _householder(dev, Y)
+    QT = _cholqr3(dev, Y)
+    return _householder(dev, Y) if QT is None else QT[0]
 
 
 def _thin_svd_wide(dev, P):
@@ -158,8 +171,21 @@ def _thin_svd_wide(dev, P):
     return Ur, S, dev.matmul(Vrh, Q2.T)  # (l, l) @ (l, n) -> (l, n)
 
 
+# CPU: M @ X and Y^T M are formed on row blocks of PROJECT_BLOCK_ELEMENTS (4 MiB of float32) while the block is
+# in cache only for an M of more than PROJECT_MIN_BYTES, which does not stay in the last-level cache between
+# two products; a smaller M costs the same in two plain products, whose BLAS threads better (benchmarks/README.md).
+PROJECT_BLOCK_ELEMENTS = 1 << 20
+PROJECT_MIN_BYTES = 128 << 20
+# P = T^T (Y^T M) is used when ||T||_F ||Y||_F is at most this. The float32 rounding of Y^T M grows by about
+# that factor: measured ||T^T W - Q^T M||_F ~ 3e-9 x ||T||_2 ||Y||_F x ||M||_F, so at most ~3e-5 of ||M||
+# here; the sketches of the benchmark's deltas have ||T||_F ||Y||_F of 500-2500 (benchmarks/README.md "extract"). A sketch that is
+# nearly rank-deficient (an exactly low-rank delta: growth 1e5 and more, or CholeskyQR3 fails) gets the
+# projection Q^T M by one more product.
+PROJECT_MAX_GROWTH = 1e4
+
+
 class DenseOperator:
-    """An array M (m, n) of `dev` seen as an operator: the two products randomized_svd needs, as GEMMs."""
+    """An array M (m, n) of `dev` seen as an operator: the products randomized_svd needs, as GEMMs."""
 
     def __init__(self, dev, M):
         self.dev, self.M = dev, M
@@ -173,6 +199,28 @@ class DenseOperator:
     def rmatmul(self, Qt):
         """Qt @ M: (l, m) @ (m, n) -> (l, n). (numpy's BLAS runs Q^T @ M about 1.35x faster than M.T @ Q.)"""
         return self.dev.matmul(Qt, self.M)
+
+    def project(self, X):
+        """(Y, Y^T M) with Y = M @ X: (m, l), (l, n).
+
+        On the CPU, for a row-major M larger than PROJECT_MIN_BYTES, both products are formed on row blocks
+        of PROJECT_BLOCK_ELEMENTS while the block is in cache: M is read from memory once instead of twice (a
+        product of M from memory costs ~1.5x one from the cache, benchmarks/README.md "extract"). Elsewhere,
+        two plain products."""
+        dev, M = self.dev, self.M
+        m, n = self.shape
+        rows = max(1, PROJECT_BLOCK_ELEMENTS // max(n, 1))
+        if not (dev.is_cpu and M.flags.c_contiguous) or rows >= m or 4 * m * n <= PROJECT_MIN_BYTES:
+            Y = dev.matmul(M, X)  # (m, n) @ (n, l) -> (m, l)
+            return Y, dev.matmul(Y.T, M)  # (l, m) @ (m, n) -> (l, n)
+        Y = dev.empty((m, X.shape[1]))
+        W = dev.xp.zeros((X.shape[1], n), dtype=dev.xp.float32)
+        part = dev.empty((X.shape[1], n))
+        for r0 in range(0, m, rows):
+            Mi, Yi = M[r0:r0 + rows], Y[r0:r0 + rows]
+            dev.matmul(Mi, X, out=Yi)  # (rows, n) @ (n, l) -> (rows, l)
+            W += dev.matmul(Yi.T, Mi, out=part)  # (l, rows) @ (rows, n) -> (l, n)
+        return Y, W
 
     def residual_squares(self, B, A) -> float:
         return residual_squares(self.dev, self.M, B, A)
@@ -188,17 +236,51 @@ def as_operator(dev, M):
     return M if is_operator(M) else DenseOperator(dev, M)
 
 
-def randomized_svd(dev, M, l: int, seed: int, n_iter: int = DEFAULT_POWER_ITERATIONS, Y=None):
+def project(op, X):
+    """(Y, Y^T M) with Y = M @ X for an operator: its own `project` (both products in one read of M) where it
+    has one, else its two products."""
+    if hasattr(op, "project"):
+        return op.project(X)
+    Y = op.matmul(X)  # (m, n) @ (n, l) -> (m, l)
+    return Y, op.rmatmul(Y.T)  # (l, m) @ (m, n) -> (l, n)
+
+
+def _projection(dev, op, Y, W):
+    """(Q, P): an orthonormal basis Q (m, l) of span(Y) and P = Q^T M (l, n), given W = Y^T M.
+
+    With Q = Y T (shifted CholeskyQR3), P = T^T W exactly; it is used when T is well conditioned
+    (PROJECT_MAX_GROWTH), else Q comes from the Householder QR where needed and P = Q^T M from one more
+    product."""
+    QT = _cholqr3(dev, Y)
+    if QT is not None:
+        Q, T = QT
+        xp = dev.xp
+        growth = math.sqrt(float(xp.sum(T * T)) * sum_squares(dev, Y))  # ||T||_F >= ||T||_2: no l x l SVD
+        if growth <= PROJECT_MAX_GROWTH:
+            return Q, dev.matmul(xp.astype(T.T, xp.float32), W)  # (l, l) @ (l, n) -> (l, n)
+    else:
+        Q = _householder(dev, Y)
+    return Q, op.rmatmul(Q.T)  # (l, m) @ (m, n) -> (l, n)
+
+
+def randomized_svd(dev, M, l: int, seed: int, n_iter: int = DEFAULT_POWER_ITERATIONS, Y=None, W=None):
     """Approximate top-l SVD of M (m, n) float32 by randomized subspace iteration (Halko et al. 2011, 4.4).
+
+    Each pass over M forms Y = M Z and Y^T M together (`project`): the next basis Z of span(M^T Y) needs only
+    the second, and the last pass's second is the projection of M on span(Y) (`_projection`), so q power
+    iterations read M q + 1 times (the subspaces are those of Halko et al.'s algorithm, which reads M 2q + 2
+    times).
 
     Args:
         dev: the Device M lives on (or an operator's products return arrays of).
         M: (m, n) float32 array of `dev` (may be a transposed view), or an operator with `.shape`,
-            `.matmul(X)` = M @ X and `.rmatmul(Qt)` = Qt @ M (`as_operator`); every line below touches M only
-            through those two products, so an operator that reads M piece by piece gets the same algorithm.
+            `.matmul(X)` = M @ X and `.rmatmul(Qt)` = Qt @ M, and optionally `.project(X)` (`as_operator`);
+            every line below touches M only through those products, so an operator that reads M piece by
+            piece gets the same algorithm.
         l: sketch columns (target rank plus oversampling), 1 <= l <= min(m, n).
         seed: see `seed_for`. n_iter: power iterations, each by M^T then M, re-orthonormalised.
-        Y: the first sketch M @ gaussian_sketch(n, l, seed) (m, l) when the caller has formed it already.
+        Y, W: the first sketch Y = M @ gaussian_sketch(n, l, seed) (m, l) and W = Y^T M (l, n), when the
+            caller has formed them already (both, or neither is used).
     Returns:
         U (m, l), S (l,) descending, Vh (l, n), float32 arrays of `dev`, U and Vh orthonormal. U = Q Ub with Q
         an orthonormal basis of the sketch, so ||M - U_j diag(S_j) Vh_j||_F^2 = ||M||_F^2 - sum S[:j]^2 for
@@ -210,14 +292,12 @@ def randomized_svd(dev, M, l: int, seed: int, n_iter: int = DEFAULT_POWER_ITERAT
     m, n = op.shape
     if not 1 <= l <= min(m, n):
         raise ValueError(f"randomized_svd: sketch size {l} outside 1..{min(m, n)}")
-    if Y is None:
-        Y = op.matmul(dev.asarray(gaussian_sketch(n, l, seed)))  # (m, n) @ (n, l) -> (m, l)
-    # M^T Q is formed as (Q^T M)^T.
+    if Y is None or W is None:
+        Y, W = project(op, dev.asarray(gaussian_sketch(n, l, seed)))  # (m, l), (l, n)
     for _ in range(n_iter):
-        Z = _normalize(dev, op.rmatmul(_normalize(dev, Y).T).T)  # (l, m) @ (m, n) -> (l, n), seen as (n, l)
-        Y = op.matmul(Z)  # (m, n) @ (n, l) -> (m, l)
-    Q = orthonormal_basis(dev, Y)  # orthonormal to float32 precision: the error identity above rests on it
-    P = op.rmatmul(Q.T)  # (l, m) @ (m, n) -> (l, n): M projected on the sketch's range
+        Z = _normalize(dev, W.T)  # a basis of span(M^T Y) (n, l)
+        Y, W = project(op, Z)  # Y = M Z (m, l), W = Y^T M (l, n)
+    Q, P = _projection(dev, op, Y, W)  # (m, l) orthonormal to float32 precision, (l, n) = Q^T M
     Ub, S, Vh = _thin_svd_wide(dev, P)  # (l, l), (l,), (l, n)
     return dev.matmul(Q, Ub), S, Vh  # (m, l) @ (l, l) -> (m, l)
 
@@ -274,5 +354,5 @@ def residual_squares(dev, M, B, A, chunk: int = 1 << 18) -> float:
 
 
 __all__ = ["DEFAULT_POWER_ITERATIONS", "seed_for", "default_oversample", "sketch_size", "prefers_exact",
-           "gaussian_sketch", "exact_svd", "DenseOperator", "is_operator", "as_operator", "randomized_svd",
+           "gaussian_sketch", "exact_svd", "DenseOperator", "is_operator", "as_operator", "project", "randomized_svd",
            "quantile", "sum_squares", "residual_squares"]
