@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The device checks of merge (issue 4) and extract (issue 6), as the one prepared run for a machine with a
 # GPU. Run from the repository root with the machine's own python3 (torch, safetensors, numpy, click, rich,
-# pytest, hypothesis, peft, transformers: nothing is installed). Each step writes its log under $OUT (the
+# pytest, hypothesis, peft, transformers, lycoris-lora: nothing is installed). Each step writes its log under $OUT (the
 # device tool's folder; /tmp/loratool-gpu elsewhere) as it finishes, so a run cut short keeps what it did:
 #   1. device.txt        the card's name, torch's and numpy's versions
-#   2. gpu-tests.log     the tests marked gpu: CUDA agrees with the CPU (extract's factors, merge's bytes)
+#   2. gpu-tests.log     the tests marked gpu: CUDA agrees with the CPU (extract's factors, merge's bytes; LyCORIS
+#                        kinds, DoRA, fused experts and float8 bases through tests/test_device_kinds.py)
 #   3. extract-set.json  the 8B-shaped set (224 matrices) through the randomized SVD at rank 16, one by one,
 #                        compute time only (issue 6's bar: under 2 s)
 #   4. e2e-*.json        (E2E=1, the default) extract of the merge benchmark's 1.1B pair, whole processes,

@@ -28,12 +28,19 @@ def _torch_device(mp) -> None:
     mp.setattr(devices, "session", lambda name: contextlib.nullcontext(dev))
 
 
-def _both(base, adapter, tmp_path, **kw) -> None:
+# The torch branch on the CPU everywhere; on a real GPU too where there is one (marked gpu: skipped without CUDA,
+# run by benchmarks/gpu_check.sh).
+DEVICES = ["torch-cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _both(base, adapter, tmp_path, where: str = "torch-cpu", **kw) -> None:
     """Merge through both device branches; outputs agree within one ulp (two for float32), with --verify."""
     loratool.merge(base, adapter, tmp_path / "numpy.safetensors", verify=True, **kw)
     with pytest.MonkeyPatch.context() as mp:
-        _torch_device(mp)
-        loratool.merge(base, adapter, tmp_path / "torch.safetensors", verify=True, **kw)
+        if where == "torch-cpu":
+            _torch_device(mp)
+        loratool.merge(base, adapter, tmp_path / "torch.safetensors", verify=True,
+                       device="cuda" if where == "cuda" else "cpu", **kw)
     a = read_arrays(tmp_path / "numpy.safetensors", read_header(tmp_path / "numpy.safetensors"))
     b = read_arrays(tmp_path / "torch.safetensors", read_header(tmp_path / "torch.safetensors"))
     assert a.keys() == b.keys()
@@ -46,8 +53,9 @@ def _both(base, adapter, tmp_path, **kw) -> None:
             assert np.mean(a[k].view(np.uint8) == b[k].view(np.uint8)) > 0.999, k
 
 
+@pytest.mark.parametrize("where", DEVICES)
 @pytest.mark.parametrize("label", ["loha-conv", "lokr-w2-decomposed", "dora-locon"])
-def test_lycoris_kinds_and_dora_on_the_torch_device(tmp_path, label):
+def test_lycoris_kinds_and_dora_on_the_torch_device(tmp_path, label, where):
     from test_lycoris import CASES, NAME, build, write
 
     _, cls, kw, conv = next(c for c in CASES if c[0] == label)
@@ -55,24 +63,26 @@ def test_lycoris_kinds_and_dora_on_the_torch_device(tmp_path, label):
     # A kohya name maps to a base key through the base: a one-tensor base whose key the name spells.
     key = NAME.removeprefix("lora_unet_").replace("_", ".") + ".weight"
     save_file({key: W0.contiguous()}, str(tmp_path / "base.safetensors"))
-    _both(tmp_path / "base.safetensors", write(tmp_path, m), tmp_path)
+    _both(tmp_path / "base.safetensors", write(tmp_path, m), tmp_path, where)
 
 
-def test_fused_experts_on_the_torch_device(tmp_path):
+@pytest.mark.parametrize("where", DEVICES)
+def test_fused_experts_on_the_torch_device(tmp_path, where):
     from models import tiny_mixtral
     from test_moe import fused_case
 
     base, peft, _ = fused_case(tmp_path, tiny_mixtral)
-    _both(base, peft, tmp_path)
+    _both(base, peft, tmp_path, where)
 
 
-def test_float8_base_on_the_torch_device(tmp_path):
+@pytest.mark.parametrize("where", DEVICES)
+def test_float8_base_on_the_torch_device(tmp_path, where):
     from test_fp8 import _adapter, _base_file
 
     name, _ = _base_file(tmp_path / "base.safetensors", "block")
     ad, _ = _adapter(name, 256, 384, size=0.2)
     loratool.save(ad, tmp_path / "ad.safetensors")
-    _both(tmp_path / "base.safetensors", tmp_path / "ad.safetensors", tmp_path)
+    _both(tmp_path / "base.safetensors", tmp_path / "ad.safetensors", tmp_path, where)
 
 
 def test_float8_dequantized_merge_on_the_torch_device(tmp_path):
