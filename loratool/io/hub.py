@@ -44,16 +44,23 @@ PATTERNS = {
 }
 
 
-def hub_id(path) -> tuple[str, str | None] | None:
-    """(repo id, revision or None) when `path` is a Hub id by the rules above, else None (it exists locally,
-    or does not have the shape)."""
+def _match(path, pattern: re.Pattern):
+    """`pattern`'s match of `path` when it is a string (or os.PathLike) that is not a local path (rule 1) and
+    names no ".." or "--" part (the Hub refuses both), else None."""
     if not isinstance(path, (str, os.PathLike)):
         return None
     text = os.fspath(path)
     if not isinstance(text, str) or os.path.lexists(text):
         return None
-    m = HUB_ID.match(text)
-    if m is None or m["repo"].endswith(_FILE_SUFFIXES) or ".." in m["repo"] or "--" in m["repo"]:
+    m = pattern.match(text)
+    return None if m is None or ".." in text or "--" in m["repo"] else m
+
+
+def hub_id(path) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `path` is a Hub id by the rules above, else None (it exists locally,
+    or does not have the shape)."""
+    m = _match(path, HUB_ID)
+    if m is None or m["repo"].endswith(_FILE_SUFFIXES):
         return None
     return m["repo"], m["rev"]
 
@@ -61,15 +68,8 @@ def hub_id(path) -> tuple[str, str | None] | None:
 def hub_file(path) -> tuple[str, str, str | None] | None:
     """(repo id, file in it, revision or None) when `path` is a Hub file id `org/name/FILE[@REV]` that is not a
     local path, else None."""
-    if not isinstance(path, (str, os.PathLike)):
-        return None
-    text = os.fspath(path)
-    if not isinstance(text, str) or os.path.lexists(text):
-        return None
-    m = HUB_FILE.match(text)
-    if m is None or ".." in text or "--" in m["repo"]:
-        return None
-    return m["repo"], m["file"], m["rev"]
+    m = _match(path, HUB_FILE)
+    return None if m is None else (m["repo"], m["file"], m["rev"])
 
 
 def resolve(path, kind: str, revision: str | None = None):
