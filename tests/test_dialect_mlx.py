@@ -124,3 +124,36 @@ def test_peft_folders_stay_peft(tmp_path):
     pm = peft_model(tiny_llama(), target_modules=["q_proj"])
     pm.save_pretrained(tmp_path / "peft")
     assert registry.detect(tmp_path / "peft").name == "peft"
+
+
+# Fused by mlx-lm itself: float32 rounding of two summation orders (measured 1.2e-7 on weights of size ~0.1).
+MLX_ATOL = 1e-6
+
+
+def test_mlx_lm_loads_and_fuses_the_written_adapter(tmp_path):
+    """The adapter loratool writes, loaded by mlx-lm (mlx_lm.tuner.utils.load_adapters on the model its
+    load_model builds from the Hugging Face folder) and fused by its LoRA layers' own fuse(): every weight
+    equals loratool's merge of the PEFT adapter it was converted from."""
+    import mlx.core as mx  # noqa: F401  (mlx-lm's array library; the CPU backend comes with mlx[cpu])
+    import numpy as np
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    model = tiny_llama(layers=2)
+    model.save_pretrained(tmp_path / "base")
+    peft_model(model, target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
+               rank_pattern={"down_proj": 2}).save_pretrained(tmp_path / "peft")
+    loratool.convert(tmp_path / "peft", tmp_path / "mlx", to="mlx", base=tmp_path / "base")
+    loratool.merge(tmp_path / "base", tmp_path / "peft", tmp_path / "merged.safetensors")
+
+    mlx_model, _ = load_model(tmp_path / "base")
+    mlx_model = load_adapters(mlx_model, str(tmp_path / "mlx"))
+    fused = [(n, m.fuse()) for n, m in mlx_model.named_modules() if hasattr(m, "fuse")]
+    assert len(fused) == 6  # q, v and down of both layers
+    mlx_model.update_modules(tree_unflatten(fused))
+    got = {k: np.array(v) for k, v in tree_flatten(mlx_model.parameters())}
+    want = load_file(str(tmp_path / "merged.safetensors"))
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        assert np.abs(got[k] - w.numpy()).max() <= MLX_ATOL, k

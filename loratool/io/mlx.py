@@ -176,7 +176,7 @@ def plan(adapter: Adapter) -> tuple[dict, dict, list]:
     expressing `adapter` as an mlx-lm LoRA adapter.
 
     Raises:
-        UnsupportedError: a target mlx-lm cannot hold (full, transposed, conv, blocks), or several ranks.
+        UnsupportedError: a target mlx-lm cannot hold (full, transposed, conv, blocks).
     """
     import numpy as np
 
@@ -198,10 +198,9 @@ def plan(adapter: Adapter) -> tuple[dict, dict, list]:
         lora.append(t)
     if not lora:
         raise UnsupportedError("adapter has no LoRA targets; an mlx-lm adapter needs at least one")
-    ranks = sorted({t.blocks[0].rank for t in lora})
-    if len(ranks) > 1:
-        raise UnsupportedError(f"targets have ranks {ranks}; mlx-lm builds every LoRA layer with one rank "
-                               "(lora_parameters.rank): rescale them to one rank first (loratool rescale --rank)")
+    # mlx-lm builds every LoRA layer with one rank (lora_parameters.rank): a smaller pair is padded with zero
+    # rows of A and zero columns of B to the largest rank, which leaves B @ A, and so ΔW, exactly as it was.
+    rank = max(t.blocks[0].rank for t in lora)
     scale = Counter(t.blocks[0].scale for t in lora).most_common(1)[0][0]
     tensors, keys, folded = {}, set(), []
     for t in lora:
@@ -212,12 +211,16 @@ def plan(adapter: Adapter) -> tuple[dict, dict, list]:
             # One scale per file: fold this target's own into B (float64 product, rounded once), never drop it.
             B = (B.astype(np.float64) * (b.scale / scale)).astype(B.dtype)
             folded.append(t.key)
-        tensors[module + ".lora_a"] = np.ascontiguousarray(b.A.T)  # (in, r)
-        tensors[module + ".lora_b"] = np.ascontiguousarray(B.T)  # (r, out)
+        A, pad = b.A, rank - b.rank
+        if pad:
+            A = np.concatenate([A, np.zeros((pad, A.shape[1]), A.dtype)])  # (rank, in)
+            B = np.concatenate([B, np.zeros((B.shape[0], pad), B.dtype)], axis=1)  # (out, rank)
+        tensors[module + ".lora_a"] = np.ascontiguousarray(A.T)  # (in, rank)
+        tensors[module + ".lora_b"] = np.ascontiguousarray(B.T)  # (rank, out)
         m = LAYER.match(module)
         keys.add(m["key"] if m else module)
     cfg = {"fine_tune_type": "lora", "num_layers": -1,
-           "lora_parameters": {"rank": ranks[0], "scale": scale, "dropout": 0.0, "keys": sorted(keys)}}
+           "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": sorted(keys)}}
     return cfg, tensors, folded
 
 
