@@ -177,54 +177,7 @@ def _blockwise(X: np.ndarray, s: np.ndarray, block: tuple[int, int], op) -> None
             op(R, s[full_r, j], out=R)
 
 
-class _Scaled:
-    """A float8 weight's rows and the scale rows that cover them."""
-
-    def __init__(self, key: str, shape, scheme: Scheme, terms, reader, device=None):
-        from ..adapter import block_rows_for
-        from .merge import BLOCK_BYTES
-
-        self.key, self.shape, self.scheme, self.terms, self.reader = key, tuple(shape), scheme, list(terms), reader
-        self.device = device
-        self.rows, self.cols = self.shape
-        step = scheme.block[0] if scheme.kind == "block" else 1
-        rows = block_rows_for(self.rows, self.cols, BLOCK_BYTES, 4)
-        self.block_rows = max(step, rows // step * step)  # whole scale blocks
-        old = np.asarray(reader.read(scheme.scale_key), dtype=np.float32)
-        # Scales as a 2-D row view, as the streamer hands the scale tensor over: (rows of it, the rest).
-        self.old_scales = old.reshape(old.shape[0] if old.ndim else 1, -1)
-
-    def _scale_slice(self, r0: int, r1: int):
-        if self.scheme.kind == "block":
-            bh = self.scheme.block[0]
-            return slice(r0 // bh, -(-r1 // bh))
-        return slice(r0, r1) if self.scheme.kind == "channel" else slice(0, 1)
-
-    def _new_merger(self, probe: bool, out_dtype: str = "F32"):
-        from .merge import Merger
-
-        return Merger(self.key, self.shape, "F32", self.terms, out_dtype, device=self.device, probe=probe)
-
-
-class Dequantized(_Scaled):
-    """A float8 weight written dequantized in `out_dtype` (`merge --dtype`), with its terms merged (none: the
-    weight is only dequantized). Duck-typed as ops.merge.Merger: `block_rows`, `block(V, r0)`, `probe_error()`.
-    """
-
-    def __init__(self, key: str, shape, scheme: Scheme, terms, reader, out_dtype: str, *, device=None,
-                 probe: bool = False):
-        super().__init__(key, shape, scheme, terms, reader, device)
-        self.merger = self._new_merger(probe, out_dtype)
-
-    def block(self, V, r0: int):
-        X = dequantize(V, self.old_scales[self._scale_slice(r0, r0 + V.shape[0])], self.scheme)
-        return self.merger.block(X, r0)
-
-    def probe_error(self) -> float:
-        return self.merger.probe_error()
-
-
-class Fp8Target(_Scaled):
+class Fp8Target:
     """One float8 weight that adapters change, written with the same scheme: `weight` and `scales` are the two
     transforms (duck-typed as ops.merge.Merger: `block_rows`, `block(V, r0)`) of its two tensors.
 
@@ -242,8 +195,18 @@ class Fp8Target(_Scaled):
     """
 
     def __init__(self, key: str, shape, scheme: Scheme, terms, reader, *, device=None, probe: bool = False):
-        super().__init__(key, shape, scheme, terms, reader, device)
-        self.probe = probe
+        from ..adapter import block_rows_for
+        from .merge import BLOCK_BYTES
+
+        self.key, self.shape, self.scheme, self.terms, self.reader = key, tuple(shape), scheme, list(terms), reader
+        self.device, self.probe = device, probe
+        self.rows, self.cols = self.shape
+        step = scheme.block[0] if scheme.kind == "block" else 1
+        rows = block_rows_for(self.rows, self.cols, BLOCK_BYTES, 4)
+        self.block_rows = max(step, rows // step * step)  # whole scale blocks
+        old = np.asarray(reader.read(scheme.scale_key), dtype=np.float32)
+        # Scales as a 2-D row view, as the streamer hands the scale tensor over: (rows of it, the rest).
+        self.old_scales = old.reshape(old.shape[0] if old.ndim else 1, -1)
         self.new_scales = np.array(self.old_scales, copy=True)
         self._merger = None
         self._tensor_scale = None  # the "tensor" scheme's one scale (first pass)
@@ -253,6 +216,17 @@ class Fp8Target(_Scaled):
         self._delta = 0.0  # ||ΔW||^2
         self.weight = _Transform(self.block_rows, self._weight_block)
         self.scales = _Transform(self.old_scales.shape[0], self._scale_block)
+
+    def _scale_slice(self, r0: int, r1: int):
+        if self.scheme.kind == "block":
+            bh = self.scheme.block[0]
+            return slice(r0 // bh, -(-r1 // bh))
+        return slice(r0, r1) if self.scheme.kind == "channel" else slice(0, 1)
+
+    def _new_merger(self, probe: bool):
+        from .merge import Merger
+
+        return Merger(self.key, self.shape, "F32", self.terms, "F32", device=self.device, probe=probe)
 
     def _merged_rows(self, merger, V, r0: int) -> tuple[np.ndarray, np.ndarray, slice]:
         """(X, M, sl): the rows dequantized with the original scales, merged, and the scale rows they use."""
@@ -357,4 +331,4 @@ def _keep_untouched(V, X, M, q, s, s_old, scheme: Scheme):
     return q, s
 
 
-__all__ = ["Fp8Target", "Dequantized", "Scheme", "schemes", "block_size", "dequantize", "quantize", "E4M3", "E4M3_MAX", "DEFAULT_BLOCK"]
+__all__ = ["Fp8Target", "Scheme", "schemes", "block_size", "dequantize", "quantize", "E4M3", "E4M3_MAX", "DEFAULT_BLOCK"]

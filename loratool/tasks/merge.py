@@ -112,7 +112,7 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
     from ..io.experts import experts_view, fit_experts
     from ..io.stream import FLOAT_DTYPES, Computed, Rewriter, open_stream, output_format
     from ..io.ties import CONFIG_KEY, find_ties, with_heads
-    from ..ops.fp8 import Dequantized, Fp8Target
+    from ..ops.fp8 import Fp8Target
     from ..ops.merge import Merger, plan_merge
     from ..ops.quant import SCHEMES, DequantizedView, Dequantizing
     from ..ops.ties import resolve_ties
@@ -188,12 +188,11 @@ def merge(base, adapters: Sequence, output, *, weights: Sequence[float] | None =
             digests = {k: hashlib.sha256() for k, terms in plan.terms.items()
                        if any(t.target.sha256 for t in terms) and k not in computed}
             mergers, fp8 = {}, {}
-            for key, c in computed.items():  # every quantized weight, merged or not: dequantized into its dtype
-                mergers[key] = Dequantizing(found[key], plan.terms.get(key, []), src.reader, c.dtype, device=dev,
+            # Every quantized weight written dequantized, merged or not: under a new key (computed: GPTQ's qweight
+            # is weight) or, for float8 under --dtype, in place of its own.
+            for key, dt in [*((k, c.dtype) for k, c in computed.items()), *((k, out_name) for k in dequant)]:
+                mergers[key] = Dequantizing(found[key], plan.terms.get(key, []), src.reader, dt, device=dev,
                                             probe=verify and key in plan.terms)
-            for key in dequant:  # every float8 weight, merged or not: dequantized into --dtype
-                mergers[key] = Dequantized(key, src.info(key)[0], dequant[key], plan.terms.get(key, []), src.reader,
-                                           out_name, device=dev, probe=verify and key in plan.terms)
             for key, terms in plan.terms.items():
                 if key in dequant or key in computed:
                     continue
