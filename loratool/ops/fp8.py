@@ -242,20 +242,37 @@ class Fp8Target:
         Q = np.clip(M / s.reshape(()), -E4M3_MAX, E4M3_MAX)
         return Q.astype(E4M3), s
 
+    def _whole_pass(self):
+        """(V, X, M, r0) for every row block of the tensor, read from the file and merged by a merger of its own
+        (the passes that need the whole merged tensor before or apart from writing it)."""
+        from ..adapter import row_spans
+
+        merger = self._new_merger(False)
+        with self.reader.mapped(self.key) as flat:
+            W = flat.reshape(self.rows, self.cols)
+            for r0, r1 in row_spans(self.rows, self.block_rows):
+                X, M, _ = self._merged_rows(merger, W[r0:r1], r0)
+                yield W[r0:r1], X, M, r0
+            del W, flat
+
     def _first_pass(self) -> None:
         """The "tensor" scheme's scale: amax of the whole merged tensor / 448."""
         if self.scheme.kind != "tensor" or self._tensor_scale is not None:
             return
-        from ..adapter import row_spans
-
-        merger, amax = self._new_merger(False), 0.0
-        with self.reader.mapped(self.key) as flat:
-            W = flat.reshape(self.rows, self.cols)
-            for r0, r1 in row_spans(self.rows, self.block_rows):
-                _, M, _ = self._merged_rows(merger, W[r0:r1], r0)
-                amax = max(amax, float(np.abs(M).max()) if M.size else 0.0)
-            del W, flat
+        amax = 0.0
+        for _, _, M, _ in self._whole_pass():
+            amax = max(amax, float(np.abs(M).max()) if M.size else 0.0)
         self._tensor_scale = np.array([amax / E4M3_MAX if amax > 0 else 1.0], np.float32)
+
+    def _requantize(self, V, X, M, r0: int) -> np.ndarray:
+        """The float8 rows of merged rows M (X: the rows as they were, V: their stored bytes), their new scales
+        recorded in `new_scales`; untouched blocks keep their bytes and scales."""
+        sl = self._scale_slice(r0, r0 + V.shape[0])
+        q, s = self._quantize(M)
+        if self.scheme.kind == "block":
+            q, s = _keep_untouched(V, X, M, q, s, self.old_scales[sl], self.scheme)
+        self.new_scales[sl] = s.reshape(self.new_scales[sl].shape)
+        return q
 
     def _weight_block(self, V, r0: int) -> np.ndarray:
         if r0 == 0:
@@ -265,14 +282,11 @@ class Fp8Target:
             self._merger = self._new_merger(self.probe)
             self.probe_merger = self._merger
         X, M, sl = self._merged_rows(self._merger, V, r0)
-        q, s = self._quantize(M)
-        if self.scheme.kind == "block":  # untouched blocks keep their bytes and scales
-            q, s = _keep_untouched(V, X, M, q, s, self.old_scales[sl], self.scheme)
-        D = dequantize(q, s, self.scheme) - X
+        q = self._requantize(V, X, M, r0)
+        D = dequantize(q, self.new_scales[sl], self.scheme) - X
         self._moved += float(np.dot(D.reshape(-1), D.reshape(-1)))
         M -= X
         self._delta += float(np.dot(M.reshape(-1), M.reshape(-1)))
-        self.new_scales[sl] = s.reshape(self.new_scales[sl].shape)
         if r0 + V.shape[0] == self.rows:
             with self._cv:
                 self._state = "done"
@@ -285,19 +299,9 @@ class Fp8Target:
                 self._cv.wait_for(lambda: self._state == "done")
             fresh = self._state == "waiting"
         if fresh:  # the weight has not started: the same pass, its numbers
-            from ..adapter import row_spans
-
-            merger = self._new_merger(False)
             self._first_pass()
-            with self.reader.mapped(self.key) as flat:
-                W = flat.reshape(self.rows, self.cols)
-                for a, b in row_spans(self.rows, self.block_rows):
-                    X, M, sl = self._merged_rows(merger, W[a:b], a)
-                    q, s = self._quantize(M)
-                    if self.scheme.kind == "block":
-                        q, s = _keep_untouched(W[a:b], X, M, q, s, self.old_scales[sl], self.scheme)
-                    self.new_scales[sl] = s.reshape(self.new_scales[sl].shape)
-                del W, flat
+            for V, X, M, a in self._whole_pass():
+                self._requantize(V, X, M, a)
             with self._cv:
                 self._state = "done"
         from .. import dtypes
