@@ -217,3 +217,21 @@ def test_dtype_writes_a_dequantized_merge(tmp_path):
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in written and written["torch_dtype"] == "bfloat16"
     assert json.loads((base / "config.json").read_text()) == cfg  # the input is untouched
+
+
+def test_encode_gives_ml_dtypes_codes():
+    # A strided sweep of the float32 bit patterns below 464 (the midpoint above 448), both signs, and every
+    # e4m3 value, every midpoint between neighbours and the floats either side of each: the ties and the
+    # subnormal/normal boundary, where a rounding shortcut would go wrong.
+    sweep = np.arange(0, 0x43E80000, 1009, dtype=np.uint32).view(np.float32)
+    values = np.unique(np.abs(np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)))
+    values = values[np.isfinite(values)]
+    mids = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)
+    around = np.concatenate([values, mids, np.nextafter(mids, 0), np.nextafter(mids, 1000)])
+    y = np.concatenate([sweep, around, np.float32([2.0 ** -10, 464 - 2 ** -6, 0.0])])
+    y = np.concatenate([y, -y])
+    codes, rounded = fp8.encode(y.copy())
+    want = y.astype(E4M3)
+    assert np.array_equal(codes.view(np.uint8), want.view(np.uint8))
+    assert np.array_equal(rounded, want.astype(np.float32))
+    assert np.signbit(rounded[-1]) and codes.view(np.uint8)[-1] == 0x80  # -0.0 keeps its sign
