@@ -5,6 +5,9 @@ make   `--make SRC` writes WORK/base-fp8 from a bf16 Hugging Face folder (sharde
        `weight_scale_inv` per 128 x 128 block, quantized as transformers' Fp8Quantize does (ops/fp8.quantize);
        embeddings, norms and the head stay bf16, as in DeepSeek-V3 and Qwen3 FP8 checkpoints. config.json gains
        `quantization_config` {quant_method fp8, weight_block_size [128, 128]}. One shard in memory at a time.
+qv     `--make-qv SRC` writes WORK/adapter-qv: the PEFT adapter SRC on q_proj and v_proj only (PEFT's default
+       targets for Llama), the case where most of the model's bytes are copied and a tenth are requantized.
+check  `--check-encoder` compares ops.fp8.encode with ml_dtypes' cast on every float32 below 464, both signs.
 bench  alternately, as whole processes after a `sync`: `cp -r base-fp8 out` and `python -m loratool merge
        base-fp8 ADAPTER -o out --no-fsync -q` (the float8 scheme kept: dequantize, merge, requantize), and with
        `--dequantized` also `... --dtype bfloat16`. Wall seconds, peak RSS and CPU from wait4; medians and
@@ -72,6 +75,56 @@ def make(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def make_qv(src: Path, dst: Path) -> None:
+    from loratool.container import read_arrays, read_header, write_file
+
+    hdr = read_header(src / "adapter_model.safetensors")
+    keep = {k: v for k, v in read_arrays(src / "adapter_model.safetensors", hdr).items()
+            if re.search(r"\.(q|v)_proj\.", k)}
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_file(tmp / "adapter_model.safetensors", keep, dict(hdr.metadata))
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj"]
+    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    print(f"fp8: wrote {dst} ({len(keep) // 2} modules)")
+
+
+def check_encoder() -> dict:
+    """ops.fp8.encode against ml_dtypes on every float32 bit pattern from 0 to 464 (exclusive), and negated;
+    then both timed on what a merge encodes: 128 x 512 chunks of Gaussian weights scaled to amax 448."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from loratool.ops import fp8
+
+    end, step, bad, n = 0x43E80000, 1 << 24, 0, 0
+    for a in range(0, end, step):
+        y = np.arange(a, min(end, a + step), dtype=np.uint32).view(np.float32)
+        for sign in (1, -1):
+            ys = y * np.float32(sign)
+            codes, _ = fp8.encode(ys.copy())
+            bad += int(np.count_nonzero(codes.view(np.uint8) != ys.astype(fp8.E4M3).view(np.uint8)))
+            n += ys.size
+    rng = np.random.default_rng(0)
+    chunks = [rng.standard_normal((128, 512)).astype(np.float32) for _ in range(8)]
+    chunks = [c * np.float32(448 / np.abs(c).max()) for c in chunks]
+    times = {"encode": [], "ml_dtypes": []}
+    with threadpool_limits(1):
+        for _ in range(5):
+            for name, fn in (("encode", lambda c: fp8.encode(c.copy())), ("ml_dtypes", lambda c: c.astype(fp8.E4M3))):
+                t = time.perf_counter()
+                for _ in range(25):
+                    for c in chunks:
+                        fn(c)
+                times[name].append((time.perf_counter() - t) / (25 * 8 * 128 * 512) * 1e9)
+    return {"values": n, "mismatches": bad, **{f"{k}_ns_per_element": round(statistics.median(v), 2)
+                                               for k, v in times.items()}}
+
+
 def run(cmd: list[str]) -> dict:
     """Wall seconds, peak RSS (MiB) and CPU seconds of one whole process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -114,9 +167,15 @@ def main():
     ap.add_argument("--adapter", type=Path, help="the adapter to merge (a PEFT folder)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dequantized", action="store_true", help="also time --dtype bfloat16")
+    ap.add_argument("--make-qv", type=Path, help="a PEFT adapter to write WORK/adapter-qv from")
+    ap.add_argument("--check-encoder", action="store_true", help="ops.fp8.encode against ml_dtypes, exhaustively")
     a = ap.parse_args()
+    if a.check_encoder:
+        print(json.dumps(check_encoder()))
     if a.make:
         make(a.make, a.work / "base-fp8")
+    if a.make_qv:
+        make_qv(a.make_qv, a.work / "adapter-qv")
     if a.adapter:
         print(json.dumps(bench(a.work, a.adapter, a.rounds, a.dequantized), indent=2))
 
