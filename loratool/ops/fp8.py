@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from ..device import cpu
+from .svd import sum_squares
+
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E4M3_MAX = 448.0
 DEFAULT_BLOCK = (128, 128)
@@ -126,7 +129,7 @@ def dequantize(w: np.ndarray, s: np.ndarray, scheme: Scheme) -> np.ndarray:
 def quantize(W: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
     """(w float8_e4m3fn, s float32) with W ≈ w · s: s = amax / 448 per group, w rounded to nearest even.
 
-    W is float32 rows (h, cols): for "block" whole blocks of rows (h a multiple of bh, but the last rows of a
+    W is finite float32 rows (h, cols): for "block" whole blocks of rows (h a multiple of bh, but the last rows of a
     tensor); for "tensor" the whole tensor; for "channel" any rows. Returns s shaped as the scheme stores it
     for those rows: (ceil(h / bh), ceil(cols / bw)), (1,) or (h, 1).
     """
@@ -135,20 +138,18 @@ def quantize(W: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
     return q, s
 
 
-def _scales(W: np.ndarray, scheme: Scheme, amax: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(multiplier, stored scale) per group of W, from the groups' amax (computed from W when not given)."""
+def _scales(W: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
+    """(multiplier, stored scale) per group of W, from the groups' amax."""
     h, cols = W.shape
-    if amax is None:
-        if scheme.kind == "block" and W.size == 0:
-            amax = np.zeros((-(-h // scheme.block[0]), -(-cols // scheme.block[1])), np.float32)
-        elif scheme.kind == "block":
-            amax = np.maximum(_block_reduce(W, scheme.block, np.max), -_block_reduce(W, scheme.block, np.min))
-        elif scheme.kind == "tensor":
-            amax = np.array([max(float(W.max()), -float(W.min())) if W.size else 0.0], np.float32)
-        else:
-            amax = np.maximum(W.max(axis=1, keepdims=True), -W.min(axis=1, keepdims=True)) if cols \
-                else np.zeros((h, 1), np.float32)
-    amax = np.asarray(amax, np.float32)
+    if scheme.kind == "block" and W.size == 0:
+        amax = np.zeros((-(-h // scheme.block[0]), -(-cols // scheme.block[1])), np.float32)
+    elif scheme.kind == "block":
+        amax = np.maximum(_block_reduce(W, scheme.block, np.max), -_block_reduce(W, scheme.block, np.min))
+    elif scheme.kind == "tensor":
+        amax = np.array([max(float(W.max()), -float(W.min())) if W.size else 0.0], np.float32)
+    else:
+        amax = np.maximum(W.max(axis=1, keepdims=True), -W.min(axis=1, keepdims=True)) if cols \
+            else np.zeros((h, 1), np.float32)
     if scheme.kind == "block":
         # transformers' Fp8Quantize: multiplier 448 / amax, stored scale its float32 reciprocal (a power of two,
         # rounded up, for scale_fmt "ue8m0"), W times the multiplier.
@@ -200,13 +201,8 @@ def _quantize(W: np.ndarray, scheme: Scheme, scales, X: np.ndarray | None = None
         R -= X[:, c0:c1]
         if keep is not None:
             _blockwise(R, (~keep[:, j0:j1]).astype(np.float32), scheme.block, np.multiply)
-        moved += _sum_squares(R)
+        moved += sum_squares(cpu(), R)
     return q, s, moved
-
-
-def _sum_squares(A: np.ndarray) -> float:
-    flat = A.reshape(-1)
-    return float(np.dot(flat, flat))
 
 
 # float8_e4m3fn codes by arithmetic instead of ml_dtypes' cast (the measured reason STYLE §8 asks for):
@@ -367,7 +363,7 @@ class Fp8Target:
         scheme = self.scheme
         sl = self._scale_slice(r0, r0 + V.shape[0])
         D = np.subtract(M, X)
-        delta = _sum_squares(D)
+        delta = sum_squares(cpu(), D)
         keep = None
         if scheme.kind == "block":  # a block with M == X everywhere keeps its bytes and scale
             keep = (_block_reduce(D, scheme.block, np.max) == 0) & (_block_reduce(D, scheme.block, np.min) == 0)
