@@ -184,6 +184,58 @@ def test_a_single_file_adapter_by_its_hub_file_id(hub_cache, tmp_path):
     assert one_error_line(err).startswith("error: org/kohya/missing.safetensors: is not a local path")
 
 
+def _kohya_repo(hub_cache, tmp_path, repo: str, names) -> None:
+    """A repository holding the test adapter as kohya files named `names` (no adapter_config.json)."""
+    from loratool.io import registry
+
+    folder = tmp_path / "local" / repo.replace("/", "-")
+    folder.mkdir()
+    for name in names:
+        registry.get("kohya").write(registry.load(hub_cache / "adapter", base=hub_cache / "base"), folder / name)
+    cache_repo(tmp_path / "cache", repo, folder)
+
+
+def test_a_repository_of_one_single_file_adapter_is_that_file(hub_cache, tmp_path):
+    """`org/name` without adapter_config.json and with one adapter file (as diffusers' load_lora_weights guesses):
+    merged as that file; diffusers' own weight name wins over others."""
+    _kohya_repo(hub_cache, tmp_path, "org/one", ["style_lora.safetensors"])
+    _kohya_repo(hub_cache, tmp_path, "org/diffusers", ["pytorch_lora_weights.safetensors", "other.safetensors"])
+    code, _, err = run("merge", hub_cache / "base", hub_cache / "adapter", "-o", tmp_path / "local-out", "-q")
+    assert code == 0, err
+    want = merged(tmp_path / "local-out")
+    for repo in ("org/one", "org/diffusers"):
+        out = tmp_path / f"out-{repo[4:]}"
+        code, _, err = run("merge", "org/base", repo, "-o", out, "-q")
+        assert code == 0, err
+        got = merged(out)
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert hub.resolve("org/one", "adapter").name == "style_lora.safetensors"
+
+
+def test_a_repository_of_several_adapter_files_names_them(hub_cache, tmp_path):
+    _kohya_repo(hub_cache, tmp_path, "org/many", ["a.safetensors", "b.safetensors", "optimizer.safetensors"])
+    code, _, err = run("merge", "org/base", "org/many", "-o", tmp_path / "out", "-q")
+    assert code == 6 and not (tmp_path / "out").exists()
+    line = one_error_line(err)
+    assert "it holds 2 adapter files: a.safetensors, b.safetensors;" in line  # an optimizer state is no adapter
+    assert "org/many/FILE.safetensors" in line
+
+
+def test_the_hub_lists_a_repository_online(monkeypatch, tmp_path):
+    """Online, the repository's files come from the Hub's listing (here a stand-in for list_repo_files)."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo, revision=None: ["README.md", "lora-f16.gguf", "samples/x.png"])
+    assert hub._single_adapter_file("org/gguf", None, tmp_path) == "lora-f16.gguf"
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo, revision=None: ["config.json", "model.safetensors"])
+    with pytest.raises(hub.FileError, match="it is a model repository"):
+        hub._single_adapter_file("org/model", None, tmp_path)
+
+
 @pytest.mark.parametrize("text,want", [
     ("org/name/lora.safetensors", ("org/name", "lora.safetensors", None)),
     ("org/name/sub/x.gguf@v2", ("org/name", "sub/x.gguf", "v2")),

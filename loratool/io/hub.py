@@ -13,7 +13,8 @@ The rules, in order:
 
 Only the files loratool reads are fetched: a base's *.safetensors weights (top level, not the duplicate
 consolidated*.safetensors some repos ship), its JSON configs and tokenizer files; a PEFT adapter's
-adapter_config.json and adapter_model.safetensors. huggingface_hub is imported only when a Hub id is given,
+adapter_config.json and adapter_model.safetensors. An adapter repository without adapter_config.json that holds
+one single-file adapter (and is no model) is read as that file, fetched alone. huggingface_hub is imported only when a Hub id is given,
 so `--help`, header reads and local paths never pay for it.
 """
 
@@ -80,10 +81,12 @@ def resolve(path, kind: str, revision: str | None = None):
         kind: "base" (weights, configs, tokenizer) or "adapter" (a PEFT adapter's two files): the files fetched.
         revision: branch, tag or commit for a Hub id without its own `@REV` (default: main).
     Returns:
-        `path` unchanged, or the snapshot folder (a Path).
+        `path` unchanged, or the snapshot folder (a Path); for an adapter repository without adapter_config.json,
+        its one single-file adapter (`_single_adapter_file`).
     Raises:
         FileError: the repository, revision or files cannot be had: not in the cache while offline, not on the
-            Hub, private, or the Hub unreachable; one line saying which and what to do.
+            Hub, private, or the Hub unreachable; an adapter repository with no PEFT adapter and no single
+            adapter file; one line saying which and what to do.
     """
     one = hub_file(path)
     if one is not None:
@@ -96,10 +99,52 @@ def resolve(path, kind: str, revision: str | None = None):
     rev = rev or revision
     folder = Path(_snapshot(repo, rev, kind))
     if kind == "adapter" and not (folder / "adapter_config.json").is_file():
-        raise FileError(f"{repo}: the Hub repository holds no adapter_config.json (revision {rev or 'main'}); "
-                        f"name the adapter file in it: {repo}/FILE.safetensors (a single-file adapter: kohya, "
-                        "diffusers, ComfyUI, GGUF, ...)")
+        return Path(_file(repo, _single_adapter_file(repo, rev, folder), rev))
     return folder
+
+
+# A repository without adapter_config.json that holds one single-file adapter is read as that file, as
+# diffusers' load_lora_weights guesses a weight name: the files with an adapter suffix, less schedulers,
+# optimizers and training checkpoints, and diffusers' own pytorch_lora_weights.safetensors first. A model
+# repository (config.json, model_index.json) is never guessed into: its weights are a model, not an adapter.
+_ADAPTER_SUFFIXES = (".safetensors", ".gguf")
+_NOT_ADAPTERS = ("scheduler", "optimizer", "checkpoint")
+_DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+_MODEL_CONFIGS = ("config.json", "model_index.json")
+
+
+def _single_adapter_file(repo: str, rev: str | None, folder: Path) -> str:
+    """The one adapter file of a repository without adapter_config.json (its path in the repository).
+
+    Raises:
+        FileError: the repository is a model, or holds no adapter file, or several; the line names them.
+    """
+    files = _repo_files(repo, rev, folder)
+    found = sorted(f for f in files if f.endswith(_ADAPTER_SUFFIXES)
+                   and not any(w in f.lower() for w in _NOT_ADAPTERS))
+    model = [c for c in _MODEL_CONFIGS if c in files]
+    if not model:
+        if _DIFFUSERS_LORA in found:
+            return _DIFFUSERS_LORA
+        if len(found) == 1:
+            return found[0]
+    if model:
+        what = f"it is a model repository ({model[0]})"
+    elif found:
+        listed = ", ".join(escape(f) for f in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        what = f"it holds {len(found)} adapter files: {listed}"
+    else:
+        what = "it holds no .safetensors or .gguf file"
+    raise FileError(f"{repo}: the Hub repository holds no adapter_config.json (revision {rev or 'main'}), and "
+                    f"{what}; name the adapter file in it: {repo}/FILE.safetensors (a single-file adapter: kohya, "
+                    "diffusers, ComfyUI, GGUF, ...)")
+
+
+def _repo_files(repo: str, rev: str | None, folder: Path) -> set[str]:
+    """The files of a repository at a revision: listed by the Hub, or offline those of its cached snapshot."""
+    if _offline():
+        return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    return set(_hub_call(repo, rev, lambda hf, offline, cache_dir: hf.list_repo_files(repo, revision=rev)))
 
 
 def resolve_all(items, revision: str | None = None) -> list:
