@@ -40,7 +40,12 @@ class Device:
         if self.is_cpu:
             a = dtypes.as_numpy(x)
             return a if dtype is None or a.dtype == dtypes.np_dtype(dtype) else a.astype(dtypes.np_dtype(dtype))
-        t = dtypes.to_torch(x if dtypes.is_torch(x) else np.ascontiguousarray(dtypes.as_numpy(x)))
+        if not dtypes.is_torch(x):
+            x = np.ascontiguousarray(dtypes.as_numpy(x))
+            # A read-only array (a mapped file) is copied on the host first: torch warns on stderr when it wraps
+            # one, and the tensor goes to the device as a copy anyway.
+            x = x if x.flags.writeable else x.copy()
+        t = dtypes.to_torch(x)
         t = t.to(self.name, non_blocking=False)
         return t if dtype is None else t.to(dtypes.torch_dtype(dtype))
 
@@ -48,13 +53,39 @@ class Device:
         """A numpy array (on the host) of x."""
         return dtypes.as_numpy(x)
 
+    @property
+    def where(self) -> str:
+        """The `device=` argument of this device's array creation functions."""
+        return "cpu" if self.is_cpu else self.name
+
     def widen(self, V, dtype: str = "F32", out=None):
-        """Host rows V (numpy, any float dtype) as a `dtype` array of this device; on the CPU, copied into
-        `out` (a preallocated array of V's shape) when given, so a hot loop allocates nothing."""
+        """Rows V (numpy, any float dtype, or an array of this device) as a new `dtype` array of this device; on
+        the CPU, copied into `out` (a preallocated array of V's shape) when given, so a hot loop allocates
+        nothing."""
         if self.is_cpu and out is not None:
             np.copyto(out, V, casting="unsafe")  # exact from F16/BF16; F64 -> F32 rounds to nearest even
             return out
-        return self.asarray(V, dtype)
+        X = self.asarray(V, dtype)
+        return X.clone() if X is V else X  # a tensor already there, in that dtype: still a copy
+
+    def lookup(self, table, codes):
+        """table[codes] for a 1-D table of this device and integer codes (uint8) of any shape."""
+        if self.is_cpu:  # uint8 codes cannot be out of range: mode "clip" skips the bounds checks (1.0 ns per
+            return np.take(table, codes, mode="clip")  # element against 2.2 for fancy indexing)
+        return table[codes.long()]
+
+    def into(self, fn: str, *args, out):
+        """The element-wise function `fn` (a name numpy and torch share: "maximum", "copysign", "multiply") of
+        args, written into `out`: no allocation in a hot loop."""
+        if self.is_cpu:
+            return getattr(np, fn)(*args, out=out)
+        import torch
+
+        return getattr(torch, fn)(*args, out=out)
+
+    def bitcast(self, x, name: str):
+        """The bits of x seen as dtype `name` (a safetensors name) of the same size: a view, no copy."""
+        return x.view(dtypes.np_dtype(name) if self.is_cpu else dtypes.torch_dtype(name))
 
     def narrow(self, X, name: str, out: np.ndarray | None = None) -> np.ndarray:
         """X rounded once to dtype `name` (nearest even, NaN and Inf kept), on the host: into `out` when given."""

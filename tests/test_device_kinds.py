@@ -76,11 +76,18 @@ def test_fused_experts_on_the_torch_device(tmp_path, where):
 
 
 @pytest.mark.parametrize("where", DEVICES)
-def test_float8_base_on_the_torch_device(tmp_path, where):
-    from test_fp8 import _adapter, _base_file
+@pytest.mark.parametrize("kind", ["block", "tensor", "channel"])
+def test_float8_base_on_the_torch_device(tmp_path, where, kind):
+    """Decoding, the merge, the block maxima, the encoder and the survival sums all run on the device."""
+    from loratool.adapter import Adapter, Block, Target
+    from test_fp8 import _base_file
 
-    name, _ = _base_file(tmp_path / "base.safetensors", "block")
-    ad, _ = _adapter(name, 256, 384, size=0.2)
+    name, _ = _base_file(tmp_path / "base.safetensors", kind, rows=300, cols=200)  # partial edge blocks
+    rng = np.random.default_rng(9)
+    rows = (0, 128) if kind == "block" else (0, 300)  # for "block", the scale blocks below keep their bytes
+    blk = Block(2, 2.0, "standard", rows, (0, 200), rng.standard_normal((2, 200)).astype(np.float32) * 0.3,
+                rng.standard_normal((rows[1], 2)).astype(np.float32) * 0.3)
+    ad = Adapter(targets={name: Target(key=name, layout="linear", shape=(300, 200), blocks=(blk,))})
     loratool.save(ad, tmp_path / "ad.safetensors")
     _both(tmp_path / "base.safetensors", tmp_path / "ad.safetensors", tmp_path, where)
 

@@ -17,7 +17,8 @@ an e4m3 ulp of each value's group scale: one FP8 rounding.
 
 `Fp8Target` merges adapter terms into one float8 weight as the model streamer (io/stream.py) writes it: the
 weight's rows are dequantized, merged in float32 by ops.merge's Merger (the one merge arithmetic), and
-requantized with recomputed scales; the scale tensor is written by a second transform of the same target.
+requantized with recomputed scales; the scale tensor is written by a second transform of the same target. All
+of it is written once against the device layer: numpy on the CPU, torch tensors with `--device cuda`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from ..device import cpu
+from ..device import Device, cpu
 from .svd import sum_squares
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -106,23 +107,18 @@ def schemes(info, keys, config: dict | None = None) -> dict[str, Scheme]:
 _E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
 
 
-def _decode(w: np.ndarray) -> np.ndarray:
-    """float8_e4m3fn values as a new float32 array (`take` with mode "clip" skips the bounds checks a uint8
-    index cannot fail: 1.0 ns per element against 2.2 for fancy indexing)."""
-    return np.take(_E4M3_TO_F32, np.asarray(w).view(np.uint8), mode="clip")
-
-
-def dequantize(w: np.ndarray, s: np.ndarray, scheme: Scheme) -> np.ndarray:
+def dequantize(w, s, scheme: Scheme, dev: Device | None = None):
     """W = w · s in float32 for weight rows `w` (h, cols) and the scale rows that cover them (block: the
-    ceil(h / bh) scale rows; tensor: the one value; channel: h values)."""
-    W = _decode(w)
-    s = np.asarray(s, dtype=np.float32)
+    ceil(h / bh) scale rows; tensor: the one value; channel: h values): numpy arrays in, a new float32 array of
+    `dev` (default the CPU) out."""
+    dev = dev or cpu()
+    w = dev.asarray(w.view(np.uint8) if isinstance(w, np.ndarray) else w, None)
+    W = dev.lookup(dev.asarray(_E4M3_TO_F32), w)  # ml_dtypes' value of every code
+    s = dev.asarray(s)
     if scheme.kind == "block":
-        _blockwise(W, s.reshape(-1, s.shape[-1]), scheme.block, np.multiply)
-    elif scheme.kind == "tensor":
-        W *= s.reshape(())
+        _blockwise(W, dev.xp.reshape(s, (-1, s.shape[-1])), scheme.block)
     else:
-        W *= s.reshape(-1, 1)
+        W *= dev.xp.reshape(s, ()) if scheme.kind == "tensor" else dev.xp.reshape(s, (-1, 1))
     return W
 
 
@@ -134,22 +130,26 @@ def quantize(W: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
     for those rows: (ceil(h / bh), ceil(cols / bw)), (1,) or (h, 1).
     """
     W = np.ascontiguousarray(W, dtype=np.float32)
-    q, s, _ = _quantize(W, scheme, _scales(W, scheme))
-    return q, s
+    dev = cpu()
+    q, s, _ = _quantize(W, scheme, _scales(W, scheme, dev), dev)
+    return q.view(E4M3), s
 
 
-def _scales(W: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
-    """(multiplier, stored scale) per group of W, from the groups' amax."""
+def _scales(W, scheme: Scheme, dev: Device) -> tuple[np.ndarray, np.ndarray]:
+    """(multiplier, stored scale) per group of W (an array of `dev`), from the groups' amax: small numpy
+    arrays."""
+    xp = dev.xp
     h, cols = W.shape
-    if scheme.kind == "block" and W.size == 0:
-        amax = np.zeros((-(-h // scheme.block[0]), -(-cols // scheme.block[1])), np.float32)
+    if W.shape[0] * W.shape[1] == 0:
+        amax = np.zeros((-(-h // scheme.block[0]), -(-cols // scheme.block[1])) if scheme.kind == "block" else
+                        (1,) if scheme.kind == "tensor" else (h, 1), np.float32)
     elif scheme.kind == "block":
-        amax = np.maximum(_block_reduce(W, scheme.block, np.max), -_block_reduce(W, scheme.block, np.min))
+        amax = dev.to_numpy(xp.maximum(_block_reduce(W, scheme.block, xp.max, xp),
+                                       -_block_reduce(W, scheme.block, xp.min, xp)))
     elif scheme.kind == "tensor":
-        amax = np.array([max(float(W.max()), -float(W.min())) if W.size else 0.0], np.float32)
+        amax = np.array([max(float(xp.max(W)), -float(xp.min(W)))], np.float32)
     else:
-        amax = np.maximum(W.max(axis=1, keepdims=True), -W.min(axis=1, keepdims=True)) if cols \
-            else np.zeros((h, 1), np.float32)
+        amax = dev.to_numpy(xp.maximum(xp.max(W, axis=1, keepdims=True), -xp.min(W, axis=1, keepdims=True)))
     if scheme.kind == "block":
         # transformers' Fp8Quantize: multiplier 448 / amax, stored scale its float32 reciprocal (a power of two,
         # rounded up, for scale_fmt "ue8m0"), W times the multiplier.
@@ -168,41 +168,45 @@ def _scales(W: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
 _CHUNK_COLS = 512
 
 
-def _quantize(W: np.ndarray, scheme: Scheme, scales, X: np.ndarray | None = None,
-              keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """(w float8_e4m3fn, s, moved) for float32 rows W and the groups' (multiplier, scale) from `_scales`, a few
-    hundred columns at a time (the temporaries stay in cache).
+def _quantize(W, scheme: Scheme, scales, dev: Device, X=None, keep: np.ndarray | None = None):
+    """(codes, s, moved) for float32 rows W (an array of `dev`) and the groups' (multiplier, scale) from
+    `_scales`, a few hundred columns at a time (the temporaries stay in cache): the float8_e4m3fn codes as a
+    uint8 numpy array, s as given.
 
     moved is ||w · s − X||² for the rows X as they were (0.0 without X), over the blocks `keep` does not mark
     (a "block" scheme's blocks that keep their stored bytes).
     """
+    xp = dev.xp
     mult, s = scales
+    mult_d, s_d = dev.asarray(mult), dev.asarray(s)
     h, cols = W.shape
     block = scheme.kind == "block"
-    q = np.empty((h, cols), E4M3)
+    q = xp.empty((h, cols), dtype=xp.uint8, device=dev.where)
+    unkept = dev.asarray((~keep).astype(np.float32)) if keep is not None else None
     moved = 0.0
     step = scheme.block[1] * max(1, _CHUNK_COLS // scheme.block[1]) if block else _CHUNK_COLS
     for c0 in range(0, cols, step):
         c1 = min(cols, c0 + step)
-        Y = np.array(W[:, c0:c1], copy=True)
+        Y = xp.asarray(W[:, c0:c1], copy=True)
         if block:  # the chunk's whole column blocks: c0 is a multiple of bw
             j0, j1 = c0 // scheme.block[1], -(-c1 // scheme.block[1])
-            _blockwise(Y, mult[:, j0:j1], scheme.block, np.multiply)
+            _blockwise(Y, mult_d[:, j0:j1], scheme.block)
         else:
-            Y /= mult.reshape(()) if scheme.kind == "tensor" else mult.reshape(-1, 1)
+            Y /= xp.reshape(mult_d, ()) if scheme.kind == "tensor" else xp.reshape(mult_d, (-1, 1))
         # |Y| <= 448 (1 + 2^-22) < 464, the midpoint above 448, for finite W: Y needs no clipping.
-        q[:, c0:c1], R = encode(Y)
+        codes, R = encode(Y, dev)
+        q[:, c0:c1] = codes
         if X is None:
             continue
         if block:
-            _blockwise(R, s[:, j0:j1], scheme.block, np.multiply)
+            _blockwise(R, s_d[:, j0:j1], scheme.block)
         else:
-            R *= s.reshape(()) if scheme.kind == "tensor" else s.reshape(-1, 1)
+            R *= xp.reshape(s_d, ()) if scheme.kind == "tensor" else xp.reshape(s_d, (-1, 1))
         R -= X[:, c0:c1]
-        if keep is not None:
-            _blockwise(R, (~keep[:, j0:j1]).astype(np.float32), scheme.block, np.multiply)
-        moved += sum_squares(cpu(), R)
-    return q, s, moved
+        if unkept is not None:
+            _blockwise(R, unkept[:, j0:j1], scheme.block)
+        moved += sum_squares(dev, R)
+    return dev.to_numpy(q), s, moved
 
 
 # float8_e4m3fn codes by arithmetic instead of ml_dtypes' cast (the measured reason STYLE §8 asks for):
@@ -211,70 +215,73 @@ def _quantize(W: np.ndarray, scheme: Scheme, scales, X: np.ndarray | None = None
 # returns the rounded values, so the survival report does not decode the new codes. Its codes are ml_dtypes'
 # on every float32 below 464, both signs (`benchmarks/fp8.py --check-encoder`: both figures, 0 mismatches in
 # 2.28 G values); tests/test_fp8.py compares a strided sweep, every e4m3 value and every midpoint.
-_EXPONENT = np.uint32(0x7F800000)
-_SMALLEST_NORMAL = np.uint32(0x3C800000)  # 2^-6: below it float8_e4m3fn steps by 2^-9
-_REBIAS = np.float32(2.0 ** -120)  # e4m3's exponent bias is 7, float32's 127
+_EXPONENT = 0x7F800000
+_SMALLEST_NORMAL = 0x3C800000  # 2^-6: below it float8_e4m3fn steps by 2^-9
+_REBIAS = 2.0 ** -120  # e4m3's exponent bias is 7, float32's 127
 
 
-def encode(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 Y (finite, |Y| < 464) rounded to float8_e4m3fn, nearest even, as ml_dtypes rounds it.
+def encode(Y, dev: Device | None = None):
+    """Float32 Y (finite, |Y| < 464; an array of `dev`, default the CPU) rounded to float8_e4m3fn, nearest even,
+    as ml_dtypes rounds it.
 
-    Returns (codes as float8_e4m3fn, the rounded values as float32). Y is overwritten.
+    Returns (the codes as uint8, the rounded values as float32), arrays of `dev`. Y is overwritten.
     """
-    A = np.abs(Y)
+    dev = dev or cpu()
+    xp = dev.xp
+    A = xp.abs(Y)
     # |Y| + C - C with C = 2^(e + 20) (e the exponent of |Y|, at least -6) rounds |Y| once, to nearest even, to
-    # a multiple of 2^(e - 3): three bits of mantissa, or e4m3's subnormal step 2^-9.
-    C = A.view(np.uint32) & _EXPONENT
-    np.maximum(C, _SMALLEST_NORMAL, out=C)
-    C += np.uint32(20 << 23)
-    Cf = C.view(np.float32)
+    # a multiple of 2^(e - 3): three bits of mantissa, or e4m3's subnormal step 2^-9. In int32: |Y| < 2^9, so
+    # C's bits stay below 2^31.
+    C = dev.bitcast(A, "I32") & _EXPONENT
+    dev.into("maximum", C, xp.asarray(_SMALLEST_NORMAL, dtype=xp.int32, device=dev.where), out=C)
+    C += 20 << 23
+    Cf = dev.bitcast(C, "F32")
     A += Cf
     A -= Cf
-    R = np.copysign(A, Y, out=A)
+    R = dev.into("copysign", A, Y, out=A)
     # R · 2^-120 is exact (float32 subnormals below 2^-126 have e4m3's subnormal spacing) and holds the code in
-    # bits 20..26 (exponent and mantissa) and 31 (sign).
-    bits = np.multiply(R, _REBIAS, out=Y).view(np.uint32)
-    code = bits >> np.uint32(20)
-    bits >>= np.uint32(24)
-    bits &= np.uint32(0x80)
+    # bits 20..26 (exponent and mantissa; bit 27 is 0) and 31 (sign). The cast to uint8 keeps the low 8 bits
+    # (modular, in numpy and torch alike), so the copies of the sign that int32 shifts bring in drop out.
+    bits = dev.bitcast(dev.into("multiply", R, _REBIAS, out=Y), "I32")
+    code = bits >> 20
+    bits >>= 24
+    bits &= 0x80
     code |= bits
-    return code.astype(np.uint8).view(E4M3), R
+    return xp.astype(code, xp.uint8), R
 
 
-def _block_reduce(W: np.ndarray, block: tuple[int, int], fn) -> np.ndarray:
-    """fn (np.max or np.min) over each (bh, bw) block of W (h, cols), edge blocks partial: (ceil(h / bh),
+def _block_reduce(W, block: tuple[int, int], fn, xp):
+    """fn (xp.max or xp.min) over each (bh, bw) block of W (h, cols), edge blocks partial: (ceil(h / bh),
     ceil(cols / bw)). Rows first: an element-wise reduction of whole rows (0.3 ns per element, against 0.9
     for runs of bw values first), then the small (row blocks, cols) array by columns."""
     bh, bw = block
     h, cols = W.shape
     fr, fc = h // bh, cols // bw
-    parts = [fn(W[:fr * bh].reshape(fr, bh, cols), axis=1)] if fr else []
+    parts = [fn(xp.reshape(W[:fr * bh], (fr, bh, cols)), axis=1)] if fr else []
     if fr * bh < h:
         parts.append(fn(W[fr * bh:], axis=0, keepdims=True))
-    R = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-    parts = [fn(R[:, :fc * bw].reshape(R.shape[0], fc, bw), axis=2)] if fc else []
+    R = xp.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+    parts = [fn(xp.reshape(R[:, :fc * bw], (R.shape[0], fc, bw)), axis=2)] if fc else []
     if fc * bw < cols:
         parts.append(fn(R[:, fc * bw:], axis=1, keepdims=True))
-    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return xp.concat(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
-def _blockwise(X: np.ndarray, s: np.ndarray, block: tuple[int, int], op) -> None:
-    """X[i*bh:(i+1)*bh, j*bw:(j+1)*bw] = op(that block, s[i, j]) in place, for X (h, cols) and s covering it,
-    through broadcast views (no weight-sized array of scales)."""
+def _blockwise(X, s, block: tuple[int, int]) -> None:
+    """X[i*bh:(i+1)*bh, j*bw:(j+1)*bw] *= s[i, j] in place, for X (h, cols) and s covering it (numpy arrays or
+    torch tensors), through broadcast views (no weight-sized array of scales)."""
     bh, bw = block
     h, cols = X.shape
     full_r, full_c = h // bh, cols // bw
     if full_r and full_c:  # whole blocks: (full_r, bh, full_c, bw) against s (full_r, 1, full_c, 1)
-        V = X[:full_r * bh, :full_c * bw].reshape(full_r, bh, full_c, bw)
-        op(V, s[:full_r, None, :full_c, None], out=V)
+        V = X[:full_r * bh, :full_c * bw].reshape(full_r, bh, full_c, bw)  # a view in numpy and torch alike
+        V *= s[:full_r, None, :full_c, None]
     if full_c * bw < cols:  # the last, partial column block of every row
         for i in range(-(-h // bh)):
-            R = X[i * bh:(i + 1) * bh, full_c * bw:]
-            op(R, s[i, full_c], out=R)
+            X[i * bh:(i + 1) * bh, full_c * bw:] *= s[i, full_c]
     if full_r * bh < h:  # the last, partial row block's whole column blocks
         for j in range(full_c):
-            R = X[full_r * bh:, j * bw:(j + 1) * bw]
-            op(R, s[full_r, j], out=R)
+            X[full_r * bh:, j * bw:(j + 1) * bw] *= s[full_r, j]
 
 
 class Fp8Target:
@@ -300,6 +307,7 @@ class Fp8Target:
 
         self.key, self.shape, self.scheme, self.terms, self.reader = key, tuple(shape), scheme, list(terms), reader
         self.device, self.probe = device, probe
+        self.dev = device or cpu()
         self.rows, self.cols = self.shape
         step = scheme.block[0] if scheme.kind == "block" else 1
         rows = block_rows_for(self.rows, self.cols, BLOCK_BYTES, 4)
@@ -328,12 +336,12 @@ class Fp8Target:
 
         return Merger(self.key, self.shape, "F32", self.terms, "F32", device=self.device, probe=probe)
 
-    def _merged_rows(self, merger, V, r0: int) -> tuple[np.ndarray, np.ndarray, slice]:
-        """(X, M, sl): the rows dequantized with the original scales, merged (the merger's scratch, valid until
-        its next block in this thread), and the scale rows they use."""
+    def _merged_rows(self, merger, V, r0: int):
+        """(X, M, sl): the rows dequantized with the original scales and merged, arrays of the merge's device (M
+        the merger's scratch, valid until its next block in this thread), and the scale rows they use."""
         sl = self._scale_slice(r0, r0 + V.shape[0])
-        X = dequantize(V, self.old_scales[sl], self.scheme)
-        return X, merger.block(X, r0), sl
+        X = dequantize(V, self.old_scales[sl], self.scheme, self.dev)
+        return X, merger.block(X, r0, host=False), sl
 
     def _whole_pass(self):
         """(V, X, M, r0) for every row block of the tensor, read from the file and merged by a merger of its own
@@ -354,23 +362,26 @@ class Fp8Target:
             return
         amax = 0.0
         for _, _, M, _ in self._whole_pass():
-            amax = max(amax, float(M.max()), -float(M.min())) if M.size else amax
+            amax = max(amax, float(self.dev.xp.max(M)), -float(self.dev.xp.min(M))) if M.shape[0] else amax
         self._tensor_scale = np.array([amax / E4M3_MAX if amax > 0 else 1.0], np.float32)
 
     def _requantize(self, V, X, M, r0: int) -> tuple[np.ndarray, float, float]:
         """(float8 rows, ||Q(M) − X||², ||M − X||²) for merged rows M (X: the rows as they were, V: their stored
         bytes), their new scales recorded in `new_scales`; untouched blocks keep their bytes and scales."""
-        scheme = self.scheme
+        scheme, dev, xp = self.scheme, self.dev, self.dev.xp
         sl = self._scale_slice(r0, r0 + V.shape[0])
-        D = np.subtract(M, X)
-        delta = sum_squares(cpu(), D)
+        D = M - X
+        delta = sum_squares(dev, D)
         keep = None
         if scheme.kind == "block":  # a block with M == X everywhere keeps its bytes and scale
-            keep = (_block_reduce(D, scheme.block, np.max) == 0) & (_block_reduce(D, scheme.block, np.min) == 0)
+            keep = dev.to_numpy((_block_reduce(D, scheme.block, xp.max, xp) == 0)
+                                & (_block_reduce(D, scheme.block, xp.min, xp) == 0))
             keep = keep if keep.any() else None
         del D
-        scales = (self._tensor_scale, self._tensor_scale) if scheme.kind == "tensor" else _scales(M, scheme)
-        q, s, moved = _quantize(M, scheme, scales, X, keep)
+        scales = (self._tensor_scale, self._tensor_scale) if scheme.kind == "tensor" else \
+            _scales(M, scheme, dev)
+        q, s, moved = _quantize(M, scheme, scales, dev, X, keep)
+        q = q.view(E4M3)
         if keep is not None:
             bh, bw = scheme.block
             old = self.old_scales[sl].reshape(s.shape)

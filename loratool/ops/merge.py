@@ -274,15 +274,16 @@ class Merger:
             self._y_new = np.zeros(self.rows)
             self._y_old = np.zeros(self.rows)
 
-    def block(self, V: np.ndarray, r0: int) -> np.ndarray:
-        """Merged rows [r0, r0 + len(V)) of the row view, in out_dtype.
+    def block(self, V: np.ndarray, r0: int, host: bool = True) -> np.ndarray:
+        """Merged rows [r0, r0 + len(V)) of the row view, in out_dtype: a numpy array, or with `host=False` (and
+        out_dtype the compute dtype) an array of the merge's device. V is numpy or an array of that device.
 
         The returned array is this thread's scratch: use it (write it out) before the next call.
         """
         with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN are found and refused below
-            return self._block(V, r0)
+            return self._block(V, r0, host)
 
-    def _block(self, V: np.ndarray, r0: int) -> np.ndarray:
+    def _block(self, V: np.ndarray, r0: int, host: bool = True) -> np.ndarray:
         dev, n, cols = self.dev, V.shape[0], self.cols
         r1 = r0 + n
         rows_buf, work, out_buf = _scratch((self.block_rows + 64) * cols, dev, self.compute, self.out_name)
@@ -316,6 +317,10 @@ class Merger:
         if big is not None:
             raise nonfinite_error(self.key, r0 + _first_bad_row(dev.to_numpy(X), self.out_name), self.out_name,
                                   None if math.isnan(big) else big)
+        if not host and self.out_name == self.compute:
+            if self.probe:
+                self._y_new[r0:r1] = dev.to_numpy(X).astype(np.float64) @ self._x
+            return X
         out = dev.narrow(X, self.out_name, out_buf[:n * cols].reshape(n, cols))  # the one rounding
         if self.probe:
             self._y_new[r0:r1] = out.astype(np.float64) @ self._x
