@@ -139,9 +139,10 @@ def run(cmd: list[str]) -> dict:
     return {"s": round(wall, 2), "rss_mib": round(ru.ru_maxrss / 1024), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2)}
 
 
-def bench(work: Path, adapter: Path, rounds: int, dequantized: bool) -> dict:
+def bench(work: Path, adapter: Path, rounds: int, dequantized: bool, device: str = "cpu") -> dict:
     base, out = work / "base-fp8", work / "out-fp8"
-    lt = [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out), "--no-fsync", "-q"]
+    lt = [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out), "--no-fsync", "-q",
+          "--device", device]
     cases = {"cp -r": ["cp", "-r", str(base), str(out)], "merge (fp8 kept)": lt}
     if dequantized:
         cases["merge --dtype bfloat16"] = [*lt, "--dtype", "bfloat16"]
@@ -152,7 +153,8 @@ def bench(work: Path, adapter: Path, rounds: int, dequantized: bool) -> dict:
             res[name].append(run(cmd))
     shutil.rmtree(out, ignore_errors=True)
     cp = statistics.median(r["s"] for r in res["cp -r"])
-    doc = {"load": os.getloadavg()[0], "bytes": sum(f.stat().st_size for f in base.iterdir()), "cases": {}}
+    doc = {"load": os.getloadavg()[0], "device": device, "bytes": sum(f.stat().st_size for f in base.iterdir()),
+           "cases": {}}
     for name, runs in res.items():
         med = statistics.median(r["s"] for r in runs)
         doc["cases"][name] = {"median_s": med, "ratio_to_cp": round(med / cp, 2), "runs": runs,
@@ -163,7 +165,9 @@ def bench(work: Path, adapter: Path, rounds: int, dequantized: bool) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/loratool-bench/merge"))
-    ap.add_argument("--make", type=Path, help="a bf16 Hugging Face folder to write WORK/base-fp8 from")
+    ap.add_argument("--make", type=Path, help="a bf16 Hugging Face folder to write WORK/base-fp8 from; `auto`: "
+                    "the merge benchmark's 1.1B model in WORK/base (built there if missing, with its adapter)")
+    ap.add_argument("--device", default="cpu", help="pass --device to the merges (cuda: the float8 path on the GPU)")
     ap.add_argument("--adapter", type=Path, help="the adapter to merge (a PEFT folder)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dequantized", action="store_true", help="also time --dtype bfloat16")
@@ -172,12 +176,17 @@ def main():
     a = ap.parse_args()
     if a.check_encoder:
         print(json.dumps(check_encoder()))
+    if a.make == Path("auto"):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import merge  # the merge benchmark's model builder
+
+        a.make, _ = merge.build(a.work)
     if a.make:
         make(a.make, a.work / "base-fp8")
     if a.make_qv:
         make_qv(a.make_qv, a.work / "adapter-qv")
     if a.adapter:
-        print(json.dumps(bench(a.work, a.adapter, a.rounds, a.dequantized), indent=2))
+        print(json.dumps(bench(a.work, a.adapter, a.rounds, a.dequantized, a.device), indent=2))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,17 @@
 #                        compute time only (issue 6's bar: under 2 s)
 #   4. e2e-*.json        (E2E=1, the default) extract of the merge benchmark's 1.1B pair, whole processes,
 #                        --device cuda and the CPU route, one round each, beside `cp -r`
+#   5. fp8-*.json        (FP8=1, the default) merge of the merge benchmark's adapter into an FP8 copy of its
+#                        1.1B model (block-scaled, every projection requantized), --device cuda and the CPU
+#                        route, one round each, beside `cp -r`
 # Dry run without a GPU: DEVICE=cpu LAYERS=1 E2E=0 bash benchmarks/gpu_check.sh
+# What the machine's image lacks (array-api-compat, lycoris-lora, toml) comes as wheels in .whl/, written here by
+# benchmarks/gpu_wheels.sh and carried with the run; they are installed into /tmp/site first.
 set -uo pipefail
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 out=${OUT:-/tmp/loratool-gpu}
 device=${DEVICE:-cuda}
 mkdir -p "$out"
@@ -35,6 +44,15 @@ if [ "${E2E:-1}" = 1 ]; then
         python3 benchmarks/extract.py --e2e --rounds 1 --e2e-device "$d" --json "$out/e2e-$d.json" \
             > "$out/e2e-$d.log" 2>&1 || status=1
         tail -n 30 "$out/e2e-$d.log"
+    done
+fi
+if [ "${FP8:-1}" = 1 ]; then
+    bench=/tmp/loratool-bench/merge
+    python3 benchmarks/fp8.py --work "$bench" --make auto > "$out/fp8-make.log" 2>&1 || status=1
+    for d in "$device" cpu; do
+        python3 benchmarks/fp8.py --work "$bench" --adapter "$bench/adapter" --rounds 1 --device "$d" \
+            > "$out/fp8-$d.json" 2> "$out/fp8-$d.log" || status=1
+        cat "$out/fp8-$d.json"
     done
 fi
 exit "$status"

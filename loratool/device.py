@@ -74,6 +74,13 @@ class Device:
             return np.take(table, codes, mode="clip")  # element against 2.2 for fancy indexing)
         return table[codes.long()]
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a timer's edge); nothing to wait for on the CPU."""
+        if not self.is_cpu:
+            import torch
+
+            torch.cuda.synchronize(self.name)
+
     def into(self, fn: str, *args, out):
         """The element-wise function `fn` (a name numpy and torch share: "maximum", "copysign", "multiply") of
         args, written into `out`: no allocation in a hot loop."""
