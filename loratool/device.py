@@ -70,8 +70,10 @@ class Device:
 
     def lookup(self, table, codes):
         """table[codes] for a 1-D table of this device and integer codes (uint8) of any shape."""
-        if self.is_cpu:  # uint8 codes cannot be out of range: mode "clip" skips the bounds checks (1.0 ns per
-            return np.take(table, codes, mode="clip")  # element against 2.2 for fancy indexing)
+        if self.is_cpu:
+            # uint8 codes cannot be out of range: mode "clip" skips the bounds checks (1.0 ns per element against
+            # 2.2 for fancy indexing)
+            return np.take(table, codes, mode="clip")
         return table[codes.long()]
 
     def synchronize(self) -> None:

@@ -14,8 +14,8 @@ The rules, in order:
 Only the files loratool reads are fetched: a base's *.safetensors weights (top level, not the duplicate
 consolidated*.safetensors some repos ship), its JSON configs and tokenizer files; a PEFT adapter's
 adapter_config.json and adapter_model.safetensors. An adapter repository without adapter_config.json that holds
-one single-file adapter (and is no model) is read as that file, fetched alone. huggingface_hub is imported only when a Hub id is given,
-so `--help`, header reads and local paths never pay for it.
+one single-file adapter (and is no model) is read as that file, fetched alone. huggingface_hub is imported only
+when a Hub id is given, so `--help`, header reads and local paths never pay for it.
 """
 
 from __future__ import annotations

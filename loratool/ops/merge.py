@@ -310,7 +310,7 @@ class Merger:
             if i0 < i1:
                 X[i0 - r0:i1 - r0, p.c0:p.c1] += p.delta(dev, i0, i1, work)
         if self._reference is not None:
-            ref = self._reference.block(np.asarray(V, np.float64), r0)
+            ref = self._reference.block(np.asarray(dev.to_numpy(V), np.float64), r0)  # V may be on the device
             self._y_ref = getattr(self, "_y_ref", np.zeros(self.rows))
             self._y_ref[r0:r1] = ref @ self._x
         big = dtypes.out_of_range(X, self.out_name)
