@@ -92,6 +92,24 @@ def test_float8_base_on_the_torch_device(tmp_path, where, kind):
     _both(tmp_path / "base.safetensors", tmp_path / "ad.safetensors", tmp_path, where)
 
 
+@pytest.mark.parametrize("where", DEVICES)
+def test_float8_base_with_dora_on_the_torch_device(tmp_path, where):
+    """DoRA on a float8 weight: the rows reach the merger on the device, and --verify's float64 reference
+    (DoRA is not linear in ΔW) reads them from there."""
+    import dataclasses
+
+    from loratool.adapter import Adapter, whole_target
+    from test_fp8 import _base_file
+
+    name, _ = _base_file(tmp_path / "base.safetensors", "block", rows=300, cols=200)
+    rng = np.random.default_rng(1)
+    t = whole_target(name, "linear", (300, 200), rng.standard_normal((2, 200)).astype(np.float32) * 0.1,
+                     rng.standard_normal((300, 2)).astype(np.float32) * 0.1, alpha=2.0)
+    t = dataclasses.replace(t, kind="dora", magnitude=(np.abs(rng.standard_normal(300)) + 0.5).astype(np.float32))
+    loratool.save(Adapter(targets={name: t}), tmp_path / "ad.safetensors")
+    _both(tmp_path / "base.safetensors", tmp_path / "ad.safetensors", tmp_path, where)
+
+
 def test_float8_dequantized_merge_on_the_torch_device(tmp_path):
     from test_fp8 import _adapter, _base_file
 
