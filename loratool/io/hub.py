@@ -123,13 +123,12 @@ def _single_adapter_file(repo: str, rev: str | None, folder: Path) -> str:
     found = sorted(f for f in files if f.endswith(_ADAPTER_SUFFIXES)
                    and not any(w in f.lower() for w in _NOT_ADAPTERS))
     model = [c for c in _MODEL_CONFIGS if c in files]
-    if not model:
-        if _DIFFUSERS_LORA in found:
-            return _DIFFUSERS_LORA
-        if len(found) == 1:
-            return found[0]
     if model:
         what = f"it is a model repository ({model[0]})"
+    elif _DIFFUSERS_LORA in found:
+        return _DIFFUSERS_LORA
+    elif len(found) == 1:
+        return found[0]
     elif found:
         listed = ", ".join(escape(f) for f in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
         what = f"it holds {len(found)} adapter files: {listed}"

@@ -306,8 +306,7 @@ class Fp8Target:
         from .merge import BLOCK_BYTES
 
         self.key, self.shape, self.scheme, self.terms, self.reader = key, tuple(shape), scheme, list(terms), reader
-        self.device, self.probe = device, probe
-        self.dev = device or cpu()
+        self.dev, self.probe = device or cpu(), probe
         self.rows, self.cols = self.shape
         step = scheme.block[0] if scheme.kind == "block" else 1
         rows = block_rows_for(self.rows, self.cols, BLOCK_BYTES, 4)
@@ -334,7 +333,7 @@ class Fp8Target:
     def _new_merger(self, probe: bool):
         from .merge import Merger
 
-        return Merger(self.key, self.shape, "F32", self.terms, "F32", device=self.device, probe=probe)
+        return Merger(self.key, self.shape, "F32", self.terms, "F32", device=self.dev, probe=probe)
 
     def _merged_rows(self, merger, V, r0: int):
         """(X, M, sl): the rows dequantized with the original scales and merged, arrays of the merge's device (M
